@@ -1,0 +1,265 @@
+"""The one table of configuration variables: name, type, default, help, validation.
+
+Every variable can be set in the environment (NAME=value) or with its CLI twin (--name-in-kebab-case value);
+the CLI wins. `--help`, `--dry-run` and the README's variable table are all generated from VARS.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from lib.errors import UsageError
+
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class Var:
+    name: str
+    kind: str  # str | int | float | bool | choice | path
+    default: Any
+    help: str
+    group: str
+    choices: tuple = ()
+    min: float | None = None
+    max: float | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.lower().replace("_", "-")
+
+    @property
+    def attr(self) -> str:
+        return self.name.lower()
+
+    def accepted(self) -> str:
+        if self.kind == "bool":
+            return "true or false"
+        if self.kind == "choice":
+            return "one of " + ", ".join(self.choices)
+        if self.kind in ("int", "float"):
+            noun = "an integer" if self.kind == "int" else "a number"
+            bounds = []
+            if self.min is not None:
+                bounds.append(f">= {self.min:g}")
+            if self.max is not None:
+                bounds.append(f"<= {self.max:g}")
+            return noun + (" " + " and ".join(bounds) if bounds else "")
+        return "a path" if self.kind == "path" else "text"
+
+    def parse(self, raw: str, source: str) -> Any:
+        def bad():
+            return UsageError(f"{self.name}={raw!r} ({source}): expected {self.accepted()}")
+
+        text = raw.strip()
+        if self.kind in ("str", "path"):
+            return text
+        if self.kind == "bool":
+            if text.lower() in TRUE_WORDS:
+                return True
+            if text.lower() in FALSE_WORDS:
+                return False
+            raise bad()
+        if self.kind == "choice":
+            if text.lower() not in self.choices:
+                raise bad()
+            return text.lower()
+        if text == "" and self.default is None:
+            return None
+        try:
+            value = int(text) if self.kind == "int" else float(text)
+        except ValueError:
+            raise bad() from None
+        if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
+            raise bad()
+        return value
+
+
+G_LAYOUT, G_MODELS, G_ENGINE, G_WORK, G_GEN, G_MON, G_OUT, G_VLLM = (
+    "GPU layout", "Models", "Engine and modes", "Workload", "Generation", "GPU monitor", "Output", "vLLM")
+
+VARS: list[Var] = [
+    # GPU layout
+    Var("CUDA_VISIBLE_DEVICES", "str", "", "GPUs this run may use (CUDA's own variable; empty = all visible)",
+        G_LAYOUT),
+    Var("GPU_STRATEGY", "choice", "same", "where target and draft go: multi_gpu_ratio (target layers over "
+        "TARGET_GPU_RATIO GPUs, draft over the next DRAFTER_GPU_RATIO), separate (target GPU 0, draft GPU 1), "
+        "same (both on GPU 0), auto (transformers' device_map=auto), shared_all (both spread over all GPUs)",
+        G_LAYOUT, choices=("multi_gpu_ratio", "separate", "same", "auto", "shared_all")),
+    Var("TARGET_GPU_RATIO", "int", 6, "GPUs for the target under multi_gpu_ratio", G_LAYOUT, min=1),
+    Var("DRAFTER_GPU_RATIO", "int", 2, "GPUs for the draft under multi_gpu_ratio", G_LAYOUT, min=1),
+    # models
+    Var("TARGET_MODEL", "path", "", "target model folder (Hugging Face format); empty = the tiny local target",
+        G_MODELS),
+    Var("DRAFTER_MODEL", "path", "", "draft model folder (same tokenizer as the target); empty = the tiny "
+        "local draft", G_MODELS),
+    Var("DTYPE", "choice", "auto", "weights dtype for the PyTorch engine (auto = bfloat16 on GPU, float32 on CPU)",
+        G_MODELS, choices=("auto", "float32", "bfloat16", "float16")),
+    # engine and modes
+    Var("INFERENCE_ENGINE", "choice", "hf", "engine: hf (PyTorch/transformers, the project's own SD loop), "
+        "vllm, sglang, llamacpp", G_ENGINE, choices=("hf", "transformers", "vllm", "sglang", "llamacpp")),
+    Var("INFERENCE_METHOD", "choice", "speculative", "the method compared against target-only AR: speculative "
+        "(draft + verify) or target (AR only)", G_ENGINE, choices=("speculative", "target")),
+    Var("ENABLE_SPECULATIVE", "bool", True, "run the INFERENCE_METHOD mode", G_ENGINE),
+    Var("ENABLE_TARGET", "bool", True, "run the target-only AR mode (the baseline)", G_ENGINE),
+    Var("COMPARE_MODES", "str", "", "space-separated engine:method pairs run on the same prompts, e.g. "
+        "'hf:speculative vllm:target vllm:speculative' (overrides the three variables above)", G_ENGINE),
+    # workload
+    Var("NUM_PROMPTS", "int", 20, "fixed-count mode: number of requests (ignored when AUTO_RATE > 0)", G_WORK,
+        min=0),
+    Var("AUTO_RATE", "float", 0.0, "rate mode: requests per second, Poisson arrivals (0 = fixed-count mode)",
+        G_WORK, min=0),
+    Var("AUTO_DURATION", "float", 0.0, "rate mode: seconds over which requests arrive", G_WORK, min=0),
+    Var("ENABLE_BATCH", "bool", False, "decode BATCH_SIZE requests together", G_WORK),
+    Var("BATCH_SIZE", "int", 4, "requests per batch when ENABLE_BATCH=true", G_WORK, min=1),
+    Var("MAX_BATCH_LENGTH", "int", 512, "batching: prompt + generation tokens per row; longer prompts keep "
+        "their last MAX_BATCH_LENGTH - GENERATION_LENGTH tokens", G_WORK, min=2),
+    Var("SHAREGPT_DIR", "path", "", "folder with sharegpt_gpt4.jsonl / sharegpt_V3_format.jsonl / "
+        "sharegpt_zh_38K_format.jsonl (or JSON arrays); empty = PROMPT_FILE", G_WORK),
+    Var("PROMPT_FILE", "path", "prompts/benchmark_prompts.txt", "prompt file, one prompt per line "
+        "(used when SHAREGPT_DIR is empty)", G_WORK),
+    # generation
+    Var("GENERATION_LENGTH", "int", 100, "max new tokens per request", G_GEN, min=1),
+    Var("GAMMA_VALUE", "int", 4, "draft tokens per speculative round", G_GEN, min=1, max=64),
+    Var("TEMPERATURE", "float", 0.0, "0 = greedy (SD output equals AR output); > 0 samples, SD keeps the "
+        "target's distribution", G_GEN, min=0),
+    Var("SEED", "int", 42, "seed for sampling, prompt order and arrival times", G_GEN, min=0),
+    # GPU monitor
+    Var("ENABLE_GPU_MONITOR", "bool", True, "sample power, energy, utilization, memory and temperature with NVML",
+        G_MON),
+    Var("GPU_MONITOR_INTERVAL", "float", 1.0, "seconds between NVML samples", G_MON, min=0.01),
+    # output
+    Var("RESULTS_DIR", "path", "results", "where run folders (RESULTS_DIR/<run-id>/) are written", G_OUT),
+    Var("RUN_ID", "str", "", "name of the run folder (default: date-time and engine)", G_OUT),
+    # vLLM
+    Var("VLLM_ENABLE_SPECULATIVE", "bool", False, "vLLM: use its native speculative decoding for the "
+        "speculative mode (false = fall back to target-only, with a warning)", G_VLLM),
+    Var("VLLM_NUM_SPECULATIVE_TOKENS", "int", None, "vLLM: draft tokens per step (empty = GAMMA_VALUE)", G_VLLM,
+        min=1, max=64),
+    Var("VLLM_USE_V2_BLOCK_MANAGER", "bool", True, "accepted for old scripts; vLLM has one block manager now, "
+        "so it has no effect", G_VLLM),
+    Var("VLLM_SPEC_METHOD", "choice", "draft_model", "vLLM: draft_model (DRAFTER_MODEL), ngram (prompt lookup), "
+        "eagle, eagle3, mtp", G_VLLM, choices=("draft_model", "ngram", "eagle", "eagle3", "mtp")),
+    Var("VLLM_NGRAM_PROMPT_LOOKUP_MAX", "int", 4, "vLLM ngram: longest n-gram matched in the prompt", G_VLLM,
+        min=1),
+    Var("VLLM_NGRAM_PROMPT_LOOKUP_MIN", "int", 2, "vLLM ngram: shortest n-gram matched in the prompt", G_VLLM,
+        min=1),
+    Var("VLLM_TENSOR_PARALLEL_SIZE", "int", 1, "vLLM: GPUs per model (tensor parallel)", G_VLLM, min=1),
+    Var("VLLM_GPU_MEMORY_UTILIZATION", "float", 0.9, "vLLM: fraction of GPU memory it may take", G_VLLM,
+        min=0.05, max=1.0),
+    Var("VLLM_MAX_MODEL_LEN", "int", 2048, "vLLM: max tokens per sequence", G_VLLM, min=16),
+    Var("VLLM_MAX_NUM_SEQS", "int", 128, "vLLM: max sequences scheduled together", G_VLLM, min=1),
+    Var("VLLM_DTYPE", "choice", "auto", "vLLM: weights dtype (auto = float32 on CPU, the model's dtype on GPU)",
+        G_VLLM, choices=("auto", "half", "float16", "bfloat16", "float", "float32")),
+]
+VAR_BY_NAME = {v.name: v for v in VARS}
+
+
+class Config(dict):
+    """Resolved values by variable name, readable as attributes (cfg.gamma_value), plus where each came from."""
+
+    def __init__(self, values: dict, sources: dict):
+        super().__init__(values)
+        self.sources = sources
+
+    def __getattr__(self, attr):
+        try:
+            return self[attr.upper()]
+        except KeyError:
+            raise AttributeError(attr) from None
+
+    def replace(self, **changes) -> "Config":
+        values = dict(self)
+        values.update({k.upper(): v for k, v in changes.items()})
+        return Config(values, {**self.sources, **{k.upper(): "override" for k in changes}})
+
+
+def add_arguments(parser: argparse.ArgumentParser, vars_: list[Var] = VARS):
+    """One flag per variable, grouped as in the table; values stay strings so env and CLI parse alike."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for var in vars_:
+        group = groups.setdefault(var.group, parser.add_argument_group(var.group))
+        default = "GAMMA_VALUE" if var.name == "VLLM_NUM_SPECULATIVE_TOKENS" else var.default
+        shown = {True: "true", False: "false"}.get(default, default) if not isinstance(default, (int, float)) \
+            or isinstance(default, bool) else default
+        group.add_argument(var.flag, dest=var.attr, metavar=var.name, default=None,
+                           help=f"{var.help} [env {var.name}; {var.accepted()}; default: {shown!s}]")
+
+
+def resolve(args: argparse.Namespace | None = None, environ: dict | None = None,
+            vars_: list[Var] = VARS) -> Config:
+    """Defaults < environment < CLI; then cross-variable checks."""
+    environ = os.environ if environ is None else environ
+    values, sources = {}, {}
+    for var in vars_:
+        cli = getattr(args, var.attr, None) if args is not None else None
+        if cli is not None:
+            values[var.name], sources[var.name] = var.parse(cli, f"from {var.flag}"), "cli"
+        elif environ.get(var.name, "").strip() != "":
+            values[var.name], sources[var.name] = var.parse(environ[var.name], "from the environment"), "env"
+        else:
+            values[var.name], sources[var.name] = var.default, "default"
+    cfg = Config(values, sources)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config):
+    if cfg.inference_engine == "transformers":
+        cfg["INFERENCE_ENGINE"] = "hf"
+    if cfg.auto_rate > 0 and cfg.auto_duration <= 0:
+        raise UsageError(f"AUTO_DURATION={cfg.auto_duration:g}: rate mode (AUTO_RATE={cfg.auto_rate:g}) needs "
+                         "AUTO_DURATION > 0 seconds")
+    if cfg.auto_rate <= 0 and cfg.num_prompts <= 0:
+        raise UsageError("NUM_PROMPTS=0 and AUTO_RATE=0: set NUM_PROMPTS > 0 (fixed count) or AUTO_RATE and "
+                         "AUTO_DURATION > 0 (rate mode)")
+    if cfg.enable_batch and cfg.generation_length >= cfg.max_batch_length:
+        raise UsageError(f"MAX_BATCH_LENGTH={cfg.max_batch_length}: must be greater than GENERATION_LENGTH="
+                         f"{cfg.generation_length} so a prompt token fits")
+    if cfg.vllm_ngram_prompt_lookup_min > cfg.vllm_ngram_prompt_lookup_max:
+        raise UsageError(f"VLLM_NGRAM_PROMPT_LOOKUP_MIN={cfg.vllm_ngram_prompt_lookup_min}: must be <= "
+                         f"VLLM_NGRAM_PROMPT_LOOKUP_MAX={cfg.vllm_ngram_prompt_lookup_max}")
+    modes(cfg)  # raises on a bad COMPARE_MODES
+
+
+ENGINES = ("hf", "vllm", "sglang", "llamacpp")
+METHODS = ("target", "speculative")
+
+
+def modes(cfg: Config) -> list[tuple[str, str]]:
+    """The (engine, method) pairs this run executes, in order."""
+    if cfg.compare_modes.strip():
+        pairs = []
+        for item in cfg.compare_modes.split():
+            engine, _, method = item.partition(":")
+            engine = "hf" if engine == "transformers" else engine
+            if engine not in ENGINES or method not in METHODS:
+                raise UsageError(f"COMPARE_MODES={cfg.compare_modes!r}: {item!r} is not engine:method with engine "
+                                 f"in {', '.join(ENGINES)} and method in {', '.join(METHODS)}")
+            if (engine, method) in pairs:
+                raise UsageError(f"COMPARE_MODES={cfg.compare_modes!r}: {item} is listed twice")
+            pairs.append((engine, method))
+        return pairs
+    pairs = []
+    if cfg.enable_target:
+        pairs.append((cfg.inference_engine, "target"))
+    if cfg.enable_speculative and cfg.inference_method != "target":
+        pairs.append((cfg.inference_engine, cfg.inference_method))
+    if not pairs:
+        raise UsageError("ENABLE_TARGET=false and ENABLE_SPECULATIVE=false (or INFERENCE_METHOD=target): "
+                         "nothing to run; enable at least one mode")
+    return pairs
+
+
+def markdown_table(vars_: list[Var] = VARS) -> str:
+    """The README's variable table."""
+    rows = ["| variable | flag | default | accepted | meaning |", "|---|---|---|---|---|"]
+    for var in vars_:
+        default = {True: "true", False: "false", None: "(GAMMA_VALUE)", "": "(empty)"}.get(var.default, var.default) \
+            if not isinstance(var.default, (int, float)) or isinstance(var.default, bool) or var.default is None \
+            else var.default
+        rows.append(f"| `{var.name}` | `{var.flag}` | {default} | {var.accepted()} | {var.help} |")
+    return "\n".join(rows)

@@ -1,0 +1,242 @@
+"""Model and tokenizer loading, and the builder of the tiny local models.
+
+The tiny models are real Hugging Face folders (Llama architecture, byte-level BPE tokenizer, safetensors) that
+the project trains itself in a couple of minutes on a CPU, so every engine can be run for real without
+downloading anything. They are cached outside the repository under a key made of their inputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lib.errors import UsageError
+
+BUILDER_VERSION = 1  # bump when the builder changes in a way the cache key would not see
+SPECIAL_TOKENS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|pad|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}<|user|>{{ message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}<|assistant|>{{ message['content'] }}<|endoftext|>"
+    "{% else %}{{ message['content'] }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SPECLAB_CACHE_DIR", Path.home() / ".cache" / "speclab"))
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Everything that determines the tiny models; its hash is the cache key."""
+    seed: int = 1234
+    vocab_size: int = 1024
+    num_docs: int = 6000
+    seq_len: int = 128
+    batch_size: int = 16
+    target: LlamaShape = LlamaShape(128, 384, 4, 2, 1)
+    draft: LlamaShape = LlamaShape(64, 192, 2, 1, 1)
+    target_steps: int = 500
+    draft_steps: int = 500
+    lr: float = 3e-3
+    max_position_embeddings: int = 2048
+
+    def key(self) -> str:
+        blob = json.dumps({"spec": asdict(self), "version": BUILDER_VERSION}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class TinyModels:
+    root: Path
+    tokenizer: Path = field(init=False)
+    target: Path = field(init=False)
+    draft: Path = field(init=False)
+
+    def __post_init__(self):
+        self.tokenizer = self.root / "tokenizer"
+        self.target = self.root / "target"
+        self.draft = self.root / "draft"
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def check_model_dir(path: str | Path, what: str) -> Path:
+    """A local Hugging Face model folder, or a UsageError naming `what` (e.g. TARGET_MODEL)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise UsageError(f"{what}={path}: no such folder (expected a local Hugging Face model folder)")
+    if not (p / "config.json").is_file():
+        raise UsageError(f"{what}={path}: not a Hugging Face model folder (no config.json)")
+    weights = list(p.glob("*.safetensors")) + list(p.glob("*.bin"))
+    if not weights:
+        raise UsageError(f"{what}={path}: no weights (*.safetensors or *.bin) in the folder")
+    return p
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", device_map=None):
+    import torch
+    from transformers import AutoModelForCausalLM
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    kwargs = {"dtype": torch_dtype}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    if device_map is None:
+        model.to(device)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def cached_build(name: str, key: str, build, log=print) -> Path:
+    """Return cache_root()/name-key, calling build(tmp_dir) once to fill it (atomic, locked across processes)."""
+    final = cache_root() / f"{name}-{key}"
+    if (final / "DONE").exists():
+        return final
+    with _file_lock(cache_root() / f".{name}-{key}.lock"):
+        if (final / "DONE").exists():
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_root()))
+        try:
+            t0 = time.time()
+            build(tmp, log)
+            (tmp / "DONE").write_text(json.dumps({"built_s": round(time.time() - t0, 1)}))
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def ensure_tiny_models(spec: TinySpec = TinySpec(), log=print) -> TinyModels:
+    """Build (once) and return the tiny target/draft pair."""
+    root = cached_build("tiny-llama", spec.key(), lambda out, lg: _build_tiny(spec, out, lg), log)
+    return TinyModels(root)
+
+
+def _train_tokenizer(spec: TinySpec, docs: list[str], out: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    # exactly GPT-2's pre-tokenizer, so llama.cpp's "gpt-2" pre-tokenizer reproduces it
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=spec.vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(docs, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token=None, pad_token="<|pad|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(out))
+    return fast
+
+
+def _token_blocks(tokenizer, docs: list[str], seq_len: int):
+    import torch
+    ids: list[int] = []
+    for doc in docs:
+        ids.extend(tokenizer.encode(doc, add_special_tokens=False))
+        ids.append(tokenizer.eos_token_id)
+    n = len(ids) // seq_len
+    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+
+def _llama_config(spec: TinySpec, shape: LlamaShape, tokenizer):
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=shape.hidden_size,
+                       intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_hidden_layers,
+                       num_attention_heads=shape.num_attention_heads, num_key_value_heads=shape.num_key_value_heads,
+                       max_position_embeddings=spec.max_position_embeddings, rope_theta=10000.0,
+                       tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def train_causal_lm(model, blocks, steps: int, batch_size: int, lr: float, seed: int, log, label: str):
+    """Plain next-token training with AdamW and a cosine schedule; returns the final loss."""
+    import math
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    model.train()
+    loss_value = float("nan")
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps)) * min(1.0, (step + 1) / 20)
+        batch = blocks[torch.randint(len(blocks), (batch_size,), generator=gen)]
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        loss_value = loss.item()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"  {label}: step {step + 1}/{steps} loss {loss_value:.3f}")
+    model.eval()
+    return loss_value
+
+
+def save_hf_folder(model, tokenizer, out: Path, extra_readme: str = ""):
+    from transformers import GenerationConfig
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id, do_sample=False).save_pretrained(str(out))
+    if extra_readme:
+        (out / "README.md").write_text(extra_readme)
+
+
+def _build_tiny(spec: TinySpec, out: Path, log):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from lib.corpus import generate_corpus
+
+    log(f"Building the tiny local models (one time, cached under {out.parent}) ...")
+    torch.manual_seed(spec.seed)
+    docs = generate_corpus(spec.seed, spec.num_docs)
+    tokenizer = _train_tokenizer(spec, docs, out / "tokenizer")
+    blocks = _token_blocks(tokenizer, docs, spec.seq_len)
+    losses = {}
+    for name, shape, steps in (("target", spec.target, spec.target_steps), ("draft", spec.draft, spec.draft_steps)):
+        torch.manual_seed(spec.seed + len(name))
+        model = LlamaForCausalLM(_llama_config(spec, shape, tokenizer))
+        losses[name] = train_causal_lm(model, blocks, steps, spec.batch_size, spec.lr, spec.seed, log, name)
+        save_hf_folder(model, tokenizer, out / name,
+                       f"# tiny {name}\nTrained by SpecLab's builder (lib/models.py) for tests and the default run.\n")
+    (out / "build_info.json").write_text(json.dumps({"spec": asdict(spec), "final_loss": losses}, indent=2))
