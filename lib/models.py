@@ -52,8 +52,8 @@ class TinySpec:
     batch_size: int = 16
     target: LlamaShape = LlamaShape(128, 384, 4, 2, 1)
     draft: LlamaShape = LlamaShape(64, 192, 2, 1, 1)
-    target_steps: int = 500
-    draft_steps: int = 500
+    target_steps: int = 250
+    draft_steps: int = 250
     lr: float = 3e-3
     max_position_embeddings: int = 2048
 

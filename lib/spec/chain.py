@@ -1,0 +1,199 @@
+"""Chain speculative decoding (Leviathan et al. 2023) and plain AR decoding over Hugging Face causal LMs.
+
+Batches of any size: rows accept different numbers of drafts, so each row's KV cache gets holes where its
+rejected drafts were written. `KVState` keeps a validity mask over cache columns and each row's next position;
+rejected entries are masked out, and tail columns that no row needs are cropped, so batch 1 is a plain rollback.
+Greedy decoding is the temperature-0 case of the same rejection rule (one-hot distributions), so there is one
+code path, and greedy SD emits exactly the AR tokens.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class KVState:
+    """One model's KV cache for a batch, with per-row validity of cache columns."""
+    cache: object
+    mask: torch.Tensor  # [B, L] bool: column holds a committed token for that row
+    next_pos: torch.Tensor  # [B] position id of the next token fed
+
+    @classmethod
+    def empty(cls, batch: int, device) -> "KVState":
+        from transformers import DynamicCache
+        return cls(DynamicCache(), torch.zeros(batch, 0, dtype=torch.bool, device=device),
+                   torch.zeros(batch, dtype=torch.long, device=device))
+
+
+def forward(model, state: KVState, tokens: torch.Tensor, valid: torch.Tensor | None = None):
+    """Feed tokens [B, n] (valid [B, n]: False for padding) and return logits [B, n, V] as float32."""
+    batch, n = tokens.shape
+    valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid
+    positions = state.next_pos[:, None] + valid.long().cumsum(1) - 1
+    state.mask = torch.cat([state.mask, valid], dim=1)
+    out = model(input_ids=tokens, attention_mask=state.mask.long(), position_ids=positions.clamp(min=0),
+                past_key_values=state.cache, use_cache=True)
+    state.cache = out.past_key_values
+    state.next_pos = state.next_pos + valid.long().sum(1)
+    return out.logits.float()
+
+
+def commit(state: KVState, fed: int, keep: torch.Tensor):
+    """Of the last `fed` columns, keep the first keep[b] for row b; crop columns no row needs."""
+    arange = torch.arange(fed, device=keep.device)
+    state.mask[:, -fed:] &= arange[None, :] < keep[:, None]
+    state.next_pos = state.next_pos - fed + keep
+    used = state.mask.any(0).nonzero()
+    length = int(used[-1]) + 1 if len(used) else 0
+    if length < state.mask.shape[1]:
+        state.cache.crop(length - state.mask.shape[1])  # negative: remove that many (all versions)
+        state.mask = state.mask[:, :length]
+
+
+def probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Sampling distribution; one-hot argmax for greedy."""
+    if temperature <= 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return torch.softmax(logits / temperature, dim=-1)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+
+
+@dataclass
+class Generation:
+    """What a batch decode returns: tokens per row and, for SD, acceptance counters per row."""
+    tokens: list[list[int]]
+    token_times: list[list[float]]
+    finish_reasons: list[str]
+    num_drafts: list[int] = field(default_factory=list)
+    draft_tokens: list[int] = field(default_factory=list)
+    accepted_tokens: list[int] = field(default_factory=list)
+    accepted_per_position: list[list[int]] = field(default_factory=list)
+
+
+class _Rows:
+    """Per-row output bookkeeping shared by AR and SD: append tokens, stop at EOS or the length limit."""
+
+    def __init__(self, batch: int, max_new: int, eos_ids: set[int]):
+        self.max_new, self.eos_ids = max_new, eos_ids
+        self.tokens = [[] for _ in range(batch)]
+        self.times = [[] for _ in range(batch)]
+        self.reasons = [""] * batch
+
+    def add(self, row: int, new: list[int], now: float):
+        for token in new:
+            if self.reasons[row]:
+                return
+            self.tokens[row].append(token)
+            self.times[row].append(now)
+            if token in self.eos_ids:
+                self.reasons[row] = "stop"
+            elif len(self.tokens[row]) >= self.max_new:
+                self.reasons[row] = "length"
+
+    def done(self) -> bool:
+        return all(self.reasons)
+
+
+def _prefill(model, prompts: list[list[int]], pad_id: int, device) -> tuple[KVState, torch.Tensor]:
+    """Left-padded prompt forward; returns the state and the last position's logits [B, V]."""
+    width = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    valid = torch.zeros_like(tokens, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        tokens[row, width - len(prompt):] = torch.tensor(prompt, device=device)
+        valid[row, width - len(prompt):] = True
+    state = KVState.empty(len(prompts), device)
+    return state, forward(model, state, tokens, valid)[:, -1]
+
+
+@torch.inference_mode()
+def autoregressive_generate(target, prompts: list[list[int]], max_new: int, temperature: float = 0.0,
+                            eos_ids: set[int] = frozenset(), pad_id: int = 0, generator=None) -> Generation:
+    device = target.device
+    state, logits = _prefill(target, prompts, pad_id, device)
+    rows = _Rows(len(prompts), max_new, set(eos_ids))
+    while True:
+        token = sample(probabilities(logits, temperature), generator)
+        now_tokens, now = token.tolist(), time.perf_counter()
+        for row, t in enumerate(now_tokens):
+            rows.add(row, [t], now)
+        if rows.done():
+            break
+        logits = forward(target, state, token[:, None])[:, -1]
+    return Generation(rows.tokens, rows.times, rows.reasons)
+
+
+@torch.inference_mode()
+def speculative_generate(target, draft, prompts: list[list[int]], max_new: int, gamma: int,
+                         temperature: float = 0.0, eos_ids: set[int] = frozenset(), pad_id: int = 0,
+                         generator=None) -> Generation:
+    """Draft gamma tokens, verify them in one target pass, keep the accepted prefix plus one target token."""
+    batch, device = len(prompts), target.device
+    target_state, target_logits = _prefill(target, prompts, pad_id, device)
+    draft_state, _ = _prefill(draft, prompts, pad_id, draft.device)
+    rows = _Rows(batch, max_new, set(eos_ids))
+    out = Generation([], [], [], [0] * batch, [0] * batch, [0] * batch, [[0] * gamma for _ in range(batch)])
+
+    pending = sample(probabilities(target_logits, temperature), generator)  # [B]: emitted, not yet in caches
+    now = time.perf_counter()
+    for row, t in enumerate(pending.tolist()):
+        rows.add(row, [t], now)
+    while not rows.done():
+        # 1. draft gamma tokens autoregressively
+        draft_tokens, draft_probs, token = [], [], pending.to(draft.device)
+        for _ in range(gamma):
+            q = probabilities(forward(draft, draft_state, token[:, None])[:, -1], temperature)
+            token = sample(q, generator)
+            draft_tokens.append(token)
+            draft_probs.append(q)
+        drafts = torch.stack(draft_tokens, 1).to(device)  # [B, gamma]
+        q = torch.stack(draft_probs, 1).to(device)  # [B, gamma, V]
+
+        # 2. verify all drafts in one target pass: logits for gamma + 1 positions
+        p = probabilities(forward(target, target_state, torch.cat([pending[:, None], drafts], 1)), temperature)
+
+        # 3. accept each draft with min(1, p/q); first rejection ends the row's run
+        p_draft = p[:, :gamma].gather(-1, drafts[..., None])[..., 0]
+        q_draft = q.gather(-1, drafts[..., None])[..., 0]
+        uniform = torch.rand(p_draft.shape, generator=generator, device=p_draft.device)
+        accepted = (uniform < (p_draft / q_draft).clamp(max=1.0)).long().cumprod(1)
+        n_accepted = accepted.sum(1)  # [B]
+
+        # 4. the next token: from max(0, p - q) after a rejection, from p after a full accept
+        rows_idx = torch.arange(batch, device=device)
+        p_next = p[rows_idx, n_accepted]
+        q_next = torch.cat([q, torch.zeros_like(q[:, :1])], 1)[rows_idx, n_accepted]
+        residual = (p_next - q_next).clamp(min=0)
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
+        next_token = sample(residual / residual.sum(-1, keepdim=True), generator)
+
+        # 5. roll back both caches to the accepted prefix (one host sync reads the counts)
+        counts = n_accepted.tolist()
+        commit(target_state, gamma + 1, n_accepted + 1)
+        commit(draft_state, gamma, (n_accepted + 1).clamp(max=gamma).to(draft.device))
+        if max(counts) == gamma:  # rows that took every draft still need the last one in the draft cache
+            forward(draft, draft_state, drafts[:, -1:].to(draft.device))
+            commit(draft_state, 1, (n_accepted == gamma).long().to(draft.device))
+
+        now = time.perf_counter()
+        drafts_list, next_list = drafts.tolist(), next_token.tolist()
+        for row in range(batch):
+            if rows.reasons[row]:
+                continue
+            n = counts[row]
+            out.num_drafts[row] += 1
+            out.draft_tokens[row] += gamma
+            out.accepted_tokens[row] += n
+            for pos in range(n):
+                out.accepted_per_position[row][pos] += 1
+            rows.add(row, drafts_list[row][:n] + [next_list[row]], now)
+        pending = next_token
+    out.tokens, out.token_times, out.finish_reasons = rows.tokens, rows.times, rows.reasons
+    return out
