@@ -240,3 +240,31 @@ def _build_tiny(spec: TinySpec, out: Path, log):
         save_hf_folder(model, tokenizer, out / name,
                        f"# tiny {name}\nTrained by SpecLab's builder (lib/models.py) for tests and the default run.\n")
     (out / "build_info.json").write_text(json.dumps({"spec": asdict(spec), "final_loss": losses}, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------- resolving
+
+@dataclass
+class ModelPaths:
+    """The target and draft folders a run uses (the tiny local ones unless TARGET_MODEL/DRAFTER_MODEL say)."""
+    target: Path
+    draft: Path | None
+    tiny: bool
+
+    def describe(self) -> dict:
+        return {"target": str(self.target), "draft": str(self.draft) if self.draft else None, "tiny": self.tiny}
+
+
+def resolve_models(cfg, need_draft: bool = True, log=print) -> ModelPaths:
+    if cfg.target_model:
+        target = check_model_dir(cfg.target_model, "TARGET_MODEL")
+        draft = check_model_dir(cfg.drafter_model, "DRAFTER_MODEL") if cfg.drafter_model else None
+        if need_draft and draft is None:
+            raise UsageError("DRAFTER_MODEL is empty: with TARGET_MODEL set, speculative modes need a draft "
+                             "model folder (or use INFERENCE_METHOD=target)")
+        return ModelPaths(target, draft, tiny=False)
+    if cfg.drafter_model:
+        raise UsageError(f"DRAFTER_MODEL={cfg.drafter_model}: set TARGET_MODEL too (the tiny target's tokenizer "
+                         "only fits the tiny draft)")
+    tiny = ensure_tiny_models(log=log)
+    return ModelPaths(tiny.target, tiny.draft, tiny=True)

@@ -1,0 +1,123 @@
+"""The one engine interface: requests in, per-request records out.
+
+The runner gives every engine the same `Request`s (already tokenized with the target's tokenizer, with an
+arrival offset in seconds from the run's start) and receives `RequestRecord`s as requests finish. Engines that
+decode a batch at a time only implement `start()` and `generate_batch()`; `run()` then honours the arrival
+schedule (open loop: a request is never started before its arrival, and waits in a queue if the engine is
+busy). Engines with their own scheduler (vLLM's async engine) override `run()`.
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+
+@dataclass
+class Request:
+    request_id: int
+    prompt: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    arrival: float = 0.0  # seconds after the run's start
+    reference_output_len: int | None = None  # from ShareGPT's answer, when known
+
+
+@dataclass
+class SpecCounters:
+    """Acceptance counters, one shape for every engine (DESIGN.md's metric definitions)."""
+    num_drafts: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    def add(self, other: "SpecCounters") -> "SpecCounters":
+        width = max(len(self.accepted_per_position), len(other.accepted_per_position))
+        per_pos = [0] * width
+        for counts in (self.accepted_per_position, other.accepted_per_position):
+            for i, c in enumerate(counts):
+                per_pos[i] += c
+        return SpecCounters(self.num_drafts + other.num_drafts, self.draft_tokens + other.draft_tokens,
+                            self.accepted_tokens + other.accepted_tokens, per_pos)
+
+
+@dataclass
+class RequestRecord:
+    """One finished request. Times are seconds since the run's start (time.perf_counter() - run start)."""
+    request_id: int
+    prompt_tokens: int
+    output_ids: list[int]
+    text: str
+    arrival: float  # when it was scheduled to arrive
+    start: float  # when the engine began work on it (>= arrival)
+    token_times: list[float]  # when each output token became available (first = TTFT point)
+    finish_reason: str  # stop | length | error | cancelled
+    error: str | None = None
+    spec: SpecCounters | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class Clock:
+    """The run's time origin, shared by runner and engine."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def sleep_until(self, offset: float):
+        delay = offset - self.now()
+        if delay > 0:
+            time.sleep(delay)
+
+
+class Engine(ABC):
+    """Subclasses set `name`, and read what they need from the resolved Config in __init__."""
+    name = "base"
+
+    def __init__(self, cfg, method: str, models):
+        self.cfg, self.method, self.models = cfg, method, models
+        self.batch_size = cfg.batch_size if cfg.enable_batch else 1
+
+    @abstractmethod
+    def start(self) -> None:
+        """Load models; raise EngineUnavailable with a one-line fix if this engine cannot run here."""
+
+    @abstractmethod
+    def generate_batch(self, requests: list[Request], clock: Clock) -> list[RequestRecord]:
+        """Decode these requests together and return their records (times from `clock`)."""
+
+    def describe(self) -> dict:
+        """Engine facts for run.json and the summary (versions, devices, knobs)."""
+        return {"engine": self.name, "method": self.method}
+
+    def weight_bytes(self) -> int | None:
+        return None
+
+    def stop(self) -> None:
+        pass
+
+    def run(self, requests: list[Request], clock: Clock, on_done: Callable[[RequestRecord], None],
+            should_stop: Callable[[], bool] = lambda: False) -> None:
+        """Open-loop arrivals, batches of up to self.batch_size from the requests that have arrived."""
+        queue = sorted(requests, key=lambda r: r.arrival)
+        while queue and not should_stop():
+            clock.sleep_until(queue[0].arrival)
+            arrived = [r for r in queue if r.arrival <= clock.now()]
+            batch = arrived[: self.batch_size]
+            for record in self.generate_batch(batch, clock):
+                on_done(record)
+            queue = queue[len(batch):]
+
+
+def record_from_tokens(request: Request, output_ids: list[int], token_times: list[float], start: float,
+                       finish_reason: str, tokenizer, spec: SpecCounters | None = None) -> RequestRecord:
+    """The common way engines turn decoded ids into a record (text via the HF tokenizer)."""
+    return RequestRecord(request_id=request.request_id, prompt_tokens=len(request.prompt_ids),
+                         output_ids=list(output_ids), text=tokenizer.decode(output_ids, skip_special_tokens=True),
+                         arrival=request.arrival, start=start, token_times=list(token_times),
+                         finish_reason=finish_reason, spec=spec)

@@ -1,0 +1,27 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """The tiny local target/draft pair (built once, then cached outside the repo)."""
+    from lib.models import ensure_tiny_models
+    return ensure_tiny_models(log=lambda *a: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_models):
+    from lib.models import load_tokenizer
+    return load_tokenizer(tiny_models.target)
+
+
+@pytest.fixture(scope="session")
+def shipped_prompts():
+    return [line.strip() for line in (ROOT / "prompts" / "benchmark_prompts.txt").read_text().splitlines()
+            if line.strip()]
