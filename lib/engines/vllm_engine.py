@@ -1,0 +1,337 @@
+"""vLLM engine: vLLM's own scheduler, PagedAttention and native speculative decoding behind the engine interface.
+
+Two ways in, chosen by the workload:
+- fixed-count runs (every arrival is 0) go through the offline engine (`vllm.LLM`). We add the requests to its
+  `LLMEngine` and drive `step()` ourselves with DELTA outputs, which is what `LLM.generate` does inside, so each
+  new token gets its own timestamp (LLM.generate only returns finished requests).
+- rate runs (some arrival > 0) go through the async engine (`AsyncLLM`, vLLM's serving engine): each request is
+  submitted at its arrival and streamed, one timestamp per new token.
+Acceptance comes from vLLM's own Prometheus counters (per engine, not per request): the difference over one run
+is left in `run_spec_counters` (records keep spec=None so nothing is counted twice) and the raw difference in
+`raw_spec_metrics`.
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import gc
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from lib.engines.base import Clock, Engine, Request, RequestRecord, SpecCounters, record_from_tokens
+from lib.errors import EngineUnavailable, UsageError
+from lib.models import check_model_dir, load_tokenizer
+
+INSTALL_HINT = "run ./run_benchmark.sh (installs it) or pip install -r requirements/vllm.txt"
+SPEC_COUNTERS = {  # vLLM counter -> SpecCounters field
+    "vllm:spec_decode_num_drafts": "num_drafts",
+    "vllm:spec_decode_num_draft_tokens": "draft_tokens",
+    "vllm:spec_decode_num_accepted_tokens": "accepted_tokens",
+    "vllm:spec_decode_num_accepted_tokens_per_pos": "accepted_per_position",
+}
+FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
+
+
+def prepare_cpu_environment() -> bool:
+    """On machines without CUDA: the settings FACTS.md measured for the vLLM CPU build (user values win)."""
+    import torch
+    if torch.cuda.is_available():
+        return False
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in-process: starts in ~2 s
+    if "VLLM_CACHE_ROOT" not in os.environ:
+        cache = tempfile.mkdtemp(prefix="speclab-vllm-cache-")
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+        os.environ["VLLM_CACHE_ROOT"] = cache
+    return True
+
+
+def import_vllm():
+    try:
+        import vllm
+    except ModuleNotFoundError as exc:
+        raise EngineUnavailable(f"INFERENCE_ENGINE=vllm: the vllm package is not installed ({exc.name} missing); "
+                                f"{INSTALL_HINT}") from None
+    return vllm
+
+
+def read_spec_metrics() -> dict:
+    """vLLM's speculative-decoding counters now, summed over engines/labels: name -> int or list[int]."""
+    from vllm.v1.metrics.reader import Counter, Vector, get_metrics_snapshot
+    totals: dict = {}
+    for metric in get_metrics_snapshot():
+        if metric.name not in SPEC_COUNTERS:
+            continue
+        if isinstance(metric, Counter):
+            totals[metric.name] = totals.get(metric.name, 0) + int(metric.value)
+        elif isinstance(metric, Vector):
+            old = totals.get(metric.name, [])
+            width = max(len(old), len(metric.values))
+            totals[metric.name] = [(old[i] if i < len(old) else 0) + (metric.values[i] if i < len(metric.values)
+                                                                      else 0) for i in range(width)]
+    return totals
+
+
+def metrics_difference(before: dict, after: dict) -> dict:
+    diff = {}
+    for name, value in after.items():
+        old = before.get(name, [] if isinstance(value, list) else 0)
+        if isinstance(value, list):
+            diff[name] = [v - (old[i] if i < len(old) else 0) for i, v in enumerate(value)]
+        else:
+            diff[name] = value - old
+    return diff
+
+
+def spec_counters_from(raw: dict) -> SpecCounters:
+    fields = {field: raw.get(name, [] if field == "accepted_per_position" else 0)
+              for name, field in SPEC_COUNTERS.items()}
+    return SpecCounters(**fields)
+
+
+class VLLMEngine(Engine):
+    name = "vllm"
+
+    def __init__(self, cfg, method: str, models):
+        super().__init__(cfg, method, models)
+        self.llm = None  # vllm.LLM (offline) ...
+        self.async_engine = None  # ... or vllm AsyncLLM (rate mode); never both at once
+        self.run_spec_counters: SpecCounters | None = None
+        self.raw_spec_metrics: dict | None = None
+        self.use_speculative = method == "speculative" and cfg.vllm_enable_speculative
+        self.num_speculative_tokens = cfg.vllm_num_speculative_tokens or cfg.gamma_value
+        self.speculative_config = self._speculative_config() if self.use_speculative else None
+        self._runs = 0
+
+    # ------------------------------------------------------------------------------------------ configuration
+
+    def _drafter_folder(self, what: str) -> Path:
+        if self.cfg.drafter_model:
+            return check_model_dir(self.cfg.drafter_model, "DRAFTER_MODEL")
+        if what == "draft_model" and self.models.draft is not None:
+            return check_model_dir(self.models.draft, "DRAFTER_MODEL")
+        needed = "a draft model folder" if what == "draft_model" else f"an {what.upper()} head folder"
+        raise UsageError(f"VLLM_SPEC_METHOD={what} needs DRAFTER_MODEL set to {needed}")
+
+    def _speculative_config(self) -> dict:
+        method, k = self.cfg.vllm_spec_method, self.num_speculative_tokens
+        if method == "draft_model":
+            return {"method": "draft_model", "model": str(self._drafter_folder(method)), "num_speculative_tokens": k}
+        if method in ("eagle", "eagle3"):
+            return {"method": method, "model": str(self._drafter_folder(method)), "num_speculative_tokens": k}
+        if method == "ngram":
+            return {"method": "ngram", "num_speculative_tokens": k,
+                    "prompt_lookup_max": self.cfg.vllm_ngram_prompt_lookup_max,
+                    "prompt_lookup_min": self.cfg.vllm_ngram_prompt_lookup_min}
+        if method == "mtp":  # the target's own multi-token-prediction layers
+            return {"method": "mtp", "num_speculative_tokens": k}
+        raise UsageError(f"VLLM_SPEC_METHOD={method}: expected one of draft_model, ngram, eagle, eagle3, mtp")
+
+    def _engine_kwargs(self) -> dict:
+        kwargs = dict(model=str(self.models.target), tokenizer=str(self.models.target),
+                      tensor_parallel_size=self.cfg.vllm_tensor_parallel_size,
+                      gpu_memory_utilization=self.cfg.vllm_gpu_memory_utilization,
+                      max_model_len=self.cfg.vllm_max_model_len, max_num_seqs=self.cfg.vllm_max_num_seqs,
+                      dtype=self.dtype, seed=self.cfg.seed, disable_log_stats=False)
+        if self.on_cpu:
+            kwargs["enforce_eager"] = True  # compiled/bf16 CPU attention paths crash on some CPUs
+        if self.speculative_config:
+            kwargs["speculative_config"] = dict(self.speculative_config)
+        return kwargs
+
+    # ------------------------------------------------------------------------------------------------ start-up
+
+    def start(self):
+        check_model_dir(self.models.target, "TARGET_MODEL")
+        self.on_cpu = prepare_cpu_environment()
+        self.vllm = import_vllm()
+        self.dtype = self.cfg.vllm_dtype
+        if self.on_cpu and self.dtype in ("auto", "half", "float16", "bfloat16"):
+            self.dtype = "float32"  # fp16/bf16 are slow or crash in the CPU build; the CPU path is for checking
+        elif self.dtype == "float":
+            self.dtype = "float32"
+        self.tokenizer = load_tokenizer(self.models.target)
+        if self.method == "speculative" and not self.use_speculative:
+            print("WARNING: INFERENCE_METHOD=speculative but VLLM_ENABLE_SPECULATIVE=false\n"
+                  "   falling back to target-only generation", file=sys.stderr, flush=True)
+        self._print_startup()
+        self._build(rate_mode=self.cfg.auto_rate > 0)
+        print("vLLM engine started.", flush=True)
+        self._print_configuration()
+
+    def _print_startup(self):
+        mode = "speculative decoding" if self.use_speculative else "target only"
+        lines = [f"Starting the vLLM engine ({mode})...", f"  Target model: {self.models.target}"]
+        if self.use_speculative:
+            drafter = self.speculative_config.get("model", f"(none: {self.cfg.vllm_spec_method})")
+            lines += [f"  Speculative method: {self.cfg.vllm_spec_method}", f"  Drafter model: {drafter}",
+                      f"  Speculative tokens: {self.num_speculative_tokens}"]
+        lines += ["  VLLM_USE_V2_BLOCK_MANAGER: no effect (vLLM has one block manager)",
+                  f"  Tensor parallel: {self.cfg.vllm_tensor_parallel_size}",
+                  f"  GPU memory utilization: {self.cfg.vllm_gpu_memory_utilization:g}",
+                  f"  Max model length: {self.cfg.vllm_max_model_len}",
+                  f"  Max sequences: {self.cfg.vllm_max_num_seqs}",
+                  f"  Dtype: {self.dtype}" + (" (CPU build: float32, eager)" if self.on_cpu else "")]
+        print("\n".join(lines), flush=True)
+
+    def _print_configuration(self):
+        spec = self.use_speculative
+        print("\n".join([
+            "Inference Engine: vllm",
+            f"Inference Method: {'speculative' if spec else 'target'}",
+            "",
+            "vLLM Configuration:",
+            f"  Tensor Parallel: {self.cfg.vllm_tensor_parallel_size}",
+            f"  GPU Memory Utilization: {self.cfg.vllm_gpu_memory_utilization:g}",
+            f"  Max Model Length: {self.cfg.vllm_max_model_len}",
+            f"  Max Num Seqs: {self.cfg.vllm_max_num_seqs}",
+            f"  Data Type: {self.dtype}",
+            "",
+            "vLLM Speculative Decoding:",
+            f"  Enabled: {'Yes' if spec else 'No'}",
+            f"  Method: {self.cfg.vllm_spec_method if spec else '-'}",
+            f"  Drafter: {self.speculative_config.get('model', '-') if spec else '-'}",
+            f"  Num Speculative Tokens: {self.num_speculative_tokens if spec else '-'}",
+            "  Use V2 Block Manager: no effect (vLLM has one block manager)",
+        ]), flush=True)
+
+    def _build(self, rate_mode: bool):
+        """Build the offline or the async engine, releasing the other first (they would share the GPU)."""
+        self._release()
+        kwargs = self._engine_kwargs()
+        try:
+            if rate_mode:
+                from vllm.engine.arg_utils import AsyncEngineArgs
+                from vllm.v1.engine.async_llm import AsyncLLM
+                self.async_engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+            else:
+                self.llm = self.vllm.LLM(**kwargs)
+        except ValueError as exc:  # vLLM's config validation (pydantic errors are ValueErrors too)
+            first = str(exc).strip().splitlines()
+            raise UsageError(f"vLLM rejected the configuration: {' '.join(first[:3])}") from None
+
+    def _release(self):
+        if self.async_engine is not None:
+            self.async_engine.shutdown()
+        self.llm = self.async_engine = None
+        gc.collect()
+
+    def stop(self):
+        self._release()
+
+    # ------------------------------------------------------------------------------------------------- facts
+
+    def describe(self) -> dict:
+        return {"engine": self.name, "method": self.method,
+                "effective_method": "speculative" if self.use_speculative else "target",
+                "vllm": self.vllm.__version__, "device": "cpu" if self.on_cpu else "cuda", "dtype": self.dtype,
+                "speculative_config": self.speculative_config,
+                "tensor_parallel_size": self.cfg.vllm_tensor_parallel_size,
+                "gpu_memory_utilization": self.cfg.vllm_gpu_memory_utilization,
+                "max_model_len": self.cfg.vllm_max_model_len, "max_num_seqs": self.cfg.vllm_max_num_seqs,
+                "use_v2_block_manager": "no effect (vLLM has one block manager)"}
+
+    def weight_bytes(self) -> int:
+        """Parameters x bytes per element at the dtype vLLM runs (headers only; no tensor is read)."""
+        from safetensors import safe_open
+        folders = [self.models.target]
+        if self.speculative_config and "model" in self.speculative_config:
+            folders.append(Path(self.speculative_config["model"]))
+        size = {"float32": 4}.get(self.dtype, 2)
+        count = 0
+        for folder in folders:
+            for file in Path(folder).glob("*.safetensors"):
+                with safe_open(str(file), "pt") as f:
+                    for name in f.keys():
+                        shape = f.get_slice(name).get_shape()
+                        n = 1
+                        for d in shape:
+                            n *= d
+                        count += n
+        return count * size
+
+    # ---------------------------------------------------------------------------------------------- running
+
+    def _sampling_params(self, request: Request):
+        from vllm.sampling_params import RequestOutputKind
+        seed = self.cfg.seed + request.request_id if self.cfg.temperature > 0 else None
+        return self.vllm.SamplingParams(temperature=self.cfg.temperature, max_tokens=request.max_new_tokens,
+                                        seed=seed, detokenize=False, output_kind=RequestOutputKind.DELTA)
+
+    def _prompt(self, request: Request) -> dict:
+        return {"prompt_token_ids": list(request.prompt_ids)}
+
+    def run(self, requests: list[Request], clock: Clock, on_done: Callable[[RequestRecord], None],
+            should_stop: Callable[[], bool] = lambda: False) -> None:
+        rate_mode = any(r.arrival > 0 for r in requests)
+        if rate_mode != (self.async_engine is not None):
+            self._build(rate_mode)
+        self._runs += 1
+        before = read_spec_metrics()
+        try:
+            if rate_mode:
+                asyncio.run(self._run_async(requests, clock, on_done, should_stop))
+            else:
+                self._run_offline(requests, clock, on_done, should_stop)
+        finally:
+            self.raw_spec_metrics = metrics_difference(before, read_spec_metrics())
+            self.run_spec_counters = spec_counters_from(self.raw_spec_metrics) if self.use_speculative else None
+
+    def generate_batch(self, requests: list[Request], clock: Clock) -> list[RequestRecord]:
+        records: list[RequestRecord] = []
+        self.run(requests, clock, records.append)
+        return sorted(records, key=lambda r: r.request_id)
+
+    def _vllm_id(self, request: Request) -> str:
+        return f"speclab-{self._runs}-{request.request_id}"
+
+    def _finish(self, request: Request, ids: list[int], times: list[float], start: float, reason) -> RequestRecord:
+        return record_from_tokens(request, ids, times, start, FINISH_REASONS.get(reason, str(reason)),
+                                  self.tokenizer)
+
+    def _run_offline(self, requests, clock: Clock, on_done, should_stop):
+        engine = self.llm.llm_engine
+        by_id, ids, times, starts = {}, {}, {}, {}
+        for request in requests:
+            rid = self._vllm_id(request)
+            by_id[rid], ids[rid], times[rid], starts[rid] = request, [], [], clock.now()
+            engine.add_request(rid, self._prompt(request), self._sampling_params(request))
+        while engine.has_unfinished_requests():
+            if should_stop():
+                engine.abort_request(list(ids))  # the unfinished ones
+                break
+            outputs = engine.step()
+            now = clock.now()
+            for out in outputs:
+                rid = out.request_id
+                if rid not in ids:
+                    continue
+                new = list(out.outputs[0].token_ids)
+                ids[rid] += new
+                times[rid] += [now] * len(new)
+                if out.finished:
+                    on_done(self._finish(by_id[rid], ids.pop(rid), times[rid], starts[rid],
+                                         out.outputs[0].finish_reason))
+
+    async def _run_async(self, requests, clock: Clock, on_done, should_stop):
+        async def one(request: Request):
+            await asyncio.sleep(max(0.0, request.arrival - clock.now()))
+            if should_stop():
+                return
+            start, ids, times, reason = clock.now(), [], [], None
+            stream = self.async_engine.generate(self._prompt(request), self._sampling_params(request),
+                                                self._vllm_id(request))
+            async for out in stream:
+                new = list(out.outputs[0].token_ids)
+                now = clock.now()
+                ids += new
+                times += [now] * len(new)
+                if out.finished:
+                    reason = out.outputs[0].finish_reason
+            on_done(self._finish(request, ids, times, start, reason))
+
+        await asyncio.gather(*(one(r) for r in sorted(requests, key=lambda r: r.arrival)))

@@ -1,0 +1,147 @@
+"""Result files of a run (DESIGN.md) and the console summary.
+
+RESULTS_DIR/<run-id>/: run.json, requests_<mode>.jsonl (a line per finished request, flushed at once),
+benchmark_results.json and its three slices (_speculative, _target, _gpu). The JSON files are rewritten
+atomically after every mode, so a crash or Ctrl-C leaves valid files for everything that finished.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from lib.engines.base import RequestRecord
+
+SCHEMA_VERSION = 1
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def schema(kind: str) -> str:
+    return f"speclab.{kind}/{SCHEMA_VERSION}"
+
+
+def write_json(path: Path, data: dict):
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+    os.replace(tmp, path)
+
+
+def mode_slug(mode: str) -> str:
+    return mode.replace(":", "_")
+
+
+def default_run_id(cfg) -> str:
+    return datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{cfg.inference_engine}"
+
+
+def environment_info() -> dict:
+    info = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": os.cpu_count()}
+    for pkg in ("torch", "transformers", "vllm", "llama_cpp", "sglang"):
+        module = sys.modules.get(pkg)
+        if module is not None:
+            info[pkg] = getattr(module, "__version__", "?")
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    try:
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                            text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = None
+    return info
+
+
+class RunWriter:
+    def __init__(self, results_dir: str | Path, run_id: str, cfg, plan: dict):
+        base = Path(results_dir)
+        if not base.is_absolute():
+            base = Path.cwd() / base
+        self.dir = base / run_id
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.run_id, self.cfg = run_id, cfg
+        self.run = {"schema": schema("run"), "run_id": run_id, "started": datetime.now().isoformat(),
+                    "config": dict(cfg), "config_sources": cfg.sources, "plan": plan, "environment": {}}
+        self.modes: dict[str, dict] = {}
+        self.comparisons: list[dict] = []
+        self.gpu_info: dict = {}
+        self._streams = {}
+        self.save_run()
+
+    def save_run(self, **extra):
+        self.run.update(extra)
+        self.run["environment"] = environment_info()
+        write_json(self.dir / "run.json", self.run)
+
+    def append_request(self, mode: str, record: RequestRecord, metrics: dict):
+        stream = self._streams.get(mode)
+        if stream is None:
+            stream = self._streams[mode] = open(self.dir / f"requests_{mode_slug(mode)}.jsonl", "a",
+                                                encoding="utf-8")
+        line = {"schema": schema("request"), "mode": mode, **record.to_json(), "metrics": metrics}
+        stream.write(json.dumps(line, ensure_ascii=False) + "\n")
+        stream.flush()
+
+    def save_mode(self, mode: str, result: dict):
+        self.modes[mode] = result
+        self.save_results()
+
+    def save_results(self):
+        is_target = {m: m.endswith(":target") for m in self.modes}
+        common = {"run_id": self.run_id, "workload": self.run["plan"].get("workload")}
+        full = {"schema": schema("benchmark_results"), **common, "config": dict(self.cfg), "modes": self.modes,
+                "comparisons": self.comparisons, "gpu": self.gpu_info}
+        write_json(self.dir / "benchmark_results.json", full)
+        write_json(self.dir / "benchmark_results_speculative.json",
+                   {"schema": schema("benchmark_results_speculative"), **common,
+                    "modes": {m: r for m, r in self.modes.items() if not is_target[m]}})
+        write_json(self.dir / "benchmark_results_target.json",
+                   {"schema": schema("benchmark_results_target"), **common,
+                    "modes": {m: r for m, r in self.modes.items() if is_target[m]}})
+        write_json(self.dir / "benchmark_results_gpu.json",
+                   {"schema": schema("benchmark_results_gpu"), **common, **self.gpu_info,
+                    "modes": {m: r.get("energy") for m, r in self.modes.items()}})
+
+    def close(self):
+        for stream in self._streams.values():
+            stream.close()
+        self._streams.clear()
+
+
+def _fmt(value, digits=2, suffix=""):
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}{suffix}"
+    return f"{value}{suffix}"
+
+
+def print_summary(modes: dict, comparisons: list[dict], run_dir: Path, console=None):
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(stderr=False)
+    table = Table(title="SpecLab benchmark summary", show_lines=False)
+    for col in ("mode", "status", "done", "out tok/s", "TTFT ms (mean/p99)", "TPOT ms (mean/p99)",
+                "ITL ms (mean)", "E2EL ms (mean)", "accept rate", "accept len", "J/token"):
+        table.add_column(col, justify="left" if col in ("mode", "status") else "right")
+    for mode, res in modes.items():
+        m, lat, acc = res["metrics"], res["metrics"]["latency"], res["metrics"]["acceptance"]
+        energy = res.get("energy") or {}
+        table.add_row(mode, res["status"], str(m["completed"]), _fmt(m["output_throughput"], 1),
+                      f"{_fmt(lat['mean_ttft_ms'], 1)} / {_fmt(lat['p99_ttft_ms'], 1)}",
+                      f"{_fmt(lat['mean_tpot_ms'], 2)} / {_fmt(lat['p99_tpot_ms'], 2)}",
+                      _fmt(lat["mean_itl_ms"], 2), _fmt(lat["mean_e2el_ms"], 1),
+                      _fmt(acc.get("acceptance_rate"), 3), _fmt(acc.get("acceptance_length"), 2),
+                      _fmt(energy.get("energy_per_output_token_j"), 4) if energy.get("available") else "n/a")
+    console.print(table)
+    for c in comparisons:
+        console.print(f"{c['mode']} vs {c['baseline']}: output throughput x{_fmt(c['output_throughput_speedup'])}, "
+                      f"TPOT x{_fmt(c['tpot_speedup'])}, energy/token ratio {_fmt(c['energy_per_token_ratio'])}")
+    energies = [r.get("energy") for r in modes.values() if r.get("energy")]
+    if energies and not energies[0].get("available"):
+        console.print(f"GPU monitor: unavailable ({energies[0].get('reason')})")
+    console.print(f"Results: {run_dir}")
