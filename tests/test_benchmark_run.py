@@ -1,0 +1,93 @@
+"""End-to-end runs of benchmark.py on the tiny models (the same code path as ./run_benchmark.sh)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_benchmark(tmp_path, timeout=600, **env):
+    full = {**os.environ, "RESULTS_DIR": str(tmp_path), "RUN_ID": "run", "GENERATION_LENGTH": "32",
+            "NUM_PROMPTS": "6", **{k: str(v) for k, v in env.items()}}
+    proc = subprocess.run([sys.executable, "benchmark.py"], cwd=ROOT, env=full, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc, tmp_path / "run"
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def check_schemas(run_dir):
+    for name, kind in (("benchmark_results.json", "benchmark_results"), ("run.json", "run"),
+                       ("benchmark_results_speculative.json", "benchmark_results_speculative"),
+                       ("benchmark_results_target.json", "benchmark_results_target"),
+                       ("benchmark_results_gpu.json", "benchmark_results_gpu")):
+        assert json.loads((run_dir / name).read_text())["schema"] == f"speclab.{kind}/1"
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_default_run_files_lossless_and_acceptance(tmp_path, batch):
+    env = {"ENABLE_BATCH": "true", "BATCH_SIZE": batch} if batch > 1 else {}
+    proc, run_dir = run_benchmark(tmp_path, **env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    check_schemas(run_dir)
+    results = json.loads((run_dir / "benchmark_results.json").read_text())
+    spec = results["modes"]["hf:speculative"]["metrics"]
+    assert spec["completed"] == 6 and spec["acceptance"]["acceptance_rate"] >= 0.5
+    acc = spec["acceptance"]
+    assert acc["acceptance_length"] == pytest.approx(1 + acc["accepted_tokens"] / acc["num_drafts"])
+    target = {r["request_id"]: r["output_ids"] for r in read_jsonl(run_dir / "requests_hf_target.jsonl")}
+    specul = {r["request_id"]: r["output_ids"] for r in read_jsonl(run_dir / "requests_hf_speculative.jsonl")}
+    assert target == specul and len(target) == 6
+    assert results["comparisons"][0]["baseline"] == "hf:target"
+    gpu = json.loads((run_dir / "benchmark_results_gpu.json").read_text())
+    assert gpu["available"] is False and gpu["reason"]  # this machine has no GPU: recorded, run went on
+    assert "SpecLab benchmark summary" in proc.stdout
+
+
+def test_rate_mode_sends_poisson_schedule(tmp_path):
+    proc, run_dir = run_benchmark(tmp_path, AUTO_RATE=2, AUTO_DURATION=10, INFERENCE_METHOD="target",
+                                  GENERATION_LENGTH=8)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = read_jsonl(run_dir / "requests_hf_target.jsonl")
+    arrivals = sorted(r["arrival"] for r in lines)
+    assert 10 <= len(lines) <= 32 and arrivals[-1] < 10
+    assert len(set(arrivals)) == len(arrivals)  # spread over time, not a burst at 0
+    for r in lines:
+        assert r["start"] >= r["arrival"] - 1e-3  # open loop: never started before it arrived
+        assert r["token_times"][0] >= r["start"]
+
+
+def test_sharegpt_sample_workload(tmp_path):
+    proc, run_dir = run_benchmark(tmp_path, SHAREGPT_DIR=ROOT / "prompts" / "sharegpt_sample",
+                                  INFERENCE_METHOD="target", NUM_PROMPTS=3, GENERATION_LENGTH=8)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = json.loads((run_dir / "run.json").read_text())["plan"]
+    assert plan["workload"]["source"]["source"] == "sharegpt" and plan["workload"]["source"]["kept"] >= 30
+
+
+def test_ctrl_c_midway_leaves_valid_results(tmp_path):
+    env = {**os.environ, "RESULTS_DIR": str(tmp_path), "RUN_ID": "run", "NUM_PROMPTS": "400",
+           "GENERATION_LENGTH": "64", "INFERENCE_METHOD": "target"}
+    proc = subprocess.Popen([sys.executable, "benchmark.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    requests_file = tmp_path / "run" / "requests_hf_target.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not requests_file.exists() or len(requests_file.read_text().splitlines()) < 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    done = read_jsonl(requests_file)
+    results = json.loads((tmp_path / "run" / "benchmark_results.json").read_text())
+    mode = results["modes"]["hf:target"]
+    assert mode["status"] == "interrupted"
+    assert 3 <= mode["metrics"]["completed"] <= len(done) < 400

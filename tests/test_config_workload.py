@@ -1,0 +1,121 @@
+"""Configuration table, workload loading and schedules."""
+import json
+
+import numpy as np
+import pytest
+
+from lib import config as C
+from lib.errors import UsageError
+from lib.workload import build_requests, load_sharegpt, poisson_arrivals, read_prompt_file
+
+
+def resolve(**env):
+    return C.resolve(None, {k: str(v) for k, v in env.items()})
+
+
+def test_defaults_and_precedence():
+    import argparse
+    cfg = resolve()
+    assert cfg.gamma_value == 4 and cfg.inference_engine == "hf" and cfg.enable_target is True
+    parser = argparse.ArgumentParser()
+    C.add_arguments(parser)
+    args = parser.parse_args(["--gamma-value", "7"])
+    cfg = C.resolve(args, {"GAMMA_VALUE": "5", "NUM_PROMPTS": "3"})
+    assert cfg.gamma_value == 7 and cfg.sources["GAMMA_VALUE"] == "cli"
+    assert cfg.num_prompts == 3 and cfg.sources["NUM_PROMPTS"] == "env"
+
+
+@pytest.mark.parametrize("name,value,accepted", [
+    ("GAMMA_VALUE", "abc", "an integer"), ("GAMMA_VALUE", "0", ">= 1"), ("GPU_STRATEGY", "diagonal", "one of"),
+    ("ENABLE_BATCH", "maybe", "true or false"), ("TEMPERATURE", "-1", ">= 0"), ("AUTO_RATE", "fast", "a number"),
+    ("INFERENCE_METHOD", "guess", "speculative"), ("VLLM_SPEC_METHOD", "medusa", "ngram"),
+    ("VLLM_GPU_MEMORY_UTILIZATION", "1.5", "<= 1"),
+])
+def test_bad_values_name_variable_value_and_accepted(name, value, accepted):
+    with pytest.raises(UsageError) as err:
+        resolve(**{name: value})
+    msg = str(err.value)
+    assert msg.startswith(f"{name}={value!r}") and accepted in msg
+
+
+def test_cross_checks_and_modes():
+    with pytest.raises(UsageError, match="AUTO_DURATION"):
+        resolve(AUTO_RATE=2)
+    with pytest.raises(UsageError, match="MAX_BATCH_LENGTH"):
+        resolve(ENABLE_BATCH="true", MAX_BATCH_LENGTH=50, GENERATION_LENGTH=100)
+    with pytest.raises(UsageError, match="nothing to run"):
+        resolve(ENABLE_TARGET="false", ENABLE_SPECULATIVE="false")
+    assert C.modes(resolve()) == [("hf", "target"), ("hf", "speculative")]
+    assert C.modes(resolve(INFERENCE_METHOD="target")) == [("hf", "target")]
+    cfg = resolve(COMPARE_MODES="hf:speculative vllm:target vllm:speculative")
+    assert C.modes(cfg) == [("hf", "speculative"), ("vllm", "target"), ("vllm", "speculative")]
+    with pytest.raises(UsageError, match="COMPARE_MODES"):
+        resolve(COMPARE_MODES="hf:fast")
+
+
+def test_every_var_has_a_flag_and_help():
+    assert len({v.flag for v in C.VARS}) == len(C.VARS)
+    assert all(v.help and v.group for v in C.VARS)
+    table = C.markdown_table()
+    assert all(f"`{v.name}`" in table for v in C.VARS)
+
+
+def test_poisson_arrivals_rate_and_determinism():
+    a = poisson_arrivals(2.0, 500, seed=1)
+    assert a == poisson_arrivals(2.0, 500, seed=1) and a != poisson_arrivals(2.0, 500, seed=2)
+    assert 900 < len(a) < 1100 and all(0 <= t < 500 for t in a) and a == sorted(a)
+    gaps = np.diff(a)
+    assert abs(gaps.mean() - 0.5) < 0.05 and abs(gaps.std() / gaps.mean() - 1) < 0.1  # exponential: cv = 1
+
+
+def test_fixed_count_cycles_prompts_and_batch_truncation(tiny_tokenizer, tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("one two three four five six seven eight nine ten\nshort prompt\n\n")
+    prompts = read_prompt_file(f)
+    assert [p.text for p in prompts] == ["one two three four five six seven eight nine ten", "short prompt"]
+    cfg = resolve(NUM_PROMPTS=5, ENABLE_BATCH="true", MAX_BATCH_LENGTH=8, GENERATION_LENGTH=4)
+    reqs = build_requests(cfg, prompts, tiny_tokenizer)
+    assert len(reqs) == 5 and all(r.arrival == 0 and r.max_new_tokens == 4 for r in reqs)
+    long_ids = tiny_tokenizer.encode(prompts[0].text)
+    truncated = [r for r in reqs if r.prompt == prompts[0].text][0]
+    assert truncated.prompt_ids == long_ids[-4:]
+
+
+def _conv(*turns):
+    return {"conversations": [{"from": "human" if i % 2 == 0 else "gpt", "value": t} for i, t in enumerate(turns)]}
+
+
+def test_sharegpt_rules_malformed_and_chinese(tiny_tokenizer, tmp_path):
+    lines = [json.dumps(_conv("Tell me a story about a little cat in the garden.",
+                              "The little cat found a red ball near the garden and played.")),
+             "{not json",
+             json.dumps({"conversations": "oops"}),
+             json.dumps(_conv("only one turn here, nothing else to say")),
+             json.dumps(_conv("hi", "The little cat found a red ball near the garden.")),  # prompt < 4 tokens
+             json.dumps(_conv("小猫在花园里找到了一个红色的球，然后发生了什么？", "小猫和小狗一起玩球，玩得很开心。"), ensure_ascii=False)]
+    (tmp_path / "sharegpt_zh_38K_format.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    prompts, stats = load_sharegpt(tmp_path, tiny_tokenizer)
+    assert stats.entries == 5 and stats.malformed == 2 and stats.filtered == 2 and stats.kept == 2
+    assert prompts[1].text.startswith("小猫") and prompts[1].reference_output_len >= 4
+
+
+def test_sharegpt_json_array_and_errors(tiny_tokenizer, tmp_path):
+    (tmp_path / "data.json").write_text(json.dumps([_conv("What does the brave fox carry to the river?",
+                                                          "The brave fox carried a blue kite to the river.")]))
+    prompts, _ = load_sharegpt(tmp_path, tiny_tokenizer)
+    assert len(prompts) == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UsageError, match="SHAREGPT_DIR=.*none of"):
+        load_sharegpt(empty, tiny_tokenizer)
+    (empty / "sharegpt_gpt4.jsonl").write_text("garbage\n{]\n")
+    with pytest.raises(UsageError, match="no usable conversations"):
+        load_sharegpt(empty, tiny_tokenizer)
+    with pytest.raises(UsageError, match="no such folder"):
+        load_sharegpt(tmp_path / "missing", tiny_tokenizer)
+
+
+def test_readme_variable_table_is_generated_from_the_table():
+    from scripts.update_readme_vars import README, rendered
+    text = README.read_text()
+    assert rendered(text) == text, "README's variable table is stale: run scripts/update_readme_vars.py"
