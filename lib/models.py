@@ -98,6 +98,8 @@ def load_tokenizer(path: str | Path):
 def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", device_map=None):
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     kwargs = {"dtype": torch_dtype}
     if device_map is not None:
