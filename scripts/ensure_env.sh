@@ -8,6 +8,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${SPECLAB_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
 log() { echo "[setup] $*" >&2; }
+# llama-cpp-python builds from source: a portable CPU build unless the user asks for another (e.g. -DGGML_CUDA=on)
+export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}"
 
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating virtual environment $VENV"
