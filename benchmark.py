@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     from lib.workload import build_requests, describe_workload, load_prompts
 
     console = Console() if sys.stdout.isatty() else Console(width=170)
-    need_draft = any(m != "target" for _, m in pairs)
+    need_draft = any(C.mode_needs_draft(cfg, e, m) for e, m in pairs)
     models = resolve_models(cfg, need_draft=need_draft, log=lambda msg: console.print(msg))
     tokenizer = load_tokenizer(models.target)
     prompts, stats = load_prompts(cfg, tokenizer)

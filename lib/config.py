@@ -98,11 +98,16 @@ VARS: list[Var] = [
         "local draft", G_MODELS),
     Var("DTYPE", "choice", "auto", "weights dtype for the PyTorch engine (auto = bfloat16 on GPU, float32 on CPU)",
         G_MODELS, choices=("auto", "float32", "bfloat16", "float16")),
+    Var("MIXED_PRECISION_CONFIG", "path", "", "PyTorch engine: load the target with per-layer fp16/bf16/fp8/int8/"
+        "GPTQ-int4 weights from this YAML (docs/mixed_precision.md); empty = plain weights", G_MODELS),
     # engine and modes
     Var("INFERENCE_ENGINE", "choice", "hf", "engine: hf (PyTorch/transformers, the project's own SD loop), "
         "vllm, sglang, llamacpp", G_ENGINE, choices=("hf", "transformers", "vllm", "sglang", "llamacpp")),
     Var("INFERENCE_METHOD", "choice", "speculative", "the method compared against target-only AR: speculative "
-        "(draft + verify) or target (AR only)", G_ENGINE, choices=("speculative", "target")),
+        "(draft + verify), assisted (transformers' own assisted generation, hf engine, batch 1) or target (AR "
+        "only)", G_ENGINE, choices=("speculative", "assisted", "target")),
+    Var("HF_FAST_PATH", "bool", True, "PyTorch engine: static KV caches and CUDA graphs (lib/spec/static.py) for "
+        "Llama models that each sit on one device; false = the plain transformers loop", G_ENGINE),
     Var("ENABLE_SPECULATIVE", "bool", True, "run the INFERENCE_METHOD mode", G_ENGINE),
     Var("ENABLE_TARGET", "bool", True, "run the target-only AR mode (the baseline)", G_ENGINE),
     Var("COMPARE_MODES", "str", "", "space-separated engine:method pairs run on the same prompts, e.g. "
@@ -154,6 +159,8 @@ VARS: list[Var] = [
     Var("VLLM_MAX_NUM_SEQS", "int", 128, "vLLM: max sequences scheduled together", G_VLLM, min=1),
     Var("VLLM_DTYPE", "choice", "auto", "vLLM: weights dtype (auto = float32 on CPU, the model's dtype on GPU)",
         G_VLLM, choices=("auto", "half", "float16", "bfloat16", "float", "float32")),
+    Var("LLAMACPP_N_THREADS", "int", 0, "llama.cpp engine: CPU threads for decoding and prompt batches (0 = 1 on "
+        "machines with up to 2 cores, else half the cores)", G_ENGINE, min=0),
 ]
 VAR_BY_NAME = {v.name: v for v in VARS}
 
@@ -226,7 +233,7 @@ def validate(cfg: Config):
 
 
 ENGINES = ("hf", "vllm", "sglang", "llamacpp")
-METHODS = ("target", "speculative")
+METHODS = ("target", "speculative", "assisted")
 
 
 def modes(cfg: Config) -> list[tuple[str, str]]:
@@ -242,6 +249,7 @@ def modes(cfg: Config) -> list[tuple[str, str]]:
             if (engine, method) in pairs:
                 raise UsageError(f"COMPARE_MODES={cfg.compare_modes!r}: {item} is listed twice")
             pairs.append((engine, method))
+        _check_assisted(pairs)
         return pairs
     pairs = []
     if cfg.enable_target:
@@ -251,7 +259,25 @@ def modes(cfg: Config) -> list[tuple[str, str]]:
     if not pairs:
         raise UsageError("ENABLE_TARGET=false and ENABLE_SPECULATIVE=false (or INFERENCE_METHOD=target): "
                          "nothing to run; enable at least one mode")
+    _check_assisted(pairs)
     return pairs
+
+
+def mode_needs_draft(cfg: Config, engine: str, method: str) -> bool:
+    """Whether a mode reads DRAFTER_MODEL: vLLM's ngram and mtp draft from the prompt or the target itself, and
+    vLLM without VLLM_ENABLE_SPECULATIVE falls back to target-only."""
+    if method == "target":
+        return False
+    if engine == "vllm":
+        return cfg.vllm_enable_speculative and cfg.vllm_spec_method not in ("ngram", "mtp")
+    return True
+
+
+def _check_assisted(pairs: list[tuple[str, str]]):
+    for engine, method in pairs:
+        if method == "assisted" and engine != "hf":
+            raise UsageError(f"INFERENCE_METHOD=assisted with engine {engine}: assisted generation is "
+                             "transformers' own; accepted only with INFERENCE_ENGINE=hf")
 
 
 def markdown_table(vars_: list[Var] = VARS) -> str:

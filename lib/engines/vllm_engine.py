@@ -50,6 +50,20 @@ def prepare_cpu_environment() -> bool:
     return True
 
 
+def shield_llvmlite_from_kernel_scan():
+    """Keep a second engine in one process working (vLLM 0.32 CPU, e.g. ngram then target).
+
+    Each engine start re-registers vLLM's CPU kernel overrides by scanning every module's objects with vars();
+    llvmlite's `ffi.lib` (loaded by numba for the ngram proposer) answers vars() with a C-function wrapper and the
+    scan dies with "'_lib_fn_wrapper' object has no attribute 'get'". Its lookup table is where that answer comes
+    from; an empty namespace there is what vars() should have returned.
+    """
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    table = getattr(getattr(ffi, "lib", None), "_fntab", None)
+    if isinstance(table, dict) and not isinstance(table.get("__dict__"), dict):
+        table["__dict__"] = {}
+
+
 def import_vllm():
     try:
         import vllm
@@ -202,6 +216,7 @@ class VLLMEngine(Engine):
     def _build(self, rate_mode: bool):
         """Build the offline or the async engine, releasing the other first (they would share the GPU)."""
         self._release()
+        shield_llvmlite_from_kernel_scan()
         kwargs = self._engine_kwargs()
         try:
             if rate_mode:
@@ -217,6 +232,8 @@ class VLLMEngine(Engine):
     def _release(self):
         if self.async_engine is not None:
             self.async_engine.shutdown()
+        if self.llm is not None:  # frees the engine core (a separate process on GPU machines) now, not at gc
+            self.llm.llm_engine.engine_core.shutdown()
         self.llm = self.async_engine = None
         gc.collect()
 

@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Read any set of SpecLab result folders into one table (CSV and Markdown) for ad-hoc study.
+
+Each PATH may be a run folder (with benchmark_results.json), a folder holding runs at any depth (a sweep night, a
+whole sweep, results/), or a glob of those (quote it so the shell leaves it alone). One row per run and mode:
+the config variables that differ between the runs, throughput, SD speedup over the run's AR mode, TTFT/TPOT/ITL/
+E2EL statistics, acceptance (rate, length, per position) and energy per token (n/a without a GPU).
+
+  ./analyze.py 'results/sweeps/nightly_tiny/2026-11-*' --csv table.csv --md table.md
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+import sys
+from pathlib import Path
+
+from lib.errors import UsageError, exit_on_usage_error
+from lib.report import ROW_KEYS, md_table, run_rows, varying_config
+
+SHORT_KEYS = ["run", "mode", "status", "gamma", "batch_size", "output_throughput", "speedup", "mean_ttft_ms",
+              "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "acceptance_rate", "acceptance_length",
+              "per_position_acceptance", "energy_per_token_j"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="analyze.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="result folder(s) or glob(s)")
+    p.add_argument("--csv", metavar="FILE", help="write every column as CSV here ('-' = stdout)")
+    p.add_argument("--md", metavar="FILE", help="write the Markdown table here (default: stdout)")
+    p.add_argument("--all-columns", action="store_true", help="Markdown with every column, not the short set")
+    return p
+
+
+def find_runs(patterns: list[str]) -> list[Path]:
+    runs = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) or ([pattern] if Path(pattern).exists() else [])
+        if not matches:
+            raise UsageError(f"{pattern}: no such folder (expected result folders or a glob of them)")
+        for match in map(Path, matches):
+            found = [match] if (match / "benchmark_results.json").is_file() else \
+                sorted(p.parent for p in match.rglob("benchmark_results.json"))
+            runs += [r for r in found if r not in runs]
+    if not runs:
+        raise UsageError(f"{' '.join(patterns)}: no benchmark_results.json under these paths")
+    return runs
+
+
+def load_rows(runs: list[Path]) -> list[dict]:
+    rows = []
+    common = Path(os.path.commonpath([r.resolve().parent for r in runs]))  # runs are named relative to it
+    for run in runs:
+        try:
+            loaded = run_rows(run)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise UsageError(f"{run}/benchmark_results.json: not a SpecLab result file ({exc.__class__.__name__})") \
+                from None
+        for row in loaded:
+            row["run"] = str(run.resolve().relative_to(common))
+        rows += loaded
+    return rows
+
+
+def table(rows: list[dict], keys: list[str]) -> tuple[list[str], list[list]]:
+    config_cols = varying_config(rows)
+    headers = keys[:2] + config_cols + keys[2:]
+    body = [[r[k] for k in keys[:2]] + [r["config"].get(c) for c in config_cols] + [r[k] for k in keys[2:]]
+            for r in rows]
+    return headers, body
+
+
+def csv_value(value):
+    if isinstance(value, list):
+        return " ".join(f"{v:.4f}" for v in value)
+    return "" if value is None else value
+
+
+@exit_on_usage_error
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    rows = load_rows(find_runs(args.paths))
+    if args.csv:
+        headers, body = table(rows, ROW_KEYS)
+        out = sys.stdout if args.csv == "-" else open(args.csv, "w", newline="", encoding="utf-8")
+        writer = csv.writer(out)
+        writer.writerow(headers)
+        writer.writerows([[csv_value(v) for v in row] for row in body])
+        if out is not sys.stdout:
+            out.close()
+    headers, body = table(rows, ROW_KEYS if args.all_columns else SHORT_KEYS)
+    text = md_table(headers, body) + "\n"
+    if args.md:
+        Path(args.md).write_text(text)
+    elif args.csv != "-":
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,395 @@
+"""GPU decode speed of the PyTorch engine's fast path against the memory-bandwidth floor and HF's own loops.
+
+One run: measures device copy bandwidth; builds random-init Llama shapes in bf16 (no downloads); times AR on the
+fast path (lib/spec/static.py) at several batch sizes (tok/s and % of the bandwidth floor = copy bandwidth /
+weight bytes read per step); times chain SD with drafts of known acceptance and compares the measured speedup
+with Leviathan's prediction from the measured acceptance and draft/target cost ratio; times HF `generate` and
+HF assisted generation on the same models; GPU energy per token from NVML's total-energy counter.
+
+Acceptance dial (random weights give none): every o_proj and down_proj weight of the target is scaled by eps and
+its lm_head by 30; a self-draft made of the target's first k layers (+ final norm and head) then agrees with the
+target more often the smaller eps is, while the target still reads all of its weights every step.
+
+    python benchmarks/gpu_decode.py --out docs/perf/h100.json      # on a GPU
+    python benchmarks/gpu_decode.py --tiny --out /tmp/smoke.json    # CPU smoke test with tiny shapes
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from lib.spec.static import (StaticDecoder, max_len_for, static_autoregressive_generate,  # noqa: E402
+                             static_speculative_generate, weights_from_hf)
+
+SHAPES = {  # name: (layers, hidden, intermediate, heads, kv heads, vocab)
+    "1b": (16, 2048, 8192, 32, 8, 128256),
+    "8b": (32, 4096, 14336, 32, 8, 128256),
+    "tiny": (4, 128, 384, 4, 2, 512),
+    "tiny-draft": (2, 64, 192, 2, 1, 512),
+}
+LM_HEAD_SCALE = 30.0
+
+
+@dataclass
+class Row:
+    shape: str
+    method: str  # ar | sd | hf_generate | hf_assisted
+    draft: str = ""
+    batch: int = 1
+    gamma: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    tok_s: float = 0.0
+    pct_floor: float | None = None
+    acceptance_rate: float | None = None  # accepted / drafted (DESIGN.md)
+    acceptance_length: float | None = None  # 1 + accepted / rounds
+    alpha: float | None = None  # Leviathan's per-token acceptance that gives this acceptance length
+    cost_ratio: float | None = None  # c: draft step time / target step time, measured
+    speedup: float | None = None  # tok/s over fast-path AR at the same batch
+    predicted: float | None = None  # acceptance_length / (gamma c + 1) = Leviathan's formula at alpha
+    ratio: float | None = None  # speedup / predicted
+    joules_per_token: float | None = None
+    note: str = ""
+
+
+# ---------------------------------------------------------------- measurement helpers
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Energy:
+    """NVML's total-energy counter (mJ) of the GPU in use; None on CPU or without the counter."""
+
+    def __init__(self, device):
+        self.handle = None
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            self.nvml = pynvml
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+            pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
+        except Exception as exc:  # noqa: BLE001 - no NVML or no counter: report energy as unknown
+            print(f"energy: unavailable ({exc})")
+            self.handle = None
+
+    def read_j(self) -> float | None:
+        return None if self.handle is None else self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) / 1e3
+
+
+def timed(device, energy: Energy, fn):
+    """(result, seconds, joules) of fn()."""
+    sync(device)
+    e0, t0 = energy.read_j(), time.perf_counter()
+    result = fn()
+    sync(device)
+    seconds, e1 = time.perf_counter() - t0, energy.read_j()
+    return result, seconds, (None if e0 is None else e1 - e0)
+
+
+def copy_bandwidth(device, nbytes: int) -> float:
+    """Bytes/s moved by a device-to-device copy (read + write counted), best of several."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    best = math.inf
+    for _ in range(10):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * src.element_size() / best
+
+
+def step_seconds(decoder: StaticDecoder, width: int, repeats: int) -> float:
+    """Mean time of one step of this width (graph replays on CUDA), cache positions left unchanged."""
+    tokens = torch.zeros(decoder.batch, width, dtype=torch.long, device=decoder.device)
+    decoder.step(tokens)
+    sync(decoder.device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        decoder.step(tokens)
+    sync(decoder.device)
+    return (time.perf_counter() - t0) / repeats
+
+
+# ---------------------------------------------------------------- models
+def build_llama(shape: str, dtype, device, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    layers, hidden, inter, heads, kv, vocab = SHAPES[shape]
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                         max_position_embeddings=4096, rope_theta=500000.0, tie_word_embeddings=False,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    model.eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@torch.no_grad()
+def set_eps(model, old_eps: float, new_eps: float):
+    """Scale o_proj and down_proj from old_eps to new_eps (in place: the fast path shares these tensors)."""
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight.mul_(new_eps / old_eps)
+        layer.mlp.down_proj.weight.mul_(new_eps / old_eps)
+
+
+def hf_self_draft(target, k: int):
+    """An HF model made of the target's first k layers, norm and head (shared modules, no copy)."""
+    from transformers import LlamaForCausalLM
+    config = type(target.config)(**{**target.config.to_dict(), "num_hidden_layers": k})
+    with torch.device("meta"):
+        draft = LlamaForCausalLM(config)
+    draft.model.embed_tokens = target.model.embed_tokens
+    draft.model.layers = torch.nn.ModuleList(target.model.layers[:k])
+    draft.model.norm, draft.model.rotary_emb, draft.lm_head = target.model.norm, target.model.rotary_emb, target.lm_head
+    draft.generation_config = target.generation_config
+    return draft.eval()
+
+
+@torch.no_grad()
+def small_draft_for(target, shape: str, eps: float, seed: int):
+    """A separate smaller model whose embeddings/head are slices of the target's, its layers eps-scaled:
+    acceptance is whatever that gives (measured, not set)."""
+    draft = build_llama(shape, target.dtype, target.device, seed + 1)
+    hidden = draft.config.hidden_size
+    draft.model.embed_tokens.weight.copy_(target.model.embed_tokens.weight[:, :hidden])
+    draft.lm_head.weight.copy_(target.lm_head.weight[:, :hidden])
+    draft.model.norm.weight.copy_(target.model.norm.weight[:hidden])
+    set_eps(draft, 1.0, eps)
+    return draft
+
+
+# ---------------------------------------------------------------- runs
+def run_ar(args, shape, weights, prompt, batch, floor_steps, device, energy, compile_layers):
+    prompts = [prompt] * batch
+    decoder = StaticDecoder(weights, batch, max_len_for(prompts, args.new_tokens, args.gamma),
+                            compile_layers=compile_layers)
+    static_autoregressive_generate(decoder, prompts, args.new_tokens)  # warm-up: graph capture
+    gen, seconds, joules = timed(device, energy,
+                                 lambda: static_autoregressive_generate(decoder, prompts, args.new_tokens))
+    tokens = sum(len(t) for t in gen.tokens)
+    steps_s = args.new_tokens / seconds
+    return Row(shape, "ar", batch=batch, tokens=tokens, seconds=seconds, tok_s=tokens / seconds,
+               pct_floor=100 * steps_s / floor_steps, joules_per_token=per_token(joules, tokens)), gen
+
+
+def run_sd(args, shape, weights, draft_weights, draft_name, prompt, ar_row, device, energy, compile_layers):
+    prompts, gamma = [prompt], args.gamma
+    max_len = max_len_for(prompts, args.new_tokens, gamma)
+    target = StaticDecoder(weights, 1, max_len, compile_layers=compile_layers)
+    draft = StaticDecoder(draft_weights, 1, max_len, compile_layers=compile_layers)
+    run = lambda: static_speculative_generate(target, draft, prompts, args.new_tokens, gamma)  # noqa: E731
+    run()
+    gen, seconds, joules = timed(device, energy, run)
+    cost = step_seconds(draft, 1, args.step_repeats) / step_seconds(target, 1, args.step_repeats)
+    tokens = len(gen.tokens[0])
+    rate = gen.accepted_tokens[0] / max(gen.draft_tokens[0], 1)
+    length = 1 + gen.accepted_tokens[0] / max(gen.num_drafts[0], 1)
+    predicted = length / (gamma * cost + 1)
+    speedup = (tokens / seconds) / ar_row.tok_s
+    return Row(shape, "sd", draft=draft_name, gamma=gamma, tokens=tokens, seconds=seconds, tok_s=tokens / seconds,
+               acceptance_rate=rate, acceptance_length=length, alpha=alpha_for(length, gamma), cost_ratio=cost,
+               speedup=speedup, predicted=predicted, ratio=speedup / predicted,
+               joules_per_token=per_token(joules, tokens)), gen
+
+
+def run_hf(shape, model, prompt, new_tokens, device, energy, gamma=0, assistant=None, draft_name=""):
+    ids = torch.tensor([prompt], device=device)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if assistant is not None:
+        assistant.generation_config.num_assistant_tokens = gamma
+        assistant.generation_config.num_assistant_tokens_schedule = "constant"
+        assistant.generation_config.assistant_confidence_threshold = 0.0
+        kwargs["assistant_model"] = assistant
+    with torch.inference_mode():
+        model.generate(ids, **{**kwargs, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up
+        out, seconds, joules = timed(device, energy, lambda: model.generate(ids, **kwargs))
+    tokens = out.shape[1] - ids.shape[1]
+    return Row(shape, "hf_assisted" if assistant is not None else "hf_generate", draft=draft_name, gamma=gamma,
+               tokens=tokens, seconds=seconds, tok_s=tokens / seconds, joules_per_token=per_token(joules, tokens),
+               note="whole generate() call, prefill included")
+
+
+def compile_flag(args):
+    return False if args.no_compile else None  # None: the fast path's default (compile on CUDA)
+
+
+def per_token(joules, tokens):
+    return None if joules is None else joules / tokens
+
+
+def alpha_for(length: float, gamma: int) -> float:
+    """Solve (1 - a^(gamma+1)) / (1 - a) = length for a in [0, 1] (bisection; the left side grows with a)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        value = gamma + 1 if mid >= 1 else (1 - mid ** (gamma + 1)) / (1 - mid)
+        lo, hi = (mid, hi) if value < length else (lo, mid)
+    return lo
+
+
+# ---------------------------------------------------------------- table
+def print_table(rows: list[Row]):
+    header = ("shape", "method", "draft", "B", "k", "tok/s", "%floor", "a", "alpha", "c", "speedup", "pred",
+              "ratio", "J/tok")
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    lines = [header]
+    for r in rows:
+        lines.append((r.shape, r.method, r.draft or "-", str(r.batch), str(r.gamma or "-"), fmt(r.tok_s, ".1f"),
+                      fmt(r.pct_floor, ".1f"), fmt(r.acceptance_rate, ".2f"), fmt(r.alpha, ".2f"),
+                      fmt(r.cost_ratio, ".3f"), fmt(r.speedup, ".2f"), fmt(r.predicted, ".2f"),
+                      fmt(r.ratio, ".2f"), fmt(r.joules_per_token, ".3f")))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for i, line in enumerate(lines):
+        print("| " + " | ".join(c.rjust(w) for c, w in zip(line, widths)) + " |")
+        if i == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    g = p.add_argument_group("what to run")
+    g.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny shapes (also the default without a GPU)")
+    g.add_argument("--shapes", default="1b,8b", help="comma-separated target shapes (1b, 8b)")
+    g.add_argument("--batches", default="1,4,16", help="AR batch sizes")
+    g.add_argument("--sd-shape", default="8b", help="shape whose SD, HF generate and HF assisted rows are run "
+                   "(none = skip them)")
+    g.add_argument("--eps", default="1e-3,3e-4,1e-4", help="acceptance dial values (low, middle, high acceptance)")
+    g.add_argument("--draft-layers", type=int, default=4, help="layers of the self-draft")
+    g.add_argument("--small-draft", default="1b", help="shape of the separate draft ('' = none)")
+    g.add_argument("--no-hf", action="store_true", help="skip the HF generate / assisted rows")
+    g = p.add_argument_group("sizes")
+    g.add_argument("--prompt-len", type=int, default=128)
+    g.add_argument("--new-tokens", type=int, default=256)
+    g.add_argument("--hf-new-tokens", type=int, default=128, help="new tokens for the (slow) HF rows")
+    g.add_argument("--gamma", type=int, default=4, help="draft tokens per round (SD and HF assisted)")
+    g.add_argument("--step-repeats", type=int, default=50, help="replays per step timing (cost ratio c)")
+    g.add_argument("--no-compile", action="store_true", help="capture graphs of the eager ops (no "
+                   "torch.compile of the layers)")
+    g.add_argument("--check", action="store_true", help="compare fast-path greedy tokens with lib/spec/chain.py")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="", help="JSON file to write")
+    g.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    if device.type == "cpu":
+        args.tiny = True
+        args.shapes, args.sd_shape, args.small_draft = "tiny", "tiny", "tiny-draft"
+        args.batches = ",".join(b for b in args.batches.split(",") if int(b) <= 4)
+        args.new_tokens, args.hf_new_tokens, args.prompt_len = min(args.new_tokens, 16), 8, 16
+        args.draft_layers, args.step_repeats = min(args.draft_layers, 2), 3
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    energy = Energy(device)
+    bandwidth = copy_bandwidth(device, (64 << 20) if args.tiny else (2 << 30))
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device: {gpu}; copy bandwidth {bandwidth / 1e9:.0f} GB/s; torch {torch.__version__}")
+    eps_values = [float(e) for e in args.eps.split(",")]
+    rows, checks = Results(args, gpu, bandwidth), {}
+    for shape in args.shapes.split(","):
+        model = build_llama(shape, dtype, device, args.seed)
+        eps = eps_values[len(eps_values) // 2]
+        set_eps(model, 1.0, eps)
+        vocab = model.config.vocab_size
+        prompt = torch.randint(1, vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+        max_pos = args.prompt_len + args.new_tokens + 4 * args.gamma + 8
+        weights = weights_from_hf(model, max_pos)
+        floor_steps = bandwidth / weights.nbytes()
+        print(f"{shape}: {weights.nbytes() / 1e9:.2f} GB read per step, floor {floor_steps:.0f} steps/s")
+        ar_rows = {}
+        for batch in [int(b) for b in args.batches.split(",")]:
+            row, gen = run_ar(args, shape, weights, prompt, batch, floor_steps, device, energy, compile_flag(args))
+            ar_rows[batch] = row
+            rows.add(row)
+        if args.check:
+            rows.checks[shape] = check_tokens(model, weights, prompt, args.new_tokens, ar_rows)
+        if shape == args.sd_shape:
+            sd_rows(rows, args, shape, model, weights, prompt, ar_rows[1], eps, eps_values, device, energy)
+        del weights, model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print()
+    print_table(rows.rows)
+    if args.out:
+        print(f"wrote {args.out}")
+    return rows.to_json()
+
+
+class Results:
+    """Rows so far; the JSON file is rewritten after every row, so a crash or Ctrl-C loses nothing finished."""
+
+    def __init__(self, args, gpu: str, bandwidth: float):
+        self.args, self.gpu, self.bandwidth = args, gpu, bandwidth
+        self.rows: list[Row] = []
+        self.checks: dict = {}
+
+    def add(self, row: Row):
+        self.rows.append(row)
+        print_table([row])
+        if self.args.out:
+            Path(self.args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.args.out).write_text(json.dumps(self.to_json(), indent=1))
+
+    def to_json(self) -> dict:
+        return {"schema": "speclab.gpu_decode/1", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                "device": self.gpu, "torch": torch.__version__, "copy_bandwidth_gb_s": self.bandwidth / 1e9,
+                "args": vars(self.args), "checks": self.checks, "rows": [asdict(r) for r in self.rows]}
+
+
+def sd_rows(rows, args, shape, model, weights, prompt, ar_row, eps, eps_values, device, energy):
+    """SD at each eps with the self-draft, the separate small draft, then HF generate / assisted at mid eps."""
+    current = eps
+    for value in eps_values:
+        set_eps(model, current, value)
+        current = value
+        row, _ = run_sd(args, shape, weights, weights.first_layers(args.draft_layers),
+                        f"self{args.draft_layers}@{value:g}", prompt, ar_row, device, energy, compile_flag(args))
+        rows.add(row)
+    set_eps(model, current, eps)
+    hf_drafts = [(f"self{args.draft_layers}@{eps:g}", hf_self_draft(model, args.draft_layers))]
+    if args.small_draft:
+        small = small_draft_for(model, args.small_draft, eps, args.seed)
+        name = f"{args.small_draft}@{eps:g}"
+        row, _ = run_sd(args, shape, weights, weights_from_hf(small, weights.cos.shape[0]), name, prompt, ar_row,
+                        device, energy, compile_flag(args))
+        rows.add(row)
+        hf_drafts.append((name, small))
+    if not args.no_hf:
+        rows.add(run_hf(shape, model, prompt, args.hf_new_tokens, device, energy))
+        for name, draft in hf_drafts:
+            rows.add(run_hf(shape, model, prompt, args.hf_new_tokens, device, energy, args.gamma, draft, name))
+
+
+def check_tokens(model, weights, prompt, new_tokens, ar_rows) -> dict:
+    """Greedy tokens of the fast path vs lib/spec/chain.py's plain path (same weights, same dtype)."""
+    from lib.spec.chain import autoregressive_generate
+    plain = autoregressive_generate(model, [prompt], new_tokens).tokens[0]
+    fast = static_autoregressive_generate(StaticDecoder(weights, 1, max_len_for([prompt], new_tokens)),
+                                          [prompt], new_tokens).tokens[0]
+    same = next((i for i, (a, b) in enumerate(zip(plain, fast)) if a != b), len(plain))
+    print(f"check: fast path equals the plain path for the first {same} of {len(plain)} greedy tokens")
+    return {"equal_prefix": same, "tokens": len(plain)}
+
+
+if __name__ == "__main__":
+    main()

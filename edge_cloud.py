@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""Edge/cloud collaborative decoding: servers, an interactive prompt, one client request, or the ablations.
+
+  --mode server       start the edge (8080) and cloud (8081) servers in this process until Ctrl-C
+  --mode interactive  type prompts; also `stats`, `config`, `quit`/`exit` (servers must be running)
+  --mode client       one request: --prompt, --max-tokens, --temperature, --no-draft-verify, --no-confidence-check
+  --mode ablation     every experiment on the same prompts -> ablation_report.json, a table and a plot
+                      (starts the servers in this process unless --external-servers)
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from lib.errors import UsageError, exit_on_usage_error
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[2:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=("server", "interactive", "client", "ablation"), default="client")
+    p.add_argument("--config", default=None, help="YAML merged over configs/edge_cloud.yaml")
+    g = p.add_argument_group("client")
+    g.add_argument("--prompt", default=None, help="prompt text (client mode)")
+    g.add_argument("--max-tokens", type=int, default=None, help="tokens to generate (default: inference.max_tokens)")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: inference.temperature)")
+    g.add_argument("--no-draft-verify", action="store_true", help="F2 off: confident drafts are final (lossy)")
+    g.add_argument("--no-confidence-check", action="store_true", help="F1 off: always draft max_draft_tokens")
+    g.add_argument("--no-kv-cache", action="store_true", help="F3 off: recompute the context every round")
+    g.add_argument("--pipeline", choices=("collaborative", "edge_only", "cloud_only"), default="collaborative")
+    g.add_argument("--network-delay-ms", type=float, default=None, help="added to every cloud round trip")
+    g.add_argument("--json", action="store_true", help="print the full result as JSON")
+    a = p.add_argument_group("ablation")
+    a.add_argument("--prompts", default=None, help="prompt file (default: experiments.prompts_file)")
+    a.add_argument("--num-prompts", type=int, default=None, help="default: experiments.num_prompts")
+    a.add_argument("--output-dir", default=None, help="default: experiments.output_dir")
+    a.add_argument("--experiments", default=None, help="comma-separated names to run (cloud_only always runs)")
+    a.add_argument("--external-servers", action="store_true", help="use running servers at the config's endpoints")
+    args = p.parse_args(argv)
+    for name in ("max_tokens", "num_prompts"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.temperature is not None and args.temperature < 0:
+        p.error("--temperature must be >= 0")
+    if args.network_delay_ms is not None and args.network_delay_ms < 0:
+        p.error("--network-delay-ms must be >= 0")
+    return args
+
+
+def load(args) -> dict:
+    from lib.edgecloud.settings import apply_overrides, load_config
+    cfg = load_config(args.config)
+    if args.network_delay_ms is not None:
+        cfg = apply_overrides(cfg, {"communication": {"network_delay_ms": args.network_delay_ms}}, "command line")
+    return cfg
+
+
+def print_result(res, as_json: bool):
+    if as_json:
+        print(json.dumps(res.to_json(), indent=2))
+        return
+    print(res.text)
+    print(f"-- {len(res.token_ids)} tokens, {res.total_latency_ms:.0f} ms total (edge {res.edge_latency_ms:.0f}, "
+          f"cloud {res.cloud_latency_ms:.0f}, network {res.network_latency_ms:.0f}), {res.rounds} rounds, "
+          f"{res.cloud_calls} cloud calls, acceptance {res.acceptance_rate:.0%}, confidence "
+          f"{res.confidence_score:.2f}" + (" [edge_fallback]" if res.edge_fallback else ""))
+    if res.error:
+        print(f"error: {res.error}", file=sys.stderr)
+
+
+async def client_mode(cfg, args) -> int:
+    from lib.edgecloud.client import EdgeCloudHTTPClient
+    if not args.prompt:
+        raise UsageError("--mode client needs --prompt TEXT")
+    async with EdgeCloudHTTPClient(cfg) as client:
+        res = await client.full_inference_pipeline(
+            args.prompt, args.max_tokens, use_draft_verify=not args.no_draft_verify,
+            use_confidence_check=not args.no_confidence_check, use_kv_cache=not args.no_kv_cache,
+            mode=args.pipeline, temperature=args.temperature)
+    print_result(res, args.json)
+    return 1 if res.error and not res.edge_fallback else 0
+
+
+async def interactive_mode(cfg, args) -> int:
+    from lib.edgecloud.client import EdgeCloudHTTPClient
+    print("edge/cloud interactive: type a prompt, or `stats`, `config`, `quit`")
+    async with EdgeCloudHTTPClient(cfg) as client:
+        while True:
+            try:
+                line = (await asyncio.to_thread(input, "> ")).strip()
+            except (EOFError, KeyboardInterrupt):
+                return 0
+            if line in ("quit", "exit"):
+                return 0
+            if not line:
+                continue
+            if line == "stats":
+                for side in ("edge", "cloud"):
+                    try:
+                        print(side, json.dumps(await client.get_json(side, "/stats"), indent=2))
+                    except Exception as exc:  # a server down is reported, the session goes on
+                        print(f"{side}: unreachable ({type(exc).__name__})")
+                continue
+            if line == "config":
+                print(json.dumps({k: cfg[k] for k in ("edge", "cloud", "communication", "inference")}, indent=2))
+                continue
+            res = await client.full_inference_pipeline(
+                line, args.max_tokens, use_draft_verify=not args.no_draft_verify,
+                use_confidence_check=not args.no_confidence_check, use_kv_cache=not args.no_kv_cache,
+                mode=args.pipeline, temperature=args.temperature)
+            print_result(res, args.json)
+
+
+def read_prompts(path: str, n: int) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--prompts {path}: no such file (one prompt per line)")
+    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError(f"--prompts {path}: no prompts (one prompt per line)")
+    return (prompts * (n // len(prompts) + 1))[:n]
+
+
+async def ablation_mode(cfg, args) -> int:
+    from rich.console import Console
+
+    from lib.edgecloud.ablation import experiments, run_ablations, table
+    from lib.edgecloud.client import EdgeCloudHTTPClient
+    from lib.edgecloud.settings import apply_overrides, tokenizer_dir
+    from lib.models import load_tokenizer
+    exp_cfg = cfg["experiments"]
+    for exp in experiments(cfg):  # bad overrides fail before any work
+        apply_overrides(cfg, exp["config_overrides"], f"experiment {exp['name']}")
+    only = args.experiments.split(",") if args.experiments else None
+    known = {e["name"] for e in experiments(cfg)}
+    if only and set(only) - known:
+        raise UsageError(f"--experiments: unknown {', '.join(sorted(set(only) - known))} (known: {', '.join(known)})")
+    prompts = read_prompts(args.prompts or exp_cfg["prompts_file"], args.num_prompts or exp_cfg["num_prompts"])
+    if args.max_tokens:
+        cfg = apply_overrides(cfg, {"inference": {"max_tokens": args.max_tokens}}, "command line")
+    out_dir = Path(args.output_dir or exp_cfg["output_dir"])
+    threads = []
+    if not args.external_servers:
+        from lib.edgecloud.servers import start_in_threads
+        threads = start_in_threads(cfg)
+    tokenizer = load_tokenizer(tokenizer_dir(cfg))
+
+    async def stats():
+        async with EdgeCloudHTTPClient(cfg, tokenizer) as c:
+            return {side: await c.get_json(side, "/stats") for side in ("edge", "cloud")}
+    try:
+        report = await run_ablations(cfg, prompts, tokenizer, out_dir, only, stats)
+    finally:
+        for t in threads:
+            t.stop()
+    Console(width=120).print(table(report))
+    print(f"report: {out_dir / 'ablation_report.json'}, plot: {out_dir / 'ablation_report.png'}")
+    return 0
+
+
+def server_mode(cfg) -> int:
+    import time
+
+    from lib.edgecloud.servers import start_in_threads
+    threads = start_in_threads(cfg)
+    for role in ("edge", "cloud"):
+        s = cfg[role]["server"]
+        print(f"{role} server on http://{s['host']}:{s['port']}", flush=True)
+    try:
+        while all(t.thread.is_alive() for t in threads):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for t in threads:
+            t.stop()
+    return 0
+
+
+@exit_on_usage_error
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = load(args)
+    if args.mode == "server":
+        return server_mode(cfg)
+    runner = {"client": client_mode, "interactive": interactive_mode, "ablation": ablation_mode}[args.mode]
+    return asyncio.run(runner(cfg, args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

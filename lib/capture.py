@@ -1,0 +1,232 @@
+"""Capture files: what the target saw at every emitted token of an SD run, for one engine and configuration.
+
+A capture is two files with one stem (logits_capture_<config>, vllm_capture_<config>, sglang_capture_<config>):
+  <stem>.json         {"schema": "speclab.capture/1", engine, config, models, spec counters, and per prompt: the
+                      prompt, its ids, the emitted token ids, text, per-round trees and acceptance}
+  <stem>.safetensors  per prompt i: "i.topk_ids" [N, K] int64, "i.topk_logprobs" [N, K] float32 and, where the
+                      engine exposes them, "i.topk_logits" [N, K] and "i.full_logits" [N, V]
+Row n describes the distribution the n-th emitted token was chosen from. accept_lengths are tokens emitted per
+target verification round, bonus token included (so their mean is DESIGN.md's acceptance_length).
+A legacy pickle (.pkl) is read only through RestrictedUnpickler: plain containers, numbers, strings and numpy
+arrays; anything else (functions, classes, os.system...) is refused before it can run.
+"""
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lib.errors import UsageError
+
+SCHEMA = "speclab.capture/1"
+PREFIXES = {"reference": "logits_capture", "vllm": "vllm_capture", "sglang": "sglang_capture"}
+
+
+@dataclass
+class PromptCapture:
+    prompt: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    topk_ids: np.ndarray  # [N, K] int64
+    topk_logprobs: np.ndarray  # [N, K] float32
+    topk_logits: np.ndarray | None = None  # [N, K]
+    full_logits: np.ndarray | None = None  # [N, V]
+    text: str = ""
+    step_round: list[int] = field(default_factory=list)  # round that emitted each token (0 = prefill)
+    rounds: list[dict] = field(default_factory=list)  # tree_tokens, tree_parents, accepted_path, accept_length...
+    accept_lengths: list[int] = field(default_factory=list)
+    spec: dict = field(default_factory=dict)  # num_drafts, draft_tokens, accepted_tokens, accepted_per_position
+    seconds: float = 0.0
+
+
+@dataclass
+class Capture:
+    engine: str
+    config_name: str
+    config: dict
+    models: dict
+    prompts: list[PromptCapture]
+    extra: dict = field(default_factory=dict)
+    source: str = ""  # the file it was read from
+
+    def spec_totals(self) -> dict:
+        total = {"num_drafts": 0, "draft_tokens": 0, "accepted_tokens": 0, "accepted_per_position": []}
+        for p in self.prompts:
+            for key in ("num_drafts", "draft_tokens", "accepted_tokens"):
+                total[key] += int(p.spec.get(key, 0))
+            per_pos = p.spec.get("accepted_per_position", [])
+            width = max(len(per_pos), len(total["accepted_per_position"]))
+            total["accepted_per_position"] = [
+                (total["accepted_per_position"][i] if i < len(total["accepted_per_position"]) else 0)
+                + (per_pos[i] if i < len(per_pos) else 0) for i in range(width)]
+        return total
+
+
+def topk_from_logits(logits, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, logprobs, logits) of the k largest logits of a [N, V] torch tensor."""
+    import torch
+    logits = logits.float()
+    logprobs = torch.log_softmax(logits, -1)
+    values, ids = logits.topk(min(k, logits.shape[-1]), -1)
+    return ids.numpy().astype(np.int64), logprobs.gather(-1, ids).numpy(), values.numpy()
+
+
+def capture_stem(engine: str, config_name: str) -> str:
+    return f"{PREFIXES[engine]}_{config_name}"
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+def save_capture(capture: Capture, out_dir: str | Path, stem: str | None = None) -> Path:
+    """Write <stem>.safetensors and <stem>.json (the JSON last, so a present JSON means a complete capture)."""
+    from safetensors.numpy import save_file
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = stem or capture_stem(capture.engine, capture.config_name)
+    tensors, prompts = {}, []
+    for i, p in enumerate(capture.prompts):
+        tensors[f"{i}.topk_ids"] = np.ascontiguousarray(p.topk_ids, dtype=np.int64)
+        tensors[f"{i}.topk_logprobs"] = np.ascontiguousarray(p.topk_logprobs, dtype=np.float32)
+        for name in ("topk_logits", "full_logits"):
+            if getattr(p, name) is not None:
+                tensors[f"{i}.{name}"] = np.ascontiguousarray(getattr(p, name), dtype=np.float32)
+        prompts.append({"prompt": p.prompt, "prompt_ids": list(map(int, p.prompt_ids)),
+                        "token_ids": list(map(int, p.token_ids)), "text": p.text, "step_round": p.step_round,
+                        "rounds": p.rounds, "accept_lengths": p.accept_lengths, "spec": p.spec,
+                        "seconds": p.seconds})
+    save_file(tensors, str(out / f"{stem}.safetensors"))
+    meta = {"schema": SCHEMA, "engine": capture.engine, "config_name": capture.config_name,
+            "config": capture.config, "models": capture.models, "spec_totals": capture.spec_totals(),
+            "extra": capture.extra, "tensors": f"{stem}.safetensors", "prompts": prompts}
+    tmp = out / f".{stem}.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.replace(out / f"{stem}.json")
+    return out / f"{stem}.json"
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+def load_capture(path: str | Path) -> Capture:
+    """Read a capture from its .json, its .safetensors, its stem, or a legacy .pkl; bad input -> UsageError."""
+    p = Path(path)
+    if p.suffix == ".pkl":
+        return _load_legacy_pickle(p)
+    json_path = p.with_suffix(".json") if p.suffix in (".safetensors", "") else p
+    if p.suffix == "" and not json_path.exists() and p.with_suffix(".pkl").exists():
+        return _load_legacy_pickle(p.with_suffix(".pkl"))
+    if not json_path.is_file():
+        raise UsageError(f"capture {path}: no such file (expected <stem>.json + <stem>.safetensors or a .pkl)")
+    try:
+        meta = json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"capture {json_path}: not valid JSON ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(meta, dict) or meta.get("schema") != SCHEMA:
+        raise UsageError(f"capture {json_path}: schema {meta.get('schema') if isinstance(meta, dict) else None!r}, "
+                         f"expected {SCHEMA!r}")
+    tensor_path = json_path.parent / str(meta.get("tensors", json_path.stem + ".safetensors"))
+    tensors = _read_tensors(tensor_path)
+    prompts = []
+    try:
+        for i, entry in enumerate(meta["prompts"]):
+            prompts.append(_prompt_from(entry, i, tensors, tensor_path))
+        return Capture(meta["engine"], meta["config_name"], meta.get("config", {}), meta.get("models", {}),
+                       prompts, meta.get("extra", {}), str(json_path))
+    except (KeyError, TypeError) as exc:
+        raise UsageError(f"capture {json_path}: missing or malformed field {exc}") from None
+
+
+def _read_tensors(path: Path) -> dict:
+    from safetensors.numpy import load_file
+    if not path.is_file():
+        raise UsageError(f"capture {path}: tensor file missing (a capture is <stem>.json + <stem>.safetensors)")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error type for truncated/corrupt files
+        raise UsageError(f"capture {path}: unreadable safetensors file (truncated or corrupt: {exc})") from None
+
+
+def _prompt_from(entry: dict, i: int, tensors: dict, tensor_path: Path) -> PromptCapture:
+    n = len(entry["token_ids"])
+    arrays = {}
+    for name in ("topk_ids", "topk_logprobs", "topk_logits", "full_logits"):
+        key = f"{i}.{name}"
+        if key not in tensors:
+            if name in ("topk_ids", "topk_logprobs"):
+                raise UsageError(f"capture {tensor_path}: tensor {key!r} missing")
+            continue
+        array = tensors[key]
+        if array.ndim != 2 or array.shape[0] != n:
+            raise UsageError(f"capture {tensor_path}: tensor {key!r} has shape {list(array.shape)}, expected "
+                             f"[{n}, ...] (one row per emitted token of prompt {i}); the files do not match")
+        arrays[name] = array
+    if arrays["topk_ids"].shape != arrays["topk_logprobs"].shape:
+        raise UsageError(f"capture {tensor_path}: prompt {i}: topk_ids and topk_logprobs differ in shape")
+    return PromptCapture(entry["prompt"], entry["prompt_ids"], entry["token_ids"], arrays["topk_ids"],
+                         arrays["topk_logprobs"], arrays.get("topk_logits"), arrays.get("full_logits"),
+                         entry.get("text", ""), entry.get("step_round", []), entry.get("rounds", []),
+                         entry.get("accept_lengths", []), entry.get("spec", {}), entry.get("seconds", 0.0))
+
+
+# ---------------------------------------------------------------------------------------------- legacy pickle
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Plain data and numpy arrays only: every global a pickle names must be on this allowlist."""
+    ALLOWED = {
+        ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"), ("builtins", "set"),
+        ("builtins", "frozenset"), ("builtins", "int"), ("builtins", "float"), ("builtins", "str"),
+        ("builtins", "bytes"), ("builtins", "bool"), ("builtins", "complex"), ("collections", "OrderedDict"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused global {module}.{name} (only plain data and numpy arrays)")
+        return super().find_class(module, name)
+
+
+def restricted_loads(data: bytes):
+    return RestrictedUnpickler(io.BytesIO(data)).load()
+
+
+def _load_legacy_pickle(path: Path) -> Capture:
+    """The seed's pickles: a dict (or a list of dicts, one per prompt) with token ids, logits, accept lengths."""
+    if not path.is_file():
+        raise UsageError(f"capture {path}: no such file")
+    try:
+        data = restricted_loads(path.read_bytes())
+    except pickle.UnpicklingError as exc:
+        raise UsageError(f"capture {path}: unsafe or invalid pickle ({exc}); only plain data and numpy arrays "
+                         "are read") from None
+    except Exception as exc:
+        raise UsageError(f"capture {path}: unreadable pickle ({exc.__class__.__name__}: {exc})") from None
+    entries = data if isinstance(data, list) else [data]
+    if not entries or not all(isinstance(e, dict) for e in entries):
+        raise UsageError(f"capture {path}: expected a dict or a list of dicts in the pickle")
+    prompts = [_legacy_prompt(e, path) for e in entries]
+    first = entries[0]
+    config_name = str(first.get("config_name", path.stem))
+    return Capture(str(first.get("engine", "legacy")), config_name, {}, {}, prompts, {"legacy_pickle": True},
+                   str(path))
+
+
+def _legacy_prompt(entry: dict, path: Path) -> PromptCapture:
+    import torch
+    tokens = next((entry[k] for k in ("token_ids", "tokens", "generated_tokens") if k in entry), None)
+    logits = next((entry[k] for k in ("logits", "step_logits", "all_logits") if k in entry), None)
+    if tokens is None or logits is None:
+        raise UsageError(f"capture {path}: legacy pickle needs 'token_ids' (or 'tokens') and 'logits' "
+                         f"(one row per token); found keys {sorted(map(str, entry))}")
+    try:
+        logits = torch.as_tensor(np.asarray(logits, dtype=np.float32)).reshape(len(tokens), -1)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"capture {path}: legacy 'logits' do not fit {len(tokens)} tokens ({exc})") from None
+    ids, logprobs, values = topk_from_logits(logits, 20)
+    lengths = [int(x) for x in entry.get("accept_lengths", entry.get("accept_length", []))]
+    return PromptCapture(str(entry.get("prompt", "")), [int(t) for t in entry.get("prompt_ids", [])],
+                         [int(t) for t in tokens], ids, logprobs, values, logits.numpy(), accept_lengths=lengths)

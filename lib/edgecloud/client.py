@@ -1,0 +1,244 @@
+"""F4: the async client that runs collaborative decoding over the edge and cloud servers.
+
+One round: the edge drafts up to max_draft_tokens (stopping early below the confidence threshold), the cloud
+verifies the whole draft in one pass and answers with the accepted count and its next token. Modes:
+collaborative (the default), edge_only, cloud_only. Retries with exponential backoff on connection errors,
+timeouts and 5xx; 4xx answers are not retried.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import httpx
+
+from lib.errors import UsageError
+
+
+class ServiceUnavailable(Exception):
+    """A server could not be reached after every retry."""
+
+
+class RequestRejected(Exception):
+    """A server answered 4xx (bad request, auth)."""
+
+
+@dataclass
+class InferenceResult:
+    text: str
+    token_ids: list[int]
+    mode: str
+    total_latency_ms: float = 0.0
+    edge_latency_ms: float = 0.0  # edge compute, as the edge reports it
+    cloud_latency_ms: float = 0.0  # cloud compute, as the cloud reports it
+    network_latency_ms: float = 0.0  # round-trip time not spent computing (includes added network delay)
+    acceptance_rate: float = 0.0  # accepted / drafted, over verified drafts
+    confidence_score: float = 0.0  # mean edge confidence of drafted tokens
+    rounds: int = 0
+    edge_calls: int = 0
+    cloud_calls: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    unverified_tokens: int = 0  # committed without the cloud (lossy features / fallback)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    reused_cloud_tokens: int = 0
+    edge_fallback: bool = False  # the cloud failed and the edge finished alone
+    error: str | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.token_ids) / (self.total_latency_ms / 1000) if self.total_latency_ms > 0 else 0.0
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "tokens_per_s": round(self.tokens_per_s, 2)}
+
+
+@dataclass
+class _Tally:
+    result: InferenceResult
+    confidences: list[float] = field(default_factory=list)
+
+
+class EdgeCloudHTTPClient:
+    def __init__(self, cfg: dict, tokenizer=None):
+        self.cfg = cfg
+        comm = cfg["communication"]
+        self.edge_url, self.cloud_url = comm["edge_endpoint"].rstrip("/"), comm["cloud_endpoint"].rstrip("/")
+        http = comm["http_client"]
+        self.timeout, self.max_retries, self.backoff_s = http["timeout"], int(http["max_retries"]), http["backoff_s"]
+        self.pool = int(http["connection_pool_size"])
+        self.delay_s = comm["network_delay_ms"] / 1000
+        self.headers = {"content-type": "application/json"}
+        if comm["auth_token"]:
+            self.headers["authorization"] = f"Bearer {comm['auth_token']}"
+        if tokenizer is None:
+            from lib.edgecloud.settings import tokenizer_dir
+            from lib.models import load_tokenizer
+            tokenizer = load_tokenizer(tokenizer_dir(cfg))
+        self.tokenizer = tokenizer
+        self.eos_id = tokenizer.eos_token_id
+        self.http: httpx.AsyncClient | None = None
+
+    async def __aenter__(self):
+        self.http = httpx.AsyncClient(timeout=self.timeout, headers=self.headers, limits=httpx.Limits(
+            max_connections=self.pool, max_keepalive_connections=self.pool))
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.http.aclose()
+
+    # ------------------------------------------------------------------------------------------- transport
+    async def _post(self, side: str, path: str, body: dict, tally: _Tally) -> dict:
+        url = (self.cloud_url if side == "cloud" else self.edge_url) + path
+        payload = json.dumps(body, separators=(",", ":")).encode()
+        res = tally.result
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+            t0 = time.perf_counter()
+            try:
+                if side == "cloud" and self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+                resp = await self.http.post(url, content=payload)
+            except httpx.TransportError as exc:
+                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                continue
+            wall_ms = (time.perf_counter() - t0) * 1000
+            res.bytes_sent += len(payload)
+            res.bytes_received += len(resp.content)
+            if resp.status_code >= 500:
+                last = f"HTTP {resp.status_code}"
+                continue
+            if resp.status_code >= 400:
+                try:
+                    detail = resp.json().get("error", resp.text)
+                except ValueError:
+                    detail = resp.text
+                raise RequestRejected(f"{url}: HTTP {resp.status_code}: {detail}")
+            data = resp.json()
+            compute = data.get("compute_ms", 0.0)
+            res.network_latency_ms += max(wall_ms - compute, 0.0)
+            if side == "cloud":
+                res.cloud_calls += 1
+                res.cloud_latency_ms += compute
+            else:
+                res.edge_calls += 1
+                res.edge_latency_ms += compute
+            return data
+        raise ServiceUnavailable(f"{side} server at {url} unreachable after {self.max_retries} retries ({last})")
+
+    async def get_json(self, side: str, path: str) -> dict:
+        url = (self.cloud_url if side == "cloud" else self.edge_url) + path
+        resp = await self.http.get(url)
+        resp.raise_for_status()
+        return resp.json()
+
+    # ------------------------------------------------------------------------------------------- pipeline
+    async def full_inference_pipeline(self, prompt: str, max_tokens: int | None = None,
+                                      use_draft_verify: bool | None = None, use_confidence_check: bool | None = None,
+                                      use_kv_cache: bool | None = None, mode: str = "collaborative",
+                                      temperature: float | None = None) -> InferenceResult:
+        inf = self.cfg["inference"]
+        feats = inf["features"]
+        max_tokens = inf["max_tokens"] if max_tokens is None else max_tokens
+        temperature = inf["temperature"] if temperature is None else temperature
+        opts = {"verify": feats["use_draft_verify"] if use_draft_verify is None else use_draft_verify,
+                "confidence": feats["use_confidence_check"] if use_confidence_check is None else use_confidence_check,
+                "cache": feats["use_kv_cache"] if use_kv_cache is None else use_kv_cache,
+                "temperature": temperature}
+        if mode not in ("collaborative", "edge_only", "cloud_only"):
+            raise UsageError(f"mode={mode!r}: expected collaborative, edge_only or cloud_only")
+        prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        if not prompt_ids:
+            raise UsageError("prompt: empty after tokenization")
+        tally = _Tally(InferenceResult(text="", token_ids=[], mode=mode))
+        t0 = time.perf_counter()
+        try:
+            if mode == "collaborative":
+                out = await self._collaborate(prompt_ids, max_tokens, opts, tally)
+            else:
+                side = "edge" if mode == "edge_only" else "cloud"
+                data = await self._post(side, "/v1/generate", {"context_ids": prompt_ids, "max_tokens": max_tokens,
+                                                               "temperature": temperature}, tally)
+                out = data["token_ids"]
+                tally.confidences.extend(data.get("confidences", []))
+                tally.result.rounds = 1
+                if side == "edge":
+                    tally.result.unverified_tokens = len(out)
+        except (ServiceUnavailable, RequestRejected) as exc:
+            tally.result.error = str(exc)
+            out = tally.result.token_ids
+        res = tally.result
+        res.token_ids = out
+        res.text = self.tokenizer.decode(out, skip_special_tokens=True)
+        res.total_latency_ms = (time.perf_counter() - t0) * 1000
+        res.acceptance_rate = res.accepted_tokens / res.draft_tokens if res.draft_tokens else 0.0
+        res.confidence_score = sum(tally.confidences) / len(tally.confidences) if tally.confidences else 0.0
+        return res
+
+    async def _collaborate(self, prompt_ids: list[int], max_tokens: int, opts: dict, tally: _Tally) -> list[int]:
+        conf_cfg = self.cfg["edge"]["confidence"]
+        gamma = int(self.cfg["edge"]["draft"]["max_draft_tokens"])
+        accept_confident = opts["confidence"] and self.cfg["inference"]["features"]["accept_confident_drafts"]
+        res, out = tally.result, []
+        res.token_ids = out  # so a failure keeps what was committed
+        temperature = opts["temperature"]
+        while len(out) < max_tokens and (not out or out[-1] != self.eos_id):
+            res.rounds += 1
+            context = prompt_ids + out
+            want = min(gamma, max_tokens - len(out))
+            draft = await self._post("edge", "/v1/draft", {
+                "context_ids": context, "max_draft": want, "temperature": temperature,
+                "confidence_threshold": conf_cfg["threshold"] if opts["confidence"] else None,
+                "use_cache": opts["cache"], "return_dists": temperature > 0 and opts["verify"],
+                "seed": None}, tally)
+            drafts = draft["draft_ids"]
+            tally.confidences.extend(draft["confidences"])
+            if accept_confident and len(drafts) == want and min(draft["confidences"], default=0) >= \
+                    conf_cfg["accept_threshold"]:
+                out.extend(drafts)  # lossy: no verification
+                res.unverified_tokens += len(drafts)
+                continue
+            if not opts["verify"] and drafts and not draft["stopped_low_confidence"]:
+                out.extend(drafts)  # no draft/verify: confident drafts are final, the cloud decides the rest
+                res.unverified_tokens += len(drafts)
+                continue
+            body = {"context_ids": context, "draft_ids": drafts if opts["verify"] else [],
+                    "draft_probs": draft["draft_probs"] if opts["verify"] else [],
+                    "draft_dists": draft["draft_dists"] if opts["verify"] else None,
+                    "temperature": temperature, "use_cache": opts["cache"]}
+            if not opts["verify"]:
+                out.extend(drafts)
+                res.unverified_tokens += len(drafts)
+                body["context_ids"] = prompt_ids + out
+            try:
+                verdict = await self._post("cloud", "/v1/verify", body, tally)
+            except ServiceUnavailable as exc:
+                if not self.cfg["communication"]["fallback_to_edge"]:
+                    raise
+                return await self._edge_fallback(prompt_ids, out, max_tokens, temperature, tally, str(exc))
+            if opts["verify"]:
+                res.draft_tokens += len(drafts)
+                res.accepted_tokens += verdict["accepted"]
+                out.extend(drafts[: verdict["accepted"]])
+            out.append(verdict["next_token"])
+            res.reused_cloud_tokens += verdict.get("reused_tokens", 0)
+        if self.eos_id in out:
+            del out[out.index(self.eos_id) + 1:]
+        del out[max_tokens:]
+        return out
+
+    async def _edge_fallback(self, prompt_ids, out, max_tokens, temperature, tally, why: str) -> list[int]:
+        tally.result.edge_fallback = True
+        tally.result.error = f"cloud failed, finished on the edge (edge_fallback): {why}"
+        if len(out) < max_tokens and (not out or out[-1] != self.eos_id):
+            data = await self._post("edge", "/v1/generate", {"context_ids": prompt_ids + out,
+                                                             "max_tokens": max_tokens - len(out),
+                                                             "temperature": temperature}, tally)
+            tally.result.unverified_tokens += len(data["token_ids"])
+            out.extend(data["token_ids"])
+        return out

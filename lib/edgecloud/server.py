@@ -1,0 +1,154 @@
+"""F4: the edge and cloud HTTP servers (FastAPI on uvicorn).
+
+Both have /health and /stats, an optional bearer token, a request-body size limit, and answer bad input with a
+4xx JSON body {"error": ...}: malformed JSON or wrong fields 422, token ids outside the vocabulary 422, a body
+over the limit 413, a missing or wrong token 401.
+"""
+from __future__ import annotations
+
+import hmac
+import threading
+import time
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from lib.edgecloud.protocol import (DraftRequest, DraftResponse, GenerateRequest, GenerateResponse, VerifyRequest,
+                                    VerifyResponse)
+from lib.errors import UsageError
+
+
+def _base_app(title: str, role: str, auth_token: str, max_body_bytes: int, describe: dict) -> FastAPI:
+    app = FastAPI(title=title, docs_url=None, redoc_url=None)
+    started = time.time()
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if request.method == "POST":
+            if length is None:
+                return JSONResponse({"error": "Content-Length header required"}, status_code=411)
+            if not length.isdigit() or int(length) > max_body_bytes:
+                return JSONResponse({"error": f"request body of {length} bytes is over the limit of "
+                                              f"{max_body_bytes} bytes"}, status_code=413)
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return JSONResponse({"error": f"malformed JSON body ({first.get('ctx', {}).get('error', 'invalid')} "
+                                          f"at character {first.get('loc', ('', '?'))[-1]})"}, status_code=422)
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return JSONResponse({"error": f"invalid request: {where or 'body'}: {first.get('msg', 'malformed')}",
+                             "detail": [{"loc": e.get("loc"), "msg": e.get("msg")} for e in exc.errors()][:5]},
+                            status_code=422)
+
+    @app.exception_handler(UsageError)
+    async def usage(request: Request, exc: UsageError):
+        return JSONResponse({"error": str(exc)}, status_code=422)
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "role": role, "uptime_s": round(time.time() - started, 1), **describe}
+
+    app.state.started = started
+    return app
+
+
+def _auth_dependency(token: str):
+    def check(request: Request):
+        if not token:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise _Unauthorized()
+    return check
+
+
+class _Unauthorized(Exception):
+    pass
+
+
+def _add_auth_handler(app: FastAPI):
+    @app.exception_handler(_Unauthorized)
+    async def unauthorized(request: Request, exc: _Unauthorized):
+        return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401,
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+def create_edge_app(drafter, auth_token: str = "", max_body_bytes: int = 1 << 20, describe: dict | None = None):
+    app = _base_app("SpecLab edge", "edge", auth_token, max_body_bytes, describe or {})
+    _add_auth_handler(app)
+    auth = [Depends(_auth_dependency(auth_token))]
+
+    def check_ids(ids):
+        bad = [t for t in ids if t >= drafter.vocab]
+        if bad:
+            raise UsageError(f"context_ids: token id {bad[0]} is outside the edge vocabulary (0..{drafter.vocab - 1})")
+
+    @app.post("/v1/draft", response_model=DraftResponse, dependencies=auth)
+    def draft(req: DraftRequest):
+        check_ids(req.context_ids)
+        return drafter.draft(req)
+
+    @app.post("/v1/generate", response_model=GenerateResponse, dependencies=auth)
+    def generate(req: GenerateRequest):
+        check_ids(req.context_ids)
+        out = drafter.draft(DraftRequest.model_construct(
+            context_ids=req.context_ids, max_draft=req.max_tokens, temperature=req.temperature,
+            confidence_threshold=None, use_cache=True, return_dists=False, seed=req.seed))
+        return GenerateResponse(token_ids=out.draft_ids, confidences=out.confidences, compute_ms=out.compute_ms)
+
+    @app.get("/stats", dependencies=auth)
+    def stats():
+        return drafter.stats()
+
+    return app
+
+
+def create_cloud_app(verifier, auth_token: str = "", max_body_bytes: int = 4 << 20, describe: dict | None = None):
+    app = _base_app("SpecLab cloud", "cloud", auth_token, max_body_bytes, describe or {})
+    _add_auth_handler(app)
+    auth = [Depends(_auth_dependency(auth_token))]
+
+    @app.post("/v1/verify", response_model=VerifyResponse, dependencies=auth)
+    def verify(req: VerifyRequest):
+        return verifier.verify(req)
+
+    @app.post("/v1/generate", response_model=GenerateResponse, dependencies=auth)
+    def generate(req: GenerateRequest):
+        return verifier.generate(req)
+
+    @app.get("/stats", dependencies=auth)
+    def stats():
+        return verifier.stats()
+
+    return app
+
+
+class ServerThread:
+    """uvicorn in a background thread (tests, `edge_cloud.py --mode server|ablation`); stop() shuts it down.
+
+    uvicorn installs no signal handlers off the main thread, so Ctrl-C stays with the main thread."""
+
+    def __init__(self, app, host: str, port: int):
+        import uvicorn
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                    access_log=False))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self, timeout: float = 30.0) -> "ServerThread":
+        self.thread.start()
+        deadline = time.time() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.time() > deadline:
+                raise UsageError(f"server on {self.server.config.host}:{self.server.config.port} did not start "
+                                 "(port in use?)")
+            time.sleep(0.05)
+        return self
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

@@ -1,0 +1,61 @@
+"""Build the edge and cloud servers from the configuration (used by start_edge.py, start_cloud.py, edge_cloud.py)."""
+from __future__ import annotations
+
+from lib.edgecloud.confidence import make_calculator
+from lib.edgecloud.server import ServerThread, create_cloud_app, create_edge_app
+from lib.edgecloud.settings import cloud_model_dir, edge_gguf_path, tokenizer_dir
+
+
+def build_edge_app(cfg: dict, log=print):
+    from lib.edgecloud.draft import EdgeDrafter
+    from lib.models import load_tokenizer
+    edge = cfg["edge"]
+    conf = edge["confidence"]
+    calculator = make_calculator(conf["strategy"], conf["weights"], top_k=int(conf["top_k"]))
+    gguf_path = edge_gguf_path(cfg, log)
+    eos = load_tokenizer(tokenizer_dir(cfg)).eos_token_id
+    drafter = EdgeDrafter(gguf_path, calculator, eos_ids={eos}, n_ctx=int(edge["model"]["context_length"]),
+                          n_threads=int(edge["model"]["n_threads"]), cache_size=int(edge["kv_cache"]["max_size"]),
+                          seed=int(cfg["inference"]["seed"]))
+    import llama_cpp
+    describe = {"model": gguf_path.name, "engine": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})",
+                "confidence": conf["strategy"]}
+    comm = cfg["communication"]
+    return create_edge_app(drafter, comm["auth_token"], int(comm["max_body_bytes"]), describe), drafter
+
+
+def build_cloud_app(cfg: dict, log=print):
+    from lib.edgecloud.verify import CloudVerifier
+    cloud = cfg["cloud"]
+    target = cloud_model_dir(cfg)
+    if cloud["model"]["n_threads"]:
+        import torch
+        torch.set_num_threads(int(cloud["model"]["n_threads"]))
+    verifier = CloudVerifier(target, "cpu" if not _cuda() else "cuda", cloud["model"]["dtype"],
+                             int(cloud["kv_cache"]["block_size"]), int(cloud["kv_cache"]["max_blocks"]),
+                             seed=int(cfg["inference"]["seed"]))
+    describe = {"model": target.name, "engine": "hf (PyTorch/transformers)", "device": verifier.device}
+    comm = cfg["communication"]
+    return create_cloud_app(verifier, comm["auth_token"], int(comm["max_body_bytes"]), describe), verifier
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def start_in_threads(cfg: dict, log=print) -> list[ServerThread]:
+    """Both servers in this process (edge_cloud.py --mode server/ablation and the tests)."""
+    edge_app, _ = build_edge_app(cfg, log)
+    cloud_app, _ = build_cloud_app(cfg, log)
+    threads = [ServerThread(edge_app, cfg["edge"]["server"]["host"], int(cfg["edge"]["server"]["port"])),
+               ServerThread(cloud_app, cfg["cloud"]["server"]["host"], int(cfg["cloud"]["server"]["port"]))]
+    started = []
+    try:
+        for t in threads:
+            started.append(t.start())
+    except BaseException:
+        for t in started:
+            t.stop()
+        raise
+    return threads

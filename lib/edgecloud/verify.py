@@ -1,0 +1,108 @@
+"""F2, cloud side: verify a whole draft in one target forward pass, with the F3 block prefix cache.
+
+The model steps (forward, commit, probabilities, sample) are lib/spec/chain.py's; `accept_drafts` is the
+Leviathan rule for one row with the draft distributions the edge shipped (one-hot drafts when greedy, so greedy
+verification keeps exactly the target's argmax tokens).
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from lib.edgecloud.kv_cache import BlockPrefixCache
+from lib.edgecloud.protocol import GenerateRequest, GenerateResponse, VerifyRequest, VerifyResponse
+from lib.errors import UsageError
+from lib.models import load_model
+from lib.spec.chain import KVState, autoregressive_generate, commit, forward, probabilities, sample
+
+
+def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator) -> tuple[int, int]:
+    """p [g+1, V] target, q [g, V] draft distributions, drafts [g] -> (accepted count, next token)."""
+    gamma = len(drafts)
+    if gamma:
+        ratio = (p[:gamma].gather(-1, drafts[:, None])[:, 0] / q.gather(-1, drafts[:, None])[:, 0].clamp(min=1e-30))
+        uniform = torch.rand(gamma, generator=generator, device=p.device)
+        n = int((uniform < ratio.clamp(max=1.0)).long().cumprod(0).sum())
+    else:
+        n = 0
+    p_next = p[n]
+    if n < gamma:  # after a rejection: sample from max(0, p - q)
+        residual = (p_next - q[n]).clamp(min=0)
+        p_next = residual if residual.sum() > 0 else p_next
+    return n, int(sample(p_next / p_next.sum(), generator))
+
+
+class CloudVerifier:
+    def __init__(self, target_dir, device: str = "cpu", dtype: str = "float32", block_size: int = 16,
+                 max_blocks: int = 4096, seed: int = 0):
+        self.model = load_model(target_dir, dtype, device)
+        self.device = device
+        self.vocab = self.model.config.vocab_size
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.cache = BlockPrefixCache(block_size, max_blocks)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.lock = threading.Lock()
+        self.counters = {"verify_requests": 0, "generate_requests": 0, "draft_tokens": 0, "accepted_tokens": 0,
+                         "fed_tokens": 0}
+
+    def check_ids(self, ids, what: str):
+        bad = [t for t in ids if t >= self.vocab]
+        if bad:
+            raise UsageError(f"{what}: token id {bad[0]} is outside the target vocabulary (0..{self.vocab - 1})")
+
+    def _draft_dists(self, req: VerifyRequest, drafts: torch.Tensor) -> torch.Tensor:
+        if req.temperature <= 0:
+            return torch.nn.functional.one_hot(drafts, self.vocab).float()
+        if req.draft_dists is None or len(req.draft_dists) != len(req.draft_ids):
+            raise UsageError("draft_dists: temperature > 0 needs one draft distribution per draft token")
+        q = torch.zeros(len(req.draft_ids), self.vocab, device=self.device)
+        for i, dist in enumerate(req.draft_dists):
+            row = torch.tensor(dist[: self.vocab], dtype=torch.float32, device=self.device).clamp(min=0)
+            q[i, : len(row)] = row
+        return q / q.sum(-1, keepdim=True).clamp(min=1e-30)
+
+    @torch.inference_mode()
+    def verify(self, req: VerifyRequest) -> VerifyResponse:
+        self.check_ids(req.context_ids, "context_ids")
+        self.check_ids(req.draft_ids, "draft_ids")
+        context, drafts_list = list(req.context_ids), list(req.draft_ids)
+        drafts = torch.tensor(drafts_list, dtype=torch.long, device=self.device)
+        q = self._draft_dists(req, drafts)
+        with self.lock:
+            t0 = time.perf_counter()
+            reuse, state = self.cache.take(context) if req.use_cache else (0, None)
+            keep = min(reuse, len(context) - 1)
+            if state is None or keep == 0:
+                state, keep = KVState.empty(1, self.device), 0
+            else:
+                commit(state, state.mask.shape[1], torch.tensor([keep], device=self.device))
+            feed = context[keep:] + drafts_list
+            logits = forward(self.model, state, torch.tensor([feed], device=self.device))[0, -(len(drafts_list) + 1):]
+            n, next_token = accept_drafts(probabilities(logits, req.temperature), q, drafts, self.generator)
+            commit(state, len(feed), torch.tensor([len(feed) - len(drafts_list) + n], device=self.device))
+            if req.use_cache:
+                self.cache.put(context + drafts_list[:n], state)
+            self.counters["verify_requests"] += 1
+            self.counters["draft_tokens"] += len(drafts_list)
+            self.counters["accepted_tokens"] += n
+            self.counters["fed_tokens"] += len(feed)
+            return VerifyResponse(accepted=n, next_token=next_token, reused_tokens=keep, fed_tokens=len(feed),
+                                  compute_ms=(time.perf_counter() - t0) * 1000)
+
+    @torch.inference_mode()
+    def generate(self, req: GenerateRequest) -> GenerateResponse:
+        """Cloud-only AR decoding (the reference output and the cloud_only experiment)."""
+        self.check_ids(req.context_ids, "context_ids")
+        with self.lock:
+            t0 = time.perf_counter()
+            gen = autoregressive_generate(self.model, [list(req.context_ids)], req.max_tokens, req.temperature,
+                                          self.eos_ids, generator=self.generator)
+            self.counters["generate_requests"] += 1
+            return GenerateResponse(token_ids=gen.tokens[0], compute_ms=(time.perf_counter() - t0) * 1000)
+
+    def stats(self) -> dict:
+        acc = self.counters["accepted_tokens"] / self.counters["draft_tokens"] if self.counters["draft_tokens"] else 0
+        return {**self.counters, "acceptance_rate": round(acc, 4), "prefix_cache": self.cache.stats.to_json()}

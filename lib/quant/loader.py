@@ -1,0 +1,349 @@
+"""Mixed-precision config (YAML), per-precision weight sources (safetensors), and the model loader.
+
+Config shape (configs/mixed_precision_config.yaml):
+  mixed_precision:
+    base_path: ""          # HF model folder (config, tokenizer, weights not mapped); "" = the engine's target
+    fp16_path / bf16_path / fp8_path / int8_path / int4_path: folders of safetensors sources per precision
+                           # all empty = quantize the base model at load time (cached for the tiny target)
+    default: fp16          # precision of every Linear weight neither mapped nor matched by a pattern
+    patterns: {regex: precision}        # full-match on the weight name; two patterns that disagree = error
+    weight_mapping: {weight name: precision}   # wins over patterns; a name listed twice = error
+    int4: {bits: 4, group_size: 128, checkpoint_format: gptq, desc_act: false, sym: false, method: rtn}
+    fp8: {per_channel: true}
+    cache_dequantized: false
+  inference: {max_seq_length, max_batch_size, dtype, device_map}
+  server: {host, port, max_workers}
+Relative paths are relative to the config file's folder.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from lib.errors import UsageError
+from lib.quant.formats import PRECISIONS, QuantOptions, format_from_tensors, quantize_weight, tensor_names
+from lib.quant.linear import MixedPrecisionLinear
+
+SOURCE_META = "quant_meta.json"
+MP_KEYS = {"base_path", "default", "patterns", "weight_mapping", "int4", "fp8", "cache_dequantized"} | {
+    f"{p}_path" for p in PRECISIONS}
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key listed twice in one mapping (plain YAML keeps the last silently)."""
+
+
+def _construct_unique(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise UsageError(f"{loader.name}: line {key_node.start_mark.line + 1}: {key!r} is listed twice "
+                             f"(each weight may be mapped once)")
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique)
+
+
+@dataclass
+class MixedPrecisionConfig:
+    source: str
+    base_path: str = ""
+    paths: dict[str, str] = field(default_factory=dict)
+    default: str = "fp16"
+    patterns: dict[str, str] = field(default_factory=dict)
+    weight_mapping: dict[str, str] = field(default_factory=dict)
+    options: QuantOptions = QuantOptions()
+    cache_dequantized: bool = False
+    inference: dict = field(default_factory=dict)
+    server: dict = field(default_factory=dict)
+
+    def precision_of(self, name: str) -> str:
+        if name in self.weight_mapping:
+            return self.weight_mapping[name]
+        hits = {(p, prec) for p, prec in self.patterns.items() if re.fullmatch(p, name)}
+        if len({prec for _, prec in hits}) > 1:
+            listed = ", ".join(f"{p!r} -> {prec}" for p, prec in sorted(hits))
+            raise UsageError(f"{self.source}: mixed_precision.patterns: {name} is mapped twice ({listed})")
+        return hits.pop()[1] if hits else self.default
+
+
+def _check_precision(source: str, where: str, value) -> str:
+    if value not in PRECISIONS:
+        raise UsageError(f"{source}: {where}: unknown precision {value!r}; accepted: {', '.join(PRECISIONS)}")
+    return value
+
+
+def load_config(path: str | Path) -> MixedPrecisionConfig:
+    path = Path(path)
+    src = str(path)
+    if not path.is_file():
+        raise UsageError(f"MIXED_PRECISION_CONFIG={src}: no such file")
+    try:
+        with path.open() as fh:
+            loader = _UniqueKeyLoader(fh)
+            loader.name = src
+            try:
+                raw = loader.get_single_data()
+            finally:
+                loader.dispose()
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{src}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("mixed_precision"), dict):
+        raise UsageError(f"{src}: expected a mapping with a 'mixed_precision' section")
+    mp = raw["mixed_precision"]
+    unknown = set(mp) - MP_KEYS
+    if unknown:
+        raise UsageError(f"{src}: mixed_precision.{sorted(unknown)[0]}: unknown key; accepted: "
+                         f"{', '.join(sorted(MP_KEYS))}")
+    here = path.resolve().parent
+
+    def resolve_path(p):
+        return "" if not p else str(p if Path(p).is_absolute() else here / p)
+
+    paths = {prec: resolve_path(mp.get(f"{prec}_path")) for prec in PRECISIONS}
+    default = _check_precision(src, "mixed_precision.default", mp.get("default", "fp16"))
+    patterns = mp.get("patterns") or {}
+    mapping = mp.get("weight_mapping") or {}
+    for what, table in (("patterns", patterns), ("weight_mapping", mapping)):
+        if not isinstance(table, dict):
+            raise UsageError(f"{src}: mixed_precision.{what}: expected a mapping of name -> precision")
+        for key, prec in table.items():
+            _check_precision(src, f"mixed_precision.{what}[{key!r}]", prec)
+    for pat in patterns:
+        try:
+            re.compile(pat)
+        except re.error as exc:
+            raise UsageError(f"{src}: mixed_precision.patterns[{pat!r}]: not a valid regex ({exc})") from None
+    int4 = mp.get("int4") or {}
+    fmt = int4.get("checkpoint_format", "gptq")
+    if fmt not in ("gptq", "gptq_v2"):
+        raise UsageError(f"{src}: mixed_precision.int4.checkpoint_format: {fmt!r}; accepted: gptq, gptq_v2")
+    bits = int4.get("bits", 4)
+    if bits not in (2, 3, 4, 8):
+        raise UsageError(f"{src}: mixed_precision.int4.bits: {bits!r}; accepted: 2, 3, 4, 8")
+    method = int4.get("method", "rtn")
+    if method not in ("rtn", "gptq"):
+        raise UsageError(f"{src}: mixed_precision.int4.method: {method!r}; accepted: rtn, gptq")
+    opts = QuantOptions(fp8_per_channel=bool((mp.get("fp8") or {}).get("per_channel", True)), int4_bits=bits,
+                        int4_group_size=int(int4.get("group_size", 128)),
+                        int4_zero_format="v2" if fmt == "gptq_v2" else "v1",
+                        int4_act_order=bool(int4.get("desc_act", False)), int4_method=method,
+                        int4_symmetric=bool(int4.get("sym", False)))
+    return MixedPrecisionConfig(src, resolve_path(mp.get("base_path")), paths, default, dict(patterns),
+                                dict(mapping), opts, bool(mp.get("cache_dequantized", False)),
+                                raw.get("inference") or {}, raw.get("server") or {})
+
+
+# ------------------------------------------------------------------------------------------ sources
+
+def linear_weight_names(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every weight whose precision the config chooses: the Linear layers of the decoder, by parameter name.
+    The output head (like the embeddings and norms) keeps the base model's dtype."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
+
+
+def plan(cfg: MixedPrecisionConfig, model: nn.Module) -> dict[str, str]:
+    """weight name -> precision for every Linear weight, after checking every mapped name exists."""
+    linears = linear_weight_names(model)
+    params = dict(model.named_parameters())
+    for name in cfg.weight_mapping:
+        if name not in linears:
+            what = "is not a Linear weight (only Linear weights can change precision)" if name in params else \
+                "is not a weight of this model"
+            raise UsageError(f"{cfg.source}: mixed_precision.weight_mapping[{name!r}]: {what}")
+    return {name: cfg.precision_of(name) for name in linears}
+
+
+def write_sources(model: nn.Module, out: Path, opts: QuantOptions = QuantOptions(),
+                  hessians: dict[str, torch.Tensor] | None = None, precisions=PRECISIONS,
+                  names: list[str] | None = None, log=print) -> dict[str, Path]:
+    """Quantize every Linear weight of `model` into one safetensors source folder per precision."""
+    from safetensors.torch import save_file
+    linears = linear_weight_names(model)
+    names = names or list(linears)
+    folders = {}
+    for prec in precisions:
+        tensors = {}
+        for name in names:
+            prefix = name[: -len("weight")]
+            h = (hessians or {}).get(name)
+            fmt = quantize_weight(linears[name].weight, prec, opts, h)
+            tensors.update({prefix + k: v.contiguous() for k, v in fmt.tensors().items()})
+        folder = out / prec
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(folder / "model.safetensors"))
+        meta = {"precision": prec}
+        if prec == "int4":
+            meta.update(bits=opts.int4_bits, group_size=opts.int4_group_size, desc_act=opts.int4_act_order,
+                        checkpoint_format="gptq_v2" if opts.int4_zero_format == "v2" else "gptq",
+                        method=opts.int4_method, sym=opts.int4_symmetric)
+        if prec == "fp8":
+            meta.update(per_channel=opts.fp8_per_channel)
+        (folder / SOURCE_META).write_text(json.dumps(meta, indent=2))
+        folders[prec] = folder
+        log(f"  wrote {prec} source: {len(names)} weights")
+    return folders
+
+
+class SourceReader:
+    """Lazy access to the tensors of one per-precision source folder."""
+
+    def __init__(self, precision: str, folder: str, cfg_source: str):
+        from safetensors import safe_open
+        self.precision, self.folder = precision, Path(folder)
+        files = sorted(self.folder.glob("*.safetensors")) if self.folder.is_dir() else []
+        if not files:
+            raise UsageError(f"{cfg_source}: mixed_precision.{precision}_path: {folder} has no .safetensors files")
+        self.handles = [safe_open(str(f), framework="pt") for f in files]
+        self.index = {k: h for h in self.handles for k in h.keys()}
+        meta_file = self.folder / SOURCE_META
+        if not meta_file.exists():
+            meta_file = self.folder / "quantize_config.json"  # GPTQ checkpoints name it so
+        self.meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        self.cfg_source = cfg_source
+
+    def read(self, weight_name: str):
+        prefix = weight_name[: -len("weight")]
+        missing = [prefix + t for t in tensor_names(self.precision) if prefix + t not in self.index]
+        if missing:
+            raise UsageError(f"{self.cfg_source}: mixed_precision.weight_mapping[{weight_name!r}]: "
+                             f"{self.precision} source {self.folder} lacks {missing[0]}")
+        tensors = {t: self.index[prefix + t].get_tensor(prefix + t) for t in tensor_names(self.precision)}
+        try:
+            return format_from_tensors(self.precision, tensors, self.meta)
+        except ValueError as exc:
+            raise UsageError(f"{self.cfg_source}: mixed_precision.weight_mapping[{weight_name!r}]: "
+                             f"{self.precision} source {self.folder}: {exc}") from None
+
+
+def tiny_sources(opts: QuantOptions, log=print) -> Path:
+    """Per-precision sources of the tiny target, built once and cached (round-to-nearest unless opts say gptq)."""
+    import hashlib
+    from dataclasses import asdict
+    from lib.models import cached_build, ensure_tiny_models, load_model
+    tiny = ensure_tiny_models(log=log)
+    key = hashlib.sha256(json.dumps({"tiny": tiny.root.name, "opts": asdict(opts), "v": 2},
+                                    sort_keys=True).encode()).hexdigest()[:16]
+
+    def build(out: Path, lg):
+        model = load_model(tiny.target, "float32", "cpu")
+        hessians = calibration_hessians(model, tiny.tokenizer) if opts.int4_method == "gptq" else None
+        lg(f"Quantizing the tiny target into per-precision sources (one time, cached) ...")
+        write_sources(model, out, opts, hessians, log=lg)
+
+    return cached_build("tiny-mixed-sources", key, build, log)
+
+
+def calibration_hessians(model: nn.Module, tokenizer_path, num_docs: int = 64, seq_len: int = 128) -> dict:
+    """Hessians (2/n X^T X) of every Linear's inputs on a small slice of the shipped corpus."""
+    from lib.corpus import generate_corpus
+    from lib.models import load_tokenizer
+    from lib.quant.gptq import hessian_from_inputs
+    tok = load_tokenizer(tokenizer_path)
+    docs = generate_corpus(7, num_docs)
+    inputs: dict[str, list] = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, n=name: inputs.setdefault(n, []).append(
+        args[0].detach().reshape(-1, args[0].shape[-1]))) for name, m in linear_weight_names(model).items()]
+    try:
+        with torch.no_grad():
+            for doc in docs:
+                ids = tok(doc, return_tensors="pt").input_ids[:, :seq_len]
+                model(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: hessian_from_inputs(torch.cat(xs)) for n, xs in inputs.items()}
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+def _set_module(model: nn.Module, name: str, new: nn.Module):
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def apply_mixed_precision(model: nn.Module, cfg: MixedPrecisionConfig, sources: dict[str, str],
+                          device: str = "cpu") -> dict[str, str]:
+    """Replace each Linear of `model` by a MixedPrecisionLinear read from its precision's source."""
+    assignment = plan(cfg, model)
+    linears = linear_weight_names(model)
+    readers: dict[str, SourceReader] = {}
+    for name, prec in assignment.items():
+        if prec not in readers:
+            if not sources.get(prec):
+                count = sum(1 for p in assignment.values() if p == prec)
+                raise UsageError(f"{cfg.source}: mixed_precision.{prec}_path: missing, but {count} weights "
+                                 f"are mapped to {prec}")
+            readers[prec] = SourceReader(prec, sources[prec], cfg.source)
+        fmt = readers[prec].read(name)
+        layer = linears[name]
+        shape = tuple(fmt.dequantize(torch.float32).shape)
+        if shape != tuple(layer.weight.shape):
+            raise UsageError(f"{cfg.source}: mixed_precision.weight_mapping[{name!r}]: {prec} source "
+                             f"{sources[prec]} has shape {list(shape)}, the model expects {list(layer.weight.shape)}")
+        new = MixedPrecisionLinear(fmt.to(device), prec, layer.bias, cfg.cache_dequantized)
+        _set_module(model, name[: -len(".weight")], new)
+    return assignment
+
+
+def check_placement(model: nn.Module, device: str, dtype: torch.dtype) -> list[str]:
+    """Every parameter and buffer on `device`; float tensors outside MixedPrecisionLinear storage in `dtype`."""
+    want = torch.device(device)
+    storage = {id(b) for m in model.modules() if isinstance(m, MixedPrecisionLinear) for b in m.buffers()}
+    problems = []
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if t.device.type != want.type or (want.index is not None and t.device.index != want.index):
+                problems.append(f"{kind} {name} is on {t.device}, expected {want}")
+            elif (t.is_floating_point() and id(t) not in storage and t.dtype != dtype
+                  and not name.endswith("inv_freq")):
+                problems.append(f"{kind} {name} is {t.dtype}, expected {dtype}")
+    return problems
+
+
+def load_mixed_model(config_path: str | Path, base_path: str | Path | None = None, device: str = "cpu",
+                     dtype: str = "float32", log=print):
+    """Load the base HF model, swap in the mixed-precision layers, check placement; returns (model, cfg, plan)."""
+    from lib.models import check_model_dir, ensure_tiny_models, load_model
+    cfg = load_config(config_path)
+    base = cfg.base_path or (str(base_path) if base_path else "")
+    tiny = None
+    if not base:
+        tiny = ensure_tiny_models(log=log)
+        base = str(tiny.target)
+    base_dir = check_model_dir(base, "mixed_precision.base_path")
+    model = load_model(base_dir, dtype, "cpu")
+    sources = dict(cfg.paths)
+    if not any(sources.values()):
+        tiny = tiny or ensure_tiny_models(log=log)
+        if base_dir.resolve() == Path(tiny.target).resolve():
+            root = tiny_sources(cfg.options, log)
+        else:
+            root = _quantize_on_the_fly(model, cfg, log)
+        sources = {p: str(root / p) for p in PRECISIONS}
+    assignment = apply_mixed_precision(model, cfg, sources, "cpu")
+    model.to(device)
+    problems = check_placement(model, device, getattr(torch, dtype))
+    if problems:
+        raise UsageError(f"{cfg.source}: after loading, {len(problems)} tensors are misplaced: {problems[0]}")
+    model.eval()
+    return model, cfg, assignment
+
+
+def _quantize_on_the_fly(model, cfg, log) -> Path:
+    import tempfile
+    out = Path(tempfile.mkdtemp(prefix="speclab-mixed-"))
+    needed = sorted(set(plan(cfg, model).values()))
+    log(f"No source paths in {cfg.source}: quantizing the base model to {', '.join(needed)} in {out}")
+    write_sources(model, out, cfg.options, precisions=needed, log=log)
+    return out

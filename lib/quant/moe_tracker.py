@@ -1,0 +1,181 @@
+"""MoE expert tracking: forward hooks on the routers record which experts each token is sent to.
+
+    tracker = track_experts(model)        # None when the model has no MoE routers
+    with tracker.request("req-1"): model.generate(...)
+    tracker.stats(layer_id=0, expert_id=1); tracker.top_experts(5); tracker.load_balance()
+    tracker.export("expert_stats.json"); tracker.reset(); tracker.remove()
+
+Per (layer, expert): activation_count = forward calls in which the expert got at least one token,
+total_tokens_processed = tokens routed to it (each token goes to top_k experts), last_activation_time.
+So per layer, the tokens processed by all experts sum to tokens x top_k.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SCHEMA = "speclab.expert_stats/1"
+
+
+@dataclass
+class ExpertCounter:
+    activation_count: int = 0
+    total_tokens_processed: int = 0
+    last_activation_time: float = 0.0
+
+
+def find_routers(model: nn.Module) -> list[tuple[int, nn.Module, int, int]]:
+    """(layer id, router module, num experts, top_k) for each sparse MoE block (Mixtral, Qwen-MoE, ...)."""
+    found = []
+    for name, block in model.named_modules():
+        gate = getattr(block, "gate", None)
+        top_k = getattr(block, "top_k", None) or getattr(gate, "top_k", None)
+        if gate is None or top_k is None or "moe" not in type(block).__name__.lower():
+            continue
+        num_experts = (getattr(block, "num_experts", None) or getattr(gate, "num_experts", None)
+                       or getattr(gate, "out_features", None) or gate.weight.shape[0])
+        match = re.search(r"layers\.(\d+)\.", name + ".")
+        found.append((int(match.group(1)) if match else len(found), gate, int(num_experts), int(top_k)))
+    return found
+
+
+class ExpertTracker:
+    def __init__(self, routers):
+        self.routers = routers
+        self.num_experts = {layer: n for layer, _, n, _ in routers}
+        self.top_k = {layer: k for layer, _, _, k in routers}
+        self.counters: dict[tuple[int, int], ExpertCounter] = defaultdict(ExpertCounter)
+        self.tokens_per_layer: dict[int, int] = defaultdict(int)
+        self.per_request: dict[str, dict[tuple[int, int], int]] = {}
+        self.current_request: str | None = None
+        self.handles = [gate.register_forward_hook(self._hook(layer, k)) for layer, gate, _, k in routers]
+
+    def _hook(self, layer: int, top_k: int):
+        def hook(module, args, output):
+            if isinstance(output, tuple):  # transformers 5: (logits, scores, indices)
+                indices = output[-1]
+            else:                          # older: plain router logits
+                indices = torch.topk(output, top_k, dim=-1).indices
+            self.record(layer, indices.reshape(-1, indices.shape[-1]))
+        return hook
+
+    def record(self, layer: int, indices: torch.Tensor):
+        """indices [tokens, top_k]: the experts each token was routed to."""
+        counts = torch.bincount(indices.reshape(-1).cpu(), minlength=self.num_experts[layer]).tolist()
+        now = time.time()
+        self.tokens_per_layer[layer] += indices.shape[0]
+        req = self.per_request.setdefault(self.current_request, {}) if self.current_request is not None else None
+        for expert, n in enumerate(counts):
+            if n:
+                c = self.counters[(layer, expert)]
+                c.activation_count += 1
+                c.total_tokens_processed += n
+                c.last_activation_time = now
+                if req is not None:
+                    req[(layer, expert)] = req.get((layer, expert), 0) + n
+
+    @contextlib.contextmanager
+    def request(self, request_id: str):
+        previous, self.current_request = self.current_request, str(request_id)
+        try:
+            yield self
+        finally:
+            self.current_request = previous
+
+    def reset(self):
+        self.counters.clear()
+        self.tokens_per_layer.clear()
+        self.per_request.clear()
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    # --------------------------------------------------------------------------------- views
+
+    def expert_stats(self, layer_id: int, expert_id: int) -> dict:
+        c = self.counters.get((layer_id, expert_id), ExpertCounter())
+        return {"layer_id": layer_id, "expert_id": expert_id, "activation_count": c.activation_count,
+                "last_activation_time": c.last_activation_time, "total_tokens_processed": c.total_tokens_processed}
+
+    def layer_stats(self, layer_id: int) -> dict:
+        n = self.num_experts[layer_id]
+        experts = {str(e): {"activation_count": self.counters[(layer_id, e)].activation_count,
+                            "total_tokens_processed": self.counters[(layer_id, e)].total_tokens_processed}
+                   for e in range(n) if (layer_id, e) in self.counters}
+        return {"total_experts": n, "top_k": self.top_k[layer_id],
+                "total_activations": sum(e["activation_count"] for e in experts.values()),
+                "total_tokens": sum(e["total_tokens_processed"] for e in experts.values()),
+                "tokens_routed": self.tokens_per_layer.get(layer_id, 0),
+                "load_balance": self.load_balance(layer_id), "experts": experts}
+
+    def load_balance(self, layer_id: int) -> dict:
+        """max_over_mean: busiest expert's tokens / the mean (1.0 = perfectly even); cv: std / mean."""
+        loads = torch.tensor([float(self.counters[(layer_id, e)].total_tokens_processed) if (layer_id, e) in
+                              self.counters else 0.0 for e in range(self.num_experts[layer_id])])
+        mean = loads.mean().item()
+        if mean == 0:
+            return {"max_over_mean": None, "cv": None, "idle_experts": int(loads.numel())}
+        return {"max_over_mean": round(loads.max().item() / mean, 4), "cv": round(loads.std(unbiased=False).item()
+                / mean, 4), "idle_experts": int((loads == 0).sum())}
+
+    def top_experts(self, top_k: int = 10) -> list[dict]:
+        ranked = sorted(self.counters.items(), key=lambda kv: (-kv[1].total_tokens_processed, kv[0]))
+        return [{"layer_id": l, "expert_id": e, "activation_count": c.activation_count,
+                 "total_tokens_processed": c.total_tokens_processed} for (l, e), c in ranked[:top_k]]
+
+    def stats(self, layer_id: int | None = None, expert_id: int | None = None) -> dict:
+        if layer_id is not None and expert_id is not None:
+            return self.expert_stats(layer_id, expert_id)
+        if layer_id is not None:
+            return self.layer_stats(layer_id)
+        return self.export_dict()
+
+    def export_dict(self, top_k: int = 10) -> dict:
+        return {"schema": SCHEMA,
+                "expert_stats": {f"layer_{l}_expert_{e}": self.expert_stats(l, e) for l, e in sorted(self.counters)},
+                "layer_stats": {str(l): self.layer_stats(l) for l in sorted(self.num_experts)},
+                "top_experts": self.top_experts(top_k),
+                "per_request": {rid: {f"layer_{l}_expert_{e}": n for (l, e), n in sorted(c.items())}
+                                for rid, c in self.per_request.items()}}
+
+    def export(self, path: str | Path | None = None, top_k: int = 10) -> dict:
+        data = self.export_dict(top_k)
+        if path is not None:
+            Path(path).write_text(json.dumps(data, indent=2))
+        return data
+
+
+def track_experts(model: nn.Module) -> ExpertTracker | None:
+    """Attach an ExpertTracker to every MoE router of `model`; None when the model has no MoE layers."""
+    routers = find_routers(model)
+    return ExpertTracker(routers) if routers else None
+
+
+def plot_load_balance(tracker: ExpertTracker, path: str | Path):
+    """Bar chart of tokens per expert, one panel per layer."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    layers = sorted(tracker.num_experts)
+    fig, axes = plt.subplots(len(layers), 1, figsize=(6, 2.2 * len(layers)), squeeze=False)
+    for ax, layer in zip(axes[:, 0], layers):
+        n = tracker.num_experts[layer]
+        loads = [tracker.expert_stats(layer, e)["total_tokens_processed"] for e in range(n)]
+        ax.bar(range(n), loads)
+        lb = tracker.load_balance(layer)
+        ax.set_title(f"layer {layer}: max/mean {lb['max_over_mean']}, cv {lb['cv']}", fontsize=9)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,366 @@
+"""The fast decode path of the PyTorch engine (gpt-fast style): static KV caches and CUDA graphs.
+
+Why a small Llama forward of our own over the HF weights instead of transformers' StaticCache: the decode and
+verify steps must be capturable as CUDA graphs with per-row cache positions (rows of a batch accept different
+numbers of drafts), and HF's forward rebuilds masks and position tensors on the host every call (FACTS.md: HF
+generate with a static cache is slower than without). Here a step is a fixed sequence of tensor ops that reads
+its inputs from persistent buffers, so one `torch.cuda.CUDAGraph` per step width replays it with no host work.
+
+Cache layout: every row writes token t at cache column t (prompts are not padded into the cache), and
+`lengths[b]` is the number of committed tokens of row b. Rolling back rejected drafts is just lowering
+`lengths`: attention masks every column >= a query's position, and the next step overwrites those columns.
+
+Numerics follow transformers' Llama (RMSNorm in float32, rotary tables from the model's own rotary module), so on
+CPU in float32 the greedy tokens equal lib/spec/chain.py's plain path. Only Llama-architecture models without
+attention/MLP biases take this path (`supports(model)`); others use the plain path.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lib.spec.chain import Generation, _Rows, probabilities, sample
+
+
+@dataclass
+class LayerWeights:
+    wqkv: torch.Tensor  # q, k, v projections stacked along the output dim: one matmul
+    wo: torch.Tensor
+    w13: torch.Tensor  # gate and up stacked: one matmul
+    w2: torch.Tensor
+    attn_norm: torch.Tensor
+    mlp_norm: torch.Tensor
+
+
+@dataclass
+class LlamaWeights:
+    embed: torch.Tensor
+    layers: list[LayerWeights]
+    norm: torch.Tensor
+    lm_head: torch.Tensor
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    eps: float
+    cos: torch.Tensor  # [max_positions, head_dim], model dtype (as HF applies it)
+    sin: torch.Tensor
+
+    def first_layers(self, k: int) -> "LlamaWeights":
+        """A self-draft: the first k layers with the final norm and head (shares the tensors)."""
+        return LlamaWeights(**{**self.__dict__, "layers": self.layers[:k]})
+
+    def nbytes(self) -> int:
+        """Bytes of weights read per decode step (embedding rows read are negligible)."""
+        tensors = [self.norm, self.lm_head] + [t for layer in self.layers for t in layer.__dict__.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def supports(model) -> bool:
+    config = model.config
+    return (getattr(config, "model_type", "") == "llama" and not getattr(config, "attention_bias", False)
+            and not getattr(config, "mlp_bias", False) and getattr(config, "hidden_act", "silu") == "silu")
+
+
+@torch.no_grad()
+def weights_from_hf(model, max_positions: int) -> LlamaWeights:
+    """Take a transformers Llama's weights (the fused qkv/gate-up matrices are new tensors, the rest shared)."""
+    inner, config = model.model, model.config
+    layers = []
+    for layer in inner.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        layers.append(LayerWeights(
+            wqkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+            wo=attn.o_proj.weight, w13=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+            w2=mlp.down_proj.weight, attn_norm=layer.input_layernorm.weight,
+            mlp_norm=layer.post_attention_layernorm.weight))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    embed = inner.embed_tokens.weight
+    positions = torch.arange(max_positions, device=embed.device)[None]
+    cos, sin = inner.rotary_emb(embed[:1, None], positions)  # the model's own rope (scaling included)
+    return LlamaWeights(embed=embed, layers=layers, norm=inner.norm.weight, lm_head=model.lm_head.weight,
+                        n_heads=config.num_attention_heads, n_kv_heads=config.num_key_value_heads,
+                        head_dim=head_dim, eps=config.rms_norm_eps, cos=cos[0], sin=sin[0])
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+def attention_sdpa(q, k_cache, v_cache, mask, n_kv_heads: int):
+    """The same attention through one fused SDPA kernel: the query heads of a kv head are folded into the query
+    length (q [B, Hkv, g * n, D]), so no kernel needs GQA support and the cache is read once per kv head."""
+    batch, n, n_heads, head_dim = q.shape
+    group, length = n_heads // n_kv_heads, k_cache.shape[1]
+    q = q.view(batch, n, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4).reshape(batch, n_kv_heads, group * n,
+                                                                                    head_dim)
+    mask = mask[:, None, None].expand(batch, 1, group, n, length).reshape(batch, 1, group * n, length)
+    out = F.scaled_dot_product_attention(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), attn_mask=mask)
+    return out.view(batch, n_kv_heads, group, n, head_dim).permute(0, 3, 1, 2, 4).reshape(batch, n, n_heads * head_dim)
+
+
+def attention(q, k_cache, v_cache, mask, n_kv_heads: int):
+    """q [B, n, Hq, D] against one layer's cache [B, L, Hkv, D]; query heads grouped by their kv head (no copy
+    of the cache per query head); softmax in float32 as transformers' eager attention does."""
+    batch, n, n_heads, head_dim = q.shape
+    group = n_heads // n_kv_heads
+    q = q.view(batch, n, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)  # [B, Hkv, g, n, D]
+    scores = torch.matmul(q, k_cache.permute(0, 2, 3, 1)[:, :, None]) * head_dim ** -0.5  # [B, Hkv, g, n, L]
+    scores = scores.float().masked_fill(~mask[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, -1).to(q.dtype)
+    out = torch.matmul(probs, v_cache.permute(0, 2, 1, 3)[:, :, None])  # [B, Hkv, g, n, D]
+    return out.permute(0, 3, 1, 2, 4).reshape(batch, n, n_heads * head_dim)
+
+
+def layer_forward(x, w: LayerWeights, k_cache, v_cache, cos, sin, slots, mask, n_heads: int,
+                  n_kv_heads: int, head_dim: int, eps: float, sdpa: bool = False):
+    """One decoder layer over x [B, n, H]; writes this step's keys/values at cache slots (row * L + position)."""
+    batch, n, _ = x.shape
+    qkv = F.linear(rms_norm(x, w.attn_norm, eps), w.wqkv)
+    q, k, v = qkv.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], -1)
+    q = rotate(q.view(batch, n, n_heads, head_dim), cos, sin)
+    k = rotate(k.view(batch, n, n_kv_heads, head_dim), cos, sin)
+    flat = (-1, n_kv_heads, head_dim)
+    k_cache.view(flat).index_copy_(0, slots, k.reshape(flat))
+    v_cache.view(flat).index_copy_(0, slots, v.reshape(flat))
+    attend = attention_sdpa if sdpa else attention
+    x = x + F.linear(attend(q, k_cache, v_cache, mask, n_kv_heads), w.wo)
+    gate, up = F.linear(rms_norm(x, w.mlp_norm, eps), w.w13).chunk(2, -1)
+    return x + F.linear(F.silu(gate) * up, w.w2)
+
+
+@functools.cache
+def compiled_layer_forward():
+    """torch.compile of one layer (gpt-fast's settings): one compilation per step shape, shared by all layers."""
+    import torch._inductor.config as inductor_config
+    inductor_config.coordinate_descent_tuning = True  # tunes the batch-1 matrix-vector kernels
+    for name in ("recompile_limit", "cache_size_limit"):  # step widths x batch sizes x model shapes
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 256)
+    return torch.compile(layer_forward, dynamic=False, fullgraph=True)
+
+
+class StaticDecoder:
+    """A model with a preallocated KV cache for `batch` rows of up to `max_len` tokens.
+
+    `step(tokens)` feeds tokens [B, n] at each row's `lengths` and returns logits [B, n, V] without committing
+    them; the caller moves `lengths` (a device tensor, changed in place, so graphs see it). On CUDA each step
+    width is captured once as a CUDA graph, and (compile_layers, default on CUDA) each layer's small ops are
+    fused by torch.compile first. On CPU the same code runs eagerly.
+    """
+
+    def __init__(self, weights: LlamaWeights, batch: int, max_len: int, use_graphs: bool | None = None,
+                 compile_layers: bool | None = None, sdpa: bool | None = None):
+        self.w, self.batch, self.max_len = weights, batch, max_len
+        device, dtype = weights.embed.device, weights.embed.dtype
+        self.device = device
+        shape = (len(weights.layers), batch, max_len, weights.n_kv_heads, weights.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.columns = torch.arange(max_len, device=device)
+        self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
+        compile_layers = device.type == "cuda" if compile_layers is None else compile_layers
+        self.layer = compiled_layer_forward() if compile_layers else layer_forward
+        self.sdpa = device.type == "cuda" if sdpa is None else sdpa
+        self.graphs: dict[int, tuple] = {}
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, layer_fn=None) -> torch.Tensor:
+        """Hidden states [B, n, H] after the final norm."""
+        layer_fn = layer_fn or self.layer
+        w = self.w
+        x = F.embedding(tokens, w.embed)
+        cos, sin = w.cos[positions][:, :, None], w.sin[positions][:, :, None]  # [B, n, 1, D]
+        mask = self.columns[None, None, :] <= positions[:, :, None]  # [B, n, L]
+        rows = torch.arange(self.batch, device=self.device)[:, None]
+        slots = (rows * self.max_len + positions).flatten()
+        for i, layer in enumerate(w.layers):
+            x = layer_fn(x, layer, self.k_cache[i], self.v_cache[i], cos, sin, slots, mask,
+                         w.n_heads, w.n_kv_heads, w.head_dim, w.eps, self.sdpa)
+        return rms_norm(x, w.norm, w.eps)
+
+    def _step_eager(self, tokens: torch.Tensor) -> torch.Tensor:
+        positions = self.lengths[:, None] + torch.arange(tokens.shape[1], device=self.device)
+        return F.linear(self._forward(tokens, positions), self.w.lm_head)
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], pad_id: int = 0) -> torch.Tensor:
+        """Write the prompts (right-padded, each at columns 0..len-1) and return last-token logits [B, V]."""
+        width = max(len(p) for p in prompts)
+        tokens = torch.full((self.batch, width), pad_id, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            tokens[row, :len(prompt)] = torch.tensor(prompt)
+        tokens = tokens.to(self.device)
+        lens = torch.tensor([len(p) for p in prompts], device=self.device)
+        positions = torch.arange(width, device=self.device).expand(self.batch, width)
+        hidden = self._forward(tokens, positions, layer_forward)[torch.arange(self.batch, device=self.device), lens - 1]
+        self.lengths.copy_(lens)
+        return F.linear(hidden, self.w.lm_head)
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.use_graphs:
+            return self._step_eager(tokens)
+        n = tokens.shape[1]
+        with torch.cuda.device(self.device):
+            if n not in self.graphs:
+                self.graphs[n] = self._capture(n)
+            graph, static_tokens, static_logits = self.graphs[n]
+            static_tokens.copy_(tokens)
+            graph.replay()
+        return static_logits
+
+    def _capture(self, n: int):
+        """Capture one step of width n (warm-up runs write only uncommitted columns, which is harmless)."""
+        static_tokens = torch.zeros(self.batch, n, dtype=torch.long, device=self.device)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step_eager(static_tokens)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_logits = self._step_eager(static_tokens)
+        return graph, static_tokens, static_logits
+
+
+def max_len_for(prompts: list[list[int]], max_new: int, gamma: int = 0) -> int:
+    """Finished rows keep stepping (frozen) until the batch ends: room for two rounds past the limit."""
+    return max(len(p) for p in prompts) + max_new + 2 * gamma + 2
+
+
+class _HostReader:
+    """Per-row bookkeeping plus the device `active` mask (finished rows stop moving their caches)."""
+
+    def __init__(self, batch: int, max_new: int, eos_ids, device):
+        self.rows = _Rows(batch, max_new, set(eos_ids))
+        self.active = torch.ones(batch, dtype=torch.long, device=device)
+        self.finished = 0
+
+    def refresh_active(self):
+        """Copy the mask to the device only when a row has finished since the last call (rare)."""
+        finished = sum(1 for reason in self.rows.reasons if reason)
+        if finished != self.finished:
+            self.finished = finished
+            self.active.copy_(torch.tensor([0 if reason else 1 for reason in self.rows.reasons]))
+
+
+@torch.inference_mode()
+def static_autoregressive_generate(target: StaticDecoder, prompts: list[list[int]], max_new: int,
+                                   temperature: float = 0.0, eos_ids=frozenset(), pad_id: int = 0,
+                                   generator=None) -> Generation:
+    """AR decoding on a StaticDecoder. The next step is queued before the host reads the current tokens (a
+    copy to pinned memory and an event), so the GPU never waits for Python; token times are when the host has
+    them. A row that finishes moves its cache one step more than needed (max_len_for leaves room)."""
+    logits = target.prefill(prompts, pad_id)
+    host = _HostReader(len(prompts), max_new, eos_ids, target.device)
+    pinned = torch.empty(len(prompts), dtype=torch.long, pin_memory=target.device.type == "cuda")
+    while True:
+        token = logits.argmax(-1) if temperature <= 0 else sample(probabilities(logits.float(), temperature),
+                                                                   generator)
+        pinned.copy_(token, non_blocking=True)
+        ready = torch.cuda.Event() if target.device.type == "cuda" else None
+        if ready is not None:
+            ready.record()
+        if not all(len(t) + 1 >= max_new for t in host.rows.tokens):
+            logits = target.step(token[:, None])[:, -1]
+            target.lengths.add_(host.active)
+        if ready is not None:
+            ready.synchronize()
+        now = time.perf_counter()
+        for row, t in enumerate(pinned.tolist()):
+            host.rows.add(row, [t], now)
+        if host.rows.done():
+            break
+        host.refresh_active()
+    return Generation(host.rows.tokens, host.rows.times, host.rows.reasons)
+
+
+def accept_drafts(target_logits: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor | None,
+                  temperature: float, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leviathan's rule on device: (accepted count [B], next token [B]). Greedy compares argmaxes directly
+    (the temperature-0 case of the same rule, without building one-hot distributions)."""
+    batch, gamma = drafts.shape
+    rows = torch.arange(batch, device=drafts.device)
+    if temperature <= 0:
+        best = target_logits.argmax(-1)  # [B, gamma + 1]
+        n_accepted = (best[:, :gamma] == drafts).long().cumprod(1).sum(1)
+        return n_accepted, best[rows, n_accepted]
+    p = probabilities(target_logits.float(), temperature)
+    q = draft_probs
+    p_draft = p[:, :gamma].gather(-1, drafts[..., None])[..., 0]
+    q_draft = q.gather(-1, drafts[..., None])[..., 0]
+    uniform = torch.rand(p_draft.shape, generator=generator, device=p_draft.device)
+    n_accepted = (uniform < (p_draft / q_draft).clamp(max=1.0)).long().cumprod(1).sum(1)
+    p_next = p[rows, n_accepted]
+    q_next = torch.cat([q, torch.zeros_like(q[:, :1])], 1)[rows, n_accepted]
+    residual = (p_next - q_next).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
+    return n_accepted, sample(residual / residual.sum(-1, keepdim=True), generator)
+
+
+@torch.inference_mode()
+def static_speculative_generate(target: StaticDecoder, draft: StaticDecoder, prompts: list[list[int]],
+                                max_new: int, gamma: int, temperature: float = 0.0, eos_ids=frozenset(),
+                                pad_id: int = 0, generator=None) -> Generation:
+    """Chain SD on StaticDecoders. A round: the draft's first step feeds 2 tokens (the last committed token
+    and the pending one: this also fills the draft cache after a fully accepted round, with no branch), then
+    gamma - 1 single-token steps, one target verify of gamma + 1 tokens, acceptance on device, and one host
+    read of (accepted counts, tokens)."""
+    batch, device = len(prompts), target.device
+    logits = target.prefill(prompts, pad_id)
+    draft.prefill(prompts, pad_id)
+    draft.lengths.sub_(1)  # the last prompt token is fed again with the pending one
+    host = _HostReader(batch, max_new, eos_ids, device)
+    out = Generation([], [], [], [0] * batch, [0] * batch, [0] * batch, [[0] * gamma for _ in range(batch)])
+    pending = sample(probabilities(logits.float(), temperature), generator)
+    last = torch.tensor([p[-1] for p in prompts], device=device)
+    now = time.perf_counter()
+    for row, t in enumerate(pending.tolist()):
+        host.rows.add(row, [t], now)
+    while not host.rows.done():
+        host.refresh_active()
+        token_in, fed, drafted, probs = torch.stack([last, pending], 1), 2, [], []
+        for _ in range(gamma):
+            draft_logits = draft.step(token_in.to(draft.device))[:, -1].float().to(device)
+            draft.lengths.add_(fed)
+            q = probabilities(draft_logits, temperature) if temperature > 0 else None
+            token = draft_logits.argmax(-1) if q is None else sample(q, generator)
+            drafted.append(token)
+            probs.append(q)
+            token_in, fed = token[:, None], 1
+        drafts = torch.stack(drafted, 1)
+        fed_target = torch.cat([pending[:, None], drafts], 1)  # [B, gamma + 1]
+        n_accepted, next_token = accept_drafts(target.step(fed_target), drafts,
+                                               torch.stack(probs, 1) if temperature > 0 else None,
+                                               temperature, generator)
+        target.lengths.add_((n_accepted + 1) * host.active)
+        draft.lengths.copy_(target.lengths - 1)  # (a cross-device copy when the draft has its own GPU)
+        last = fed_target[torch.arange(batch, device=device), n_accepted]
+        pending = next_token
+        # the one host sync of the round
+        counts = torch.cat([n_accepted[:, None], drafts, next_token[:, None]], 1).tolist()
+        now = time.perf_counter()
+        for row, values in enumerate(counts):
+            if host.rows.reasons[row]:
+                continue
+            n = values[0]
+            out.num_drafts[row] += 1
+            out.draft_tokens[row] += gamma
+            out.accepted_tokens[row] += n
+            for pos in range(n):
+                out.accepted_per_position[row][pos] += 1
+            host.rows.add(row, values[1:1 + n] + [values[-1]], now)
+    out.tokens, out.token_times, out.finish_reasons = host.rows.tokens, host.rows.times, host.rows.reasons
+    return out

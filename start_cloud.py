@@ -1,0 +1,16 @@
+#!/usr/bin/env python3
+"""Start the cloud server: verifies edge drafts with the PyTorch/transformers target, FastAPI on uvicorn.
+
+  python start_cloud.py [--config configs/edge_cloud.yaml] [--host 127.0.0.1] [--port 8081] [--auth-token T]
+"""
+from lib.errors import exit_on_usage_error
+from start_edge import serve
+
+
+@exit_on_usage_error
+def main():
+    serve("cloud", 8081)
+
+
+if __name__ == "__main__":
+    main()

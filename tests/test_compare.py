@@ -1,0 +1,91 @@
+"""Comparison of captures: self-compare, two reference configurations, the workflow and the analysis CLI."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lib.capture import load_capture
+from lib.compare import acceptance_distribution, compare_captures
+from lib.errors import UsageError
+from test_capture import small_capture
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def workflow_dir(tmp_path_factory):
+    """config1 vs config2 of the reference engine, end to end through workflow.py."""
+    out = tmp_path_factory.mktemp("wf")
+    proc = subprocess.run([sys.executable, "workflow.py", "--num-prompts", "2", "--comparison-steps", "16",
+                           "--results-dir", str(out), "--run-id", "run"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stderr
+    assert "all tokens equal: True" in proc.stdout
+    return out / "run"
+
+
+def test_workflow_writes_one_folder(workflow_dir):
+    names = {p.name for p in workflow_dir.iterdir()}
+    assert {"logits_capture_config1.json", "logits_capture_config1.safetensors", "logits_capture_config2.json",
+            "logits_capture_config2.safetensors", "detailed_logits_comparison_results.json",
+            "logits_divergence_per_step.png", "acceptance_length_distribution.png", "workflow.json"} <= names
+    assert json.loads((workflow_dir / "workflow.json").read_text())["all_tokens_equal"] is True
+
+
+def test_two_configs_agree_on_tokens_and_differ_in_acceptance(workflow_dir):
+    results = json.loads((workflow_dir / "detailed_logits_comparison_results.json").read_text())
+    summary = results["summary"]
+    assert summary["all_tokens_equal"] and summary["first_divergent_step"] == [None, None]
+    assert summary["aligned"]["steps"] == 32 and summary["aligned"]["token_agreement"] == 1.0
+    assert summary["aligned"]["max_abs_diff"] < 1e-3 and summary["aligned"]["mean_topk_overlap"] == 1.0
+    acc = results["acceptance"]
+    assert acc["data1"]["mean"] > acc["data2"]["mean"]  # depth 5 / 32 nodes accepts more than depth 2 / 12
+    assert max(int(k) for k in acc["data2"]["histogram"]) <= 3  # at most 2 drafts + bonus per round
+    assert acc["data1"]["histogram"] != acc["data2"]["histogram"]
+
+
+def test_self_compare_has_zero_divergence(workflow_dir):
+    capture = load_capture(workflow_dir / "logits_capture_config1.json")
+    results = compare_captures(capture, capture)
+    aligned = results["summary"]["aligned"]
+    assert results["summary"]["all_tokens_equal"]
+    assert aligned["mean_kl"] == 0 and aligned["max_kl"] == 0 and aligned["mean_js"] == pytest.approx(0, abs=1e-12)
+    assert aligned["max_abs_diff"] == 0 and aligned["mean_topk_overlap"] == 1.0
+    assert aligned["rank_a_in_b_top1_rate"] == 1.0
+    assert results["acceptance"]["data1"] == results["acceptance"]["data2"]
+
+
+def test_divergence_is_found_and_measured():
+    a, b = small_capture(tokens=(5, 6, 7)), small_capture(tokens=(5, 8, 7))
+    b.prompts[0].topk_logprobs[1] = [-0.5, -1.0, -3.0, -4.0]
+    b.prompts[0].topk_logits = None  # only log-probs on one side -> differences of log-probs
+    results = compare_captures(a, b)
+    steps = results["prompts"][0]["steps"]
+    assert results["prompts"][0]["first_divergent_step"] == 1
+    assert results["summary"]["aligned"]["steps"] == 2 and results["abs_diff_of"] == "logprobs"
+    assert steps[0]["kl"] == 0 and steps[1]["kl"] > 0 and steps[1]["js"] > 0
+    assert steps[1]["topk_overlap"] == 0.75  # ids 6 and 8 differ, three shared
+    assert steps[1]["rank_a_in_b"] == -1 and steps[1]["rank_b_in_a"] == -1
+    assert math.isclose(steps[1]["max_abs_diff"], 1.0, rel_tol=1e-6)
+
+
+def test_acceptance_from_per_position_counters():
+    capture = small_capture()
+    capture.prompts[0].accept_lengths = []
+    capture.prompts[0].spec = {"num_drafts": 4, "accepted_tokens": 5, "draft_tokens": 12,
+                               "accepted_per_position": [3, 2, 0]}
+    dist = acceptance_distribution(capture)
+    assert dist["histogram"] == {"1": 1, "2": 1, "3": 2, "4": 0} and dist["mean"] == 1 + 5 / 4
+
+
+def test_different_prompts_are_refused():
+    a, b = small_capture(), small_capture()
+    b.prompts[0].prompt_ids = [9, 9]
+    with pytest.raises(UsageError, match="different prompts"):
+        compare_captures(a, b)
+    b.prompts = b.prompts * 2
+    with pytest.raises(UsageError, match="same prompt file"):
+        compare_captures(a, b)

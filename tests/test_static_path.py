@@ -1,0 +1,140 @@
+"""The fast decode path (lib/spec/static.py) against the plain path (lib/spec/chain.py), on CPU, tiny models."""
+import json
+
+import pytest
+import torch
+
+from lib.models import load_model, load_tokenizer
+from lib.spec.chain import autoregressive_generate, speculative_generate
+from lib.spec.static import (StaticDecoder, max_len_for, static_autoregressive_generate,
+                             static_speculative_generate, supports, weights_from_hf)
+
+NEW = 32
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_models):
+    return load_model(tiny_models.target), load_model(tiny_models.draft), load_tokenizer(tiny_models.target)
+
+
+@pytest.fixture(scope="module")
+def prompts(pair, shipped_prompts):
+    tokenizer = pair[2]
+    return [tokenizer.encode(p)[:24] for p in shipped_prompts[:3]]  # different lengths
+
+
+def decoders(target, draft, batch, gamma=0):
+    max_len = max_len_for(batch, NEW, gamma)
+    t = StaticDecoder(weights_from_hf(target, max_len), len(batch), max_len)
+    d = None if draft is None else StaticDecoder(weights_from_hf(draft, max_len), len(batch), max_len)
+    return t, d
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_greedy_ar_equals_plain_path(pair, prompts, rows):
+    target, _, _ = pair
+    batch = prompts[:rows]
+    plain = autoregressive_generate(target, batch, NEW)
+    fast = static_autoregressive_generate(decoders(target, None, batch)[0], batch, NEW)
+    assert fast.tokens == plain.tokens
+    assert all(len(t) == NEW for t in fast.tokens)
+    assert all(len(times) == NEW and times == sorted(times) for times in fast.token_times)
+
+
+@pytest.mark.parametrize("rows,gamma", [(1, 4), (3, 3)])
+def test_greedy_sd_equals_plain_ar_and_counts_match_chain(pair, prompts, rows, gamma):
+    target, draft, _ = pair
+    batch = prompts[:rows]
+    plain = autoregressive_generate(target, batch, NEW)
+    chain = speculative_generate(target, draft, batch, NEW, gamma)
+    t, d = decoders(target, draft, batch, gamma)
+    fast = static_speculative_generate(t, d, batch, NEW, gamma)
+    assert fast.tokens == plain.tokens
+    # same acceptance as the plain SD loop: the drafts are the same tokens
+    assert fast.accepted_tokens == chain.accepted_tokens
+    assert fast.num_drafts == chain.num_drafts
+    assert all(sum(per_pos) == acc for per_pos, acc in zip(fast.accepted_per_position, fast.accepted_tokens))
+
+
+def test_self_draft_of_first_layers_is_lossless(pair, prompts):
+    target, _, _ = pair
+    batch = prompts[:2]
+    max_len = max_len_for(batch, NEW, 3)
+    weights = weights_from_hf(target, max_len)
+    fast = static_speculative_generate(StaticDecoder(weights, 2, max_len),
+                                       StaticDecoder(weights.first_layers(2), 2, max_len), batch, NEW, 3)
+    assert fast.tokens == autoregressive_generate(target, batch, NEW).tokens
+    assert sum(fast.accepted_tokens) > 0
+
+
+def test_eos_stops_a_row_and_others_go_on(pair, prompts):
+    target, draft, _ = pair
+    batch = prompts[:2]
+    plain = autoregressive_generate(target, batch, NEW)
+    eos = plain.tokens[0][5]  # a token row 0 emits early: treat it as EOS
+    want = autoregressive_generate(target, batch, NEW, eos_ids={eos})
+    t, d = decoders(target, draft, batch, 4)
+    fast = static_speculative_generate(t, d, batch, NEW, 4, eos_ids={eos})
+    assert fast.tokens == want.tokens
+    assert fast.finish_reasons == want.finish_reasons and fast.finish_reasons[0] == "stop"
+
+
+def test_sampling_keeps_lengths_and_is_seeded(pair, prompts):
+    target, draft, _ = pair
+    batch = prompts[:2]
+    outs = []
+    for _ in range(2):
+        t, d = decoders(target, draft, batch, 4)
+        outs.append(static_speculative_generate(t, d, batch, NEW, 4, temperature=0.8,
+                                                generator=torch.Generator().manual_seed(7)).tokens)
+    assert outs[0] == outs[1]
+    assert all(len(row) == NEW for row in outs[0])
+
+
+def test_supports_llama_only(pair):
+    assert supports(pair[0])
+
+
+def test_benchmark_smoke_on_cpu(tmp_path):
+    from benchmarks.gpu_decode import main
+    out = tmp_path / "smoke.json"
+    result = main(["--tiny", "--batches", "1", "--eps", "1e-4", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["schema"] == "speclab.gpu_decode/1" and saved["rows"] == result["rows"]
+    methods = {row["method"] for row in saved["rows"]}
+    assert methods == {"ar", "sd", "hf_generate", "hf_assisted"}
+    sd = [row for row in saved["rows"] if row["method"] == "sd"]
+    assert all(0 <= row["acceptance_rate"] <= 1 and row["predicted"] > 0 for row in sd)
+
+
+def _engine_outputs(method, env, tiny_models, shipped_prompts):
+    from lib.config import resolve
+    from lib.engines.base import Clock, Request
+    from lib.engines.hf_engine import HFEngine
+    from lib.models import resolve_models
+    cfg = resolve(None, env)
+    engine = HFEngine(cfg, method, resolve_models(cfg, need_draft=method != "target", log=lambda *a: None))
+    engine.start()
+    requests = [Request(i, p, engine.tokenizer.encode(p), 16) for i, p in enumerate(shipped_prompts[:2])]
+    records = engine.generate_batch(requests, Clock())
+    return engine.describe(), records
+
+
+def test_hf_engine_fast_path_assisted_and_plain_agree(tiny_models, shipped_prompts):
+    plain_info, plain = _engine_outputs("target", {"HF_FAST_PATH": "false"}, tiny_models, shipped_prompts)
+    fast_info, fast = _engine_outputs("speculative", {}, tiny_models, shipped_prompts)
+    assisted_info, assisted = _engine_outputs("assisted", {}, tiny_models, shipped_prompts)
+    assert not plain_info["fast_path"] and fast_info["fast_path"] and not assisted_info["fast_path"]
+    assert fast_info["placement"]["target"] == "cpu" and fast_info["placement"]["strategy"] == "same"
+    want = [r.output_ids for r in plain]
+    assert [r.output_ids for r in fast] == want == [r.output_ids for r in assisted]
+    assert all(r.spec is not None and r.spec.num_drafts > 0 for r in fast)
+    assert all(len(r.token_times) == len(r.output_ids) for r in assisted)
+
+
+def test_assisted_only_with_hf_engine():
+    from lib.config import modes, resolve
+    from lib.errors import UsageError
+    with pytest.raises(UsageError, match="assisted"):
+        modes(resolve(None, {"COMPARE_MODES": "vllm:assisted"}))
+    assert ("hf", "assisted") in modes(resolve(None, {"INFERENCE_METHOD": "assisted"}))

@@ -1,0 +1,211 @@
+"""Nightly sweeps for real on the tiny models: cron-like start, lock, a failing combination, --resume after a kill,
+a planted regression, analyze.py, and the HTML report rendered in headless Chromium."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CRON_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root")}
+TINY_FIXED = {"NUM_PROMPTS": 2, "GENERATION_LENGTH": 8, "PROMPT_FILE": "prompts/prompt_small.txt",
+              "ENABLE_BATCH": True, "BATCH_SIZE": 2, "TEMPERATURE": 0}
+
+
+def write_sweep(path: Path, matrix: dict, include: list | None = None, **extra) -> Path:
+    import yaml
+    path.write_text(yaml.safe_dump({"fixed": TINY_FIXED, "matrix": matrix, "include": include or [], **extra}))
+    return path
+
+
+def start_sweep(*args, env=None) -> subprocess.Popen:
+    """run_sweep.sh as cron starts it: bare environment, no terminal (own session), stdin closed."""
+    return subprocess.Popen([str(ROOT / "run_sweep.sh"), *map(str, args)], env=env or CRON_ENV, cwd="/",
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def run_sweep(*args, timeout=600) -> subprocess.CompletedProcess:
+    proc = start_sweep(*args)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def wait_for(predicate, timeout=300, what="condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def statuses(night: Path) -> dict:
+    return {c["id"]: c for c in json.loads((night / "sweep.json").read_text())["combos"]}
+
+
+@pytest.fixture(scope="module")
+def night1(tmp_path_factory):
+    """One tiny night: two good combinations and one with a missing model, run from cron-like conditions,
+    with a second start attempted while it runs."""
+    base = tmp_path_factory.mktemp("sweep")
+    sweep = write_sweep(base / "tinytest.yaml", {"GAMMA_VALUE": [2, 3]}, [{"TARGET_MODEL": "/nonexistent"}])
+    out = base / "out"
+    first = start_sweep(sweep, "--output-root", out, "--date", "2026-01-01")
+    lock = out / ".lock"
+    wait_for(lambda: lock.is_file() and lock.read_text().strip(), 120, "the first sweep to take the lock")
+    second = run_sweep(sweep, "--output-root", out, "--date", "2026-01-01", timeout=120)
+    stdout, stderr = first.communicate(timeout=900)
+    return {"sweep": sweep, "out": out, "night": out / "tinytest" / "2026-01-01", "rc": first.returncode,
+            "stdout": stdout, "stderr": stderr, "second": second}
+
+
+def test_cron_like_night_records_failure_and_writes_report(night1):
+    night = night1["night"]
+    assert night1["rc"] == 1, night1["stderr"][-2000:]  # a combination failed -> non-zero for cron mail
+    combos = statuses(night)
+    assert combos["gamma_value-2"]["status"] == "ok" and combos["gamma_value-3"]["status"] == "ok"
+    bad = combos["target_model-nonexistent"]
+    assert bad["status"] == "failed" and bad["exit_code"] == 2
+    assert "TARGET_MODEL=/nonexistent" in bad["error"]
+    for cid in ("gamma_value-2", "gamma_value-3"):
+        results = json.loads((night / cid / "benchmark_results.json").read_text())
+        assert results["config"]["GAMMA_VALUE"] == int(cid[-1])
+        assert {m["status"] for m in results["modes"].values()} == {"complete"}
+    log = (night / "sweep.log").read_text()
+    assert "target_model-nonexistent: failed" in log and "gamma_value-3: ok" in log
+    md = (night / "report.md").read_text()
+    alerts, rest = md.split("## Speedup of SD over AR")
+    assert "target_model-nonexistent" in alerts and "no such folder" in alerts
+    assert "n/a: no GPU energy readings" in rest  # CPU machine: energy per token is n/a, said so
+    for png in ("speedup.png", "acceptance.png", "latency.png"):
+        assert (night / "plots" / png).stat().st_size > 5000
+        assert f"plots/{png}" in md
+    assert (night / "report.html").read_text().count("data:image/png;base64,") == 3
+
+
+def test_second_start_is_refused_by_the_lock(night1):
+    second = night1["second"]
+    assert second.returncode == 75
+    assert "another sweep is running" in second.stderr and "tinytest" in second.stderr
+    assert second.stderr.count("\n") == 1  # one line, no traceback
+
+
+def test_planted_regression_is_flagged(night1):
+    out, night = night1["out"], night1["night"]
+    copy = night.parent / "2026-01-02"
+    shutil.copytree(night, copy)
+    state = json.loads((copy / "sweep.json").read_text())
+    state["combos"] = [c for c in state["combos"] if c["status"] == "ok"]  # tonight: nothing failed
+    (copy / "sweep.json").write_text(json.dumps(state))
+    args = (night1["sweep"], "--output-root", out, "--date", "2026-01-02", "--report-only")
+    same = run_sweep(*args, timeout=120)
+    assert same.returncode == 0, same.stdout + same.stderr  # an identical night is no regression
+
+    path = copy / "gamma_value-3" / "benchmark_results.json"
+    results = json.loads(path.read_text())
+    for comp in results["comparisons"]:
+        comp["output_throughput_speedup"] *= 0.5  # plant: SD got twice slower relative to AR
+    path.write_text(json.dumps(results))
+    flagged = run_sweep(*args, timeout=120)
+    assert flagged.returncode == 1
+    assert "regression" in flagged.stdout and "gamma_value-3" in flagged.stdout
+    md = (copy / "report.md").read_text()
+    alerts = md.split("## Speedup of SD over AR")[0]
+    assert re.search(r"\| gamma_value-3 \| hf:speculative \| speedup \|.*\| -50\.0% \|", alerts)
+    assert "gamma_value-2" not in alerts  # untouched combination: not flagged
+    report = json.loads((copy / "report.json").read_text())
+    assert report["previous"] == "2026-01-01" and [r["metric"] for r in report["regressions"]] == ["speedup"]
+    assert (copy / "plots" / "trend.png").stat().st_size > 5000
+
+
+def test_resume_after_kill_runs_only_what_was_missing(tmp_path):
+    sweep = write_sweep(tmp_path / "resumetest.yaml", {"GAMMA_VALUE": [2, 4]})
+    out, night = tmp_path / "out", tmp_path / "out" / "resumetest" / "2026-01-05"
+    proc = start_sweep(sweep, "--output-root", out, "--date", "2026-01-05")
+    wait_for(lambda: (night / "sweep.json").is_file() and statuses(night)["gamma_value-2"]["status"] == "ok",
+             600, "the first combination")
+    os.killpg(proc.pid, signal.SIGTERM)  # what cron's timeout or a shutdown does
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert statuses(night)["gamma_value-4"]["status"] in ("interrupted", "pending")
+    done_file = night / "gamma_value-2" / "benchmark_results.json"
+    stamp = done_file.stat().st_mtime_ns
+
+    resumed = run_sweep(sweep, "--output-root", out, "--date", "2026-01-05", "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert done_file.stat().st_mtime_ns == stamp  # the finished combination was not rerun
+    assert "gamma_value-2: done on an earlier run, skipped" in resumed.stdout
+    assert "[2/2] gamma_value-4: ok" in resumed.stdout
+    assert {c["status"] for c in statuses(night).values()} == {"ok"}
+    assert (night / "report.html").is_file()
+
+
+def test_bad_sweep_file_is_one_line_exit_2(tmp_path):
+    bad = write_sweep(tmp_path / "bad.yaml", {"GAMMA_VALUES": [2]})
+    proc = subprocess.run([sys.executable, "-m", "lib.sweep", str(bad)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "GAMMA_VALUES: not a SpecLab variable" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    bad_value = write_sweep(tmp_path / "bad2.yaml", {"GAMMA_VALUE": [2, "many"]})
+    proc = subprocess.run([sys.executable, "-m", "lib.sweep", str(bad_value)], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "GAMMA_VALUE='many'" in proc.stderr
+
+
+def test_analyze_reads_folders_into_csv_and_markdown(night1, tmp_path):
+    csv_path, md_path = tmp_path / "t.csv", tmp_path / "t.md"
+    proc = subprocess.run([sys.executable, "analyze.py", str(night1["out"] / "tinytest" / "2026-01-0*"),
+                           "--csv", str(csv_path), "--md", str(md_path)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(csv_path.open()))
+    assert len(rows) >= 4  # 2 combinations x 2 modes, per night found
+    assert {r["mode"] for r in rows} == {"hf:target", "hf:speculative"}
+    assert {r["GAMMA_VALUE"] for r in rows} == {"2", "3"}  # the varying config shows as a column
+    sd = [r for r in rows if r["mode"] == "hf:speculative"]
+    assert all(0 < float(r["acceptance_rate"]) <= 1 and float(r["speedup"]) > 0 for r in sd)
+    md = md_path.read_text().splitlines()
+    assert md[0].startswith("| run | mode | GAMMA_VALUE |") and len(md) == 2 + len(rows)
+
+
+def test_report_html_renders_with_figures_in_chromium(night1, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert browser, "chromium missing: run scripts/ensure_chromium.sh (tests/run.sh does)"
+    html = night1["night"] / "report.html"
+    shot = tmp_path / "shot.png"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp_path}/p"]
+    subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1280,5200", html.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    dom = subprocess.run([browser, *flags, "--dump-dom", html.as_uri()], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    from io import BytesIO
+    import base64
+
+    from PIL import Image
+    images = re.findall(r'<img[^>]*src="data:image/png;base64,([^"]+)"', dom)
+    assert len(images) == 3
+    assert all(min(Image.open(BytesIO(base64.b64decode(b))).size) > 100 for b in images)
+    import numpy as np
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=int)
+    # matplotlib's first series colour (#1f77b4) only appears where a plot was painted
+    blue = (np.abs(pixels - np.array([31, 119, 180])).max(axis=2) < 25).sum()
+    assert blue > 500
+
+
+def test_time_budget_stops_the_running_combination_and_skips_the_rest(tmp_path):
+    sweep = write_sweep(tmp_path / "budgettest.yaml", {"GAMMA_VALUE": [2, 4]})
+    night = tmp_path / "out" / "budgettest" / "2026-01-07"
+    proc = run_sweep(sweep, "--output-root", tmp_path / "out", "--date", "2026-01-07", "--budget-min", "0.05")
+    assert proc.returncode == 1  # an incomplete night is reported to cron
+    combos = statuses(night)
+    assert combos["gamma_value-2"]["status"] == "timeout" and "time budget" in combos["gamma_value-2"]["error"]
+    assert combos["gamma_value-4"]["status"] == "skipped_budget"
+    assert "skipped_budget" in (night / "report.md").read_text().split("## Speedup")[0]
