@@ -63,6 +63,9 @@ def print_dry_run(cfg, plan):
     console.print(f"  target: {plan['models']['target']}; draft: {plan['models']['draft']}")
 
 
+COPY_BANDWIDTH: dict[str, float] = {}  # device -> measured copy bytes/s, once per run
+
+
 def run_mode(engine_name, method, cfg, models, requests, writer, monitor, run_clock, console):
     """Start one engine, run the workload, save its results. Returns the mode's result dict."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -106,6 +109,13 @@ def run_mode(engine_name, method, cfg, models, requests, writer, monitor, run_cl
     result = {"status": status, "error": error, "engine": engine.describe(), "weight_bytes": engine.weight_bytes(),
               "window": {"start_s": t_start, "end_s": t_end}, "metrics": metrics.to_json(),
               "energy": monitor.window(t_start, t_end, metrics.total_output_tokens)}
+    bytes_read = getattr(engine, "weight_bytes_read", None)
+    if bytes_read:
+        from lib.bandwidth import bandwidth_report, copy_bandwidth
+        device = engine.describe().get("device", "cpu")
+        if device not in COPY_BANDWIDTH:
+            COPY_BANDWIDTH[device] = copy_bandwidth(device)
+        result["bandwidth"] = bandwidth_report(bytes_read, duration, COPY_BANDWIDTH[device])
     extra = getattr(engine, "extra_results", None)
     if callable(extra):
         result.update(extra())

@@ -126,7 +126,7 @@ def print_summary(modes: dict, comparisons: list[dict], run_dir: Path, console=N
     console = console or Console(stderr=False)
     table = Table(title="SpecLab benchmark summary", show_lines=False)
     for col in ("mode", "status", "done", "out tok/s", "TTFT ms (mean/p99)", "TPOT ms (mean/p99)",
-                "ITL ms (mean)", "E2EL ms (mean)", "accept rate", "accept len", "J/token"):
+                "ITL ms (mean)", "E2EL ms (mean)", "accept rate", "accept len", "J/token", "BW eff"):
         table.add_column(col, justify="left" if col in ("mode", "status") else "right")
     for mode, res in modes.items():
         m, lat, acc = res["metrics"], res["metrics"]["latency"], res["metrics"]["acceptance"]
@@ -136,7 +136,8 @@ def print_summary(modes: dict, comparisons: list[dict], run_dir: Path, console=N
                       f"{_fmt(lat['mean_tpot_ms'], 2)} / {_fmt(lat['p99_tpot_ms'], 2)}",
                       _fmt(lat["mean_itl_ms"], 2), _fmt(lat["mean_e2el_ms"], 1),
                       _fmt(acc.get("acceptance_rate"), 3), _fmt(acc.get("acceptance_length"), 2),
-                      _fmt(energy.get("energy_per_output_token_j"), 4) if energy.get("available") else "n/a")
+                      _fmt(energy.get("energy_per_output_token_j"), 4) if energy.get("available") else "n/a",
+                      _fmt((res.get("bandwidth") or {}).get("bandwidth_efficiency"), 3))
     console.print(table)
     for c in comparisons:
         console.print(f"{c['mode']} vs {c['baseline']}: output throughput x{_fmt(c['output_throughput_speedup'])}, "

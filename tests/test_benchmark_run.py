@@ -47,6 +47,13 @@ def test_default_run_files_lossless_and_acceptance(tmp_path, batch):
     specul = {r["request_id"]: r["output_ids"] for r in read_jsonl(run_dir / "requests_hf_speculative.jsonl")}
     assert target == specul and len(target) == 6
     assert results["comparisons"][0]["baseline"] == "hf:target"
+    bandwidth = results["modes"]["hf:target"]["bandwidth"]
+    assert 0 < bandwidth["bandwidth_efficiency"] < 1.5 and bandwidth["copy_bandwidth_gb_s"] > 0
+    if batch == 1:  # one full read of the target's non-embedding weights per generated token
+        from lib.models import ensure_tiny_models, load_model
+        model = load_model(ensure_tiny_models(log=lambda *a: None).target)
+        per_step = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+        assert bandwidth["weight_bytes_read"] == per_step * sum(len(ids) for ids in target.values())
     gpu = json.loads((run_dir / "benchmark_results_gpu.json").read_text())
     assert gpu["available"] is False and gpu["reason"]  # this machine has no GPU: recorded, run went on
     assert "SpecLab benchmark summary" in proc.stdout

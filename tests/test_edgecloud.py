@@ -242,3 +242,31 @@ def test_bad_config_is_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"error: --config {bad}: edge.confidence.strategy='psychic': expected one of max_prob, entropy, "
         "temperature, top_k_agg, ensemble"]
+
+
+# ----------------------------------------------------------------------------------------- the vLLM verifier
+
+def test_vllm_cloud_verifier_greedy_equals_hf_cloud_only(servers, tiny_tokenizer, shipped_prompts):
+    """cloud.model.engine: vllm, for real (vLLM's CPU build): edge + vLLM cloud = HF cloud-only, token for token."""
+    from lib.edgecloud.servers import build_cloud_app
+    port = free_port()
+    over = {"cloud": {"model": {"engine": "vllm"}, "server": {"port": port}},
+            "communication": {"cloud_endpoint": f"http://127.0.0.1:{port}"}}
+    cfg = apply_overrides(servers, over, "test")
+    app, verifier = build_cloud_app(cfg, log=lambda *a: None)
+    thread = ServerThread(app, "127.0.0.1", port).start()
+    try:
+        for prompt in shipped_prompts[:2]:
+            reference = run(servers, tiny_tokenizer, prompt, mode="cloud_only")  # the HF cloud
+            got = run(cfg, tiny_tokenizer, prompt)
+            assert got.error is None and got.token_ids == reference.token_ids
+            assert got.draft_tokens > 0 and 0 < got.accepted_tokens <= got.draft_tokens
+            assert run(cfg, tiny_tokenizer, prompt, mode="cloud_only").token_ids == reference.token_ids
+        s = stats(cfg, "cloud")
+        assert s["verify_requests"] > 0 and s["accepted_tokens"] <= s["draft_tokens"]
+        sampled = httpx.post(f"http://127.0.0.1:{port}/v1/verify", headers={"authorization": f"Bearer {TOKEN}"},
+                             json={"context_ids": [5, 6], "draft_ids": [7], "temperature": 0.8})
+        assert sampled.status_code == 422 and "greedy" in sampled.json()["error"]
+    finally:
+        thread.stop()
+        verifier.llm.llm_engine.engine_core.shutdown()

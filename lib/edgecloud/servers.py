@@ -25,16 +25,21 @@ def build_edge_app(cfg: dict, log=print):
 
 
 def build_cloud_app(cfg: dict, log=print):
-    from lib.edgecloud.verify import CloudVerifier
     cloud = cfg["cloud"]
     target = cloud_model_dir(cfg)
     if cloud["model"]["n_threads"]:
         import torch
         torch.set_num_threads(int(cloud["model"]["n_threads"]))
-    verifier = CloudVerifier(target, "cpu" if not _cuda() else "cuda", cloud["model"]["dtype"],
-                             int(cloud["kv_cache"]["block_size"]), int(cloud["kv_cache"]["max_blocks"]),
-                             seed=int(cfg["inference"]["seed"]))
-    describe = {"model": target.name, "engine": "hf (PyTorch/transformers)", "device": verifier.device}
+    if cloud["model"]["engine"] == "vllm":
+        from lib.edgecloud.verify_vllm import VLLMCloudVerifier
+        verifier = VLLMCloudVerifier(target, cloud["model"]["dtype"], seed=int(cfg["inference"]["seed"]))
+        describe = {"model": target.name, "engine": f"vllm {verifier.vllm.__version__}", "device": verifier.device}
+    else:
+        from lib.edgecloud.verify import CloudVerifier
+        verifier = CloudVerifier(target, "cpu" if not _cuda() else "cuda", cloud["model"]["dtype"],
+                                 int(cloud["kv_cache"]["block_size"]), int(cloud["kv_cache"]["max_blocks"]),
+                                 seed=int(cfg["inference"]["seed"]))
+        describe = {"model": target.name, "engine": "hf (PyTorch/transformers)", "device": verifier.device}
     comm = cfg["communication"]
     return create_cloud_app(verifier, comm["auth_token"], int(comm["max_body_bytes"]), describe), verifier
 

@@ -90,9 +90,12 @@ def validate(cfg: dict, source: str):
                          "(max_prob, entropy, temperature, top_k_agg), not all 0")
     if not 0 <= cfg["edge"]["draft"]["max_draft_tokens"] <= 64:
         raise UsageError(f"{source}: edge.draft.max_draft_tokens: expected 0..64")
-    if cfg["cloud"]["model"]["engine"] != "hf":
-        raise UsageError(f"{source}: cloud.model.engine={cfg['cloud']['model']['engine']!r}: only hf "
-                         "(the PyTorch/transformers verifier) is built in")
+    if cfg["cloud"]["model"]["engine"] not in ("hf", "vllm"):
+        raise UsageError(f"{source}: cloud.model.engine={cfg['cloud']['model']['engine']!r}: expected hf "
+                         "(PyTorch/transformers) or vllm (greedy verification only)")
+    if cfg["cloud"]["model"]["engine"] == "vllm" and cfg["inference"]["temperature"] > 0:
+        raise UsageError(f"{source}: cloud.model.engine=vllm verifies greedy drafts only: set "
+                         "inference.temperature to 0 or use cloud.model.engine: hf")
     for exp in cfg["experiments"]["ablations"] or []:
         if not isinstance(exp, dict) or not isinstance(exp.get("name"), str):
             raise UsageError(f"{source}: experiments.ablations: every entry needs a name and config_overrides")

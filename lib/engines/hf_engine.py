@@ -46,6 +46,9 @@ class HFEngine(Engine):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.fast = self._fast_weights()
         self.decoders: dict = {}
+        self._model_bytes = tuple(_nbytes(m) for m in (self.target, self.draft))
+        self._read_bytes = tuple(_nbytes(m, per_step=True) for m in (self.target, self.draft))
+        self.weight_bytes_read = 0  # lib/bandwidth.py: the runner turns it into bandwidth_efficiency
         from lib.quant.moe_tracker import track_experts
         self.expert_tracker = track_experts(self.target)  # None unless the target is a MoE model
 
@@ -83,9 +86,7 @@ class HFEngine(Engine):
                 if self.method == "assisted" else "per token"}
 
     def weight_bytes(self) -> int:
-        models = [self.target] + ([self.draft] if self.draft is not None else [])
-        # buffers too: mixed-precision layers hold their compressed weights as buffers
-        return sum(t.numel() * t.element_size() for m in models for t in list(m.parameters()) + list(m.buffers()))
+        return sum(self._model_bytes)  # buffers too: mixed-precision layers hold their compressed weights there
 
     def extra_results(self) -> dict:
         """MoE targets: which experts fired, per layer and per request (lib/quant/moe_tracker.py)."""
@@ -116,6 +117,7 @@ class HFEngine(Engine):
             gen = speculative_generate(self.target, self.draft, prompts, max_new, gamma, **common)
         else:
             gen = autoregressive_generate(self.target, prompts, max_new, **common)
+        self._count_weight_reads(gen)
         records = []
         for row, request in enumerate(requests):
             ids = gen.tokens[row][: request.max_new_tokens]
@@ -127,6 +129,18 @@ class HFEngine(Engine):
                                     gen.accepted_per_position[row])
             records.append(record_from_tokens(request, ids, times, start, reason, self.tokenizer, spec))
         return records
+
+    def _count_weight_reads(self, gen: Generation):
+        """Weights read by this batch: one full read per forward pass (prefill, each decode/verify step, each
+        draft step); rows of a batch step together. transformers' assisted loop does not say, so it is not counted."""
+        if self.method == "assisted" or self.weight_bytes_read is None:
+            self.weight_bytes_read = None
+            return
+        target, draft = self._read_bytes
+        if gen.num_drafts:
+            self.weight_bytes_read += target * (1 + max(gen.num_drafts)) + draft * (1 + max(gen.draft_tokens))
+        else:
+            self.weight_bytes_read += target * max((len(t) for t in gen.tokens), default=0)
 
     def _decoders(self, prompts, max_new):
         """Static decoders for this batch size, cache length rounded up so later batches reuse their graphs."""
@@ -159,6 +173,18 @@ class HFEngine(Engine):
             gen.token_times.append(streamer.times[: len(ids)])
             gen.finish_reasons.append("stop" if stop else "length")
         return gen
+
+
+def _nbytes(model, per_step: bool = False) -> int:
+    """Bytes of weights held; per_step: those a forward pass reads (an untied input embedding is only indexed)."""
+    if model is None:
+        return 0
+    tensors = {t.data_ptr(): t for t in model.state_dict().values()}  # weights and persistent buffers, tied once
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    if per_step and embed.data_ptr() != head.data_ptr():
+        total -= embed.numel() * embed.element_size()
+    return total
 
 
 class _TimesStreamer:
