@@ -10,11 +10,9 @@ sglang (requirements/sglang.txt); it cannot run on CPU-only machines.
 """
 from __future__ import annotations
 
-import argparse
 
 from lib.capture import Capture
-from lib.comparison_config import (add_comparison_arguments, config_from_args, read_prompts,
-                                   resolve_comparison_models)
+from lib.comparison_config import read_prompts, resolve_comparison_models
 from lib.engines.sglang_engine import (comparison_engine_args, comparison_sampling, import_sglang,
                                        prompt_capture_from_output)
 from lib.errors import exit_on_usage_error
@@ -45,12 +43,8 @@ def run_sglang(cfg, log=print) -> Capture:
 
 @exit_on_usage_error
 def main(argv=None):
-    from run_single_config import save_if_asked, summarize
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cfg = config_from_args(add_comparison_arguments(parser).parse_args(argv))
-    capture = run_sglang(cfg)
-    print(summarize(capture))
-    save_if_asked(capture, cfg)
+    from run_single_config import capture_cli
+    capture_cli(run_sglang, __doc__, argv)
 
 
 if __name__ == "__main__":

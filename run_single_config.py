@@ -93,13 +93,18 @@ def save_if_asked(capture: Capture, cfg, log=print):
     return None
 
 
-@exit_on_usage_error
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def capture_cli(run, description: str, argv=None):
+    """The command line every capture script shares: the comparison flags -> run -> summary -> saved capture."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     cfg = config_from_args(add_comparison_arguments(parser).parse_args(argv))
-    capture = run_reference(cfg)
+    capture = run(cfg)
     print(summarize(capture))
     save_if_asked(capture, cfg)
+
+
+@exit_on_usage_error
+def main(argv=None):
+    capture_cli(run_reference, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ On CPU it runs in float32 with enforce_eager (vLLM's CPU backend needs both here
 """
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
@@ -18,8 +17,7 @@ import time
 import numpy as np
 
 from lib.capture import Capture, PromptCapture
-from lib.comparison_config import (add_comparison_arguments, config_from_args, read_prompts,
-                                   resolve_comparison_models)
+from lib.comparison_config import read_prompts, resolve_comparison_models
 from lib.errors import EngineUnavailable, exit_on_usage_error
 
 SPEC_COUNTERS = {"vllm:spec_decode_num_drafts": "num_drafts", "vllm:spec_decode_num_draft_tokens": "draft_tokens",
@@ -106,12 +104,8 @@ def run_vllm(cfg, log=print) -> Capture:
 
 @exit_on_usage_error
 def main(argv=None):
-    from run_single_config import save_if_asked, summarize
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cfg = config_from_args(add_comparison_arguments(parser).parse_args(argv))
-    capture = run_vllm(cfg)
-    print(summarize(capture))
-    save_if_asked(capture, cfg)
+    from run_single_config import capture_cli
+    capture_cli(run_vllm, __doc__, argv)
 
 
 if __name__ == "__main__":

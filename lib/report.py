@@ -275,6 +275,13 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> bool:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    _plt().close(fig)
+    return True
+
+
 def plot_speedup(rows: list[dict], path: Path) -> bool:
     sd = [r for r in rows if r["speedup"] is not None]
     if not sd:
@@ -297,10 +304,7 @@ def plot_speedup(rows: list[dict], path: Path) -> bool:
             ax.set_title(f"{engine}: speedup vs {x_label}")
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def plot_acceptance(rows: list[dict], path: Path) -> bool:
@@ -321,10 +325,7 @@ def plot_acceptance(rows: list[dict], path: Path) -> bool:
     ax.set_title("Acceptance per draft position")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def plot_latency(rows: list[dict], path: Path) -> bool:
@@ -344,10 +345,7 @@ def plot_latency(rows: list[dict], path: Path) -> bool:
         ax.set_title(f"{metric[:4].upper()} percentiles")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def plot_energy(rows: list[dict], path: Path) -> bool:
@@ -361,10 +359,7 @@ def plot_energy(rows: list[dict], path: Path) -> bool:
     ax.set_xticklabels([f"{r['combo']}\n{r['mode']}" for r in have], rotation=75, fontsize=6)
     ax.set_ylabel("J / output token")
     ax.set_title("Energy per output token")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def plot_trend(nights: list[Night], path: Path) -> bool:
@@ -390,10 +385,7 @@ def plot_trend(nights: list[Night], path: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
     fig.set_size_inches(12, 4 + 0.09 * len(keys))
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 # ---------------------------------------------------------------- the report
