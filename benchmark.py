@@ -182,7 +182,8 @@ def main(argv=None) -> int:
         monitor.stop()
         writer.comparisons = comparisons_of(writer.modes)
         writer.save_results()
-        writer.save_run(finished=time.strftime("%Y-%m-%dT%H:%M:%S"), exit_code=exit_code)
+        writer.save_run(finished=time.strftime("%Y-%m-%dT%H:%M:%S"), exit_code=exit_code,
+                        engines={mode: res["engine"] for mode, res in writer.modes.items()})  # placement included
         writer.close()
     print_summary(writer.modes, writer.comparisons, writer.dir, console)
     return exit_code

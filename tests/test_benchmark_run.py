@@ -47,6 +47,8 @@ def test_default_run_files_lossless_and_acceptance(tmp_path, batch):
     specul = {r["request_id"]: r["output_ids"] for r in read_jsonl(run_dir / "requests_hf_speculative.jsonl")}
     assert target == specul and len(target) == 6
     assert results["comparisons"][0]["baseline"] == "hf:target"
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["engines"]["hf:speculative"]["placement"]["target"] == "cpu"  # no GPU here: the fallback, recorded
     bandwidth = results["modes"]["hf:target"]["bandwidth"]
     assert 0 < bandwidth["bandwidth_efficiency"] < 1.5 and bandwidth["copy_bandwidth_gb_s"] > 0
     if batch == 1:  # one full read of the target's non-embedding weights per generated token
