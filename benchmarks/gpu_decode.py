@@ -6,12 +6,16 @@ weight bytes read per step); times chain SD with drafts of known acceptance and 
 with Leviathan's prediction from the measured acceptance and draft/target cost ratio; times HF `generate` and
 HF assisted generation on the same models; GPU energy per token from NVML's total-energy counter.
 
+tok/s is the decode rate: tokens after each row's first (which prefill gives) over the time from the first token
+to the last, the same measure for AR and SD; for HF's generate() calls, the time of a 1-token call (its prefill)
+is subtracted. The whole-call seconds, prefill included, are in the JSON too.
+
 Acceptance dial (random weights give none): every o_proj and down_proj weight of the target is scaled by eps and
 its lm_head by 30; a self-draft made of the target's first k layers (+ final norm and head) then agrees with the
 target more often the smaller eps is, while the target still reads all of its weights every step.
 
-    python benchmarks/gpu_decode.py --out docs/perf/h100.json      # on a GPU
-    python benchmarks/gpu_decode.py --tiny --out /tmp/smoke.json    # CPU smoke test with tiny shapes
+    python benchmarks/gpu_decode.py --out docs/perf/h100_<date>.json   # on a GPU (about 4 minutes on an H100)
+    python benchmarks/gpu_decode.py --tiny --out smoke.json            # CPU smoke test with tiny shapes
 """
 from __future__ import annotations
 
@@ -48,13 +52,14 @@ class Row:
     batch: int = 1
     gamma: int = 0
     tokens: int = 0
-    seconds: float = 0.0
-    tok_s: float = 0.0
+    seconds: float = 0.0  # the whole call, prefill included
+    tok_s: float = 0.0  # decode rate: tokens after the first / time from the first token to the last
     pct_floor: float | None = None
     acceptance_rate: float | None = None  # accepted / drafted (DESIGN.md)
     acceptance_length: float | None = None  # 1 + accepted / rounds
     alpha: float | None = None  # Leviathan's per-token acceptance that gives this acceptance length
-    cost_ratio: float | None = None  # c: draft step time / target step time, measured
+    cost_ratio: float | None = None  # c: draft step time / target step time (one token each), measured
+    verify_cost: float | None = None  # target verify step (gamma + 1 tokens) time / target one-token step time
     speedup: float | None = None  # tok/s over fast-path AR at the same batch
     predicted: float | None = None  # acceptance_length / (gamma c + 1) = Leviathan's formula at alpha
     ratio: float | None = None  # speedup / predicted
@@ -115,7 +120,7 @@ def copy_bandwidth(device, nbytes: int) -> float:
 
 def step_seconds(decoder: StaticDecoder, width: int, repeats: int) -> float:
     """Mean time of one step of this width (graph replays on CUDA), cache positions left unchanged."""
-    tokens = torch.zeros(decoder.batch, width, dtype=torch.long, device=decoder.device)
+    tokens = torch.randint(1, 100, (decoder.batch, width), device=decoder.device)
     decoder.step(tokens)
     sync(decoder.device)
     t0 = time.perf_counter()
@@ -177,36 +182,44 @@ def small_draft_for(target, shape: str, eps: float, seed: int):
 
 
 # ---------------------------------------------------------------- runs
-def run_ar(args, shape, weights, prompt, batch, floor_steps, device, energy, compile_layers):
+def decode_rate(gen) -> float:
+    """Tokens after each row's first (which prefill gives) per second from the first token to the last: the
+    steady decode speed that the bandwidth floor bounds, the same measure for AR and SD."""
+    first = min(times[0] for times in gen.token_times)
+    last = max(times[-1] for times in gen.token_times)
+    return sum(len(t) - 1 for t in gen.tokens) / (last - first)
+
+
+def run_ar(args, shape, weights, prompt, batch, floor_steps, device, energy, decoder_kw):
     prompts = [prompt] * batch
-    decoder = StaticDecoder(weights, batch, max_len_for(prompts, args.new_tokens, args.gamma),
-                            compile_layers=compile_layers)
+    decoder = StaticDecoder(weights, batch, max_len_for(prompts, args.new_tokens, args.gamma), **decoder_kw)
     static_autoregressive_generate(decoder, prompts, args.new_tokens)  # warm-up: graph capture
     gen, seconds, joules = timed(device, energy,
                                  lambda: static_autoregressive_generate(decoder, prompts, args.new_tokens))
-    tokens = sum(len(t) for t in gen.tokens)
-    steps_s = args.new_tokens / seconds
-    return Row(shape, "ar", batch=batch, tokens=tokens, seconds=seconds, tok_s=tokens / seconds,
-               pct_floor=100 * steps_s / floor_steps, joules_per_token=per_token(joules, tokens)), gen
+    tokens, tok_s = sum(len(t) for t in gen.tokens), decode_rate(gen)
+    return Row(shape, "ar", batch=batch, tokens=tokens, seconds=seconds, tok_s=tok_s,
+               pct_floor=100 * tok_s / batch / floor_steps, joules_per_token=per_token(joules, tokens)), gen
 
 
-def run_sd(args, shape, weights, draft_weights, draft_name, prompt, ar_row, device, energy, compile_layers):
+def run_sd(args, shape, weights, draft_weights, draft_name, prompt, ar_row, device, energy, decoder_kw):
     prompts, gamma = [prompt], args.gamma
     max_len = max_len_for(prompts, args.new_tokens, gamma)
-    target = StaticDecoder(weights, 1, max_len, compile_layers=compile_layers)
-    draft = StaticDecoder(draft_weights, 1, max_len, compile_layers=compile_layers)
+    target = StaticDecoder(weights, 1, max_len, **decoder_kw)
+    draft = StaticDecoder(draft_weights, 1, max_len, **decoder_kw)
     run = lambda: static_speculative_generate(target, draft, prompts, args.new_tokens, gamma)  # noqa: E731
     run()
     gen, seconds, joules = timed(device, energy, run)
-    cost = step_seconds(draft, 1, args.step_repeats) / step_seconds(target, 1, args.step_repeats)
-    tokens = len(gen.tokens[0])
+    target_step = step_seconds(target, 1, args.step_repeats)
+    cost = step_seconds(draft, 1, args.step_repeats) / target_step
+    verify_cost = step_seconds(target, gamma + 1, args.step_repeats) / target_step
+    tokens, tok_s = len(gen.tokens[0]), decode_rate(gen)
     rate = gen.accepted_tokens[0] / max(gen.draft_tokens[0], 1)
     length = 1 + gen.accepted_tokens[0] / max(gen.num_drafts[0], 1)
     predicted = length / (gamma * cost + 1)
-    speedup = (tokens / seconds) / ar_row.tok_s
-    return Row(shape, "sd", draft=draft_name, gamma=gamma, tokens=tokens, seconds=seconds, tok_s=tokens / seconds,
+    speedup = tok_s / ar_row.tok_s
+    return Row(shape, "sd", draft=draft_name, gamma=gamma, tokens=tokens, seconds=seconds, tok_s=tok_s,
                acceptance_rate=rate, acceptance_length=length, alpha=alpha_for(length, gamma), cost_ratio=cost,
-               speedup=speedup, predicted=predicted, ratio=speedup / predicted,
+               verify_cost=verify_cost, speedup=speedup, predicted=predicted, ratio=speedup / predicted,
                joules_per_token=per_token(joules, tokens)), gen
 
 
@@ -220,15 +233,19 @@ def run_hf(shape, model, prompt, new_tokens, device, energy, gamma=0, assistant=
         kwargs["assistant_model"] = assistant
     with torch.inference_mode():
         model.generate(ids, **{**kwargs, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up
+        first = min(timed(device, energy, lambda: model.generate(
+            ids, **{**kwargs, "max_new_tokens": 1, "min_new_tokens": 1}))[1] for _ in range(3))
         out, seconds, joules = timed(device, energy, lambda: model.generate(ids, **kwargs))
     tokens = out.shape[1] - ids.shape[1]
     return Row(shape, "hf_assisted" if assistant is not None else "hf_generate", draft=draft_name, gamma=gamma,
-               tokens=tokens, seconds=seconds, tok_s=tokens / seconds, joules_per_token=per_token(joules, tokens),
-               note="whole generate() call, prefill included")
+               tokens=tokens, seconds=seconds, tok_s=(tokens - 1) / (seconds - first),
+               joules_per_token=per_token(joules, tokens),
+               note=f"decode rate: (generate() time - {first * 1e3:.1f} ms for its first token)")
 
 
-def compile_flag(args):
-    return False if args.no_compile else None  # None: the fast path's default (compile on CUDA)
+def decoder_options(args) -> dict:
+    """StaticDecoder keywords; None keeps the fast path's default (compile the layers on CUDA)."""
+    return {"compile_layers": False if args.no_compile else None}
 
 
 def per_token(joules, tokens):
@@ -247,14 +264,14 @@ def alpha_for(length: float, gamma: int) -> float:
 
 # ---------------------------------------------------------------- table
 def print_table(rows: list[Row]):
-    header = ("shape", "method", "draft", "B", "k", "tok/s", "%floor", "a", "alpha", "c", "speedup", "pred",
-              "ratio", "J/tok")
+    header = ("shape", "method", "draft", "B", "k", "tok/s", "%floor", "a", "alpha", "c", "verify", "speedup",
+              "pred", "ratio", "J/tok")
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     lines = [header]
     for r in rows:
         lines.append((r.shape, r.method, r.draft or "-", str(r.batch), str(r.gamma or "-"), fmt(r.tok_s, ".1f"),
                       fmt(r.pct_floor, ".1f"), fmt(r.acceptance_rate, ".2f"), fmt(r.alpha, ".2f"),
-                      fmt(r.cost_ratio, ".3f"), fmt(r.speedup, ".2f"), fmt(r.predicted, ".2f"),
+                      fmt(r.cost_ratio, ".3f"), fmt(r.verify_cost, ".2f"), fmt(r.speedup, ".2f"), fmt(r.predicted, ".2f"),
                       fmt(r.ratio, ".2f"), fmt(r.joules_per_token, ".3f")))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for i, line in enumerate(lines):
@@ -267,7 +284,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group("what to run")
     g.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny shapes (also the default without a GPU)")
-    g.add_argument("--shapes", default="1b,8b", help="comma-separated target shapes (1b, 8b)")
+    g.add_argument("--shapes", default="8b,1b", help="comma-separated target shapes (8b, 1b)")
     g.add_argument("--batches", default="1,4,16", help="AR batch sizes")
     g.add_argument("--sd-shape", default="8b", help="shape whose SD, HF generate and HF assisted rows are run "
                    "(none = skip them)")
@@ -318,7 +335,7 @@ def main(argv=None):
         print(f"{shape}: {weights.nbytes() / 1e9:.2f} GB read per step, floor {floor_steps:.0f} steps/s")
         ar_rows = {}
         for batch in [int(b) for b in args.batches.split(",")]:
-            row, gen = run_ar(args, shape, weights, prompt, batch, floor_steps, device, energy, compile_flag(args))
+            row, gen = run_ar(args, shape, weights, prompt, batch, floor_steps, device, energy, decoder_options(args))
             ar_rows[batch] = row
             rows.add(row)
         if args.check:
@@ -363,7 +380,7 @@ def sd_rows(rows, args, shape, model, weights, prompt, ar_row, eps, eps_values, 
         set_eps(model, current, value)
         current = value
         row, _ = run_sd(args, shape, weights, weights.first_layers(args.draft_layers),
-                        f"self{args.draft_layers}@{value:g}", prompt, ar_row, device, energy, compile_flag(args))
+                        f"self{args.draft_layers}@{value:g}", prompt, ar_row, device, energy, decoder_options(args))
         rows.add(row)
     set_eps(model, current, eps)
     hf_drafts = [(f"self{args.draft_layers}@{eps:g}", hf_self_draft(model, args.draft_layers))]
@@ -371,7 +388,7 @@ def sd_rows(rows, args, shape, model, weights, prompt, ar_row, eps, eps_values, 
         small = small_draft_for(model, args.small_draft, eps, args.seed)
         name = f"{args.small_draft}@{eps:g}"
         row, _ = run_sd(args, shape, weights, weights_from_hf(small, weights.cos.shape[0]), name, prompt, ar_row,
-                        device, energy, compile_flag(args))
+                        device, energy, decoder_options(args))
         rows.add(row)
         hf_drafts.append((name, small))
     if not args.no_hf:

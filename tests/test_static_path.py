@@ -138,3 +138,19 @@ def test_assisted_only_with_hf_engine():
     with pytest.raises(UsageError, match="assisted"):
         modes(resolve(None, {"COMPARE_MODES": "vllm:assisted"}))
     assert ("hf", "assisted") in modes(resolve(None, {"INFERENCE_METHOD": "assisted"}))
+
+
+
+@pytest.mark.parametrize("new,gamma", [(1, 4), (3, 7), (9, 1)])
+def test_rounds_queued_ahead_keep_sd_exact(pair, prompts, new, gamma):
+    """The SD loop queues the next round before reading the current one (except when a round may be the
+    last): short generations and gamma larger than the remaining tokens still give the AR tokens and the
+    plain SD loop's counts."""
+    target, draft, _ = pair
+    max_len = max_len_for(prompts, new, gamma)
+    fast = static_speculative_generate(StaticDecoder(weights_from_hf(target, max_len), len(prompts), max_len),
+                                       StaticDecoder(weights_from_hf(draft, max_len), len(prompts), max_len),
+                                       prompts, new, gamma)
+    chain = speculative_generate(target, draft, prompts, new, gamma)
+    assert fast.tokens == autoregressive_generate(target, prompts, new).tokens
+    assert fast.num_drafts == chain.num_drafts and fast.accepted_tokens == chain.accepted_tokens

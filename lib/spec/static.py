@@ -97,44 +97,33 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
 
-def attention_sdpa(q, k_cache, v_cache, mask, n_kv_heads: int):
-    """The same attention through one fused SDPA kernel: the query heads of a kv head are folded into the query
-    length (q [B, Hkv, g * n, D]), so no kernel needs GQA support and the cache is read once per kv head."""
+def attention(q, k_cache, v_cache, mask, n_kv_heads: int):
+    """q [B, n, Hq, D] against one layer's cache [B, Hkv, L, D]. The query heads of a kv head are folded into the
+    query length (q [B, Hkv, g * n, D]), so both products are plain batched matmuls over the cache as it lies
+    (no copy of it per query head or per step); softmax in float32 as transformers' eager attention does."""
     batch, n, n_heads, head_dim = q.shape
-    group, length = n_heads // n_kv_heads, k_cache.shape[1]
+    group, length = n_heads // n_kv_heads, k_cache.shape[2]
     q = q.view(batch, n, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4).reshape(batch, n_kv_heads, group * n,
                                                                                     head_dim)
+    scores = torch.matmul(q, k_cache.transpose(2, 3)) * head_dim ** -0.5  # [B, Hkv, g * n, L]
     mask = mask[:, None, None].expand(batch, 1, group, n, length).reshape(batch, 1, group * n, length)
-    out = F.scaled_dot_product_attention(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), attn_mask=mask)
+    probs = torch.softmax(scores.float().masked_fill(~mask, float("-inf")), -1).to(q.dtype)
+    out = torch.matmul(probs, v_cache)  # [B, Hkv, g * n, D]
     return out.view(batch, n_kv_heads, group, n, head_dim).permute(0, 3, 1, 2, 4).reshape(batch, n, n_heads * head_dim)
 
 
-def attention(q, k_cache, v_cache, mask, n_kv_heads: int):
-    """q [B, n, Hq, D] against one layer's cache [B, L, Hkv, D]; query heads grouped by their kv head (no copy
-    of the cache per query head); softmax in float32 as transformers' eager attention does."""
-    batch, n, n_heads, head_dim = q.shape
-    group = n_heads // n_kv_heads
-    q = q.view(batch, n, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)  # [B, Hkv, g, n, D]
-    scores = torch.matmul(q, k_cache.permute(0, 2, 3, 1)[:, :, None]) * head_dim ** -0.5  # [B, Hkv, g, n, L]
-    scores = scores.float().masked_fill(~mask[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, -1).to(q.dtype)
-    out = torch.matmul(probs, v_cache.permute(0, 2, 1, 3)[:, :, None])  # [B, Hkv, g, n, D]
-    return out.permute(0, 3, 1, 2, 4).reshape(batch, n, n_heads * head_dim)
-
-
-def layer_forward(x, w: LayerWeights, k_cache, v_cache, cos, sin, slots, mask, n_heads: int,
-                  n_kv_heads: int, head_dim: int, eps: float, sdpa: bool = False):
-    """One decoder layer over x [B, n, H]; writes this step's keys/values at cache slots (row * L + position)."""
+def layer_forward(x, w: LayerWeights, k_cache, v_cache, cos, sin, cache_index, mask, n_heads: int,
+                  n_kv_heads: int, head_dim: int, eps: float):
+    """One decoder layer over x [B, n, H]; writes this step's keys/values into the cache [B, Hkv, L, D] at
+    cache_index (rows, heads, positions broadcast to [B, n, Hkv])."""
     batch, n, _ = x.shape
     qkv = F.linear(rms_norm(x, w.attn_norm, eps), w.wqkv)
     q, k, v = qkv.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], -1)
     q = rotate(q.view(batch, n, n_heads, head_dim), cos, sin)
     k = rotate(k.view(batch, n, n_kv_heads, head_dim), cos, sin)
-    flat = (-1, n_kv_heads, head_dim)
-    k_cache.view(flat).index_copy_(0, slots, k.reshape(flat))
-    v_cache.view(flat).index_copy_(0, slots, v.reshape(flat))
-    attend = attention_sdpa if sdpa else attention
-    x = x + F.linear(attend(q, k_cache, v_cache, mask, n_kv_heads), w.wo)
+    k_cache.index_put_(cache_index, k)  # an in-place scatter (index_copy_ made compile copy the whole cache)
+    v_cache.index_put_(cache_index, v.view(batch, n, n_kv_heads, head_dim))
+    x = x + F.linear(attention(q, k_cache, v_cache, mask, n_kv_heads), w.wo)
     gate, up = F.linear(rms_norm(x, w.mlp_norm, eps), w.w13).chunk(2, -1)
     return x + F.linear(F.silu(gate) * up, w.w2)
 
@@ -160,11 +149,11 @@ class StaticDecoder:
     """
 
     def __init__(self, weights: LlamaWeights, batch: int, max_len: int, use_graphs: bool | None = None,
-                 compile_layers: bool | None = None, sdpa: bool | None = None):
+                 compile_layers: bool | None = None):
         self.w, self.batch, self.max_len = weights, batch, max_len
         device, dtype = weights.embed.device, weights.embed.dtype
         self.device = device
-        shape = (len(weights.layers), batch, max_len, weights.n_kv_heads, weights.head_dim)
+        shape = (len(weights.layers), batch, weights.n_kv_heads, max_len, weights.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
@@ -172,7 +161,7 @@ class StaticDecoder:
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
         compile_layers = device.type == "cuda" if compile_layers is None else compile_layers
         self.layer = compiled_layer_forward() if compile_layers else layer_forward
-        self.sdpa = device.type == "cuda" if sdpa is None else sdpa
+        self.heads = torch.arange(weights.n_kv_heads, device=device)
         self.graphs: dict[int, tuple] = {}
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, layer_fn=None) -> torch.Tensor:
@@ -182,11 +171,11 @@ class StaticDecoder:
         x = F.embedding(tokens, w.embed)
         cos, sin = w.cos[positions][:, :, None], w.sin[positions][:, :, None]  # [B, n, 1, D]
         mask = self.columns[None, None, :] <= positions[:, :, None]  # [B, n, L]
-        rows = torch.arange(self.batch, device=self.device)[:, None]
-        slots = (rows * self.max_len + positions).flatten()
+        rows = torch.arange(self.batch, device=self.device)
+        cache_index = (rows[:, None, None], self.heads[None, None, :], positions[:, :, None])
         for i, layer in enumerate(w.layers):
-            x = layer_fn(x, layer, self.k_cache[i], self.v_cache[i], cos, sin, slots, mask,
-                         w.n_heads, w.n_kv_heads, w.head_dim, w.eps, self.sdpa)
+            x = layer_fn(x, layer, self.k_cache[i], self.v_cache[i], cos, sin, cache_index, mask,
+                         w.n_heads, w.n_kv_heads, w.head_dim, w.eps)
         return rms_norm(x, w.norm, w.eps)
 
     def _step_eager(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -230,7 +219,9 @@ class StaticDecoder:
                 self._step_eager(static_tokens)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # capture on a stream of this decoder's GPU: torch.cuda.graph's default capture stream is made once per
+        # process, on whichever GPU was current then (a draft on its own GPU would capture nothing)
+        with torch.cuda.graph(graph, stream=stream):
             static_logits = self._step_eager(static_tokens)
         return graph, static_tokens, static_logits
 
@@ -310,6 +301,42 @@ def accept_drafts(target_logits: torch.Tensor, drafts: torch.Tensor, draft_probs
     return n_accepted, sample(residual / residual.sum(-1, keepdim=True), generator)
 
 
+class _Round:
+    """One speculative round queued on the device; `read()` waits for it and returns its host values."""
+
+    def __init__(self, target: StaticDecoder, draft: StaticDecoder, last, pending, gamma: int, temperature: float,
+                 active, generator, pinned):
+        device, batch = target.device, target.batch
+        token_in, fed, drafted, probs = torch.stack([last, pending], 1), 2, [], []
+        for _ in range(gamma):
+            draft_logits = draft.step(token_in.to(draft.device))[:, -1].to(device)
+            draft.lengths.add_(fed)
+            q = probabilities(draft_logits.float(), temperature) if temperature > 0 else None
+            token = draft_logits.argmax(-1) if q is None else sample(q, generator)
+            drafted.append(token)
+            probs.append(q)
+            token_in, fed = token[:, None], 1
+        drafts = torch.stack(drafted, 1)
+        fed_target = torch.cat([pending[:, None], drafts], 1)  # [B, gamma + 1]
+        n_accepted, next_token = accept_drafts(target.step(fed_target), drafts,
+                                               torch.stack(probs, 1) if temperature > 0 else None,
+                                               temperature, generator)
+        target.lengths.add_((n_accepted + 1) * active)
+        draft.lengths.copy_(target.lengths - 1)  # (a cross-device copy when the draft has its own GPU)
+        self.last = fed_target[torch.arange(batch, device=device), n_accepted]
+        self.pending = next_token
+        self.pinned = pinned
+        pinned.copy_(torch.cat([n_accepted[:, None], drafts, next_token[:, None]], 1), non_blocking=True)
+        self.ready = torch.cuda.Event() if device.type == "cuda" else None
+        if self.ready is not None:
+            self.ready.record()
+
+    def read(self) -> list[list[int]]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.pinned.tolist()
+
+
 @torch.inference_mode()
 def static_speculative_generate(target: StaticDecoder, draft: StaticDecoder, prompts: list[list[int]],
                                 max_new: int, gamma: int, temperature: float = 0.0, eos_ids=frozenset(),
@@ -317,7 +344,9 @@ def static_speculative_generate(target: StaticDecoder, draft: StaticDecoder, pro
     """Chain SD on StaticDecoders. A round: the draft's first step feeds 2 tokens (the last committed token
     and the pending one: this also fills the draft cache after a fully accepted round, with no branch), then
     gamma - 1 single-token steps, one target verify of gamma + 1 tokens, acceptance on device, and one host
-    read of (accepted counts, tokens)."""
+    read of (accepted counts, drafts, next token). While the host reads a round, the next one is already queued
+    (unless every row may finish in the round being read), so the GPU does not wait for Python; a row that
+    finishes thus moves its cache one round more (max_len_for leaves room)."""
     batch, device = len(prompts), target.device
     logits = target.prefill(prompts, pad_id)
     draft.prefill(prompts, pad_id)
@@ -329,28 +358,16 @@ def static_speculative_generate(target: StaticDecoder, draft: StaticDecoder, pro
     now = time.perf_counter()
     for row, t in enumerate(pending.tolist()):
         host.rows.add(row, [t], now)
-    while not host.rows.done():
-        host.refresh_active()
-        token_in, fed, drafted, probs = torch.stack([last, pending], 1), 2, [], []
-        for _ in range(gamma):
-            draft_logits = draft.step(token_in.to(draft.device))[:, -1].float().to(device)
-            draft.lengths.add_(fed)
-            q = probabilities(draft_logits, temperature) if temperature > 0 else None
-            token = draft_logits.argmax(-1) if q is None else sample(q, generator)
-            drafted.append(token)
-            probs.append(q)
-            token_in, fed = token[:, None], 1
-        drafts = torch.stack(drafted, 1)
-        fed_target = torch.cat([pending[:, None], drafts], 1)  # [B, gamma + 1]
-        n_accepted, next_token = accept_drafts(target.step(fed_target), drafts,
-                                               torch.stack(probs, 1) if temperature > 0 else None,
-                                               temperature, generator)
-        target.lengths.add_((n_accepted + 1) * host.active)
-        draft.lengths.copy_(target.lengths - 1)  # (a cross-device copy when the draft has its own GPU)
-        last = fed_target[torch.arange(batch, device=device), n_accepted]
-        pending = next_token
-        # the one host sync of the round
-        counts = torch.cat([n_accepted[:, None], drafts, next_token[:, None]], 1).tolist()
+    pinned = [torch.empty(batch, gamma + 2, dtype=torch.long, pin_memory=device.type == "cuda") for _ in range(2)]
+    queued = None if host.rows.done() else _Round(target, draft, last, pending, gamma, temperature, host.active,
+                                                   generator, pinned[0])
+    while queued is not None:
+        current, queued = queued, None
+        if any(not reason and len(tokens) + gamma + 1 < max_new
+               for tokens, reason in zip(host.rows.tokens, host.rows.reasons)):
+            queued = _Round(target, draft, current.last, current.pending, gamma, temperature, host.active,
+                            generator, pinned[1] if current.pinned is pinned[0] else pinned[0])
+        counts = current.read()  # the one host sync of the round
         now = time.perf_counter()
         for row, values in enumerate(counts):
             if host.rows.reasons[row]:
@@ -362,5 +379,13 @@ def static_speculative_generate(target: StaticDecoder, draft: StaticDecoder, pro
             for pos in range(n):
                 out.accepted_per_position[row][pos] += 1
             host.rows.add(row, values[1:1 + n] + [values[-1]], now)
+        if host.rows.done():
+            break
+        host.refresh_active()
+        if queued is None:
+            queued = _Round(target, draft, current.last, current.pending, gamma, temperature, host.active,
+                            generator, pinned[0])
+    if queued is not None and queued.ready is not None:
+        queued.ready.synchronize()  # a round queued past the end: let it finish before the caches are reused
     out.tokens, out.token_times, out.finish_reasons = host.rows.tokens, host.rows.times, host.rows.reasons
     return out
