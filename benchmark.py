@@ -78,6 +78,9 @@ def run_mode(engine_name, method, cfg, models, requests, writer, monitor, run_cl
     engine = create_engine(engine_name, cfg, method, models)
     console.print(f"[bold]== {mode}[/bold]: starting engine")
     engine.start()
+    if cfg.warmup:
+        console.print(f"{mode}: warm-up (one short untimed batch)")
+        engine.warmup(requests)
     records, status, error = [], "complete", None
     clock = Clock()
     monitor.mark()

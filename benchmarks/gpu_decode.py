@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from lib.bandwidth import copy_bandwidth  # noqa: E402
 from lib.spec.static import (StaticDecoder, max_len_for, static_autoregressive_generate,  # noqa: E402
                              static_speculative_generate, weights_from_hf)
 
@@ -102,20 +102,6 @@ def timed(device, energy: Energy, fn):
     sync(device)
     seconds, e1 = time.perf_counter() - t0, energy.read_j()
     return result, seconds, (None if e0 is None else e1 - e0)
-
-
-def copy_bandwidth(device, nbytes: int) -> float:
-    """Bytes/s moved by a device-to-device copy (read + write counted), best of several."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    best = math.inf
-    for _ in range(10):
-        sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * src.numel() * src.element_size() / best
 
 
 def step_seconds(decoder: StaticDecoder, width: int, repeats: int) -> float:

@@ -108,6 +108,8 @@ VARS: list[Var] = [
         "only)", G_ENGINE, choices=("speculative", "assisted", "target")),
     Var("HF_FAST_PATH", "bool", True, "PyTorch engine: static KV caches and CUDA graphs (lib/spec/static.py) for "
         "Llama models that each sit on one device; false = the plain transformers loop", G_ENGINE),
+    Var("WARMUP", "bool", True, "before timing a mode, decode one short untimed batch (first-use costs: CUDA graph "
+        "capture, torch.compile, vLLM's first step)", G_ENGINE),
     Var("ENABLE_SPECULATIVE", "bool", True, "run the INFERENCE_METHOD mode", G_ENGINE),
     Var("ENABLE_TARGET", "bool", True, "run the target-only AR mode (the baseline)", G_ENGINE),
     Var("COMPARE_MODES", "str", "", "space-separated engine:method pairs run on the same prompts, e.g. "

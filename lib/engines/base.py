@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 
@@ -100,6 +100,18 @@ class Engine(ABC):
 
     def stop(self) -> None:
         pass
+
+    def warmup(self, requests: list[Request]) -> None:
+        """One short untimed pass before the timed run (GPU kernels compiled, graphs captured, caches sized).
+        The requests keep their arrival mode (rate runs stay on the engine's rate path); counters are reset after."""
+        rate = any(r.arrival > 0 for r in requests)
+        warm = [replace(r, arrival=1e-6 if rate else 0.0, max_new_tokens=min(r.max_new_tokens, 16))
+                for r in requests[: self.batch_size]]
+        self.run(warm, Clock(), lambda record: None)
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
+        """Forget what the warm-up counted (engines that accumulate run statistics override this)."""
 
     def run(self, requests: list[Request], clock: Clock, on_done: Callable[[RequestRecord], None],
             should_stop: Callable[[], bool] = lambda: False) -> None:

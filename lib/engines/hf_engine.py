@@ -88,6 +88,12 @@ class HFEngine(Engine):
     def weight_bytes(self) -> int:
         return sum(self._model_bytes)  # buffers too: mixed-precision layers hold their compressed weights there
 
+    def reset_counters(self):
+        if self.weight_bytes_read is not None:
+            self.weight_bytes_read = 0
+        if self.expert_tracker is not None:
+            self.expert_tracker.reset()
+
     def extra_results(self) -> dict:
         """MoE targets: which experts fired, per layer and per request (lib/quant/moe_tracker.py)."""
         return {"moe_experts": self.expert_tracker.export_dict()} if self.expert_tracker is not None else {}
