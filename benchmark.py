@@ -83,8 +83,7 @@ def run_mode(engine_name, method, cfg, models, requests, writer, monitor, run_cl
         engine.warmup(requests)
     records, status, error = [], "complete", None
     clock = Clock()
-    monitor.mark()
-    t_start = run_clock.now()
+    t_start = monitor.mark()
     with Progress(TextColumn(f"{mode}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False, disable=not console.is_terminal) as progress:
         task = progress.add_task(mode, total=len(requests))
@@ -106,8 +105,7 @@ def run_mode(engine_name, method, cfg, models, requests, writer, monitor, run_cl
             console.print(f"[red]{mode} failed:[/red] {error}")
             traceback.print_exc(file=sys.stderr)
     duration = clock.now()
-    monitor.mark()
-    t_end = run_clock.now()
+    t_end = monitor.mark()
     metrics = aggregate(mode, records, duration, getattr(engine, "run_spec_counters", None))
     result = {"status": status, "error": error, "engine": engine.describe(), "weight_bytes": engine.weight_bytes(),
               "window": {"start_s": t_start, "end_s": t_end}, "metrics": metrics.to_json(),

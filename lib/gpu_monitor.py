@@ -66,8 +66,8 @@ class GPUMonitor:
         self.names = {i: str(_try(pynvml.nvmlDeviceGetName, h)) for i, h in self.handles.items()}
         self.available = True
 
-    def _sample_once(self):
-        nv, t = self.nvml, self.now()
+    def _sample_once(self, t: float | None = None):
+        nv, t = self.nvml, self.now() if t is None else t
         for i, h in self.handles.items():
             power = _try(nv.nvmlDeviceGetPowerUsage, h)
             util = _try(nv.nvmlDeviceGetUtilizationRates, h)
@@ -89,10 +89,12 @@ class GPUMonitor:
             self._thread = threading.Thread(target=self._loop, name="gpu-monitor", daemon=True)
             self._thread.start()
 
-    def mark(self):
-        """Take a sample now (called at mode boundaries so windows have exact edges)."""
+    def mark(self) -> float:
+        """Take a sample now and return its time: mode boundaries, so each window has a sample at both edges."""
+        t = self.now()
         if self.available:
-            self._sample_once()
+            self._sample_once(t)
+        return t
 
     def stop(self):
         if self._thread is not None:
@@ -110,12 +112,13 @@ class GPUMonitor:
         for i in self.gpus:
             s = [x for x in self.samples if x.gpu == i and start <= x.t <= end]
             per_gpu[str(i)] = _gpu_window(s, self.names.get(i))
-        total_energy = sum(g["energy_j"] or 0.0 for g in per_gpu.values())
+        energies = [g["energy_j"] for g in per_gpu.values() if g["energy_j"] is not None]
+        total_energy = sum(energies) if energies else None
         powers = [g["avg_power_w"] for g in per_gpu.values() if g["avg_power_w"] is not None]
         return {
             "available": True, "interval_s": self.interval, "window_s": end - start, "per_gpu": per_gpu,
             "total_energy_j": total_energy, "total_avg_power_w": sum(powers) if powers else None,
-            "energy_per_output_token_j": total_energy / output_tokens if output_tokens else None,
+            "energy_per_output_token_j": total_energy / output_tokens if output_tokens and energies else None,
         }
 
 
@@ -127,9 +130,9 @@ def _mean(values):
 def _gpu_window(s: list[Sample], name) -> dict:
     energy, source = None, None
     counters = [x for x in s if x.energy_mj is not None]
-    if len(counters) >= 2:
+    if len(counters) >= 2 and counters[-1].energy_mj > counters[0].energy_mj:
         energy, source = (counters[-1].energy_mj - counters[0].energy_mj) / 1000, "nvml_total_energy_counter"
-    else:
+    else:  # no counter, or a window shorter than the counter's update period: integrate the power samples
         powered = [x for x in s if x.power_w is not None]
         if len(powered) >= 2:
             energy = sum((b.t - a.t) * (a.power_w + b.power_w) / 2 for a, b in zip(powered, powered[1:]))

@@ -41,6 +41,10 @@ def test_energy_from_counter_else_integrated_power():
     w = _gpu_window(power_only, None)
     assert w["energy_j"] == pytest.approx(150 + 400) and w["energy_source"] == "integrated_power"
     assert w["peak_power_w"] == 200
+    # a window shorter than the counter's update period (seen on an H100: 0.09 s, counter unchanged): power, not 0 J
+    stalled = [Sample(t, 0, 120.0, 5000.0, None, None, None) for t in (0.0, 0.05, 0.09)]
+    w = _gpu_window(stalled, None)
+    assert w["energy_j"] == pytest.approx(120 * 0.09) and w["energy_source"] == "integrated_power"
 
 
 def test_monitor_without_nvml_records_why():

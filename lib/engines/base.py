@@ -105,9 +105,13 @@ class Engine(ABC):
         """One short untimed pass before the timed run (GPU kernels compiled, graphs captured, caches sized).
         The requests keep their arrival mode (rate runs stay on the engine's rate path); counters are reset after."""
         rate = any(r.arrival > 0 for r in requests)
-        warm = [replace(r, arrival=1e-6 if rate else 0.0, max_new_tokens=min(r.max_new_tokens, 16))
-                for r in requests[: self.batch_size]]
-        self.run(warm, Clock(), lambda record: None)
+        sizes = {min(self.batch_size, len(requests))}
+        if not rate and len(requests) % self.batch_size:
+            sizes.add(len(requests) % self.batch_size)  # the last, smaller batch of a fixed-count run
+        for size in sorted(sizes):
+            warm = [replace(r, arrival=1e-6 if rate else 0.0, max_new_tokens=min(r.max_new_tokens, 16))
+                    for r in requests[:size]]
+            self.run(warm, Clock(), lambda record: None)
         self.reset_counters()
 
     def reset_counters(self) -> None:

@@ -46,6 +46,7 @@ class HFEngine(Engine):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.fast = self._fast_weights()
         self.decoders: dict = {}
+        self.cache_len = 0  # static cache length the whole workload needs (set by warmup)
         self._model_bytes = tuple(_nbytes(m) for m in (self.target, self.draft))
         self._read_bytes = tuple(_nbytes(m, per_step=True) for m in (self.target, self.draft))
         self.weight_bytes_read = 0  # lib/bandwidth.py: the runner turns it into bandwidth_efficiency
@@ -148,13 +149,22 @@ class HFEngine(Engine):
         else:
             self.weight_bytes_read += target * max((len(t) for t in gen.tokens), default=0)
 
+    def warmup(self, requests):
+        """Size the static caches for the whole workload first, so no timed batch meets a new cache length."""
+        if self.fast is not None:
+            self.cache_len = static.max_len_for([r.prompt_ids for r in requests],
+                                                max(r.max_new_tokens for r in requests), self.cfg.gamma_value)
+        super().warmup(requests)
+
     def _decoders(self, prompts, max_new):
-        """Static decoders for this batch size, cache length rounded up so later batches reuse their graphs."""
-        need = static.max_len_for(prompts, max_new, self.cfg.gamma_value)
+        """Static decoders for this batch size. The cache length is rounded up (and at least the workload's, set by
+        warmup) so later batches reuse the compiled steps and graphs; one decoder set per batch size."""
+        need = max(static.max_len_for(prompts, max_new, self.cfg.gamma_value), self.cache_len)
         max_len = -(-need // 256) * 256
+        if any(length != max_len for _, length in self.decoders):
+            self.decoders.clear()  # a longer cache: free the shorter caches and their graphs
         key = (len(prompts), max_len)
         if key not in self.decoders:
-            self.decoders.clear()  # one shape at a time: free the previous caches and graphs
             self.decoders[key] = tuple(static.StaticDecoder(w, len(prompts), max_len) for w in self.fast)
         return self.decoders[key]
 
