@@ -67,7 +67,7 @@ def plan_placement(strategy: str, gpus_visible: int, target_layers: int, draft_l
     has_draft = draft_layers is not None
     if gpus_visible == 0:
         return Placement(strategy, 0, "cpu", "cpu" if has_draft else None, [], [],
-                         note="no GPU visible: both models on the CPU")
+                         note="no GPU visible: everything on the CPU")
     needed = {"separate": 2 if has_draft else 1, "multi_gpu_ratio": target_ratio + (drafter_ratio if has_draft
                                                                                      else 0)}.get(strategy, 1)
     if needed > gpus_visible:
