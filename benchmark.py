@@ -106,20 +106,17 @@ def run_mode(engine_name, method, cfg, models, requests, writer, monitor, run_cl
             traceback.print_exc(file=sys.stderr)
     duration = clock.now()
     t_end = monitor.mark()
-    metrics = aggregate(mode, records, duration, getattr(engine, "run_spec_counters", None))
+    metrics = aggregate(mode, records, duration, engine.run_spec_counters)
     result = {"status": status, "error": error, "engine": engine.describe(), "weight_bytes": engine.weight_bytes(),
               "window": {"start_s": t_start, "end_s": t_end}, "metrics": metrics.to_json(),
               "energy": monitor.window(t_start, t_end, metrics.total_output_tokens)}
-    bytes_read = getattr(engine, "weight_bytes_read", None)
-    if bytes_read:
+    if engine.weight_bytes_read:
         from lib.bandwidth import bandwidth_report, copy_bandwidth
-        device = engine.describe().get("device", "cpu")
+        device = result["engine"].get("device", "cpu")
         if device not in COPY_BANDWIDTH:
             COPY_BANDWIDTH[device] = copy_bandwidth(device)
-        result["bandwidth"] = bandwidth_report(bytes_read, duration, COPY_BANDWIDTH[device])
-    extra = getattr(engine, "extra_results", None)
-    if callable(extra):
-        result.update(extra())
+        result["bandwidth"] = bandwidth_report(engine.weight_bytes_read, duration, COPY_BANDWIDTH[device])
+    result.update(engine.extra_results())
     writer.save_mode(mode, result)
     engine.stop()
     if status == "interrupted":

@@ -71,15 +71,20 @@ def print_result(res, as_json: bool):
         print(f"error: {res.error}", file=sys.stderr)
 
 
+async def infer(client, prompt: str, args):
+    """One request with the client options of the command line."""
+    return await client.full_inference_pipeline(
+        prompt, args.max_tokens, use_draft_verify=not args.no_draft_verify,
+        use_confidence_check=not args.no_confidence_check, use_kv_cache=not args.no_kv_cache,
+        mode=args.pipeline, temperature=args.temperature)
+
+
 async def client_mode(cfg, args) -> int:
     from lib.edgecloud.client import EdgeCloudHTTPClient
     if not args.prompt:
         raise UsageError("--mode client needs --prompt TEXT")
     async with EdgeCloudHTTPClient(cfg) as client:
-        res = await client.full_inference_pipeline(
-            args.prompt, args.max_tokens, use_draft_verify=not args.no_draft_verify,
-            use_confidence_check=not args.no_confidence_check, use_kv_cache=not args.no_kv_cache,
-            mode=args.pipeline, temperature=args.temperature)
+        res = await infer(client, args.prompt, args)
     print_result(res, args.json)
     return 1 if res.error and not res.edge_fallback else 0
 
@@ -107,10 +112,7 @@ async def interactive_mode(cfg, args) -> int:
             if line == "config":
                 print(json.dumps({k: cfg[k] for k in ("edge", "cloud", "communication", "inference")}, indent=2))
                 continue
-            res = await client.full_inference_pipeline(
-                line, args.max_tokens, use_draft_verify=not args.no_draft_verify,
-                use_confidence_check=not args.no_confidence_check, use_kv_cache=not args.no_kv_cache,
-                mode=args.pipeline, temperature=args.temperature)
+            res = await infer(client, line, args)
             print_result(res, args.json)
 
 
@@ -132,10 +134,11 @@ async def ablation_mode(cfg, args) -> int:
     from lib.edgecloud.settings import apply_overrides, tokenizer_dir
     from lib.models import load_tokenizer
     exp_cfg = cfg["experiments"]
-    for exp in experiments(cfg):  # bad overrides fail before any work
+    exps = experiments(cfg)
+    for exp in exps:  # bad overrides fail before any work
         apply_overrides(cfg, exp["config_overrides"], f"experiment {exp['name']}")
     only = args.experiments.split(",") if args.experiments else None
-    known = {e["name"] for e in experiments(cfg)}
+    known = {e["name"] for e in exps}
     if only and set(only) - known:
         raise UsageError(f"--experiments: unknown {', '.join(sorted(set(only) - known))} (known: {', '.join(known)})")
     prompts = read_prompts(args.prompts or exp_cfg["prompts_file"], args.num_prompts or exp_cfg["num_prompts"])

@@ -11,7 +11,6 @@ compressed-tensors checkpoint, or demo MoE expert tracking.  See docs/mixed_prec
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -90,15 +89,13 @@ def perplexity(model, tokenizer, texts: list[str], device: str, max_len: int = 2
 
 
 def generate(model, tokenizer, prompt: str, max_new: int, device: str) -> dict:
-    import torch
+    from lib.bandwidth import sync
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     model.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up
-    if device == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     t0 = time.perf_counter()
     out = model.generate(ids, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False)
-    if device == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     seconds = time.perf_counter() - t0
     new = out[0, ids.shape[1]:].tolist()
     return {"output_ids": new, "text": tokenizer.decode(new, skip_special_tokens=True),
@@ -125,7 +122,7 @@ def make_sources(args, base: Path) -> dict:
     return {"sources": {p: str(f) for p, f in folders.items()}}
 
 
-def memory_table(mem) -> str:
+def memory_table(mem):
     from rich.table import Table
     t = Table(title="weights by precision")
     for col in ("precision", "layers", "stored MB", "fp16 MB", "ratio"):
@@ -221,7 +218,8 @@ def main(argv=None) -> int:
     else:
         report = run_mixed(args, base)
     if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=2))
+        from lib.results import write_json
+        write_json(Path(args.output), report)
         print(f"report: {args.output}")
     return 0
 

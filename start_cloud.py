@@ -9,7 +9,7 @@ from start_edge import serve
 
 @exit_on_usage_error
 def main():
-    serve("cloud", 8081)
+    serve("cloud", 8081, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -8,10 +8,8 @@ import argparse
 from lib.errors import exit_on_usage_error
 
 
-def parse_args(role: str, port: int):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if role == "edge" else
-                                     "Start the cloud server: verifies edge drafts with the PyTorch/transformers "
-                                     "target, FastAPI on uvicorn.")
+def parse_args(role: str, port: int, description: str):
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=None, help="edge/cloud YAML (default: configs/edge_cloud.yaml)")
     parser.add_argument("--host", default=None, help=f"bind address (default: {role}.server.host, 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help=f"port (default: {role}.server.port, {port})")
@@ -20,12 +18,13 @@ def parse_args(role: str, port: int):
     return parser.parse_args()
 
 
-def serve(role: str, port: int):
+def serve(role: str, port: int, description: str):
+    """Run the `role` server (its script's first docstring line is `description`) until Ctrl-C."""
     import uvicorn
 
     from lib.edgecloud.servers import build_cloud_app, build_edge_app
     from lib.edgecloud.settings import apply_overrides, load_config
-    args = parse_args(role, port)
+    args = parse_args(role, port, description)
     cfg = load_config(args.config)
     over = {role: {"server": {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}}}
     if args.auth_token is not None:
@@ -39,7 +38,7 @@ def serve(role: str, port: int):
 
 @exit_on_usage_error
 def main():
-    serve("edge", 8080)
+    serve("edge", 8080, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ the PNG plots and workflow.json.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 from lib.capture import capture_stem, save_capture
 from lib.comparison_config import DRAFT_TYPES, ComparisonConfig
 from lib.errors import exit_on_usage_error
+from lib.results import write_json
 
 ENGINES = ("reference", "vllm", "sglang")
 
@@ -86,10 +86,10 @@ def run_workflow(args, log=print) -> Path:
         files.append(save_capture(capture, out, capture_stem(engine, cfg.name)))
         log(f"   capture: {files[-1]}")
     results = analyze(str(files[0]), str(files[1]), str(out), log=log)
-    (out / "workflow.json").write_text(json.dumps({
+    write_json(out / "workflow.json", {
         "schema": "speclab.logits_workflow/1", "engines": [args.engine1, args.engine2],
         "configs": [cfg1.to_dict(), cfg2.to_dict()], "captures": [f.name for f in files],
-        "all_tokens_equal": results["summary"]["all_tokens_equal"]}, indent=1))
+        "all_tokens_equal": results["summary"]["all_tokens_equal"]})
     log(f"everything in {out}")
     return out
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -31,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from lib.bandwidth import copy_bandwidth  # noqa: E402
+from lib.bandwidth import copy_bandwidth, sync  # noqa: E402
+from lib.results import write_json  # noqa: E402
 from lib.spec.static import (StaticDecoder, max_len_for, static_autoregressive_generate,  # noqa: E402
                              static_speculative_generate, weights_from_hf)
 
@@ -68,11 +68,6 @@ class Row:
 
 
 # ---------------------------------------------------------------- measurement helpers
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class Energy:
     """NVML's total-energy counter (mJ) of the GPU in use; None on CPU or without the counter."""
 
@@ -184,7 +179,7 @@ def run_ar(args, shape, weights, prompt, batch, floor_steps, device, energy, dec
                                  lambda: static_autoregressive_generate(decoder, prompts, args.new_tokens))
     tokens, tok_s = sum(len(t) for t in gen.tokens), decode_rate(gen)
     return Row(shape, "ar", batch=batch, tokens=tokens, seconds=seconds, tok_s=tok_s,
-               pct_floor=100 * tok_s / batch / floor_steps, joules_per_token=per_token(joules, tokens)), gen
+               pct_floor=100 * tok_s / batch / floor_steps, joules_per_token=per_token(joules, tokens))
 
 
 def run_sd(args, shape, weights, draft_weights, draft_name, prompt, ar_row, device, energy, decoder_kw):
@@ -206,7 +201,7 @@ def run_sd(args, shape, weights, draft_weights, draft_name, prompt, ar_row, devi
     return Row(shape, "sd", draft=draft_name, gamma=gamma, tokens=tokens, seconds=seconds, tok_s=tok_s,
                acceptance_rate=rate, acceptance_length=length, alpha=alpha_for(length, gamma), cost_ratio=cost,
                verify_cost=verify_cost, speedup=speedup, predicted=predicted, ratio=speedup / predicted,
-               joules_per_token=per_token(joules, tokens)), gen
+               joules_per_token=per_token(joules, tokens))
 
 
 def run_hf(shape, model, prompt, new_tokens, device, energy, gamma=0, assistant=None, draft_name=""):
@@ -321,9 +316,9 @@ def main(argv=None):
         print(f"{shape}: {weights.nbytes() / 1e9:.2f} GB read per step, floor {floor_steps:.0f} steps/s")
         ar_rows = {}
         for batch in [int(b) for b in args.batches.split(",")]:
-            row, gen = run_ar(args, shape, weights, prompt, batch, floor_steps, device, energy, decoder_options(args))
-            ar_rows[batch] = row
-            rows.add(row)
+            ar_rows[batch] = run_ar(args, shape, weights, prompt, batch, floor_steps, device, energy,
+                                    decoder_options(args))
+            rows.add(ar_rows[batch])
         if args.check:
             rows.checks[shape] = check_tokens(model, weights, prompt, args.new_tokens, ar_rows)
         if shape == args.sd_shape:
@@ -345,13 +340,14 @@ class Results:
         self.args, self.gpu, self.bandwidth = args, gpu, bandwidth
         self.rows: list[Row] = []
         self.checks: dict = {}
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
 
     def add(self, row: Row):
         self.rows.append(row)
         print_table([row])
         if self.args.out:
-            Path(self.args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(self.args.out).write_text(json.dumps(self.to_json(), indent=1))
+            write_json(Path(self.args.out), self.to_json())
 
     def to_json(self) -> dict:
         return {"schema": "speclab.gpu_decode/1", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -365,17 +361,15 @@ def sd_rows(rows, args, shape, model, weights, prompt, ar_row, eps, eps_values, 
     for value in eps_values:
         set_eps(model, current, value)
         current = value
-        row, _ = run_sd(args, shape, weights, weights.first_layers(args.draft_layers),
-                        f"self{args.draft_layers}@{value:g}", prompt, ar_row, device, energy, decoder_options(args))
-        rows.add(row)
+        rows.add(run_sd(args, shape, weights, weights.first_layers(args.draft_layers),
+                        f"self{args.draft_layers}@{value:g}", prompt, ar_row, device, energy, decoder_options(args)))
     set_eps(model, current, eps)
     hf_drafts = [(f"self{args.draft_layers}@{eps:g}", hf_self_draft(model, args.draft_layers))]
     if args.small_draft:
         small = small_draft_for(model, args.small_draft, eps, args.seed)
         name = f"{args.small_draft}@{eps:g}"
-        row, _ = run_sd(args, shape, weights, weights_from_hf(small, weights.cos.shape[0]), name, prompt, ar_row,
-                        device, energy, decoder_options(args))
-        rows.add(row)
+        rows.add(run_sd(args, shape, weights, weights_from_hf(small, weights.cos.shape[0]), name, prompt, ar_row,
+                        device, energy, decoder_options(args)))
         hf_drafts.append((name, small))
     if not args.no_hf:
         rows.add(run_hf(shape, model, prompt, args.hf_new_tokens, device, energy))

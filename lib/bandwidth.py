@@ -12,7 +12,8 @@ import time
 import torch
 
 
-def _sync(device):
+def sync(device):
+    """Wait for the device's queued work (a no-op on CPU): bracket timed regions with it."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -25,10 +26,10 @@ def copy_bandwidth(device, nbytes: int | None = None) -> float:
     dst = torch.empty_like(src)
     best = math.inf
     for _ in range(10):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         dst.copy_(src)
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * src.numel() * src.element_size() / best
 

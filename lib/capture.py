@@ -15,12 +15,14 @@ from __future__ import annotations
 import io
 import json
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from lib.engines.base import SpecCounters
 from lib.errors import UsageError
+from lib.results import write_json
 
 SCHEMA = "speclab.capture/1"
 PREFIXES = {"reference": "logits_capture", "vllm": "vllm_capture", "sglang": "sglang_capture"}
@@ -54,16 +56,12 @@ class Capture:
     source: str = ""  # the file it was read from
 
     def spec_totals(self) -> dict:
-        total = {"num_drafts": 0, "draft_tokens": 0, "accepted_tokens": 0, "accepted_per_position": []}
+        total = SpecCounters()
         for p in self.prompts:
-            for key in ("num_drafts", "draft_tokens", "accepted_tokens"):
-                total[key] += int(p.spec.get(key, 0))
-            per_pos = p.spec.get("accepted_per_position", [])
-            width = max(len(per_pos), len(total["accepted_per_position"]))
-            total["accepted_per_position"] = [
-                (total["accepted_per_position"][i] if i < len(total["accepted_per_position"]) else 0)
-                + (per_pos[i] if i < len(per_pos) else 0) for i in range(width)]
-        return total
+            total = total.add(SpecCounters(*(int(p.spec.get(key, 0)) for key in ("num_drafts", "draft_tokens",
+                                                                                  "accepted_tokens")),
+                                           p.spec.get("accepted_per_position", [])))
+        return asdict(total)
 
 
 def topk_from_logits(logits, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -102,9 +100,7 @@ def save_capture(capture: Capture, out_dir: str | Path, stem: str | None = None)
     meta = {"schema": SCHEMA, "engine": capture.engine, "config_name": capture.config_name,
             "config": capture.config, "models": capture.models, "spec_totals": capture.spec_totals(),
             "extra": capture.extra, "tensors": f"{stem}.safetensors", "prompts": prompts}
-    tmp = out / f".{stem}.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    tmp.replace(out / f"{stem}.json")
+    write_json(out / f"{stem}.json", meta)
     return out / f"{stem}.json"
 
 

@@ -9,7 +9,6 @@ step, so "aligned" statistics stop there):
 """
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -19,6 +18,7 @@ import numpy as np
 
 from lib.capture import Capture
 from lib.errors import UsageError
+from lib.results import write_json
 
 RESULT_SCHEMA = "speclab.logits_comparison/1"
 
@@ -178,7 +178,7 @@ def write_results(results: dict, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "detailed_logits_comparison_results.json"
-    path.write_text(json.dumps(_json_safe(results), indent=1))
+    write_json(path, _json_safe(results))
     return path
 
 

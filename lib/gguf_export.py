@@ -11,7 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from lib.errors import UsageError
+from lib.errors import EngineUnavailable, UsageError
 from lib.models import cached_build, check_model_dir
 
 GGUF_NAME = "model-f32.gguf"
@@ -126,7 +126,6 @@ def write_gguf(folder: Path, out: Path, log=print):
 
 def load_llama(gguf_path: str | Path, n_ctx: int = 2048, n_threads: int = 1, logits_all: bool = True, **kwargs):
     """A llama_cpp.Llama over the file with an f32 KV cache (its logits then match transformers to ~1e-5)."""
-    from lib.errors import EngineUnavailable
     try:
         import llama_cpp
     except ModuleNotFoundError:

@@ -68,8 +68,10 @@ def plan_placement(strategy: str, gpus_visible: int, target_layers: int, draft_l
     if gpus_visible == 0:
         return Placement(strategy, 0, "cpu", "cpu" if has_draft else None, [], [],
                          note="no GPU visible: everything on the CPU")
-    needed = {"separate": 2 if has_draft else 1, "multi_gpu_ratio": target_ratio + (drafter_ratio if has_draft
-                                                                                     else 0)}.get(strategy, 1)
+    if strategy == "multi_gpu_ratio":
+        needed = target_ratio + (drafter_ratio if has_draft else 0)
+    else:
+        needed = 2 if strategy == "separate" and has_draft else 1
     if needed > gpus_visible:
         detail = (f"TARGET_GPU_RATIO={target_ratio} + DRAFTER_GPU_RATIO={drafter_ratio}"
                   if strategy == "multi_gpu_ratio" else "target on GPU 0, draft on GPU 1")
@@ -78,8 +80,8 @@ def plan_placement(strategy: str, gpus_visible: int, target_layers: int, draft_l
                          f"GPUs in the layout or GPU_STRATEGY=same")
     everything = list(range(gpus_visible))
     if strategy == "same":
-        return Placement(strategy, gpus_visible, "cuda:0", "cuda:0" if has_draft else None, [0], [0] if has_draft
-                         else [])
+        return Placement(strategy, gpus_visible, "cuda:0", "cuda:0" if has_draft else None, [0],
+                         [0] if has_draft else [])
     if strategy == "separate":
         return Placement(strategy, gpus_visible, "cuda:0", "cuda:1" if has_draft else None, [0],
                          [1] if has_draft else [])

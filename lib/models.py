@@ -112,6 +112,12 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", de
 
 # ---------------------------------------------------------------------------------------------- building
 
+def eos_ids_of(model) -> set[int]:
+    """The model's end-of-sequence ids (generation_config holds one id, a list, or None)."""
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos]) - {None}
+
+
 @contextlib.contextmanager
 def _file_lock(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)

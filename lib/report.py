@@ -11,8 +11,10 @@ import base64
 import html
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from lib.results import write_json
 
 # metric -> True when higher is better; the regression check compares these per combination and mode
 REGRESSION_METRICS = {
@@ -472,11 +474,11 @@ def write_report(night_path: Path, threshold_pct: float = 10.0, trend_nights: in
 
     (night_path / "report.md").write_text(doc.markdown(night_path))
     (night_path / "report.html").write_text(doc.html())
-    (night_path / "report.json").write_text(json.dumps({
+    write_json(night_path / "report.json", {
         "schema": "speclab.sweep_report/1", "night": now.name, "previous": verdict.previous,
         "threshold_pct": threshold_pct, "exit_code": verdict.exit_code,
         "failed": [{"id": f[0], "status": f[1], "error": f[2]} for f in verdict.failed],
         "broke": [f[0] for f in verdict.broke],
-        "regressions": [c.__dict__ for c in verdict.regressions],
-        "improvements": [c.__dict__ for c in verdict.improvements]}, indent=2))
+        "regressions": [asdict(c) for c in verdict.regressions],
+        "improvements": [asdict(c) for c in verdict.improvements]})
     return verdict

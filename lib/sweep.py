@@ -25,12 +25,14 @@ import yaml
 
 from lib import config as C
 from lib.errors import UsageError, exit_on_usage_error
+from lib.report import REGRESSION_METRICS, write_report
+from lib.results import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEPS_DIR = ROOT / "configs" / "sweeps"
 SCHEMA = "speclab.sweep/1"
 RESERVED = {"RESULTS_DIR", "RUN_ID"}  # the sweep sets these per combination
-EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 75, 130
+EXIT_OK, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 75, 130  # the others come from the verdict and UsageError
 ERROR_TAIL_LINES = 15
 FILE_KEYS = {"description", "fixed", "matrix", "include", "budget_min", "regression", "trend_nights"}
 
@@ -86,6 +88,10 @@ def env_text(value) -> str:
     return "" if value is None else str(value)
 
 
+def env_texts(values: dict) -> dict:
+    return {name: env_text(value) for name, value in values.items()}
+
+
 def check_vars(where: str, values: dict, path: Path):
     if not isinstance(values, dict):
         raise UsageError(f"{path}: '{where}' must be a mapping of VARIABLE: value")
@@ -120,7 +126,6 @@ def load_sweep(name_or_path: str) -> Sweep:
     regression = data.get("regression") or {}
     if not isinstance(regression, dict) or set(regression) - {"threshold_pct", "metrics"}:
         raise UsageError(f"{path}: 'regression' accepts threshold_pct (number) and metrics (list)")
-    from lib.report import REGRESSION_METRICS
     metrics = regression.get("metrics", list(REGRESSION_METRICS))
     bad = [m for m in metrics if m not in REGRESSION_METRICS]
     if bad:
@@ -168,10 +173,7 @@ def combos_of(sweep: Sweep) -> list[Combo]:
 
 
 def combo_env(sweep: Sweep, combo: Combo, base: dict) -> dict:
-    env = dict(base)
-    for name, value in {**sweep.fixed, **combo.vars}.items():
-        env[name] = env_text(value)
-    return env
+    return {**base, **env_texts({**sweep.fixed, **combo.vars})}
 
 
 # ---------------------------------------------------------------- running
@@ -221,24 +223,25 @@ def load_state(night: Path) -> dict[str, ComboResult]:
     path = night / "sweep.json"
     if not path.is_file():
         return {}
-    data = json.loads(path.read_text())
-    return {c["id"]: ComboResult(**c) for c in data.get("combos", [])}
+    try:
+        data = json.loads(path.read_text())
+        return {c["id"]: ComboResult(**c) for c in data.get("combos", [])}
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise UsageError(f"{path}: not a sweep state file this version wrote ({exc.__class__.__name__}: {exc}); "
+                         "move it away or start with --fresh") from None
 
 
 def save_state(night: Path, sweep: Sweep, results: dict[str, ComboResult], **extra):
     data = {"schema": SCHEMA, "sweep": sweep.name, "sweep_file": str(sweep.path), "night": night.name,
-            "fixed": {k: env_text(v) for k, v in sweep.fixed.items()}, "matrix": list(sweep.matrix),
+            "fixed": env_texts(sweep.fixed), "matrix": list(sweep.matrix),
             "combos": [asdict(r) for r in results.values()], **extra}
-    tmp = night / "sweep.json.tmp"
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, night / "sweep.json")
+    write_json(night / "sweep.json", data)
 
 
 def tail(path: Path, lines: int = ERROR_TAIL_LINES) -> str:
     if not path.is_file():
         return ""
-    text = path.read_text(errors="replace").splitlines()
-    return "\n".join(line for line in text[-lines:])
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def failed_modes(run_dir: Path) -> list[str]:
@@ -253,14 +256,14 @@ class Stop(Exception):
     """SIGTERM/SIGINT while a combination runs."""
 
 
-def run_combo(sweep: Sweep, combo: Combo, night: Path, timeout_s: float | None, log: Log) -> ComboResult:
+def run_combo(sweep: Sweep, combo: Combo, night: Path, timeout_s: float | None) -> ComboResult:
     run_dir = night / combo.id
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a rerun starts clean: no mix of two attempts
     run_dir.mkdir(parents=True)
     env = combo_env(sweep, combo, os.environ)
     env.update(RESULTS_DIR=str(night), RUN_ID=combo.id)
-    result = ComboResult(combo.id, {k: env_text(v) for k, v in combo.vars.items()}, "failed",
+    result = ComboResult(combo.id, env_texts(combo.vars), "failed",
                          started=datetime.now().isoformat(timespec="seconds"))
     t0 = time.monotonic()
     with open(run_dir / "benchmark.log", "wb") as out, open(run_dir / "stderr.log", "wb") as err:
@@ -283,7 +286,7 @@ def run_combo(sweep: Sweep, combo: Combo, night: Path, timeout_s: float | None, 
         else:
             result.failed_modes = failed_modes(run_dir)
             result.error = f"exit code {result.exit_code}; last lines of stderr:\n" + tail(run_dir / "stderr.log")
-    (run_dir / "combo.json").write_text(json.dumps(asdict(result), indent=2))
+    write_json(run_dir / "combo.json", asdict(result))
     return result
 
 
@@ -309,11 +312,10 @@ def raise_stop(signum, frame):
 
 def run_sweep(sweep: Sweep, night: Path, resume: bool, budget_min: float | None, log: Log) -> dict[str, ComboResult]:
     previous = load_state(night) if resume else {}
-    results = {c.id: previous.get(c.id) or ComboResult(c.id, {k: env_text(v) for k, v in c.vars.items()}, "pending")
-               for c in combos_of(sweep)}
+    combos = combos_of(sweep)
+    results = {c.id: previous.get(c.id) or ComboResult(c.id, env_texts(c.vars), "pending") for c in combos}
     deadline = time.monotonic() + budget_min * 60 if budget_min else None
     save_state(night, sweep, results, finished=None)
-    combos = combos_of(sweep)
     for i, combo in enumerate(combos, 1):
         if resume and results[combo.id].status == "ok":
             log(f"[{i}/{len(combos)}] {combo.id}: done on an earlier run, skipped (--resume)")
@@ -326,7 +328,7 @@ def run_sweep(sweep: Sweep, night: Path, resume: bool, budget_min: float | None,
             continue
         log(f"[{i}/{len(combos)}] {combo.id}: running")
         try:
-            results[combo.id] = res = run_combo(sweep, combo, night, left, log)
+            results[combo.id] = res = run_combo(sweep, combo, night, left)
         finally:
             save_state(night, sweep, results, finished=None)
         first_error = (res.error or "").splitlines()[-1:] or [""]
@@ -391,11 +393,10 @@ def main(argv=None) -> int:
     night = out_root / sweep.name / night_name(args.date)
     if args.dry_run:
         for combo in combos_of(sweep):
-            print(f"{combo.id}: " + " ".join(f"{k}={env_text(v)}" for k, v in {**sweep.fixed, **combo.vars}.items()))
+            print(f"{combo.id}: " + " ".join(f"{k}={v}" for k, v in combo_env(sweep, combo, {}).items()))
         print(f"results: {night}")
         return EXIT_OK
 
-    from lib.report import write_report
     if args.report_only:
         if not (night / "sweep.json").is_file():
             raise UsageError(f"--report-only: {night} has no sweep.json (no sweep ran that night)")
@@ -416,23 +417,21 @@ def main(argv=None) -> int:
     except LockHeld as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_LOCKED
-    if (night / "sweep.json").is_file() and not (args.resume or args.fresh):
-        lock.release()
-        raise UsageError(f"{night} already holds this night's sweep: --resume finishes it, --fresh reruns every "
-                         "combination (or pick another --date)")
-    night.mkdir(parents=True, exist_ok=True)
-    log = Log(night / "sweep.log")
-    signal.signal(signal.SIGTERM, raise_stop)
-    signal.signal(signal.SIGINT, raise_stop)
-    log(f"sweep {sweep.name} ({sweep.path}) -> {night}; {len(combos_of(sweep))} combinations"
-        + (f"; budget {budget:g} min" if budget else "") + ("; resuming" if args.resume else ""))
     try:
-        run_sweep(sweep, night, args.resume, budget, log)
-    except (KeyboardInterrupt, Stop):
-        log("interrupted: finished combinations are kept; rerun with --resume to finish the night")
-        lock.release()
-        return EXIT_INTERRUPTED
-    try:
+        if (night / "sweep.json").is_file() and not (args.resume or args.fresh):
+            raise UsageError(f"{night} already holds this night's sweep: --resume finishes it, --fresh reruns "
+                             "every combination (or pick another --date)")
+        night.mkdir(parents=True, exist_ok=True)
+        log = Log(night / "sweep.log")
+        signal.signal(signal.SIGTERM, raise_stop)
+        signal.signal(signal.SIGINT, raise_stop)
+        log(f"sweep {sweep.name} ({sweep.path}) -> {night}; {len(combos_of(sweep))} combinations"
+            + (f"; budget {budget:g} min" if budget else "") + ("; resuming" if args.resume else ""))
+        try:
+            run_sweep(sweep, night, args.resume, budget, log)
+        except (KeyboardInterrupt, Stop):
+            log("interrupted: finished combinations are kept; rerun with --resume to finish the night")
+            return EXIT_INTERRUPTED
         verdict = write_report(night, threshold, trend, sweep.regression_metrics)
     finally:
         lock.release()

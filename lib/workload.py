@@ -114,12 +114,13 @@ def load_prompts(cfg, tokenizer) -> tuple[list[Prompt], LoadStats]:
     return prompts, LoadStats("prompt_file", [str(cfg.prompt_file)], len(prompts), 0, 0, len(prompts))
 
 
-def poisson_arrivals(rate: float, duration: float, seed: int, burstiness: float = 1.0) -> list[float]:
-    """Arrival offsets in [0, duration): gamma inter-arrival times (shape = burstiness; 1 = Poisson)."""
+def poisson_arrivals(rate: float, duration: float, seed: int) -> list[float]:
+    """Arrival offsets in [0, duration): exponential inter-arrival times (drawn as gamma with shape 1, the draw
+    vLLM's benchmark uses at burstiness 1, so a seed gives the same schedule)."""
     rng = np.random.default_rng(seed)
     times, t = [], 0.0
     while True:
-        t += rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness))
+        t += rng.gamma(shape=1.0, scale=1.0 / rate)
         if t >= duration:
             return times
         times.append(float(t))

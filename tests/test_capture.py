@@ -37,7 +37,19 @@ def test_round_trip(tmp_path):
         assert back.prompts[0].token_ids == [5, 6, 7]
         assert np.array_equal(back.prompts[0].topk_ids, small_capture().prompts[0].topk_ids)
         assert back.prompts[0].accept_lengths == [3]
-        assert back.spec_totals()["accepted_per_position"] == [1, 1, 0, 0]
+        assert np.array_equal(back.prompts[0].topk_logits, small_capture().prompts[0].topk_logits)
+        assert back.prompts[0].full_logits is None
+        assert back.spec_totals() == {"num_drafts": 1, "draft_tokens": 4, "accepted_tokens": 2,
+                                      "accepted_per_position": [1, 1, 0, 0]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, path.with_suffix(".safetensors").name]
+
+
+def test_spec_totals_add_prompts_of_unequal_depth():
+    capture = small_capture()
+    capture.prompts.append(small_capture().prompts[0])
+    capture.prompts[1].spec = {"num_drafts": 2, "accepted_tokens": 3, "accepted_per_position": [2, 1, 0, 0, 0, 1]}
+    assert capture.spec_totals() == {"num_drafts": 3, "draft_tokens": 4, "accepted_tokens": 5,
+                                     "accepted_per_position": [3, 2, 0, 0, 0, 1]}
 
 
 def test_truncated_tensor_file_is_a_clear_error(tmp_path):

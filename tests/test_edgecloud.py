@@ -40,7 +40,7 @@ def apps(tiny_models):
     from lib.edgecloud.servers import build_cloud_app, build_edge_app
     cfg = config(0, 0)
     edge_app, drafter = build_edge_app(cfg, log=lambda *a: None)
-    cloud_app, verifier = build_cloud_app(cfg, log=lambda *a: None)
+    cloud_app, verifier = build_cloud_app(cfg)
     return edge_app, cloud_app, drafter, verifier
 
 
@@ -102,6 +102,12 @@ def test_sampling_with_shipped_draft_distributions(servers, tiny_tokenizer, ship
     assert res.error is None and finished(res, 24)
     assert res.draft_tokens > 0 and 0 <= res.acceptance_rate <= 1
     assert all(0 <= t < len(tiny_tokenizer) for t in res.token_ids)
+    # no_draft_verify at T > 0: after a low-confidence stop the cloud samples the next token without drafts
+    url = servers["communication"]["cloud_endpoint"] + "/v1/verify"
+    resp = httpx.post(url, headers={"authorization": f"Bearer {TOKEN}"},
+                      json={"context_ids": [5, 6, 7], "draft_ids": [], "draft_dists": None, "temperature": 0.8})
+    assert resp.status_code == 200 and resp.json()["accepted"] == 0
+    assert 0 <= resp.json()["next_token"] < len(tiny_tokenizer)
 
 
 def test_no_draft_verify_and_edge_only_are_marked_unverified(servers, tiny_tokenizer, shipped_prompts):
@@ -253,7 +259,7 @@ def test_vllm_cloud_verifier_greedy_equals_hf_cloud_only(servers, tiny_tokenizer
     over = {"cloud": {"model": {"engine": "vllm"}, "server": {"port": port}},
             "communication": {"cloud_endpoint": f"http://127.0.0.1:{port}"}}
     cfg = apply_overrides(servers, over, "test")
-    app, verifier = build_cloud_app(cfg, log=lambda *a: None)
+    app, verifier = build_cloud_app(cfg)
     thread = ServerThread(app, "127.0.0.1", port).start()
     try:
         for prompt in shipped_prompts[:2]:

@@ -2,7 +2,7 @@
 import pytest
 
 from lib.errors import UsageError
-from lib.layout import plan_placement, split_layers
+from lib.layout import STRATEGIES, plan_placement, split_layers
 
 
 def layers_of(device_map):
@@ -56,7 +56,8 @@ def test_auto_and_shared_all():
 
 
 def test_cpu_fallback_for_every_strategy():
-    for strategy in ("multi_gpu_ratio", "separate", "same", "auto", "shared_all"):
+    assert len(STRATEGIES) == 5
+    for strategy in STRATEGIES:
         p = plan_placement(strategy, 0, 4, 2)
         assert (p.target, p.draft) == ("cpu", "cpu") and "no GPU" in p.summary()
 

@@ -34,6 +34,9 @@ def test_counts_sum_to_tokens_times_top_k_per_layer(moe):
             assert s["total_tokens"] == tokens * 2 == sum(e["total_tokens_processed"] for e in s["experts"].values())
             assert s["total_experts"] == 8 and s["top_k"] == 2
             assert s["load_balance"]["max_over_mean"] >= 1.0
+            loads = [s["experts"].get(str(e), {}).get("total_tokens_processed", 0) for e in range(8)]
+            assert s["load_balance"]["max_over_mean"] == round(max(loads) / (sum(loads) / 8), 4)
+            assert s["load_balance"]["idle_experts"] == loads.count(0)
     finally:
         tracker.remove()
 

@@ -92,7 +92,13 @@ def test_sampling_keeps_lengths_and_is_seeded(pair, prompts):
 
 
 def test_supports_llama_only(pair):
+    from types import SimpleNamespace
+
+    from transformers import GPT2Config, LlamaConfig
     assert supports(pair[0])
+    for config in (LlamaConfig(attention_bias=True), LlamaConfig(mlp_bias=True), LlamaConfig(hidden_act="gelu"),
+                   GPT2Config()):
+        assert not supports(SimpleNamespace(config=config)), config
 
 
 def test_benchmark_smoke_on_cpu(tmp_path):
@@ -140,7 +146,6 @@ def test_assisted_only_with_hf_engine():
     assert ("hf", "assisted") in modes(resolve(None, {"INFERENCE_METHOD": "assisted"}))
 
 
-
 @pytest.mark.parametrize("new,gamma", [(1, 4), (3, 7), (9, 1)])
 def test_rounds_queued_ahead_keep_sd_exact(pair, prompts, new, gamma):
     """The SD loop queues the next round before reading the current one (except when a round may be the
@@ -154,3 +159,16 @@ def test_rounds_queued_ahead_keep_sd_exact(pair, prompts, new, gamma):
     chain = speculative_generate(target, draft, prompts, new, gamma)
     assert fast.tokens == autoregressive_generate(target, prompts, new).tokens
     assert fast.num_drafts == chain.num_drafts and fast.accepted_tokens == chain.accepted_tokens
+
+
+def test_fused_weights_share_storage_with_the_model(tiny_models):
+    """weights_from_hf must not hold the projections twice: the HF layers read views of the fused matrices."""
+    model = load_model(tiny_models.target)
+    q_before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    weights = weights_from_hf(model, 64)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == weights.layers[0].wqkv.untyped_storage().data_ptr()
+    assert attn.v_proj.weight.untyped_storage().data_ptr() == weights.layers[0].wqkv.untyped_storage().data_ptr()
+    assert torch.equal(attn.q_proj.weight, q_before)
+    mlp = model.model.layers[0].mlp
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == weights.layers[0].w13.untyped_storage().data_ptr()

@@ -39,7 +39,7 @@ def test_tree_greedy_equals_autoregressive(loaded, prompts, kind, preset):
         ar = autoregressive_generate(loaded["target"], [ids], STEPS).tokens[0]
         gen = tree_speculative_generate(loaded["target"], drafter_for(kind, loaded), ids, STEPS, num_iter, topk,
                                         tree_size)
-        assert gen.tokens == ar
+        assert gen.tokens == ar and gen.finish_reason == "length"
         assert len(gen.steps) == len(gen.tokens)
         assert [int(s.logits.argmax()) for s in gen.steps] == gen.tokens
         for r in gen.rounds:
@@ -54,6 +54,17 @@ def test_trained_drafts_are_accepted(loaded, prompts):
     for kind in ("model", "eagle"):
         gen = tree_speculative_generate(loaded["target"], drafter_for(kind, loaded), prompts[0], STEPS, 5, 7, 32)
         assert len(gen.tokens) / (len(gen.rounds) + 1) > 1.5
+
+
+@pytest.mark.parametrize("kind", ["model", "eagle"])
+def test_tree_stops_at_eos_like_autoregressive(loaded, prompts, kind):
+    """A token emitted mid-round that is an EOS ends the output there, as in AR decoding."""
+    ids = prompts[0]
+    eos = autoregressive_generate(loaded["target"], [ids], STEPS).tokens[0][6]
+    ar = autoregressive_generate(loaded["target"], [ids], STEPS, eos_ids={eos})
+    gen = tree_speculative_generate(loaded["target"], drafter_for(kind, loaded), ids, STEPS, 5, 7, 32, eos_ids={eos})
+    assert gen.tokens == ar.tokens[0] and gen.finish_reason == ar.finish_reasons[0] == "stop"
+    assert len(gen.steps) == len(gen.tokens)
 
 
 def test_tree_logits_match_plain_forward(loaded, prompts):

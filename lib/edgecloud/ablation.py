@@ -6,13 +6,13 @@ the reference every experiment is compared with ("matches_cloud_only").
 """
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
 
 from lib.edgecloud.client import EdgeCloudHTTPClient
 from lib.edgecloud.settings import apply_overrides
+from lib.results import write_json
 
 SCHEMA = "speclab.edge_cloud_ablation/1"
 BUILT_IN = [
@@ -80,7 +80,8 @@ async def run_ablations(cfg: dict, prompts: list[str], tokenizer, out_dir: Path,
     from rich.progress import Progress
     exps = experiments(cfg)
     if only:
-        exps = [e for e in exps if e["name"] in set(only) | {"cloud_only"}]
+        wanted = set(only) | {"cloud_only"}
+        exps = [e for e in exps if e["name"] in wanted]
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "prompts": prompts,
               "max_tokens": cfg["inference"]["max_tokens"], "temperature": cfg["inference"]["temperature"],
@@ -94,18 +95,12 @@ async def run_ablations(cfg: dict, prompts: list[str], tokenizer, out_dir: Path,
                 reference.update({d["prompt"]: d["token_ids"] for d in result["requests_detail"]})
                 result["matches_cloud_only"] = True
             report["experiments"].append(result)
-            write_report(report, out_dir)  # finished experiments survive a crash or Ctrl-C
+            write_json(out_dir / "ablation_report.json", report)  # finished experiments survive a crash or Ctrl-C
     if stats_fn is not None:
         report["server_stats"] = await stats_fn()
-    write_report(report, out_dir)
+    write_json(out_dir / "ablation_report.json", report)
     plot(report, out_dir / "ablation_report.png")
     return report
-
-
-def write_report(report: dict, out_dir: Path):
-    tmp = out_dir / "ablation_report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out_dir / "ablation_report.json")
 
 
 def table(report: dict):

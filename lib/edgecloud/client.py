@@ -91,8 +91,11 @@ class EdgeCloudHTTPClient:
         await self.http.aclose()
 
     # ------------------------------------------------------------------------------------------- transport
+    def _url(self, side: str, path: str) -> str:
+        return (self.cloud_url if side == "cloud" else self.edge_url) + path
+
     async def _post(self, side: str, path: str, body: dict, tally: _Tally) -> dict:
-        url = (self.cloud_url if side == "cloud" else self.edge_url) + path
+        url = self._url(side, path)
         payload = json.dumps(body, separators=(",", ":")).encode()
         res = tally.result
         last = ""
@@ -132,8 +135,7 @@ class EdgeCloudHTTPClient:
         raise ServiceUnavailable(f"{side} server at {url} unreachable after {self.max_retries} retries ({last})")
 
     async def get_json(self, side: str, path: str) -> dict:
-        url = (self.cloud_url if side == "cloud" else self.edge_url) + path
-        resp = await self.http.get(url)
+        resp = await self.http.get(self._url(side, path))
         resp.raise_for_status()
         return resp.json()
 
@@ -207,14 +209,14 @@ class EdgeCloudHTTPClient:
                 out.extend(drafts)  # no draft/verify: confident drafts are final, the cloud decides the rest
                 res.unverified_tokens += len(drafts)
                 continue
-            body = {"context_ids": context, "draft_ids": drafts if opts["verify"] else [],
-                    "draft_probs": draft["draft_probs"] if opts["verify"] else [],
-                    "draft_dists": draft["draft_dists"] if opts["verify"] else None,
-                    "temperature": temperature, "use_cache": opts["cache"]}
-            if not opts["verify"]:
+            if opts["verify"]:
+                body = {"context_ids": context, "draft_ids": drafts, "draft_probs": draft["draft_probs"],
+                        "draft_dists": draft["draft_dists"]}
+            else:  # the drafts before the low-confidence stop are final; the cloud decides the next token
                 out.extend(drafts)
                 res.unverified_tokens += len(drafts)
-                body["context_ids"] = prompt_ids + out
+                body = {"context_ids": prompt_ids + out, "draft_ids": [], "draft_probs": [], "draft_dists": None}
+            body.update(temperature=temperature, use_cache=opts["cache"])
             try:
                 verdict = await self._post("cloud", "/v1/verify", body, tally)
             except ServiceUnavailable as exc:

@@ -28,9 +28,13 @@ class ConfidenceMetrics:
     token_prob: float  # probability of the token actually drafted
 
 
-def _metrics(probs: np.ndarray, token_id: int, score: float) -> ConfidenceMetrics:
+def _entropy(probs: np.ndarray) -> float:
     p = probs[probs > 0]
-    return ConfidenceMetrics(float(score), float(probs.max()), float(-(p * np.log(p)).sum()), float(probs[token_id]))
+    return float(-(p * np.log(p)).sum())
+
+
+def _metrics(probs: np.ndarray, token_id: int, score: float) -> ConfidenceMetrics:
+    return ConfidenceMetrics(float(score), float(probs.max()), _entropy(probs), float(probs[token_id]))
 
 
 class ConfidenceCalculator:
@@ -44,8 +48,7 @@ class ConfidenceCalculator:
         if self.strategy is ConfidenceStrategy.MAX_PROB:
             return float(probs.max())
         if self.strategy is ConfidenceStrategy.ENTROPY:
-            p = probs[probs > 0]
-            return float(1.0 - (-(p * np.log(p)).sum()) / math.log(len(probs)))
+            return float(1.0 - _entropy(probs) / math.log(len(probs)))
         if self.strategy is ConfidenceStrategy.TEMPERATURE:
             logp = np.log(np.clip(probs, 1e-30, None)) / self.calibration_temperature
             scaled = np.exp(logp - logp.max())
@@ -90,10 +93,8 @@ class AblatedConfidenceCalculator(ConfidenceCalculator):
         return 1.0
 
 
-def make_calculator(strategy: str, weights=None, enabled: bool = True, **kwargs) -> ConfidenceCalculator:
+def make_calculator(strategy: str, weights=None, **kwargs) -> ConfidenceCalculator:
     """From config words: max_prob | entropy | temperature | top_k_agg | ensemble (all four, `weights`)."""
-    if not enabled:
-        return AblatedConfidenceCalculator(**kwargs)
     if strategy == "ensemble":
         return ConfidenceEnsemble(list(ConfidenceStrategy), weights, **kwargs)
     return ConfidenceCalculator(strategy, **kwargs)

@@ -62,14 +62,16 @@ class EdgeDrafter:
                 logits = self.llm.scores[self.llm.n_tokens - 1]
                 probs = softmax(logits, req.temperature)
                 token = int(rng.choice(len(probs), p=probs)) if req.temperature > 0 else int(np.argmax(logits))
-                conf = self.calculator.calculate_confidence(softmax(logits, 1.0), token)
-                if req.confidence_threshold is not None and conf.score < req.confidence_threshold:
+                # confidence is judged on the untempered distribution (softmax uses T=1 when greedy)
+                plain = probs if req.temperature <= 0 or req.temperature == 1 else softmax(logits, 1.0)
+                confidence = self.calculator.score(plain)
+                if req.confidence_threshold is not None and confidence < req.confidence_threshold:
                     out.stopped_low_confidence = True
                     self.counters["low_confidence_stops"] += 1
                     break
                 out.draft_ids.append(token)
                 out.draft_probs.append(float(probs[token]) if req.temperature > 0 else 1.0)
-                out.confidences.append(round(conf.score, 6))
+                out.confidences.append(round(confidence, 6))
                 if req.return_dists:
                     out.draft_dists.append(probs.astype(np.float32).tolist())
                 if token in self.eos_ids or i == req.max_draft - 1:

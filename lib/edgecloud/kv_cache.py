@@ -100,7 +100,7 @@ class BlockPrefixCache:
 
     def __init__(self, block_size: int = 16, max_blocks: int = 4096):
         self.block_size, self.max_blocks = block_size, max_blocks
-        self.entries: OrderedDict[int, tuple[list[int], Any]] = OrderedDict()
+        self.entries: OrderedDict[int, tuple[list[int], list[str], Any]] = OrderedDict()  # tokens, block hashes, state
         self.index: dict[str, int] = {}  # block hash -> entry id
         self.next_id = 0
         self.stats = BlockStats(block_size=block_size)
@@ -121,8 +121,8 @@ class BlockPrefixCache:
         if entry_id is None:
             self.stats.misses += 1
             return 0, None
-        cached_tokens, state = self.entries.pop(entry_id)
-        self._unindex(entry_id, cached_tokens)
+        cached_tokens, cached_hashes, state = self.entries.pop(entry_id)
+        self._unindex(entry_id, cached_hashes)
         reuse = common_prefix(cached_tokens, tokens)  # whole blocks matched, plus any partial tail
         self.stats.hits += 1
         self.stats.hit_blocks += matched
@@ -132,22 +132,23 @@ class BlockPrefixCache:
 
     def put(self, tokens: list[int], state: Any):
         entry_id, self.next_id = self.next_id, self.next_id + 1
-        self.entries[entry_id] = (list(tokens), state)
-        for h in block_hashes(tokens, self.block_size):
+        hashes = block_hashes(tokens, self.block_size)
+        self.entries[entry_id] = (list(tokens), hashes, state)
+        for h in hashes:
             self.index[h] = entry_id
         while self._blocks() > self.max_blocks and len(self.entries) > 1:
-            old_id, (old_tokens, _) = self.entries.popitem(last=False)
-            self._unindex(old_id, old_tokens)
+            old_id, (_, old_hashes, _) = self.entries.popitem(last=False)
+            self._unindex(old_id, old_hashes)
             self.stats.evictions += 1
         self._update_sizes()
 
-    def _unindex(self, entry_id: int, tokens: list[int]):
-        for h in block_hashes(tokens, self.block_size):
+    def _unindex(self, entry_id: int, hashes: list[str]):
+        for h in hashes:
             if self.index.get(h) == entry_id:
                 del self.index[h]
 
     def _blocks(self) -> int:
-        return sum(-(-len(t) // self.block_size) for t, _ in self.entries.values())
+        return sum(-(-len(t) // self.block_size) for t, _, _ in self.entries.values())
 
     def _update_sizes(self):
         self.stats.entries = len(self.entries)

@@ -5,9 +5,18 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lib.errors import UsageError
+
 MAX_CONTEXT = 8192  # token ids per request
 MAX_DRAFT = 64
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_CONTEXT)]
+
+
+def check_vocab(ids, vocab: int, what: str, side: str = "target"):
+    """Token ids past the model's vocabulary are a UsageError (HTTP 422) naming the field and the first bad id."""
+    bad = next((t for t in ids if t >= vocab), None)
+    if bad is not None:
+        raise UsageError(f"{what}: token id {bad} is outside the {side} vocabulary (0..{vocab - 1})")
 
 
 class _Strict(BaseModel):

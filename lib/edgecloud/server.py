@@ -15,11 +15,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from lib.edgecloud.protocol import (DraftRequest, DraftResponse, GenerateRequest, GenerateResponse, VerifyRequest,
-                                    VerifyResponse)
+                                    VerifyResponse, check_vocab)
 from lib.errors import UsageError
 
 
-def _base_app(title: str, role: str, auth_token: str, max_body_bytes: int, describe: dict) -> FastAPI:
+def _base_app(title: str, role: str, auth_token: str, max_body_bytes: int, describe: dict) -> tuple[FastAPI, list]:
+    """The app with what both servers share, and the bearer-token dependency for its protected routes."""
     app = FastAPI(title=title, docs_url=None, redoc_url=None)
     started = time.time()
 
@@ -49,12 +50,16 @@ def _base_app(title: str, role: str, auth_token: str, max_body_bytes: int, descr
     async def usage(request: Request, exc: UsageError):
         return JSONResponse({"error": str(exc)}, status_code=422)
 
+    @app.exception_handler(_Unauthorized)
+    async def unauthorized(request: Request, exc: _Unauthorized):
+        return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401,
+                            headers={"WWW-Authenticate": "Bearer"})
+
     @app.get("/health")
     def health():
         return {"status": "ok", "role": role, "uptime_s": round(time.time() - started, 1), **describe}
 
-    app.state.started = started
-    return app
+    return app, [Depends(_auth_dependency(auth_token))]
 
 
 def _auth_dependency(token: str):
@@ -71,34 +76,19 @@ class _Unauthorized(Exception):
     pass
 
 
-def _add_auth_handler(app: FastAPI):
-    @app.exception_handler(_Unauthorized)
-    async def unauthorized(request: Request, exc: _Unauthorized):
-        return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401,
-                            headers={"WWW-Authenticate": "Bearer"})
-
-
 def create_edge_app(drafter, auth_token: str = "", max_body_bytes: int = 1 << 20, describe: dict | None = None):
-    app = _base_app("SpecLab edge", "edge", auth_token, max_body_bytes, describe or {})
-    _add_auth_handler(app)
-    auth = [Depends(_auth_dependency(auth_token))]
-
-    def check_ids(ids):
-        bad = [t for t in ids if t >= drafter.vocab]
-        if bad:
-            raise UsageError(f"context_ids: token id {bad[0]} is outside the edge vocabulary (0..{drafter.vocab - 1})")
+    app, auth = _base_app("SpecLab edge", "edge", auth_token, max_body_bytes, describe or {})
 
     @app.post("/v1/draft", response_model=DraftResponse, dependencies=auth)
     def draft(req: DraftRequest):
-        check_ids(req.context_ids)
+        check_vocab(req.context_ids, drafter.vocab, "context_ids", "edge")
         return drafter.draft(req)
 
     @app.post("/v1/generate", response_model=GenerateResponse, dependencies=auth)
     def generate(req: GenerateRequest):
-        check_ids(req.context_ids)
-        out = drafter.draft(DraftRequest.model_construct(
-            context_ids=req.context_ids, max_draft=req.max_tokens, temperature=req.temperature,
-            confidence_threshold=None, use_cache=True, return_dists=False, seed=req.seed))
+        check_vocab(req.context_ids, drafter.vocab, "context_ids", "edge")
+        out = drafter.draft(DraftRequest.model_construct(context_ids=req.context_ids, max_draft=req.max_tokens,
+                                                         temperature=req.temperature, seed=req.seed))
         return GenerateResponse(token_ids=out.draft_ids, confidences=out.confidences, compute_ms=out.compute_ms)
 
     @app.get("/stats", dependencies=auth)
@@ -109,9 +99,7 @@ def create_edge_app(drafter, auth_token: str = "", max_body_bytes: int = 1 << 20
 
 
 def create_cloud_app(verifier, auth_token: str = "", max_body_bytes: int = 4 << 20, describe: dict | None = None):
-    app = _base_app("SpecLab cloud", "cloud", auth_token, max_body_bytes, describe or {})
-    _add_auth_handler(app)
-    auth = [Depends(_auth_dependency(auth_token))]
+    app, auth = _base_app("SpecLab cloud", "cloud", auth_token, max_body_bytes, describe or {})
 
     @app.post("/v1/verify", response_model=VerifyResponse, dependencies=auth)
     def verify(req: VerifyRequest):

@@ -24,11 +24,11 @@ def build_edge_app(cfg: dict, log=print):
     return create_edge_app(drafter, comm["auth_token"], int(comm["max_body_bytes"]), describe), drafter
 
 
-def build_cloud_app(cfg: dict, log=print):
+def build_cloud_app(cfg: dict):
+    import torch
     cloud = cfg["cloud"]
     target = cloud_model_dir(cfg)
     if cloud["model"]["n_threads"]:
-        import torch
         torch.set_num_threads(int(cloud["model"]["n_threads"]))
     if cloud["model"]["engine"] == "vllm":
         from lib.edgecloud.verify_vllm import VLLMCloudVerifier
@@ -36,7 +36,7 @@ def build_cloud_app(cfg: dict, log=print):
         describe = {"model": target.name, "engine": f"vllm {verifier.vllm.__version__}", "device": verifier.device}
     else:
         from lib.edgecloud.verify import CloudVerifier
-        verifier = CloudVerifier(target, "cpu" if not _cuda() else "cuda", cloud["model"]["dtype"],
+        verifier = CloudVerifier(target, "cuda" if torch.cuda.is_available() else "cpu", cloud["model"]["dtype"],
                                  int(cloud["kv_cache"]["block_size"]), int(cloud["kv_cache"]["max_blocks"]),
                                  seed=int(cfg["inference"]["seed"]))
         describe = {"model": target.name, "engine": "hf (PyTorch/transformers)", "device": verifier.device}
@@ -44,15 +44,10 @@ def build_cloud_app(cfg: dict, log=print):
     return create_cloud_app(verifier, comm["auth_token"], int(comm["max_body_bytes"]), describe), verifier
 
 
-def _cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
-
-
 def start_in_threads(cfg: dict, log=print) -> list[ServerThread]:
     """Both servers in this process (edge_cloud.py --mode server/ablation and the tests)."""
     edge_app, _ = build_edge_app(cfg, log)
-    cloud_app, _ = build_cloud_app(cfg, log)
+    cloud_app, _ = build_cloud_app(cfg)
     threads = [ServerThread(edge_app, cfg["edge"]["server"]["host"], int(cfg["edge"]["server"]["port"])),
                ServerThread(cloud_app, cfg["cloud"]["server"]["host"], int(cfg["cloud"]["server"]["port"]))]
     started = []

@@ -12,9 +12,9 @@ import time
 import torch
 
 from lib.edgecloud.kv_cache import BlockPrefixCache
-from lib.edgecloud.protocol import GenerateRequest, GenerateResponse, VerifyRequest, VerifyResponse
+from lib.edgecloud.protocol import GenerateRequest, GenerateResponse, VerifyRequest, VerifyResponse, check_vocab
 from lib.errors import UsageError
-from lib.models import load_model
+from lib.models import eos_ids_of, load_model
 from lib.spec.chain import KVState, autoregressive_generate, commit, forward, probabilities, sample
 
 
@@ -34,32 +34,49 @@ def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, genera
     return n, int(sample(p_next / p_next.sum(), generator))
 
 
-class CloudVerifier:
-    def __init__(self, target_dir, device: str = "cpu", dtype: str = "float32", block_size: int = 16,
-                 max_blocks: int = 4096, seed: int = 0):
-        self.model = load_model(target_dir, dtype, device)
-        self.device = device
-        self.vocab = self.model.config.vocab_size
-        eos = self.model.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        self.cache = BlockPrefixCache(block_size, max_blocks)
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+class BaseVerifier:
+    """What the HF and vLLM cloud verifiers share: the vocabulary check, one lock, the counters behind /stats."""
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
         self.lock = threading.Lock()
         self.counters = {"verify_requests": 0, "generate_requests": 0, "draft_tokens": 0, "accepted_tokens": 0,
                          "fed_tokens": 0}
 
     def check_ids(self, ids, what: str):
-        bad = [t for t in ids if t >= self.vocab]
-        if bad:
-            raise UsageError(f"{what}: token id {bad[0]} is outside the target vocabulary (0..{self.vocab - 1})")
+        check_vocab(ids, self.vocab, what)
+
+    def count_verify(self, drafted: int, accepted: int, fed: int):
+        self.counters["verify_requests"] += 1
+        self.counters["draft_tokens"] += drafted
+        self.counters["accepted_tokens"] += accepted
+        self.counters["fed_tokens"] += fed
+
+    def prefix_cache_stats(self) -> dict:
+        raise NotImplementedError
+
+    def stats(self) -> dict:
+        acc = self.counters["accepted_tokens"] / self.counters["draft_tokens"] if self.counters["draft_tokens"] else 0
+        return {**self.counters, "acceptance_rate": round(acc, 4), "prefix_cache": self.prefix_cache_stats()}
+
+
+class CloudVerifier(BaseVerifier):
+    def __init__(self, target_dir, device: str = "cpu", dtype: str = "float32", block_size: int = 16,
+                 max_blocks: int = 4096, seed: int = 0):
+        self.model = load_model(target_dir, dtype, device)
+        super().__init__(self.model.config.vocab_size)
+        self.device = device
+        self.eos_ids = eos_ids_of(self.model)
+        self.cache = BlockPrefixCache(block_size, max_blocks)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def _draft_dists(self, req: VerifyRequest, drafts: torch.Tensor) -> torch.Tensor:
         if req.temperature <= 0:
             return torch.nn.functional.one_hot(drafts, self.vocab).float()
-        if req.draft_dists is None or len(req.draft_dists) != len(req.draft_ids):
+        if len(req.draft_dists or []) != len(req.draft_ids):  # none needed without drafts (no_draft_verify)
             raise UsageError("draft_dists: temperature > 0 needs one draft distribution per draft token")
         q = torch.zeros(len(req.draft_ids), self.vocab, device=self.device)
-        for i, dist in enumerate(req.draft_dists):
+        for i, dist in enumerate(req.draft_dists or []):
             row = torch.tensor(dist[: self.vocab], dtype=torch.float32, device=self.device).clamp(min=0)
             q[i, : len(row)] = row
         return q / q.sum(-1, keepdim=True).clamp(min=1e-30)
@@ -85,10 +102,7 @@ class CloudVerifier:
             commit(state, len(feed), torch.tensor([len(feed) - len(drafts_list) + n], device=self.device))
             if req.use_cache:
                 self.cache.put(context + drafts_list[:n], state)
-            self.counters["verify_requests"] += 1
-            self.counters["draft_tokens"] += len(drafts_list)
-            self.counters["accepted_tokens"] += n
-            self.counters["fed_tokens"] += len(feed)
+            self.count_verify(len(drafts_list), n, len(feed))
             return VerifyResponse(accepted=n, next_token=next_token, reused_tokens=keep, fed_tokens=len(feed),
                                   compute_ms=(time.perf_counter() - t0) * 1000)
 
@@ -103,6 +117,5 @@ class CloudVerifier:
             self.counters["generate_requests"] += 1
             return GenerateResponse(token_ids=gen.tokens[0], compute_ms=(time.perf_counter() - t0) * 1000)
 
-    def stats(self) -> dict:
-        acc = self.counters["accepted_tokens"] / self.counters["draft_tokens"] if self.counters["draft_tokens"] else 0
-        return {**self.counters, "acceptance_rate": round(acc, 4), "prefix_cache": self.cache.stats.to_json()}
+    def prefix_cache_stats(self) -> dict:
+        return self.cache.stats.to_json()

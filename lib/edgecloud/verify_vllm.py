@@ -8,10 +8,10 @@ the target's full distribution at every position, which the HF verifier has and 
 """
 from __future__ import annotations
 
-import threading
 import time
 
 from lib.edgecloud.protocol import GenerateRequest, GenerateResponse, VerifyRequest, VerifyResponse
+from lib.edgecloud.verify import BaseVerifier
 from lib.errors import UsageError
 
 
@@ -27,7 +27,7 @@ def greedy_verdict(prompt_logprobs: list, first_draft: int, drafts: list[int]) -
     return len(drafts), None
 
 
-class VLLMCloudVerifier:
+class VLLMCloudVerifier(BaseVerifier):
     def __init__(self, target_dir, dtype: str = "float32", max_model_len: int | None = None, seed: int = 0,
                  gpu_memory_utilization: float = 0.9):
         from lib.engines.vllm_engine import import_vllm, prepare_cpu_environment
@@ -40,16 +40,9 @@ class VLLMCloudVerifier:
         except ValueError as exc:  # vLLM's config validation
             raise UsageError(f"cloud.model: vLLM rejected the configuration: {str(exc).strip().splitlines()[0]}") \
                 from None
-        self.vocab = self.llm.llm_engine.model_config.get_vocab_size()
+        super().__init__(self.llm.llm_engine.model_config.get_vocab_size())
+        self.counters["prefix_cached_tokens"] = 0
         self.device = "cpu" if on_cpu else "cuda"
-        self.lock = threading.Lock()
-        self.counters = {"verify_requests": 0, "generate_requests": 0, "draft_tokens": 0, "accepted_tokens": 0,
-                         "fed_tokens": 0, "prefix_cached_tokens": 0}
-
-    def check_ids(self, ids, what: str):
-        bad = [t for t in ids if t >= self.vocab]
-        if bad:
-            raise UsageError(f"{what}: token id {bad[0]} is outside the target vocabulary (0..{self.vocab - 1})")
 
     def _run(self, token_ids: list[int], params):
         return self.llm.generate([{"prompt_token_ids": token_ids}], params, use_tqdm=False)[0]
@@ -68,13 +61,10 @@ class VLLMCloudVerifier:
             accepted, correction = greedy_verdict(out.prompt_logprobs, len(context), drafts) if drafts else (0, None)
             next_token = out.outputs[0].token_ids[0] if correction is None else correction
             cached = out.num_cached_tokens or 0
-            self.counters["verify_requests"] += 1
-            self.counters["draft_tokens"] += len(drafts)
-            self.counters["accepted_tokens"] += accepted
-            self.counters["fed_tokens"] += len(context) + len(drafts) - cached
+            fed = len(context) + len(drafts) - cached
+            self.count_verify(len(drafts), accepted, fed)
             self.counters["prefix_cached_tokens"] += cached
-            return VerifyResponse(accepted=accepted, next_token=next_token, reused_tokens=cached,
-                                  fed_tokens=len(context) + len(drafts) - cached,
+            return VerifyResponse(accepted=accepted, next_token=next_token, reused_tokens=cached, fed_tokens=fed,
                                   compute_ms=(time.perf_counter() - t0) * 1000)
 
     def generate(self, req: GenerateRequest) -> GenerateResponse:
@@ -88,8 +78,5 @@ class VLLMCloudVerifier:
             return GenerateResponse(token_ids=list(out.outputs[0].token_ids),
                                     compute_ms=(time.perf_counter() - t0) * 1000)
 
-    def stats(self) -> dict:
-        acc = self.counters["accepted_tokens"] / self.counters["draft_tokens"] if self.counters["draft_tokens"] else 0
-        return {**self.counters, "acceptance_rate": round(acc, 4),
-                "prefix_cache": {"kind": "vLLM automatic prefix caching",
-                                 "reused_tokens": self.counters["prefix_cached_tokens"]}}
+    def prefix_cache_stats(self) -> dict:
+        return {"kind": "vLLM automatic prefix caching", "reused_tokens": self.counters["prefix_cached_tokens"]}

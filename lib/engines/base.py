@@ -78,6 +78,8 @@ class Clock:
 class Engine(ABC):
     """Subclasses set `name`, and read what they need from the resolved Config in __init__."""
     name = "base"
+    run_spec_counters: SpecCounters | None = None  # run-level acceptance, for engines that count per run (vLLM)
+    weight_bytes_read: int | None = None  # weights read by the timed run, for engines that know (bandwidth)
 
     def __init__(self, cfg, method: str, models):
         self.cfg, self.method, self.models = cfg, method, models
@@ -116,6 +118,10 @@ class Engine(ABC):
 
     def reset_counters(self) -> None:
         """Forget what the warm-up counted (engines that accumulate run statistics override this)."""
+
+    def extra_results(self) -> dict:
+        """Engine-specific additions to the mode's results (e.g. MoE expert statistics)."""
+        return {}
 
     def run(self, requests: list[Request], clock: Clock, on_done: Callable[[RequestRecord], None],
             should_stop: Callable[[], bool] = lambda: False) -> None:

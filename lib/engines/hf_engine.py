@@ -6,7 +6,7 @@ import time
 import torch
 
 from lib.engines.base import Clock, Engine, Request, RequestRecord, SpecCounters, record_from_tokens
-from lib.models import load_model, load_tokenizer
+from lib.models import eos_ids_of, load_model, load_tokenizer
 from lib.layout import placement_from_config
 from lib.spec import static
 from lib.spec.chain import Generation, autoregressive_generate, speculative_generate
@@ -41,15 +41,16 @@ class HFEngine(Engine):
                                  f"{self.draft.config.vocab_size} differs from the target's "
                                  f"{self.target.config.vocab_size}; the draft must share the target's tokenizer")
         self.generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
-        eos = self.target.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.eos_ids = eos_ids_of(self.target)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.fast = self._fast_weights()
         self.decoders: dict = {}
         self.cache_len = 0  # static cache length the whole workload needs (set by warmup)
-        self._model_bytes = tuple(_nbytes(m) for m in (self.target, self.draft))
-        self._read_bytes = tuple(_nbytes(m, per_step=True) for m in (self.target, self.draft))
-        self.weight_bytes_read = 0  # lib/bandwidth.py: the runner turns it into bandwidth_efficiency
+        (held_t, read_t), (held_d, read_d) = (weight_bytes_of(m) for m in (self.target, self.draft))
+        self._held_bytes, self._read_bytes = held_t + held_d, (read_t, read_d)
+        # bytes of weights read so far; the runner turns it into bandwidth_efficiency (lib/bandwidth.py).
+        # transformers' assisted loop does not say how many passes it ran, so it is not counted there.
+        self.weight_bytes_read = None if self.method == "assisted" else 0
         from lib.quant.moe_tracker import track_experts
         self.expert_tracker = track_experts(self.target)  # None unless the target is a MoE model
 
@@ -79,6 +80,7 @@ class HFEngine(Engine):
                 or (self.draft is not None and self.placement.single_device("draft") is None)):
             return None
         return tuple(static.weights_from_hf(m, m.config.max_position_embeddings) for m in models)
+
     def describe(self) -> dict:
         return {"engine": self.name, "method": self.method, "device": self.device, "dtype": self.dtype,
                 "torch": torch.__version__, "gamma": self.cfg.gamma_value if self.draft is not None else None,
@@ -87,7 +89,7 @@ class HFEngine(Engine):
                 if self.method == "assisted" else "per token"}
 
     def weight_bytes(self) -> int:
-        return sum(self._model_bytes)  # buffers too: mixed-precision layers hold their compressed weights there
+        return self._held_bytes  # buffers too: mixed-precision layers hold their compressed weights there
 
     def reset_counters(self):
         if self.weight_bytes_read is not None:
@@ -139,9 +141,8 @@ class HFEngine(Engine):
 
     def _count_weight_reads(self, gen: Generation):
         """Weights read by this batch: one full read per forward pass (prefill, each decode/verify step, each
-        draft step); rows of a batch step together. transformers' assisted loop does not say, so it is not counted."""
-        if self.method == "assisted" or self.weight_bytes_read is None:
-            self.weight_bytes_read = None
+        draft step); rows of a batch step together."""
+        if self.weight_bytes_read is None:
             return
         target, draft = self._read_bytes
         if gen.num_drafts:
@@ -191,16 +192,15 @@ class HFEngine(Engine):
         return gen
 
 
-def _nbytes(model, per_step: bool = False) -> int:
-    """Bytes of weights held; per_step: those a forward pass reads (an untied input embedding is only indexed)."""
+def weight_bytes_of(model) -> tuple[int, int]:
+    """(bytes of weights held, bytes a forward pass reads): an untied input embedding is held but only indexed."""
     if model is None:
-        return 0
+        return 0, 0
     tensors = {t.data_ptr(): t for t in model.state_dict().values()}  # weights and persistent buffers, tied once
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    held = sum(t.numel() * t.element_size() for t in tensors.values())
     embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    if per_step and embed.data_ptr() != head.data_ptr():
-        total -= embed.numel() * embed.element_size()
-    return total
+    untied_embed = embed.numel() * embed.element_size() if embed.data_ptr() != head.data_ptr() else 0
+    return held, held - untied_embed
 
 
 class _TimesStreamer:

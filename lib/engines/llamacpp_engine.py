@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from lib.engines.base import Clock, Engine, Request, RequestRecord, SpecCounters, record_from_tokens
-from lib.errors import EngineUnavailable
+from lib.errors import EngineUnavailable, UsageError
 from lib.models import load_tokenizer
 
 INSTALL_HINT = ("pip install -r requirements/edge.txt (compiles llama-cpp-python, 7-9 min; "
@@ -47,20 +47,19 @@ def make_counting_draft(drafter, gamma: int):
 
     class CountingDraftModel(_draft_model_base()):
         def __init__(self):
-            self.counters = SpecCounters(accepted_per_position=[0] * gamma)
-            self.pending: list[int] = []
-            self.pending_at = 0
+            self.begin()
 
         def begin(self):
             self.counters = SpecCounters(accepted_per_position=[0] * gamma)
-            self.pending, self.pending_at = [], 0
+            self.pending: list[int] = []
+            self.pending_at = 0
 
         def settle(self, committed, final: bool = False) -> None:
             if final:  # drafts past the end of the output were never verified: not counted
                 self.pending = self.pending[: max(len(committed) - self.pending_at, 0)]
             if not self.pending:
                 return
-            n = common_prefix(self.pending, list(committed[self.pending_at: self.pending_at + len(self.pending)]))
+            n = common_prefix(self.pending, committed[self.pending_at: self.pending_at + len(self.pending)])
             c = self.counters
             c.num_drafts += 1
             c.draft_tokens += len(self.pending)
@@ -72,9 +71,7 @@ def make_counting_draft(drafter, gamma: int):
         def __call__(self, input_ids, /, **kwargs):
             ids = [int(t) for t in input_ids]
             self.settle(ids)
-            req = DraftRequest.model_construct(context_ids=ids, max_draft=gamma, temperature=0.0,
-                                               confidence_threshold=None, use_cache=True, return_dists=False,
-                                               seed=None)
+            req = DraftRequest.model_construct(context_ids=ids, max_draft=gamma)  # greedy, no early stop
             self.pending, self.pending_at = drafter.draft(req).draft_ids, len(ids)
             return np.array(self.pending, dtype=np.intc)
 
@@ -106,7 +103,6 @@ class LlamaCppEngine(Engine):
         self.llm = load_llama(self.target_path, n_ctx=n_ctx, n_threads=self.threads, logits_all=False,
                               draft_model=self.draft, seed=self.cfg.seed)
         if self.draft is not None and drafter.vocab != self.llm.n_vocab():
-            from lib.errors import UsageError
             raise UsageError(f"DRAFTER_MODEL={self.models.draft}: vocabulary {drafter.vocab} differs from the "
                              f"target's {self.llm.n_vocab()}")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import gc
+import math
 import os
 import shutil
 import sys
@@ -33,6 +34,7 @@ SPEC_COUNTERS = {  # vLLM counter -> SpecCounters field
     "vllm:spec_decode_num_accepted_tokens": "accepted_tokens",
     "vllm:spec_decode_num_accepted_tokens_per_pos": "accepted_per_position",
 }
+BLOCK_MANAGER_NOTE = "no effect (vLLM has one block manager)"
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
 
@@ -184,7 +186,7 @@ class VLLMEngine(Engine):
             drafter = self.speculative_config.get("model", f"(none: {self.cfg.vllm_spec_method})")
             lines += [f"  Speculative method: {self.cfg.vllm_spec_method}", f"  Drafter model: {drafter}",
                       f"  Speculative tokens: {self.num_speculative_tokens}"]
-        lines += ["  VLLM_USE_V2_BLOCK_MANAGER: no effect (vLLM has one block manager)",
+        lines += [f"  VLLM_USE_V2_BLOCK_MANAGER: {BLOCK_MANAGER_NOTE}",
                   f"  Tensor parallel: {self.cfg.vllm_tensor_parallel_size}",
                   f"  GPU memory utilization: {self.cfg.vllm_gpu_memory_utilization:g}",
                   f"  Max model length: {self.cfg.vllm_max_model_len}",
@@ -210,7 +212,7 @@ class VLLMEngine(Engine):
             f"  Method: {self.cfg.vllm_spec_method if spec else '-'}",
             f"  Drafter: {self.speculative_config.get('model', '-') if spec else '-'}",
             f"  Num Speculative Tokens: {self.num_speculative_tokens if spec else '-'}",
-            "  Use V2 Block Manager: no effect (vLLM has one block manager)",
+            f"  Use V2 Block Manager: {BLOCK_MANAGER_NOTE}",
         ]), flush=True)
 
     def _build(self, rate_mode: bool):
@@ -250,7 +252,7 @@ class VLLMEngine(Engine):
                 "tensor_parallel_size": self.cfg.vllm_tensor_parallel_size,
                 "gpu_memory_utilization": self.cfg.vllm_gpu_memory_utilization,
                 "max_model_len": self.cfg.vllm_max_model_len, "max_num_seqs": self.cfg.vllm_max_num_seqs,
-                "use_v2_block_manager": "no effect (vLLM has one block manager)"}
+                "use_v2_block_manager": BLOCK_MANAGER_NOTE}
 
     def weight_bytes(self) -> int:
         """Parameters x bytes per element at the dtype vLLM runs (headers only; no tensor is read)."""
@@ -263,12 +265,7 @@ class VLLMEngine(Engine):
         for folder in folders:
             for file in Path(folder).glob("*.safetensors"):
                 with safe_open(str(file), "pt") as f:
-                    for name in f.keys():
-                        shape = f.get_slice(name).get_shape()
-                        n = 1
-                        for d in shape:
-                            n *= d
-                        count += n
+                    count += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
         return count * size
 
     # ---------------------------------------------------------------------------------------------- running

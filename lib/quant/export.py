@@ -18,13 +18,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lib.errors import UsageError
 from lib.quant.formats import FloatWeight, FP8Weight, Int8Weight
 from lib.quant.gptq import GPTQWeight
 from lib.quant.linear import MixedPrecisionLinear
+from lib.results import write_json
 
 
-def _int_args(bits, strategy, group_size=None, symmetric=True, actorder=None):
-    args = {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": strategy, "dynamic": False}
+def _quant_args(bits, strategy, kind="int", group_size=None, symmetric=True, actorder=None, dynamic=False):
+    """One compressed-tensors QuantizationArgs (weights, or with dynamic=True per-token activations)."""
+    args = {"num_bits": bits, "type": kind, "symmetric": symmetric, "strategy": strategy, "dynamic": dynamic}
     if group_size:
         args["group_size"] = group_size
     if actorder:
@@ -35,7 +38,6 @@ def _int_args(bits, strategy, group_size=None, symmetric=True, actorder=None):
 def _gptq_tensors(fmt: GPTQWeight, prefix: str):
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     if fmt.bits not in (4, 8):
-        from lib.errors import UsageError
         raise UsageError(f"{prefix}: the compressed-tensors export supports 4- and 8-bit GPTQ, not {fmt.bits}-bit")
     offset = 1 << (fmt.bits - 1)
     q = (fmt.int_weight().t() - offset).to(torch.int8)               # signed, [out, in]
@@ -50,8 +52,8 @@ def _gptq_tensors(fmt: GPTQWeight, prefix: str):
         tensors["weight_zero_point"] = pack_to_int32(zeros, fmt.bits, packed_dim=0).contiguous()
     if act_order:
         tensors["weight_g_idx"] = fmt.g_idx.to(torch.int32)
-    scheme = {"weights": _int_args(fmt.bits, strategy, None if strategy == "channel" else fmt.group_size,
-                                   symmetric, "group" if act_order else None),
+    scheme = {"weights": _quant_args(fmt.bits, strategy, "int", None if strategy == "channel" else fmt.group_size,
+                                     symmetric, "group" if act_order else None),
               "format": "pack-quantized"}
     return tensors, scheme
 
@@ -61,20 +63,18 @@ def _int8_tensors(fmt: Int8Weight, int8_scheme: str):
     if int8_scheme == "w8a16":
         tensors = {"weight_packed": pack_to_int32(fmt.weight, 8), "weight_scale": fmt.scale.to(torch.float16),
                    "weight_shape": torch.tensor(list(fmt.weight.shape), dtype=torch.int64)}
-        return tensors, {"weights": _int_args(8, "channel"), "format": "pack-quantized"}
+        return tensors, {"weights": _quant_args(8, "channel"), "format": "pack-quantized"}
     tensors = {"weight": fmt.weight, "weight_scale": fmt.scale.to(torch.float32)}
-    acts = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
-    return tensors, {"weights": _int_args(8, "channel"), "input_activations": acts, "format": "int-quantized"}
+    return tensors, {"weights": _quant_args(8, "channel"), "input_activations": _quant_args(8, "token", dynamic=True),
+                     "format": "int-quantized"}
 
 
 def _fp8_tensors(fmt: FP8Weight, fp8_scheme: str):
     strategy = "channel" if fmt.per_channel else "tensor"
     scale = fmt.scale.reshape(-1, 1) if fmt.per_channel else fmt.scale.reshape(1)
-    scheme = {"weights": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy, "dynamic": False},
-              "format": "float-quantized"}
+    scheme = {"weights": _quant_args(8, strategy, "float"), "format": "float-quantized"}
     if fp8_scheme == "w8a8":
-        scheme["input_activations"] = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token",
-                                       "dynamic": True}
+        scheme["input_activations"] = _quant_args(8, "token", "float", dynamic=True)
     return {"weight": fmt.weight, "weight_scale": scale.to(torch.float32)}, scheme
 
 
@@ -110,7 +110,7 @@ def export_compressed_tensors(model: nn.Module, out: str | Path, tokenizer_dir: 
         if scheme is not None:
             group = groups.setdefault(json.dumps(scheme, sort_keys=True), {"scheme": scheme, "targets": []})
             group["targets"].append(name)
-    for name, t in list(model.state_dict().items()):
+    for name, t in model.state_dict().items():
         if name not in handled and not name.endswith("inv_freq"):
             tensors[name] = t.detach().cpu().contiguous()
     head = model.get_output_embeddings()
@@ -127,7 +127,7 @@ def export_compressed_tensors(model: nn.Module, out: str | Path, tokenizer_dir: 
     model.config.save_pretrained(str(out))
     config = json.loads((out / "config.json").read_text())
     config["quantization_config"] = qdict
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    write_json(out / "config.json", config)
     if tokenizer_dir:
         for f in Path(tokenizer_dir).iterdir():
             if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config")):

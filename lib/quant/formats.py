@@ -1,5 +1,6 @@
 """The weight formats a MixedPrecisionLinear can hold, one small class each, behind one shape:
-dequantize(dtype) -> float [out, in]; tensors() -> what is stored; to(device); quantize(...) from a float weight.
+dequantize(dtype) -> float [out, in]; shape (out, in); tensors() -> what is stored; to(device);
+quantize(...) from a float weight.
 
   fp16 / bf16   FloatWeight   the weight in that dtype
   fp8           FP8Weight     float8_e4m3fn [out, in] + fp32 scale, per tensor [] or per channel [out, 1]
@@ -22,6 +23,10 @@ FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 class FloatWeight:
     weight: torch.Tensor
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
+
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         return self.weight.to(dtype)
 
@@ -33,49 +38,53 @@ class FloatWeight:
 
 
 @dataclass
-class FP8Weight:
-    weight: torch.Tensor  # float8_e4m3fn [out, in]
-    scale: torch.Tensor   # float32 [] (per tensor) or [out, 1] (per channel)
+class _ScaledWeight:
+    """An integer/fp8 weight [out, in] times a float32 scale (fp8 and int8 differ only in dtype and scale shape)."""
+    weight: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return (self.weight.to(torch.float32) * self.scale).to(dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight, "weight_scale": self.scale}
+
+    def to(self, device):
+        return type(self)(self.weight.to(device), self.scale.to(device))
+
+
+class FP8Weight(_ScaledWeight):
+    """weight float8_e4m3fn [out, in]; scale float32 [] (per tensor) or [out, 1] (per channel)."""
 
     @property
     def per_channel(self) -> bool:
         return self.scale.dim() == 2
 
-    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        return (self.weight.to(torch.float32) * self.scale).to(dtype)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"weight": self.weight, "weight_scale": self.scale}
-
-    def to(self, device) -> "FP8Weight":
-        return FP8Weight(self.weight.to(device), self.scale.to(device))
+class Int8Weight(_ScaledWeight):
+    """weight int8 [out, in]; scale float32 [out, 1]."""
 
 
-@dataclass
-class Int8Weight:
-    weight: torch.Tensor  # int8 [out, in]
-    scale: torch.Tensor   # float32 [out, 1]
-
-    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        return (self.weight.to(torch.float32) * self.scale).to(dtype)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"weight": self.weight, "weight_scale": self.scale}
-
-    def to(self, device) -> "Int8Weight":
-        return Int8Weight(self.weight.to(device), self.scale.to(device))
+def _absmax_scale(w: torch.Tensor, qmax: float, per_channel: bool) -> torch.Tensor:
+    amax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().amax()
+    return torch.clamp(amax, min=1e-12) / qmax
 
 
 def quantize_fp8(weight: torch.Tensor, per_channel: bool = False) -> FP8Weight:
+    """Also quantizes activations (per tensor) for the fp8 matmul; per channel = per row of a 2-D tensor."""
     w = weight.detach().to(torch.float32)
-    amax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().amax()
-    scale = torch.clamp(amax, min=1e-12) / FP8_MAX
-    return FP8Weight((w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale.to(torch.float32))
+    scale = _absmax_scale(w, FP8_MAX, per_channel)
+    return FP8Weight((w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale)
 
 
 def quantize_int8(weight: torch.Tensor) -> Int8Weight:
+    """Symmetric, one scale per row (per output channel of a weight, per token of an activation)."""
     w = weight.detach().to(torch.float32)
-    scale = torch.clamp(w.abs().amax(dim=1, keepdim=True), min=1e-12) / 127.0
+    scale = _absmax_scale(w, 127.0, per_channel=True)
     return Int8Weight(torch.round(w / scale).clamp(-127, 127).to(torch.int8), scale)
 
 

@@ -11,7 +11,6 @@ Packing is one continuous little-endian bit stream, so 3-bit weights (32 values 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +91,10 @@ class GPTQWeight:
     @property
     def out_features(self) -> int:
         return self.qweight.shape[1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
 
     def int_weight(self) -> torch.Tensor:
         """Unsigned quantized values q[i, o], int32 [in, out]."""
@@ -191,7 +194,7 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, gr
     h[dead, dead] = 1
     w[:, dead] = 0
     order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_f)
-    perm, g_idx, groups, size = _order_and_groups(in_f, group_size, order if act_order else None)
+    _, g_idx, groups, size = _order_and_groups(in_f, group_size, order)
     w = w[:, order]
     h = h[order][:, order]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(in_f)
@@ -207,11 +210,10 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, gr
         hb = hinv[b0:b1, b0:b1]
         for j in range(b1 - b0):
             col = b0 + j
-            if col % size == 0:  # a new group starts: fit its scale/zero on the current (error-updated) weights
-                g = col // size
-                s, z = _group_params(torch.cat([wb[:, j:], w[:, b1:]], dim=1)[:, :size], bits, symmetric)
-                scales[g], zeros[g] = s, z
             g = col // size
+            if col % size == 0:  # a new group starts: fit its scale/zero on the current (error-updated) weights
+                upcoming = torch.cat([wb[:, j:j + size], w[:, b1:b1 + size]], dim=1)[:, :size]
+                scales[g], zeros[g] = _group_params(upcoming, bits, symmetric)
             qc = torch.clamp(torch.round(wb[:, j] / scales[g]) + zeros[g], 0, maxq)
             q_perm[:, col] = qc
             deq = (qc - zeros[g]) * scales[g]
@@ -227,7 +229,3 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, gr
 def hessian_from_inputs(inputs: torch.Tensor) -> torch.Tensor:
     x = inputs.reshape(-1, inputs.shape[-1]).to(torch.float32)
     return 2.0 / max(1, x.shape[0]) * x.t() @ x
-
-
-def packed_rows(in_features: int, bits: int) -> int:
-    return math.ceil(in_features * bits / 32)

@@ -8,17 +8,13 @@ Compute paths, fastest available first:
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib.quant.formats import FloatWeight, FP8Weight, Int8Weight, FP8_MAX
-from lib.quant.gptq import GPTQWeight
-
-_FORMAT_FIELDS = {FloatWeight: ("weight",), FP8Weight: ("weight", "scale"), Int8Weight: ("weight", "scale"),
-                  GPTQWeight: ("qweight", "qzeros", "scales", "g_idx")}
+from lib.quant.formats import FP8Weight, Int8Weight, quantize_fp8, quantize_int8
 
 
 @dataclass
@@ -52,12 +48,14 @@ class MixedPrecisionLinear(nn.Module):
         super().__init__()
         self.precision = precision
         self.format_cls = type(fmt)
-        self.meta = {k: getattr(fmt, k) for k in ("bits", "group_size", "zero_format") if hasattr(fmt, k)}
-        for field in _FORMAT_FIELDS[self.format_cls]:
-            self.register_buffer(field, getattr(fmt, field))
+        # the format's tensors become buffers (so .to() moves them); its other fields (GPTQ bits...) stay as meta
+        values = {f.name: getattr(fmt, f.name) for f in fields(fmt)}
+        self.buffer_names = tuple(k for k, v in values.items() if isinstance(v, torch.Tensor))
+        self.meta = {k: v for k, v in values.items() if k not in self.buffer_names}
+        for name in self.buffer_names:
+            self.register_buffer(name, values[name])
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        gptq = isinstance(fmt, GPTQWeight)
-        self.out_features, self.in_features = (fmt.out_features, fmt.in_features) if gptq else fmt.weight.shape
+        self.out_features, self.in_features = fmt.shape
         self.cache_dequantized = cache_dequantized
         self.fast_kernels = fast_kernels
         self._cache: torch.Tensor | None = None
@@ -65,7 +63,7 @@ class MixedPrecisionLinear(nn.Module):
 
     @property
     def fmt(self):
-        return self.format_cls(*(getattr(self, f) for f in _FORMAT_FIELDS[self.format_cls]), **self.meta)
+        return self.format_cls(**{f: getattr(self, f) for f in self.buffer_names}, **self.meta)
 
     def dequantized_weight(self, dtype) -> torch.Tensor:
         if self._cache is not None and self._cache.dtype == dtype:
@@ -79,42 +77,35 @@ class MixedPrecisionLinear(nn.Module):
         if self.fast_kernels and self._cache is None:
             if self.format_cls is FP8Weight and _fp8_matmul_ok(x.device):
                 return self._fp8_forward(x)
-            if self.format_cls is Int8Weight and x.device.type == "cuda":
-                return self._int8_forward(x)
+            if self.format_cls is Int8Weight and x.device.type == "cuda" and x.numel() > 16 * self.in_features:
+                return self._int8_forward(x)  # _int_mm needs more than 16 rows
         self.last_path = "dequantize"
         return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
-    def _fp8_forward(self, x):
-        self.last_path = "scaled_mm"
-        flat = x.reshape(-1, self.in_features)
-        x_scale = (flat.abs().amax().float().clamp(min=1e-12) / FP8_MAX)
-        x_fp8 = (flat.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        w_scale = self.scale.float()
-        if w_scale.dim() == 2:  # per channel: _scaled_mm wants a row scale for A with a column scale for B
-            a_scale = x_scale.expand(flat.shape[0], 1).contiguous()
-            b_scale = w_scale.reshape(1, -1).contiguous()
-        else:
-            a_scale, b_scale = x_scale, w_scale
-        out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=a_scale, scale_b=b_scale,
-                               out_dtype=x.dtype if x.dtype != torch.float32 else torch.bfloat16)
+    def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """[rows, out] product -> x's dtype and leading shape, plus the bias."""
         out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias.to(x.dtype)
 
+    def _fp8_forward(self, x):
+        self.last_path = "scaled_mm"
+        xq = quantize_fp8(x.reshape(-1, self.in_features))  # per tensor, on the fly
+        a_scale, b_scale = xq.scale, self.scale.float()
+        if b_scale.dim() == 2:  # per channel: _scaled_mm wants a row scale for A with a column scale for B
+            a_scale = a_scale.expand(xq.weight.shape[0], 1).contiguous()
+            b_scale = b_scale.reshape(1, -1).contiguous()
+        out = torch._scaled_mm(xq.weight, self.weight.t(), scale_a=a_scale, scale_b=b_scale,
+                               out_dtype=x.dtype if x.dtype != torch.float32 else torch.bfloat16)
+        return self._finish(out, x)
+
     def _int8_forward(self, x):
-        flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] <= 16:  # _int_mm needs more than 16 rows
-            self.last_path = "dequantize"
-            return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         self.last_path = "int_mm"
-        x_scale = flat.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / 127.0
-        x_i8 = torch.round(flat.float() / x_scale).clamp(-127, 127).to(torch.int8)
-        acc = torch._int_mm(x_i8, self.weight.t())
-        out = (acc.float() * x_scale * self.scale.float().reshape(1, -1)).to(x.dtype)
-        out = out.reshape(*x.shape[:-1], self.out_features)
-        return out if self.bias is None else out + self.bias.to(x.dtype)
+        xq = quantize_int8(x.reshape(-1, self.in_features))  # per row, on the fly
+        acc = torch._int_mm(xq.weight, self.weight.t())
+        return self._finish(acc.float() * xq.scale * self.scale.float().reshape(1, -1), x)
 
     def memory(self, name: str = "") -> LayerMemory:
-        stored = sum(b.numel() * b.element_size() for n, b in self.named_buffers())
+        stored = sum(b.numel() * b.element_size() for b in self.buffers())
         bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
         cache = 0 if self._cache is None else self._cache.numel() * self._cache.element_size()
         fp16 = 2 * (self.out_features * self.in_features + (0 if self.bias is None else self.out_features))

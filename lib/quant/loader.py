@@ -28,7 +28,9 @@ from torch import nn
 
 from lib.errors import UsageError
 from lib.quant.formats import PRECISIONS, QuantOptions, format_from_tensors, quantize_weight, tensor_names
+from lib.quant.gptq import SUPPORTED_BITS
 from lib.quant.linear import MixedPrecisionLinear
+from lib.results import write_json
 
 SOURCE_META = "quant_meta.json"
 MP_KEYS = {"base_path", "default", "patterns", "weight_mapping", "int4", "fp8", "cache_dequantized"} | {
@@ -128,8 +130,8 @@ def load_config(path: str | Path) -> MixedPrecisionConfig:
     if fmt not in ("gptq", "gptq_v2"):
         raise UsageError(f"{src}: mixed_precision.int4.checkpoint_format: {fmt!r}; accepted: gptq, gptq_v2")
     bits = int4.get("bits", 4)
-    if bits not in (2, 3, 4, 8):
-        raise UsageError(f"{src}: mixed_precision.int4.bits: {bits!r}; accepted: 2, 3, 4, 8")
+    if bits not in SUPPORTED_BITS:
+        raise UsageError(f"{src}: mixed_precision.int4.bits: {bits!r}; accepted: {', '.join(map(str, SUPPORTED_BITS))}")
     method = int4.get("method", "rtn")
     if method not in ("rtn", "gptq"):
         raise UsageError(f"{src}: mixed_precision.int4.method: {method!r}; accepted: rtn, gptq")
@@ -189,7 +191,7 @@ def write_sources(model: nn.Module, out: Path, opts: QuantOptions = QuantOptions
                         method=opts.int4_method, sym=opts.int4_symmetric)
         if prec == "fp8":
             meta.update(per_channel=opts.fp8_per_channel)
-        (folder / SOURCE_META).write_text(json.dumps(meta, indent=2))
+        write_json(folder / SOURCE_META, meta)
         folders[prec] = folder
         log(f"  wrote {prec} source: {len(names)} weights")
     return folders
@@ -238,7 +240,7 @@ def tiny_sources(opts: QuantOptions, log=print) -> Path:
     def build(out: Path, lg):
         model = load_model(tiny.target, "float32", "cpu")
         hessians = calibration_hessians(model, tiny.tokenizer) if opts.int4_method == "gptq" else None
-        lg(f"Quantizing the tiny target into per-precision sources (one time, cached) ...")
+        lg("Quantizing the tiny target into per-precision sources (one time, cached) ...")
         write_sources(model, out, opts, hessians, log=lg)
 
     return cached_build("tiny-mixed-sources", key, build, log)
@@ -287,10 +289,10 @@ def apply_mixed_precision(model: nn.Module, cfg: MixedPrecisionConfig, sources: 
             readers[prec] = SourceReader(prec, sources[prec], cfg.source)
         fmt = readers[prec].read(name)
         layer = linears[name]
-        shape = tuple(fmt.dequantize(torch.float32).shape)
-        if shape != tuple(layer.weight.shape):
+        shape, expected = list(fmt.shape), list(layer.weight.shape)
+        if shape != expected:
             raise UsageError(f"{cfg.source}: mixed_precision.weight_mapping[{name!r}]: {prec} source "
-                             f"{sources[prec]} has shape {list(shape)}, the model expects {list(layer.weight.shape)}")
+                             f"{sources[prec]} has shape {shape}, the model expects {expected}")
         new = MixedPrecisionLinear(fmt.to(device), prec, layer.bias, cfg.cache_dequantized)
         _set_module(model, name[: -len(".weight")], new)
     return assignment

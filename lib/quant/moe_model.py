@@ -7,14 +7,13 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lib.models import LlamaShape
+
 
 @dataclass(frozen=True)
 class TinyMoESpec:
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 2
-    num_key_value_heads: int = 1
+    shape: LlamaShape = LlamaShape(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1)
     num_local_experts: int = 8
     num_experts_per_tok: int = 2
     steps: int = 80
@@ -42,12 +41,10 @@ def _build(spec: TinyMoESpec, tiny, out: Path, log):
     log("Building the tiny MoE model (one time, cached) ...")
     tok = load_tokenizer(tiny.target)
     torch.manual_seed(spec.seed)
-    config = MixtralConfig(vocab_size=len(tok), hidden_size=spec.hidden_size,
-                           intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_hidden_layers,
-                           num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
-                           num_local_experts=spec.num_local_experts, num_experts_per_tok=spec.num_experts_per_tok,
-                           max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                           pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    config = MixtralConfig(vocab_size=len(tok), **asdict(spec.shape), num_local_experts=spec.num_local_experts,
+                           num_experts_per_tok=spec.num_experts_per_tok, max_position_embeddings=2048,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                           tie_word_embeddings=False)
     model = MixtralForCausalLM(config)
     docs = generate_corpus(spec.seed, 800)
     ids = [tok(d).input_ids[:64] for d in docs]

@@ -12,7 +12,6 @@ So per layer, the tokens processed by all experts sum to tokens x top_k.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import time
 from collections import defaultdict
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from lib.results import write_json
 
 SCHEMA = "speclab.expert_stats/1"
 
@@ -49,7 +50,6 @@ def find_routers(model: nn.Module) -> list[tuple[int, nn.Module, int, int]]:
 
 class ExpertTracker:
     def __init__(self, routers):
-        self.routers = routers
         self.num_experts = {layer: n for layer, _, n, _ in routers}
         self.top_k = {layer: k for layer, _, _, k in routers}
         self.counters: dict[tuple[int, int], ExpertCounter] = defaultdict(ExpertCounter)
@@ -118,10 +118,14 @@ class ExpertTracker:
                 "tokens_routed": self.tokens_per_layer.get(layer_id, 0),
                 "load_balance": self.load_balance(layer_id), "experts": experts}
 
+    def expert_loads(self, layer_id: int) -> list[int]:
+        """Tokens processed by each expert of the layer, expert 0 first."""
+        return [self.counters[(layer_id, e)].total_tokens_processed if (layer_id, e) in self.counters else 0
+                for e in range(self.num_experts[layer_id])]
+
     def load_balance(self, layer_id: int) -> dict:
         """max_over_mean: busiest expert's tokens / the mean (1.0 = perfectly even); cv: std / mean."""
-        loads = torch.tensor([float(self.counters[(layer_id, e)].total_tokens_processed) if (layer_id, e) in
-                              self.counters else 0.0 for e in range(self.num_experts[layer_id])])
+        loads = torch.tensor(self.expert_loads(layer_id), dtype=torch.float32)
         mean = loads.mean().item()
         if mean == 0:
             return {"max_over_mean": None, "cv": None, "idle_experts": int(loads.numel())}
@@ -151,7 +155,7 @@ class ExpertTracker:
     def export(self, path: str | Path | None = None, top_k: int = 10) -> dict:
         data = self.export_dict(top_k)
         if path is not None:
-            Path(path).write_text(json.dumps(data, indent=2))
+            write_json(Path(path), data)
         return data
 
 
@@ -169,9 +173,8 @@ def plot_load_balance(tracker: ExpertTracker, path: str | Path):
     layers = sorted(tracker.num_experts)
     fig, axes = plt.subplots(len(layers), 1, figsize=(6, 2.2 * len(layers)), squeeze=False)
     for ax, layer in zip(axes[:, 0], layers):
-        n = tracker.num_experts[layer]
-        loads = [tracker.expert_stats(layer, e)["total_tokens_processed"] for e in range(n)]
-        ax.bar(range(n), loads)
+        loads = tracker.expert_loads(layer)
+        ax.bar(range(len(loads)), loads)
         lb = tracker.load_balance(layer)
         ax.set_title(f"layer {layer}: max/mean {lb['max_over_mean']}, cv {lb['cv']}", fontsize=9)
         ax.set_xlabel("expert")

@@ -65,6 +65,31 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
 
 
+def accept_drafts(target_logits: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor | None,
+                  temperature: float, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leviathan's rule on device: (accepted count [B], next token [B]) from the target's logits [B, gamma + 1, V]
+    over drafts [B, gamma]. Each draft is kept with min(1, p/q) until the first rejection; the next token comes
+    from max(0, p - q) after a rejection, from p after a full accept. Greedy compares argmaxes directly (the
+    temperature-0 case of the same rule, without building one-hot distributions; draft_probs may be None)."""
+    batch, gamma = drafts.shape
+    rows = torch.arange(batch, device=drafts.device)
+    if temperature <= 0:
+        best = target_logits.argmax(-1)  # [B, gamma + 1]
+        n_accepted = (best[:, :gamma] == drafts).long().cumprod(1).sum(1)
+        return n_accepted, best[rows, n_accepted]
+    p = probabilities(target_logits.float(), temperature)
+    q = draft_probs
+    p_draft = p[:, :gamma].gather(-1, drafts[..., None])[..., 0]
+    q_draft = q.gather(-1, drafts[..., None])[..., 0]
+    uniform = torch.rand(p_draft.shape, generator=generator, device=p_draft.device)
+    n_accepted = (uniform < (p_draft / q_draft).clamp(max=1.0)).long().cumprod(1).sum(1)
+    p_next = p[rows, n_accepted]
+    q_next = torch.cat([q, torch.zeros_like(q[:, :1])], 1)[rows, n_accepted]
+    residual = (p_next - q_next).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
+    return n_accepted, sample(residual / residual.sum(-1, keepdim=True), generator)
+
+
 @dataclass
 class Generation:
     """What a batch decode returns: tokens per row and, for SD, acceptance counters per row."""
@@ -75,6 +100,19 @@ class Generation:
     draft_tokens: list[int] = field(default_factory=list)
     accepted_tokens: list[int] = field(default_factory=list)
     accepted_per_position: list[list[int]] = field(default_factory=list)
+
+    @classmethod
+    def for_speculation(cls, batch: int, gamma: int) -> "Generation":
+        """Zeroed acceptance counters for each row (the tokens are filled in at the end)."""
+        return cls([], [], [], [0] * batch, [0] * batch, [0] * batch, [[0] * gamma for _ in range(batch)])
+
+    def count_round(self, row: int, gamma: int, accepted: int):
+        """One verify round of a row: gamma drafts, of which the first `accepted` were kept."""
+        self.num_drafts[row] += 1
+        self.draft_tokens[row] += gamma
+        self.accepted_tokens[row] += accepted
+        for pos in range(accepted):
+            self.accepted_per_position[row][pos] += 1
 
 
 class _Rows:
@@ -96,6 +134,11 @@ class _Rows:
                 self.reasons[row] = "stop"
             elif len(self.tokens[row]) >= self.max_new:
                 self.reasons[row] = "length"
+
+    def add_each(self, tokens: list[int], now: float):
+        """One new token per row."""
+        for row, token in enumerate(tokens):
+            self.add(row, [token], now)
 
     def done(self) -> bool:
         return all(self.reasons)
@@ -121,9 +164,7 @@ def autoregressive_generate(target, prompts: list[list[int]], max_new: int, temp
     rows = _Rows(len(prompts), max_new, set(eos_ids))
     while True:
         token = sample(probabilities(logits, temperature), generator)
-        now_tokens, now = token.tolist(), time.perf_counter()
-        for row, t in enumerate(now_tokens):
-            rows.add(row, [t], now)
+        rows.add_each(token.tolist(), time.perf_counter())
         if rows.done():
             break
         logits = forward(target, state, token[:, None])[:, -1]
@@ -139,12 +180,10 @@ def speculative_generate(target, draft, prompts: list[list[int]], max_new: int, 
     target_state, target_logits = _prefill(target, prompts, pad_id, device)
     draft_state, _ = _prefill(draft, prompts, pad_id, draft.device)
     rows = _Rows(batch, max_new, set(eos_ids))
-    out = Generation([], [], [], [0] * batch, [0] * batch, [0] * batch, [[0] * gamma for _ in range(batch)])
+    out = Generation.for_speculation(batch, gamma)
 
     pending = sample(probabilities(target_logits, temperature), generator)  # [B]: emitted, not yet in caches
-    now = time.perf_counter()
-    for row, t in enumerate(pending.tolist()):
-        rows.add(row, [t], now)
+    rows.add_each(pending.tolist(), time.perf_counter())
     while not rows.done():
         # 1. draft gamma tokens autoregressively
         draft_tokens, draft_probs, token = [], [], pending.to(draft.device)
@@ -156,23 +195,9 @@ def speculative_generate(target, draft, prompts: list[list[int]], max_new: int, 
         drafts = torch.stack(draft_tokens, 1).to(device)  # [B, gamma]
         q = torch.stack(draft_probs, 1).to(device)  # [B, gamma, V]
 
-        # 2. verify all drafts in one target pass: logits for gamma + 1 positions
-        p = probabilities(forward(target, target_state, torch.cat([pending[:, None], drafts], 1)), temperature)
-
-        # 3. accept each draft with min(1, p/q); first rejection ends the row's run
-        p_draft = p[:, :gamma].gather(-1, drafts[..., None])[..., 0]
-        q_draft = q.gather(-1, drafts[..., None])[..., 0]
-        uniform = torch.rand(p_draft.shape, generator=generator, device=p_draft.device)
-        accepted = (uniform < (p_draft / q_draft).clamp(max=1.0)).long().cumprod(1)
-        n_accepted = accepted.sum(1)  # [B]
-
-        # 4. the next token: from max(0, p - q) after a rejection, from p after a full accept
-        rows_idx = torch.arange(batch, device=device)
-        p_next = p[rows_idx, n_accepted]
-        q_next = torch.cat([q, torch.zeros_like(q[:, :1])], 1)[rows_idx, n_accepted]
-        residual = (p_next - q_next).clamp(min=0)
-        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
-        next_token = sample(residual / residual.sum(-1, keepdim=True), generator)
+        # 2. verify all drafts in one target pass (logits for gamma + 1 positions); 3-4. accept, pick the next token
+        target_logits = forward(target, target_state, torch.cat([pending[:, None], drafts], 1))
+        n_accepted, next_token = accept_drafts(target_logits, drafts, q, temperature, generator)
 
         # 5. roll back both caches to the accepted prefix (one host sync reads the counts)
         counts = n_accepted.tolist()
@@ -188,11 +213,7 @@ def speculative_generate(target, draft, prompts: list[list[int]], max_new: int, 
             if rows.reasons[row]:
                 continue
             n = counts[row]
-            out.num_drafts[row] += 1
-            out.draft_tokens[row] += gamma
-            out.accepted_tokens[row] += n
-            for pos in range(n):
-                out.accepted_per_position[row][pos] += 1
+            out.count_round(row, gamma, n)
             rows.add(row, drafts_list[row][:n] + [next_list[row]], now)
         pending = next_token
     out.tokens, out.token_times, out.finish_reasons = rows.tokens, rows.times, rows.reasons

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -118,7 +119,6 @@ def _eagle_config(target_config):
 def train_eagle_head(target, blocks: torch.Tensor, steps: int = 300, batch_size: int = 16, lr: float = 3e-3,
                      seed: int = 0, log=print) -> EagleHead:
     """Regress the target's next feature (smooth L1) plus 0.1 x cross-entropy of its logits, as EAGLE trains."""
-    import math
     torch.manual_seed(seed)
     head = EagleHead(_eagle_config(target.config))
     head.embed_tokens.weight.data.copy_(target.get_input_embeddings().weight.data)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lib.spec.chain import Generation, _Rows, probabilities, sample
+from lib.spec.chain import Generation, _Rows, accept_drafts, probabilities, sample
 
 
 @dataclass
@@ -67,14 +67,15 @@ def supports(model) -> bool:
 
 @torch.no_grad()
 def weights_from_hf(model, max_positions: int) -> LlamaWeights:
-    """Take a transformers Llama's weights (the fused qkv/gate-up matrices are new tensors, the rest shared)."""
+    """Take a transformers Llama's weights (shared; the fused qkv/gate-up matrices become the storage of the HF
+    projections, see `_fuse`)."""
     inner, config = model.model, model.config
     layers = []
     for layer in inner.layers:
         attn, mlp = layer.self_attn, layer.mlp
         layers.append(LayerWeights(
-            wqkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
-            wo=attn.o_proj.weight, w13=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+            wqkv=_fuse([attn.q_proj, attn.k_proj, attn.v_proj]),
+            wo=attn.o_proj.weight, w13=_fuse([mlp.gate_proj, mlp.up_proj]),
             w2=mlp.down_proj.weight, attn_norm=layer.input_layernorm.weight,
             mlp_norm=layer.post_attention_layernorm.weight))
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -84,6 +85,15 @@ def weights_from_hf(model, max_positions: int) -> LlamaWeights:
     return LlamaWeights(embed=embed, layers=layers, norm=inner.norm.weight, lm_head=model.lm_head.weight,
                         n_heads=config.num_attention_heads, n_kv_heads=config.num_key_value_heads,
                         head_dim=head_dim, eps=config.rms_norm_eps, cos=cos[0], sin=sin[0])
+
+
+def _fuse(linears) -> torch.Tensor:
+    """One matrix stacking these projections' weights; each projection then holds a view of its rows, so the
+    model keeps working and the weights are not held twice (an 8B model would otherwise need ~1.7x its size)."""
+    fused = torch.cat([linear.weight for linear in linears])
+    for linear, rows in zip(linears, fused.split([linear.weight.shape[0] for linear in linears])):
+        linear.weight.data = rows
+    return fused
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -162,6 +172,7 @@ class StaticDecoder:
         compile_layers = device.type == "cuda" if compile_layers is None else compile_layers
         self.layer = compiled_layer_forward() if compile_layers else layer_forward
         self.heads = torch.arange(weights.n_kv_heads, device=device)
+        self.rows = torch.arange(batch, device=device)
         self.graphs: dict[int, tuple] = {}
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, layer_fn=None) -> torch.Tensor:
@@ -171,8 +182,7 @@ class StaticDecoder:
         x = F.embedding(tokens, w.embed)
         cos, sin = w.cos[positions][:, :, None], w.sin[positions][:, :, None]  # [B, n, 1, D]
         mask = self.columns[None, None, :] <= positions[:, :, None]  # [B, n, L]
-        rows = torch.arange(self.batch, device=self.device)
-        cache_index = (rows[:, None, None], self.heads[None, None, :], positions[:, :, None])
+        cache_index = (self.rows[:, None, None], self.heads[None, None, :], positions[:, :, None])
         for i, layer in enumerate(w.layers):
             x = layer_fn(x, layer, self.k_cache[i], self.v_cache[i], cos, sin, cache_index, mask,
                          w.n_heads, w.n_kv_heads, w.head_dim, w.eps)
@@ -192,7 +202,7 @@ class StaticDecoder:
         tokens = tokens.to(self.device)
         lens = torch.tensor([len(p) for p in prompts], device=self.device)
         positions = torch.arange(width, device=self.device).expand(self.batch, width)
-        hidden = self._forward(tokens, positions, layer_forward)[torch.arange(self.batch, device=self.device), lens - 1]
+        hidden = self._forward(tokens, positions, layer_forward)[self.rows, lens - 1]
         self.lengths.copy_(lens)
         return F.linear(hidden, self.w.lm_head)
 
@@ -231,6 +241,15 @@ def max_len_for(prompts: list[list[int]], max_new: int, gamma: int = 0) -> int:
     return max(len(p) for p in prompts) + max_new + 2 * gamma + 2
 
 
+def _record_event(device: torch.device):
+    """A CUDA event after the work queued so far, to wait on later; None on CPU (work is done already)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
 class _HostReader:
     """Per-row bookkeeping plus the device `active` mask (finished rows stop moving their caches)."""
 
@@ -261,44 +280,17 @@ def static_autoregressive_generate(target: StaticDecoder, prompts: list[list[int
         token = logits.argmax(-1) if temperature <= 0 else sample(probabilities(logits.float(), temperature),
                                                                    generator)
         pinned.copy_(token, non_blocking=True)
-        ready = torch.cuda.Event() if target.device.type == "cuda" else None
-        if ready is not None:
-            ready.record()
+        ready = _record_event(target.device)
         if not all(len(t) + 1 >= max_new for t in host.rows.tokens):
             logits = target.step(token[:, None])[:, -1]
             target.lengths.add_(host.active)
         if ready is not None:
             ready.synchronize()
-        now = time.perf_counter()
-        for row, t in enumerate(pinned.tolist()):
-            host.rows.add(row, [t], now)
+        host.rows.add_each(pinned.tolist(), time.perf_counter())
         if host.rows.done():
             break
         host.refresh_active()
     return Generation(host.rows.tokens, host.rows.times, host.rows.reasons)
-
-
-def accept_drafts(target_logits: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor | None,
-                  temperature: float, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Leviathan's rule on device: (accepted count [B], next token [B]). Greedy compares argmaxes directly
-    (the temperature-0 case of the same rule, without building one-hot distributions)."""
-    batch, gamma = drafts.shape
-    rows = torch.arange(batch, device=drafts.device)
-    if temperature <= 0:
-        best = target_logits.argmax(-1)  # [B, gamma + 1]
-        n_accepted = (best[:, :gamma] == drafts).long().cumprod(1).sum(1)
-        return n_accepted, best[rows, n_accepted]
-    p = probabilities(target_logits.float(), temperature)
-    q = draft_probs
-    p_draft = p[:, :gamma].gather(-1, drafts[..., None])[..., 0]
-    q_draft = q.gather(-1, drafts[..., None])[..., 0]
-    uniform = torch.rand(p_draft.shape, generator=generator, device=p_draft.device)
-    n_accepted = (uniform < (p_draft / q_draft).clamp(max=1.0)).long().cumprod(1).sum(1)
-    p_next = p[rows, n_accepted]
-    q_next = torch.cat([q, torch.zeros_like(q[:, :1])], 1)[rows, n_accepted]
-    residual = (p_next - q_next).clamp(min=0)
-    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
-    return n_accepted, sample(residual / residual.sum(-1, keepdim=True), generator)
 
 
 class _Round:
@@ -327,9 +319,7 @@ class _Round:
         self.pending = next_token
         self.pinned = pinned
         pinned.copy_(torch.cat([n_accepted[:, None], drafts, next_token[:, None]], 1), non_blocking=True)
-        self.ready = torch.cuda.Event() if device.type == "cuda" else None
-        if self.ready is not None:
-            self.ready.record()
+        self.ready = _record_event(device)
 
     def read(self) -> list[list[int]]:
         if self.ready is not None:
@@ -352,12 +342,10 @@ def static_speculative_generate(target: StaticDecoder, draft: StaticDecoder, pro
     draft.prefill(prompts, pad_id)
     draft.lengths.sub_(1)  # the last prompt token is fed again with the pending one
     host = _HostReader(batch, max_new, eos_ids, device)
-    out = Generation([], [], [], [0] * batch, [0] * batch, [0] * batch, [[0] * gamma for _ in range(batch)])
+    out = Generation.for_speculation(batch, gamma)
     pending = sample(probabilities(logits.float(), temperature), generator)
     last = torch.tensor([p[-1] for p in prompts], device=device)
-    now = time.perf_counter()
-    for row, t in enumerate(pending.tolist()):
-        host.rows.add(row, [t], now)
+    host.rows.add_each(pending.tolist(), time.perf_counter())
     pinned = [torch.empty(batch, gamma + 2, dtype=torch.long, pin_memory=device.type == "cuda") for _ in range(2)]
     queued = None if host.rows.done() else _Round(target, draft, last, pending, gamma, temperature, host.active,
                                                    generator, pinned[0])
@@ -373,11 +361,7 @@ def static_speculative_generate(target: StaticDecoder, draft: StaticDecoder, pro
             if host.rows.reasons[row]:
                 continue
             n = values[0]
-            out.num_drafts[row] += 1
-            out.draft_tokens[row] += gamma
-            out.accepted_tokens[row] += n
-            for pos in range(n):
-                out.accepted_per_position[row][pos] += 1
+            out.count_round(row, gamma, n)
             host.rows.add(row, values[1:1 + n] + [values[-1]], now)
         if host.rows.done():
             break

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lib.spec.chain import _Rows
+
 
 # ---------------------------------------------------------------------------------------------- KV cache helpers
 
@@ -82,13 +84,11 @@ class ModelDrafter:
     kind = "model"
 
     def __init__(self, model):
+        from transformers import DynamicCache
         self.model = model
-        self.cache = None
+        self.cache = DynamicCache()
 
     def begin(self, seq: list[int], new_features: torch.Tensor | None) -> tuple[torch.Tensor, object]:
-        from transformers import DynamicCache
-        if self.cache is None:
-            self.cache = DynamicCache()
         start = cache_length(self.cache)
         device = self.model.device
         tokens = torch.tensor(seq[start:], device=device)
@@ -117,14 +117,12 @@ class EagleDrafter:
     kind = "eagle"
 
     def __init__(self, head, target):
+        from transformers import DynamicCache
         self.head, self.target = head, target
-        self.cache = None
+        self.cache = DynamicCache()
         self.features = None  # target features not yet fed to the head, for positions cached..len(seq)-2
 
     def begin(self, seq: list[int], new_features: torch.Tensor) -> tuple[torch.Tensor, object]:
-        from transformers import DynamicCache
-        if self.cache is None:
-            self.cache = DynamicCache()
         start = cache_length(self.cache)  # pairs cached for positions 0..start-1
         self.features = new_features if self.features is None else torch.cat([self.features, new_features])
         device = self.features.device
@@ -249,12 +247,13 @@ def tree_speculative_generate(target, drafter, prompt: list[int], max_new: int, 
     hidden = torch.cat(hidden_parts)
     first = int(logits[-1].argmax())
     steps = [TreeStep(first, logits[-1], 0)]
-    seq, out, rounds = list(prompt) + [first], [first], []
+    rows, rounds = _Rows(1, max_new, set(eos_ids)), []
+    rows.add(0, [first], time.perf_counter())
+    out, seq = rows.tokens[0], list(prompt) + [first]
     new_features = hidden  # target features for positions 0..len(seq)-2
     prefill_s = time.perf_counter() - t0
-    reason = "stop" if first in eos_ids else ("length" if max_new <= 1 else "")
 
-    while not reason:
+    while not rows.done():
         start = time.perf_counter()
         tree = build_draft_tree(drafter, seq[-1], seq, new_features, num_iter, topk, tree_size)
         past = cache_length(cache)
@@ -274,17 +273,10 @@ def tree_speculative_generate(target, drafter, prompt: list[int], max_new: int, 
         keep = torch.cat([torch.arange(past, device=device), past + torch.tensor(path, device=device)])
         keep_cache_columns(cache, keep)
         new_features = hidden[path]
-        emitted = [tree.tokens[n] for n in path[1:]] + [predicted[path[-1]]]
-        producers = path  # emitted[i] is the target's argmax at node path[i]
-        for token, producer in zip(emitted, producers):
-            if reason:
-                break
-            out.append(token)
-            steps.append(TreeStep(token, logits[producer], len(rounds) + 1))
-            if token in eos_ids:
-                reason = "stop"
-            elif len(out) >= max_new:
-                reason = "length"
+        emitted = [tree.tokens[n] for n in path[1:]] + [predicted[path[-1]]]  # emitted[i]: the argmax at path[i]
+        before = len(out)
+        rows.add(0, emitted, time.perf_counter())  # stops at EOS or max_new
+        steps += [TreeStep(token, logits[node], len(rounds) + 1) for token, node in zip(out[before:], path)]
         seq = list(prompt) + out
         rounds.append(TreeRound(tree.tokens, tree.parents, path[1:], len(path) - 1, time.perf_counter() - start))
-    return TreeGeneration(out, steps, rounds, reason, prefill_s)
+    return TreeGeneration(out, steps, rounds, rows.reasons[0], prefill_s)
