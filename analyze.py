@@ -19,11 +19,7 @@ import sys
 from pathlib import Path
 
 from lib.errors import UsageError, exit_on_usage_error
-from lib.report import ROW_KEYS, md_table, run_rows, varying_config
-
-SHORT_KEYS = ["run", "mode", "status", "gamma", "batch_size", "output_throughput", "speedup", "mean_ttft_ms",
-              "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "acceptance_rate", "acceptance_length",
-              "per_position_acceptance", "energy_per_token_j"]
+from lib.report import ROW_KEYS, SHORT_KEYS, md_table, run_rows, varying_config
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,10 +15,13 @@ from lib import config as C
 from lib.errors import UsageError, exit_on_usage_error
 
 
-def build_parser() -> argparse.ArgumentParser:
+REQUIREMENT_SETS_FLAG = "--print-requirement-sets"  # run_benchmark.sh's question before it installs anything
+
+
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run_benchmark.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Precedence: defaults < environment variables < flags.")
+        epilog="Precedence: defaults < environment variables < flags.", add_help=add_help)
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved configuration and the plan, then exit (loads nothing)")
     C.add_arguments(parser)
@@ -46,7 +49,7 @@ def print_dry_run(cfg, plan):
     for col in ("variable", "value", "source"):
         table.add_column(col)
     for var in C.VARS:
-        value = cfg[var.name]
+        value = getattr(cfg, var.attr)
         table.add_row(var.name, "" if value is None else str(value), cfg.sources[var.name])
     console.print(table)
     console.print("[bold]Plan[/bold]")
@@ -71,7 +74,7 @@ def run_mode(engine_name, method, cfg, models, requests, writer, monitor, run_cl
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from lib.engines import create_engine
-    from lib.engines.base import Clock
+    from lib.types import Clock
     from lib.metrics import aggregate, request_metrics
 
     mode = f"{engine_name}:{method}"
@@ -132,8 +135,22 @@ def comparisons_of(modes: dict) -> list[dict]:
     return [compare(modes[baseline], res) for m, res in modes.items() if m != baseline]
 
 
+def print_requirement_sets(argv: list[str]) -> int:
+    """The requirement sets (requirements/<set>.txt) this configuration needs, on one line. Env and flags resolve
+    as for a run, so bad input ends here with its one-line error; unknown flags are left to the run, and --help
+    needs only core."""
+    parser = build_parser(add_help=False)
+    parser.add_argument("-h", "--help", action="store_true")
+    args, _ = parser.parse_known_args(argv)
+    print(" ".join(["core"] if args.help else C.requirement_sets(C.resolve(args))))
+    return 0
+
+
 @exit_on_usage_error
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if REQUIREMENT_SETS_FLAG in argv:
+        return print_requirement_sets([a for a in argv if a != REQUIREMENT_SETS_FLAG])
     args = build_parser().parse_args(argv)
     cfg = C.resolve(args)
     pairs = C.modes(cfg)
@@ -144,7 +161,7 @@ def main(argv=None) -> int:
 
     from rich.console import Console
 
-    from lib.engines.base import Clock
+    from lib.types import Clock
     from lib.gpu_monitor import GPUMonitor
     from lib.models import load_tokenizer, resolve_models
     from lib.results import RunWriter, default_run_id, print_summary

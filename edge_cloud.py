@@ -117,12 +117,8 @@ async def interactive_mode(cfg, args) -> int:
 
 
 def read_prompts(path: str, n: int) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"--prompts {path}: no such file (one prompt per line)")
-    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise UsageError(f"--prompts {path}: no prompts (one prompt per line)")
+    from lib.files import read_prompt_file
+    prompts = read_prompt_file(path, f"--prompts {path}")
     return (prompts * (n // len(prompts) + 1))[:n]
 
 

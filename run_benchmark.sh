@@ -4,15 +4,12 @@
 # engines need; the tiny local models are built on first use too.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-cd "$ROOT"
+# No cd: paths the user types (PROMPT_FILE, RESULTS_DIR, model folders) stay relative to where they typed them.
 
-# Which optional requirement sets this run needs: the engines named in env or flags, and mixed precision.
-wanted="${INFERENCE_ENGINE:-} ${COMPARE_MODES:-} $*"
-sets=()
-case "$wanted" in *vllm*) sets+=(vllm) ;; esac
-case "$wanted" in *llamacpp*) sets+=(edge) ;; esac
-case "$wanted" in *sglang*) [ -f requirements/sglang.txt ] && sets+=(sglang) ;; esac
-if [ -n "${MIXED_PRECISION_CONFIG:-}" ] || [[ "$*" == *--mixed-precision-config* ]]; then sets+=(quant); fi
-
-PY="$(scripts/ensure_env.sh ${sets[@]+"${sets[@]}"})"
-exec "$PY" benchmark.py "$@"
+# The core set first, then the sets the chosen modes need (benchmark.py resolves env and flags as for the run:
+# bad input stops here with its one-line error and exit 2).
+PY="$("$ROOT/scripts/ensure_env.sh")"
+sets="$("$PY" "$ROOT/benchmark.py" --print-requirement-sets "$@")"
+# shellcheck disable=SC2086 # one word per set
+PY="$("$ROOT/scripts/ensure_env.sh" $sets)"
+exec "$PY" "$ROOT/benchmark.py" "$@"

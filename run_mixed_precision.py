@@ -18,16 +18,17 @@ import time
 from pathlib import Path
 
 from lib.errors import UsageError, exit_on_usage_error
+from lib.files import read_prompt_file, shipped
 
-DEFAULT_CONFIG = "configs/mixed_precision_config.yaml"
+DEFAULT_CONFIG = "configs/mixed_precision_config.yaml"  # shipped: resolved against the repository
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--config", default=os.environ.get("MIXED_PRECISION_CONFIG") or DEFAULT_CONFIG,
-                   help="mixed-precision YAML [env MIXED_PRECISION_CONFIG; default: %(default)s]")
+    g.add_argument("--config", default=os.environ.get("MIXED_PRECISION_CONFIG") or str(shipped(DEFAULT_CONFIG)),
+                   help=f"mixed-precision YAML [env MIXED_PRECISION_CONFIG; default: the project's {DEFAULT_CONFIG}]")
     g.add_argument("--base", default="", help="base HF model folder when the config's base_path is empty "
                    "(default: the tiny local target)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -185,7 +186,8 @@ def run_moe(args) -> dict:
     folder = ensure_tiny_moe()
     model, tok = load_model(folder, dtype, device), load_tokenizer(folder)
     tracker = track_experts(model)
-    for i, prompt in enumerate(Path("prompts/prompt_small.txt").read_text().splitlines()[:4]):
+    prompts = read_prompt_file(shipped("prompts/prompt_small.txt"), "prompts/prompt_small.txt")
+    for i, prompt in enumerate(prompts[:4]):
         with tracker.request(f"request-{i}"):
             ids = tok(prompt, return_tensors="pt").input_ids.to(device)
             with torch.no_grad():
@@ -218,7 +220,7 @@ def main(argv=None) -> int:
     else:
         report = run_mixed(args, base)
     if args.output:
-        from lib.results import write_json
+        from lib.files import write_json
         write_json(Path(args.output), report)
         print(f"report: {args.output}")
     return 0

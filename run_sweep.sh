@@ -5,7 +5,7 @@
 #   ./run_sweep.sh nightly_tiny            ./run_sweep.sh --help
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-cd "$ROOT"
 export PATH="${PATH:-/usr/local/bin:/usr/bin:/bin}"
-PY="$(scripts/ensure_env.sh)"
-exec "$PY" -m lib.sweep "$@"
+PY="$("$ROOT/scripts/ensure_env.sh")"
+# No cd: a sweep file given as a path stays relative to where it was typed; the package is found through PYTHONPATH.
+PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" -m lib.sweep "$@"

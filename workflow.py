@@ -14,22 +14,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from lib.capture import capture_stem, save_capture
+from lib.capture_runs import RUNNERS
 from lib.comparison_config import DRAFT_TYPES, ComparisonConfig
 from lib.errors import exit_on_usage_error
-from lib.results import write_json
-
-ENGINES = ("reference", "vllm", "sglang")
-
-
-def run_engine(engine: str, cfg: ComparisonConfig, log=print):
-    if engine == "reference":
-        from run_single_config import run_reference
-        return run_reference(cfg, log=log)
-    if engine == "vllm":
-        from run_vllm_config import run_vllm
-        return run_vllm(cfg, log=log)
-    from run_sglang_config import run_sglang
-    return run_sglang(cfg, log=log)
+from lib.files import shipped, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         group = parser.add_argument_group(f"configuration {n}")
         group.add_argument(f"--config{n}-iter", type=int, default=it, help=f"spec_num_iter (default {it})")
         group.add_argument(f"--config{n}-tree-size", type=int, default=size, help=f"spec_tree_size (default {size})")
-        group.add_argument(f"--engine{n}", choices=ENGINES, default="reference",
+        group.add_argument(f"--engine{n}", choices=tuple(RUNNERS), default="reference",
                            help="reference (PyTorch tree SD), vllm, or sglang (GPU only); default reference")
     shared = parser.add_argument_group("shared by both runs")
     shared.add_argument("--comparison-steps", type=int, default=d.comparison_steps,
@@ -48,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     shared.add_argument("--draft-model-path", default="", help="EAGLE head or draft model folder (default: tiny)")
     shared.add_argument("--draft-type", choices=DRAFT_TYPES, default=d.draft_type,
                         help=f"eagle or model (default {d.draft_type})")
-    shared.add_argument("--prompt-file", default=d.prompt_file, help=f"default {d.prompt_file}")
+    shared.add_argument("--prompt-file", default=None, help=f"default: the project's {d.prompt_file}")
     shared.add_argument("--num-prompts", type=int, default=0, help="first N prompts (default: all)")
     shared.add_argument("--capture-topk", type=int, default=d.capture_topk, help=f"default {d.capture_topk}")
     shared.add_argument("--memory-limit", type=float, default=d.memory_limit, help=f"default {d.memory_limit}")
@@ -61,9 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configs_from_args(args) -> tuple[ComparisonConfig, ComparisonConfig]:
+    d = ComparisonConfig()
     base = ComparisonConfig(comparison_steps=args.comparison_steps, model_path=args.model_path,
                             draft_model_path=args.draft_model_path, draft_type=args.draft_type,
-                            prompt_file=args.prompt_file, num_prompts=args.num_prompts, capture_topk=args.capture_topk,
+                            prompt_file=args.prompt_file or str(shipped(d.prompt_file)), num_prompts=args.num_prompts, capture_topk=args.capture_topk,
                             memory_limit=args.memory_limit, chunk_length=args.chunk_length,
                             cuda_graph=args.cuda_graph, verbose=args.verbose, save_results=True)
     one = replace(base, spec_num_iter=args.config1_iter, spec_tree_size=args.config1_tree_size,
@@ -82,7 +71,7 @@ def run_workflow(args, log=print) -> Path:
     for engine, cfg in ((args.engine1, cfg1), (args.engine2, cfg2)):
         log(f"== {engine} {cfg.name}: spec_num_iter {cfg.spec_num_iter}, spec_tree_size {cfg.spec_tree_size}, "
             f"topk_per_iter {cfg.get_topk_per_iter()}")
-        capture = run_engine(engine, cfg, log=log)
+        capture = RUNNERS[engine](cfg, log=log)
         files.append(save_capture(capture, out, capture_stem(engine, cfg.name)))
         log(f"   capture: {files[-1]}")
     results = analyze(str(files[0]), str(files[1]), str(out), log=log)

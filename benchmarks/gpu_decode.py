@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from lib.bandwidth import copy_bandwidth, sync  # noqa: E402
-from lib.results import write_json  # noqa: E402
+from lib.files import write_json  # noqa: E402
 from lib.spec.static import (StaticDecoder, max_len_for, static_autoregressive_generate,  # noqa: E402
                              static_speculative_generate, weights_from_hf)
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.engines.base import SpecCounters
+from lib.types import SpecCounters
 from lib.errors import UsageError
-from lib.results import write_json
+from lib.files import write_json
 
 SCHEMA = "speclab.capture/1"
 PREFIXES = {"reference": "logits_capture", "vllm": "vllm_capture", "sglang": "sglang_capture"}

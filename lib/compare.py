@@ -18,7 +18,7 @@ import numpy as np
 
 from lib.capture import Capture
 from lib.errors import UsageError
-from lib.results import write_json
+from lib.files import write_json
 
 RESULT_SCHEMA = "speclab.logits_comparison/1"
 

@@ -9,12 +9,20 @@ import argparse
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Annotated, get_type_hints
 
+from pydantic import Field, create_model
+
+from lib import files
+from lib.config_models import ConfigModel, choice, read_config
 from lib.errors import UsageError
+from lib.files import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 PRESET_DIR = ROOT / "configs"
 DRAFT_TYPES = ("eagle", "model")
+INT_LIMITS = {"spec_num_iter": (1, 64), "spec_tree_size": (2, 1024), "spec_topk_per_iter": (0, 256),
+              "comparison_steps": (1, 100000), "chunk_length": (1, 1 << 20), "capture_topk": (1, 1000),
+              "num_prompts": (0, 1 << 20)}  # inclusive
 
 
 @dataclass
@@ -58,10 +66,7 @@ class ComparisonConfig:
         return {**asdict(self), "topk_per_iter": self.get_topk_per_iter(), "name": self.name}
 
     def validate(self) -> "ComparisonConfig":
-        checks = [("spec_num_iter", 1, 64), ("spec_tree_size", 2, 1024), ("spec_topk_per_iter", 0, 256),
-                  ("comparison_steps", 1, 100000), ("chunk_length", 1, 1 << 20), ("capture_topk", 1, 1000),
-                  ("num_prompts", 0, 1 << 20)]
-        for name, low, high in checks:
+        for name, (low, high) in INT_LIMITS.items():
             value = getattr(self, name)
             if not low <= value <= high:
                 raise UsageError(f"--{name.replace('_', '-')}={value}: expected an integer from {low} to {high}")
@@ -69,26 +74,29 @@ class ComparisonConfig:
             raise UsageError(f"--memory-limit={self.memory_limit}: expected a fraction in (0, 1]")
         if self.draft_type not in DRAFT_TYPES:
             raise UsageError(f"--draft-type={self.draft_type}: expected one of {', '.join(DRAFT_TYPES)}")
-        if not Path(self.prompt_file).is_file():
-            raise UsageError(f"--prompt-file={self.prompt_file}: no such file (one prompt per line)")
+        files.read_prompt_file(self.prompt_file, f"--prompt-file={self.prompt_file}")
         return self
 
 
+def _preset_model() -> type[ConfigModel]:
+    """A preset: any subset of ComparisonConfig's settings, each with the type and bounds the flags have."""
+    types = get_type_hints(ComparisonConfig)
+    types.update({name: Annotated[int, Field(ge=low, le=high)] for name, (low, high) in INT_LIMITS.items()},
+                 memory_limit=Annotated[float, Field(gt=0, le=1)], draft_type=choice("draft type", DRAFT_TYPES))
+    return create_model("Preset", __base__=ConfigModel, **{f.name: (types[f.name], f.default)
+                                                           for f in fields(ComparisonConfig)})
+
+
+Preset = _preset_model()
+
+
 def load_preset(name: str) -> dict:
-    import yaml
     path = PRESET_DIR / f"{name}.yaml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("config*.yaml")))
         raise UsageError(f"--config-name={name}: no preset configs/{name}.yaml (presets: {known})")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UsageError(f"configs/{name}.yaml: not valid YAML ({str(exc).splitlines()[0]})") from None
-    allowed = {f.name for f in fields(ComparisonConfig)}
-    if not isinstance(data, dict) or set(data) - allowed:
-        bad = sorted(set(data) - allowed) if isinstance(data, dict) else data
-        raise UsageError(f"configs/{name}.yaml: unknown keys {bad}; accepted: {', '.join(sorted(allowed))}")
-    return data
+    preset = read_config(Preset, path, f"configs/{name}.yaml", "a mapping of settings (spec_num_iter: 5, ...)")
+    return preset.model_dump(exclude_unset=True)
 
 
 def add_comparison_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -133,10 +141,13 @@ def add_comparison_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
 
 def config_from_args(args: argparse.Namespace) -> ComparisonConfig:
     values = load_preset(args.config_name) if args.config_name else {}
+    if "prompt_file" in values:  # a preset ships with the project: its paths name shipped files
+        values["prompt_file"] = str(files.shipped(values["prompt_file"]))
     for f in fields(ComparisonConfig):
         given = getattr(args, f.name, None)
         if given is not None:
             values[f.name] = given
+    values.setdefault("prompt_file", str(files.shipped(ComparisonConfig.prompt_file)))
     if args.draft_type is None and values.get("draft_model_path"):
         from lib.spec.eagle import is_eagle_folder
         values["draft_type"] = "eagle" if is_eagle_folder(values["draft_model_path"]) else "model"
@@ -144,9 +155,7 @@ def config_from_args(args: argparse.Namespace) -> ComparisonConfig:
 
 
 def read_prompts(cfg: ComparisonConfig) -> list[str]:
-    prompts = [line.strip() for line in Path(cfg.prompt_file).read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise UsageError(f"--prompt-file={cfg.prompt_file}: no prompts (expected one prompt per line)")
+    prompts = files.read_prompt_file(cfg.prompt_file, f"--prompt-file={cfg.prompt_file}")
     return prompts[: cfg.num_prompts] if cfg.num_prompts else prompts
 
 

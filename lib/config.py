@@ -1,16 +1,20 @@
 """The one table of configuration variables: name, type, default, help, validation.
 
 Every variable can be set in the environment (NAME=value) or with its CLI twin (--name-in-kebab-case value);
-the CLI wins. `--help`, `--dry-run` and the README's variable table are all generated from VARS.
+the CLI wins. `--help`, `--dry-run` and the README's variable table are all generated from VARS; engine and
+method names come from the engine table (lib/engines/__init__.py). `resolve` returns a frozen, typed Config.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
+from lib import engines as E
 from lib.errors import UsageError
+from lib.files import shipped
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off"}
@@ -26,6 +30,8 @@ class Var:
     choices: tuple = ()
     min: float | None = None
     max: float | None = None
+    shipped: bool = False  # the default names a file shipped with the project: resolved against the repository
+    aliases: tuple = ()  # (alias, choice) pairs: the alias is accepted and resolves to the choice
 
     @property
     def flag(self) -> str:
@@ -66,7 +72,7 @@ class Var:
         if self.kind == "choice":
             if text.lower() not in self.choices:
                 raise bad()
-            return text.lower()
+            return dict(self.aliases).get(text.lower(), text.lower())
         if text == "" and self.default is None:
             return None
         try:
@@ -80,6 +86,18 @@ class Var:
 
 G_LAYOUT, G_MODELS, G_ENGINE, G_WORK, G_GEN, G_MON, G_OUT, G_VLLM = (
     "GPU layout", "Models", "Engine and modes", "Workload", "Generation", "GPU monitor", "Output", "vLLM")
+
+
+def _or_list(items: list[str]) -> str:
+    return ", ".join(items[:-1]) + " or " + items[-1] if len(items) > 1 else items[0]
+
+
+# INFERENCE_ENGINE and INFERENCE_METHOD from the engine table; the method choices list the methods compared against
+# the AR baseline first and the baseline (target) last
+COMPARED_METHODS = [m for m in E.METHODS if m.name != "target"] + [E.METHOD_BY_NAME["target"]]
+ENGINE_HELP = "engine: " + ", ".join(e.name + (f" ({e.help})" if e.help else "") for e in E.ENGINES)
+METHOD_HELP = "the method compared against target-only AR: " + _or_list([f"{m.name} ({m.help})"
+                                                                          for m in COMPARED_METHODS])
 
 VARS: list[Var] = [
     # GPU layout
@@ -101,11 +119,10 @@ VARS: list[Var] = [
     Var("MIXED_PRECISION_CONFIG", "path", "", "PyTorch engine: load the target with per-layer fp16/bf16/fp8/int8/"
         "GPTQ-int4 weights from this YAML (docs/mixed_precision.md); empty = plain weights", G_MODELS),
     # engine and modes
-    Var("INFERENCE_ENGINE", "choice", "hf", "engine: hf (PyTorch/transformers, the project's own SD loop), "
-        "vllm, sglang, llamacpp", G_ENGINE, choices=("hf", "transformers", "vllm", "sglang", "llamacpp")),
-    Var("INFERENCE_METHOD", "choice", "speculative", "the method compared against target-only AR: speculative "
-        "(draft + verify), assisted (transformers' own assisted generation, hf engine, batch 1) or target (AR "
-        "only)", G_ENGINE, choices=("speculative", "assisted", "target")),
+    Var("INFERENCE_ENGINE", "choice", "hf", ENGINE_HELP, G_ENGINE, choices=E.engine_choices(),
+        aliases=tuple(E.ALIASES.items())),
+    Var("INFERENCE_METHOD", "choice", "speculative", METHOD_HELP, G_ENGINE,
+        choices=tuple(m.name for m in COMPARED_METHODS)),
     Var("HF_FAST_PATH", "bool", True, "PyTorch engine: static KV caches and CUDA graphs (lib/spec/static.py) for "
         "Llama models that each sit on one device; false = the plain transformers loop", G_ENGINE),
     Var("WARMUP", "bool", True, "before timing a mode, decode one short untimed batch (first-use costs: CUDA graph "
@@ -127,7 +144,7 @@ VARS: list[Var] = [
     Var("SHAREGPT_DIR", "path", "", "folder with sharegpt_gpt4.jsonl / sharegpt_V3_format.jsonl / "
         "sharegpt_zh_38K_format.jsonl (or JSON arrays); empty = PROMPT_FILE", G_WORK),
     Var("PROMPT_FILE", "path", "prompts/benchmark_prompts.txt", "prompt file, one prompt per line "
-        "(used when SHAREGPT_DIR is empty)", G_WORK),
+        "(used when SHAREGPT_DIR is empty; the default is the project's own file)", G_WORK, shipped=True),
     # generation
     Var("GENERATION_LENGTH", "int", 100, "max new tokens per request", G_GEN, min=1),
     Var("GAMMA_VALUE", "int", 4, "draft tokens per speculative round", G_GEN, min=1, max=64),
@@ -167,23 +184,33 @@ VARS: list[Var] = [
 VAR_BY_NAME = {v.name: v for v in VARS}
 
 
-class Config(dict):
-    """Resolved values by variable name, readable as attributes (cfg.gamma_value), plus where each came from."""
+class _ConfigMethods:
+    """What a Config offers besides its attributes."""
 
-    def __init__(self, values: dict, sources: dict):
-        super().__init__(values)
-        self.sources = sources
+    @classmethod
+    def from_values(cls, values: dict, sources: dict) -> "Config":
+        """From {VAR_NAME: value} and {VAR_NAME: default | env | cli}."""
+        return cls(**{VAR_BY_NAME[name].attr: value for name, value in values.items()}, sources=dict(sources))
 
-    def __getattr__(self, attr):
-        try:
-            return self[attr.upper()]
-        except KeyError:
-            raise AttributeError(attr) from None
+    def as_dict(self) -> dict:
+        """{VAR_NAME: value} in the table's order (run.json's "config")."""
+        return {var.name: getattr(self, var.attr) for var in VARS}
 
     def replace(self, **changes) -> "Config":
-        values = dict(self)
-        values.update({k.upper(): v for k, v in changes.items()})
-        return Config(values, {**self.sources, **{k.upper(): "override" for k in changes}})
+        """A new Config with these values (keyword: attribute or variable name), their source "override"."""
+        sources = {**self.sources, **{name.upper(): "override" for name in changes}}
+        return dataclasses.replace(self, **{name.lower(): v for name, v in changes.items()}, sources=sources)
+
+
+_TYPES = {"str": str, "path": str, "choice": str, "int": int, "float": float, "bool": bool}
+
+Config = dataclasses.make_dataclass(
+    "Config", [(var.attr, _TYPES[var.kind] if var.default is not None else Optional[_TYPES[var.kind]])
+               for var in VARS] + [("sources", dict, dataclasses.field(default_factory=dict, compare=False))],
+    bases=(_ConfigMethods,), frozen=True)
+Config.__module__ = __name__  # so a Config pickles (vLLM's worker processes)
+Config.__doc__ = """The resolved configuration, read-only: one typed attribute per variable (cfg.gamma_value) and
+`sources`, {VAR_NAME: default | env | cli | override}, saying where each value came from."""
 
 
 def add_arguments(parser: argparse.ArgumentParser, vars_: list[Var] = VARS):
@@ -198,27 +225,26 @@ def add_arguments(parser: argparse.ArgumentParser, vars_: list[Var] = VARS):
                            help=f"{var.help} [env {var.name}; {var.accepted()}; default: {shown!s}]")
 
 
-def resolve(args: argparse.Namespace | None = None, environ: dict | None = None,
-            vars_: list[Var] = VARS) -> Config:
+def resolve(args: argparse.Namespace | None = None, environ: dict | None = None) -> Config:
     """Defaults < environment < CLI; then cross-variable checks."""
     environ = os.environ if environ is None else environ
     values, sources = {}, {}
-    for var in vars_:
+    for var in VARS:
         cli = getattr(args, var.attr, None) if args is not None else None
         if cli is not None:
             values[var.name], sources[var.name] = var.parse(cli, f"from {var.flag}"), "cli"
         elif environ.get(var.name, "").strip() != "":
             values[var.name], sources[var.name] = var.parse(environ[var.name], "from the environment"), "env"
         else:
-            values[var.name], sources[var.name] = var.default, "default"
-    cfg = Config(values, sources)
+            default = str(shipped(var.default)) if var.shipped else var.default
+            values[var.name], sources[var.name] = default, "default"
+    cfg = Config.from_values(values, sources)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: Config):
-    if cfg.inference_engine == "transformers":
-        cfg["INFERENCE_ENGINE"] = "hf"
+    """Checks across variables; raises UsageError, changes nothing."""
     if cfg.auto_rate > 0 and cfg.auto_duration <= 0:
         raise UsageError(f"AUTO_DURATION={cfg.auto_duration:g}: rate mode (AUTO_RATE={cfg.auto_rate:g}) needs "
                          "AUTO_DURATION > 0 seconds")
@@ -234,24 +260,20 @@ def validate(cfg: Config):
     modes(cfg)  # raises on a bad COMPARE_MODES
 
 
-ENGINES = ("hf", "vllm", "sglang", "llamacpp")
-METHODS = ("target", "speculative", "assisted")
-
-
 def modes(cfg: Config) -> list[tuple[str, str]]:
     """The (engine, method) pairs this run executes, in order."""
     if cfg.compare_modes.strip():
         pairs = []
         for item in cfg.compare_modes.split():
             engine, _, method = item.partition(":")
-            engine = "hf" if engine == "transformers" else engine
-            if engine not in ENGINES or method not in METHODS:
+            engine = E.canonical(engine)
+            if engine not in E.ENGINE_BY_NAME or method not in E.METHOD_BY_NAME:
                 raise UsageError(f"COMPARE_MODES={cfg.compare_modes!r}: {item!r} is not engine:method with engine "
-                                 f"in {', '.join(ENGINES)} and method in {', '.join(METHODS)}")
+                                 f"in {', '.join(E.ENGINE_BY_NAME)} and method in {', '.join(E.METHOD_BY_NAME)}")
             if (engine, method) in pairs:
                 raise UsageError(f"COMPARE_MODES={cfg.compare_modes!r}: {item} is listed twice")
             pairs.append((engine, method))
-        _check_assisted(pairs)
+        _check_methods(pairs)
         return pairs
     pairs = []
     if cfg.enable_target:
@@ -261,25 +283,35 @@ def modes(cfg: Config) -> list[tuple[str, str]]:
     if not pairs:
         raise UsageError("ENABLE_TARGET=false and ENABLE_SPECULATIVE=false (or INFERENCE_METHOD=target): "
                          "nothing to run; enable at least one mode")
-    _check_assisted(pairs)
+    _check_methods(pairs)
     return pairs
 
 
 def mode_needs_draft(cfg: Config, engine: str, method: str) -> bool:
     """Whether a mode reads DRAFTER_MODEL: vLLM's ngram and mtp draft from the prompt or the target itself, and
     vLLM without VLLM_ENABLE_SPECULATIVE falls back to target-only."""
-    if method == "target":
+    if not E.METHOD_BY_NAME[method].needs_draft:
         return False
     if engine == "vllm":
         return cfg.vllm_enable_speculative and cfg.vllm_spec_method not in ("ngram", "mtp")
     return True
 
 
-def _check_assisted(pairs: list[tuple[str, str]]):
+def requirement_sets(cfg: Config) -> list[str]:
+    """The requirement sets (requirements/<set>.txt) this run needs: core, each mode's engine's, and quant for
+    MIXED_PRECISION_CONFIG."""
+    sets = ["core"] + [E.ENGINE_BY_NAME[engine].requirements for engine, _ in modes(cfg)]
+    if cfg.mixed_precision_config:
+        sets.append("quant")
+    return list(dict.fromkeys(sets))
+
+
+def _check_methods(pairs: list[tuple[str, str]]):
     for engine, method in pairs:
-        if method == "assisted" and engine != "hf":
-            raise UsageError(f"INFERENCE_METHOD=assisted with engine {engine}: assisted generation is "
-                             "transformers' own; accepted only with INFERENCE_ENGINE=hf")
+        if method not in E.ENGINE_BY_NAME[engine].methods:
+            why = E.METHOD_BY_NAME[method].only_because or f"{engine} does not run it"
+            raise UsageError(f"INFERENCE_METHOD={method} with engine {engine}: {why}; accepted only with "
+                             f"INFERENCE_ENGINE={' or '.join(E.engines_running(method))}")
 
 
 def markdown_table(vars_: list[Var] = VARS) -> str:

@@ -1,13 +1,21 @@
-"""Per-request metrics and their aggregates, named as `vllm bench serve` names them (times in ms)."""
+"""Per-request metrics and their aggregates, named as `vllm bench serve` names them (times in ms).
+
+ModeMetrics declares every aggregate once, as a typed field whose metadata says where it shows: its group in the
+result file, its column in the console summary, the report rows and analyze.py, and how two modes compare on it.
+Figures that are not ModeMetrics fields (speedups, energy, bandwidth) are the few columns of EXTRA_COLUMNS.
+COLUMNS, in display order, is what print_summary, compare, lib/report.py and analyze.py are generated from.
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
 
 import numpy as np
 
-from lib.engines.base import RequestRecord, SpecCounters
+from lib.types import RequestRecord, SpecCounters
 
 STATS = ("mean", "median", "std", "p90", "p99")
+GROUPS = ("latency", "acceptance")  # nested objects of ModeMetrics.to_json(); every other field sits at its top
 
 
 def summarize(values: list[float], prefix: str) -> dict:
@@ -40,7 +48,7 @@ def request_metrics(rec: RequestRecord) -> RequestMetrics:
 
 
 def acceptance(spec: SpecCounters | None) -> dict:
-    """DESIGN.md's definitions: rate = accepted/draft tokens; length = 1 + accepted/drafts (with the bonus)."""
+    """docs/design.md's definitions: rate = accepted/draft tokens; length = 1 + accepted/drafts (with the bonus)."""
     if spec is None or spec.num_drafts == 0:
         return {"num_drafts": 0 if spec else None, "draft_tokens": 0 if spec else None,
                 "accepted_tokens": 0 if spec else None, "acceptance_rate": None, "acceptance_length": None,
@@ -52,23 +60,148 @@ def acceptance(spec: SpecCounters | None) -> dict:
             "per_position_acceptance_rate": [c / spec.num_drafts for c in spec.accepted_per_position]}
 
 
+# ---------------------------------------------------------------- how a metric shows
+
+@dataclass(frozen=True)
+class Column:
+    """One metric as the console summary, the report rows, analyze.py and compare() show it."""
+    name: str  # its key in report rows, analyze.py's columns and the sweep's regression metrics
+    get: Callable[[dict, dict], Any]  # (a mode's result dict, its comparison with the AR mode) -> value
+    row: bool = False  # a column of the report rows (and of analyze.py's CSV)
+    short: bool = False  # also in analyze.py's short Markdown table
+    summary: str | None = None  # console summary heading; the columns sharing one show as "a / b"
+    digits: int = 2
+    blank: str = "-"  # console text for a missing value
+    higher_is_better: bool | None = None
+    regress: bool = False  # a metric of the sweep report's regression check
+    compare: str | None = None  # its key in compare()'s result
+    as_speedup: bool = True  # compare(): oriented so that > 1 means better; False: plain mode / baseline
+    compare_label: str | None = None  # shown in the console's comparison line
+    after: str | None = None  # EXTRA_COLUMNS: the column it follows (None: at the end)
+
+
+def metric(group: str = "top", row: bool | str = False, empty: Callable[[], Any] | None = None, **show) -> Any:
+    """A ModeMetrics field. row: a report column (a str: under that name); empty: the value for one missing from an
+    older result file; show: the other Column settings."""
+    return field(metadata={"group": group, "row": row, "empty": empty, "show": show})
+
+
+def latency(row: bool = True, **show) -> Any:
+    return metric("latency", row=row, higher_is_better=False, **show)
+
+
+def accept(**show) -> Any:
+    return metric("acceptance", **show)
+
+
 @dataclass
 class ModeMetrics:
-    mode: str
-    completed: int
-    failed: int
-    duration_s: float
-    total_input_tokens: int
-    total_output_tokens: int
-    request_throughput: float
-    output_throughput: float
-    total_token_throughput: float
-    latency: dict = field(default_factory=dict)  # mean/median/std/p90/p99 of ttft_ms, tpot_ms, itl_ms, e2el_ms
-    acceptance: dict = field(default_factory=dict)
+    """One mode's aggregates (latency statistics as named by summarize())."""
+    mode: str = metric()
+    completed: int = metric(row=True, summary="done")
+    failed: int = metric()
+    duration_s: float = metric()
+    total_input_tokens: int = metric()
+    total_output_tokens: int = metric()
+    request_throughput: float = metric()
+    output_throughput: float = metric(row=True, short=True, summary="out tok/s", digits=1, higher_is_better=True,
+                                      regress=True, compare="output_throughput_speedup",
+                                      compare_label="output throughput")
+    total_token_throughput: float = metric()
+    mean_ttft_ms: float | None = latency(short=True, summary="TTFT ms (mean/p99)", digits=1, regress=True)
+    median_ttft_ms: float | None = latency()
+    std_ttft_ms: float | None = latency(row=False)
+    p90_ttft_ms: float | None = latency()
+    p99_ttft_ms: float | None = latency(short=True, summary="TTFT ms (mean/p99)", digits=1, regress=True)
+    mean_tpot_ms: float | None = latency(short=True, summary="TPOT ms (mean/p99)", regress=True,
+                                         compare="tpot_speedup", compare_label="TPOT")
+    median_tpot_ms: float | None = latency()
+    std_tpot_ms: float | None = latency(row=False)
+    p90_tpot_ms: float | None = latency()
+    p99_tpot_ms: float | None = latency(short=True, summary="TPOT ms (mean/p99)", regress=True)
+    mean_itl_ms: float | None = latency(summary="ITL ms (mean)")
+    median_itl_ms: float | None = latency()
+    std_itl_ms: float | None = latency(row=False)
+    p90_itl_ms: float | None = latency()
+    p99_itl_ms: float | None = latency()
+    mean_e2el_ms: float | None = latency(summary="E2EL ms (mean)", digits=1, compare="e2el_speedup")
+    median_e2el_ms: float | None = latency()
+    std_e2el_ms: float | None = latency(row=False)
+    p90_e2el_ms: float | None = latency()
+    p99_e2el_ms: float | None = latency()
+    num_drafts: int | None = accept()
+    draft_tokens: int | None = accept()
+    accepted_tokens: int | None = accept()
+    acceptance_rate: float | None = accept(row=True, short=True, summary="accept rate", digits=3,
+                                           higher_is_better=True)
+    acceptance_length: float | None = accept(row=True, short=True, summary="accept len", higher_is_better=True,
+                                             regress=True)
+    per_position_acceptance_rate: list[float] = accept(row="per_position_acceptance", short=True, empty=list)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """{top fields..., "latency": {...}, "acceptance": {...}}, each in field order."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["group"] == "top"}
+        for group in GROUPS:
+            out[group] = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["group"] == group}
+        return out
 
+
+def _field_reader(f) -> Callable[[dict, dict], Any]:
+    group, empty = f.metadata["group"], f.metadata["empty"]
+
+    def get(result: dict, comparison: dict):
+        metrics = result.get("metrics") or {}
+        value = (metrics if group == "top" else metrics.get(group) or {}).get(f.name)
+        return empty() if value is None and empty else value
+    return get
+
+
+def _field_column(f) -> Column:
+    row = f.metadata["row"]
+    return Column(row if isinstance(row, str) else f.name, _field_reader(f), row=bool(row), **f.metadata["show"])
+
+
+FIELD_COLUMNS = [_field_column(f) for f in fields(ModeMetrics)]
+
+
+def _compared(name: str) -> Callable[[dict, dict], Any]:
+    """Reads the comparison of the field column NAME with the AR mode."""
+    key = next(c.compare for c in FIELD_COLUMNS if c.name == name)
+    return lambda result, comparison: comparison.get(key)
+
+
+def _energy_per_token(result: dict, comparison: dict):
+    energy = result.get("energy") or {}
+    return energy.get("energy_per_output_token_j") if energy.get("available") else None
+
+
+def _bandwidth_efficiency(result: dict, comparison: dict):
+    return (result.get("bandwidth") or {}).get("bandwidth_efficiency")
+
+
+EXTRA_COLUMNS = [
+    Column("speedup", _compared("output_throughput"), row=True, short=True, higher_is_better=True, regress=True,
+           after="output_throughput"),
+    Column("tpot_speedup", _compared("mean_tpot_ms"), row=True, higher_is_better=True, after="speedup"),
+    Column("energy_per_token_j", _energy_per_token, row=True, short=True, summary="J/token", digits=4, blank="n/a",
+           higher_is_better=False, regress=True, compare="energy_per_token_ratio", as_speedup=False,
+           compare_label="energy/token ratio"),
+    Column("bandwidth_efficiency", _bandwidth_efficiency, summary="BW eff", digits=3),
+]
+
+
+def _in_order(columns: list[Column], extras: list[Column]) -> list[Column]:
+    out = list(columns)
+    for extra in extras:
+        at = next(i + 1 for i, c in enumerate(out) if c.name == extra.after) if extra.after else len(out)
+        out.insert(at, extra)
+    return out
+
+
+COLUMNS = _in_order(FIELD_COLUMNS, EXTRA_COLUMNS)
+
+
+# ---------------------------------------------------------------- aggregating and comparing
 
 def aggregate(mode: str, records: list[RequestRecord], duration_s: float,
               engine_spec: SpecCounters | None = None) -> ModeMetrics:
@@ -79,11 +212,11 @@ def aggregate(mode: str, records: list[RequestRecord], duration_s: float,
     out_tokens = sum(m.output_tokens for m in per)
     in_tokens = sum(r.prompt_tokens for r in done)
     duration = max(duration_s, 1e-9)
-    latency = {}
-    latency.update(summarize([m.ttft_ms for m in per if m.ttft_ms is not None], "ttft_ms"))
-    latency.update(summarize([m.tpot_ms for m in per if m.tpot_ms is not None], "tpot_ms"))
-    latency.update(summarize([x for m in per for x in m.itl_ms], "itl_ms"))
-    latency.update(summarize([m.e2el_ms for m in per if m.e2el_ms is not None], "e2el_ms"))
+    latencies = {}
+    latencies.update(summarize([m.ttft_ms for m in per if m.ttft_ms is not None], "ttft_ms"))
+    latencies.update(summarize([m.tpot_ms for m in per if m.tpot_ms is not None], "tpot_ms"))
+    latencies.update(summarize([x for m in per for x in m.itl_ms], "itl_ms"))
+    latencies.update(summarize([m.e2el_ms for m in per if m.e2el_ms is not None], "e2el_ms"))
     spec = engine_spec
     if spec is None:
         specs = [r.spec for r in done if r.spec is not None]
@@ -91,9 +224,10 @@ def aggregate(mode: str, records: list[RequestRecord], duration_s: float,
             spec = SpecCounters()
             for s in specs:
                 spec = spec.add(s)
-    return ModeMetrics(mode, len(done), len(records) - len(done), duration_s, in_tokens, out_tokens,
-                       len(done) / duration, out_tokens / duration, (in_tokens + out_tokens) / duration,
-                       latency, acceptance(spec))
+    return ModeMetrics(mode=mode, completed=len(done), failed=len(records) - len(done), duration_s=duration_s,
+                       total_input_tokens=in_tokens, total_output_tokens=out_tokens,
+                       request_throughput=len(done) / duration, output_throughput=out_tokens / duration,
+                       total_token_throughput=(in_tokens + out_tokens) / duration, **latencies, **acceptance(spec))
 
 
 def _ratio(a, b):
@@ -101,13 +235,12 @@ def _ratio(a, b):
 
 
 def compare(baseline: dict, other: dict) -> dict:
-    """Speedup of `other` over `baseline` (both result dicts of one mode: metrics + energy)."""
-    bm, om = baseline["metrics"], other["metrics"]
-    be, oe = baseline.get("energy") or {}, other.get("energy") or {}
-    return {
-        "baseline": bm["mode"], "mode": om["mode"],
-        "output_throughput_speedup": _ratio(om["output_throughput"], bm["output_throughput"]),
-        "tpot_speedup": _ratio(bm["latency"]["mean_tpot_ms"], om["latency"]["mean_tpot_ms"]),
-        "e2el_speedup": _ratio(bm["latency"]["mean_e2el_ms"], om["latency"]["mean_e2el_ms"]),
-        "energy_per_token_ratio": _ratio(oe.get("energy_per_output_token_j"), be.get("energy_per_output_token_j")),
-    }
+    """`other` against `baseline` (both result dicts of one mode: metrics + energy), on every column that has a
+    compare key."""
+    out = {"baseline": baseline["metrics"]["mode"], "mode": other["metrics"]["mode"]}
+    for c in COLUMNS:
+        if c.compare:
+            mine, base = c.get(other, {}), c.get(baseline, {})
+            inverted = c.as_speedup and not c.higher_is_better
+            out[c.compare] = _ratio(base, mine) if inverted else _ratio(mine, base)
+    return out

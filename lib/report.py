@@ -14,17 +14,15 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lib.results import write_json
+from lib.files import write_json
+from lib.metrics import COLUMNS
 
+ROW_COLUMNS = [c for c in COLUMNS if c.row]
+RUN_KEYS = ["run", "mode", "engine", "method", "status", "error", "gamma", "batch_size"]  # what a row is about
+ROW_KEYS = RUN_KEYS + [c.name for c in ROW_COLUMNS]
+SHORT_KEYS = ["run", "mode", "status", "gamma", "batch_size"] + [c.name for c in ROW_COLUMNS if c.short]
 # metric -> True when higher is better; the regression check compares these per combination and mode
-REGRESSION_METRICS = {
-    "speedup": True, "output_throughput": True, "acceptance_length": True, "mean_tpot_ms": False,
-    "p99_tpot_ms": False, "mean_ttft_ms": False, "p99_ttft_ms": False, "energy_per_token_j": False,
-}
-LATENCY_KEYS = [f"{s}_{m}" for m in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms") for s in ("mean", "median", "p90", "p99")]
-ROW_KEYS = ["run", "mode", "engine", "method", "status", "error", "gamma", "batch_size", "completed",
-            "output_throughput", "speedup", "tpot_speedup", *LATENCY_KEYS, "acceptance_rate", "acceptance_length",
-            "per_position_acceptance", "energy_per_token_j"]
+REGRESSION_METRICS = {c.name: c.higher_is_better for c in COLUMNS if c.regress}
 
 
 # ---------------------------------------------------------------- reading result folders
@@ -37,20 +35,12 @@ def run_rows(run_dir: Path) -> list[dict]:
     batch = cfg.get("BATCH_SIZE", 1) if cfg.get("ENABLE_BATCH") else 1
     rows = []
     for mode, res in data.get("modes", {}).items():
-        metrics = res.get("metrics") or {}
-        lat, acc = metrics.get("latency") or {}, metrics.get("acceptance") or {}
         energy = res.get("energy") or {}
         engine, _, method = mode.partition(":")
         comp = speedups.get(mode, {})
         row = {"run": run_dir.name, "mode": mode, "engine": engine, "method": method, "status": res.get("status"),
                "error": res.get("error"), "gamma": cfg.get("GAMMA_VALUE") if method != "target" else None,
-               "batch_size": batch, "completed": metrics.get("completed"),
-               "output_throughput": metrics.get("output_throughput"),
-               "speedup": comp.get("output_throughput_speedup"), "tpot_speedup": comp.get("tpot_speedup"),
-               **{k: lat.get(k) for k in LATENCY_KEYS},
-               "acceptance_rate": acc.get("acceptance_rate"), "acceptance_length": acc.get("acceptance_length"),
-               "per_position_acceptance": acc.get("per_position_acceptance_rate") or [],
-               "energy_per_token_j": energy.get("energy_per_output_token_j") if energy.get("available") else None,
+               "batch_size": batch, **{c.name: c.get(res, comp) for c in ROW_COLUMNS},
                "energy_note": None if energy.get("available") else (energy.get("reason") or "no GPU monitor"),
                "config": cfg}
         rows.append(row)

@@ -1,4 +1,4 @@
-"""Result files of a run (DESIGN.md) and the console summary.
+"""Result files of a run (docs/design.md) and the console summary.
 
 RESULTS_DIR/<run-id>/: run.json, requests_<mode>.jsonl (a line per finished request, flushed at once),
 benchmark_results.json and its three slices (_speculative, _target, _gpu). The JSON files are rewritten
@@ -14,20 +14,15 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from lib.engines.base import RequestRecord
+from lib.files import ROOT, write_json
+from lib.metrics import COLUMNS, Column
+from lib.types import RequestRecord
 
 SCHEMA_VERSION = 1
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def schema(kind: str) -> str:
     return f"speclab.{kind}/{SCHEMA_VERSION}"
-
-
-def write_json(path: Path, data: dict):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str))
-    os.replace(tmp, path)
 
 
 def mode_slug(mode: str) -> str:
@@ -64,7 +59,7 @@ class RunWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.run_id, self.cfg = run_id, cfg
         self.run = {"schema": schema("run"), "run_id": run_id, "started": datetime.now().isoformat(),
-                    "config": dict(cfg), "config_sources": cfg.sources, "plan": plan, "environment": {}}
+                    "config": cfg.as_dict(), "config_sources": cfg.sources, "plan": plan, "environment": {}}
         self.modes: dict[str, dict] = {}
         self.comparisons: list[dict] = []
         self.gpu_info: dict = {}
@@ -92,7 +87,7 @@ class RunWriter:
     def save_results(self):
         is_target = {m: m.endswith(":target") for m in self.modes}
         common = {"run_id": self.run_id, "workload": self.run["plan"].get("workload")}
-        full = {"schema": schema("benchmark_results"), **common, "config": dict(self.cfg), "modes": self.modes,
+        full = {"schema": schema("benchmark_results"), **common, "config": self.cfg.as_dict(), "modes": self.modes,
                 "comparisons": self.comparisons, "gpu": self.gpu_info}
         write_json(self.dir / "benchmark_results.json", full)
         write_json(self.dir / "benchmark_results_speculative.json",
@@ -111,12 +106,35 @@ class RunWriter:
         self._streams.clear()
 
 
-def _fmt(value, digits=2, suffix=""):
+def _fmt(value, digits=2):
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.{digits}f}{suffix}"
-    return f"{value}{suffix}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def summary_columns() -> dict[str, list[Column]]:
+    """Console heading -> the metric columns shown under it."""
+    headings: dict[str, list[Column]] = {}
+    for c in COLUMNS:
+        if c.summary:
+            headings.setdefault(c.summary, []).append(c)
+    return headings
+
+
+def _cell(columns: list[Column], result: dict) -> str:
+    return " / ".join(_text(c, c.get(result, {})) for c in columns)
+
+
+def _text(column: Column, value) -> str:
+    return column.blank if value is None else _fmt(value, column.digits)
+
+
+def comparison_line(comparison: dict) -> str:
+    parts = [f"{c.compare_label} {'x' if c.as_speedup else ''}{_fmt(comparison.get(c.compare))}"
+             for c in COLUMNS if c.compare_label]
+    return f"{comparison['mode']} vs {comparison['baseline']}: " + ", ".join(parts)
 
 
 def print_summary(modes: dict, comparisons: list[dict], run_dir: Path, console=None):
@@ -125,23 +143,14 @@ def print_summary(modes: dict, comparisons: list[dict], run_dir: Path, console=N
 
     console = console or Console(stderr=False)
     table = Table(title="SpecLab benchmark summary", show_lines=False)
-    for col in ("mode", "status", "done", "out tok/s", "TTFT ms (mean/p99)", "TPOT ms (mean/p99)",
-                "ITL ms (mean)", "E2EL ms (mean)", "accept rate", "accept len", "J/token", "BW eff"):
+    headings = summary_columns()
+    for col in ("mode", "status", *headings):
         table.add_column(col, justify="left" if col in ("mode", "status") else "right")
     for mode, res in modes.items():
-        m, lat, acc = res["metrics"], res["metrics"]["latency"], res["metrics"]["acceptance"]
-        energy = res.get("energy") or {}
-        table.add_row(mode, res["status"], str(m["completed"]), _fmt(m["output_throughput"], 1),
-                      f"{_fmt(lat['mean_ttft_ms'], 1)} / {_fmt(lat['p99_ttft_ms'], 1)}",
-                      f"{_fmt(lat['mean_tpot_ms'], 2)} / {_fmt(lat['p99_tpot_ms'], 2)}",
-                      _fmt(lat["mean_itl_ms"], 2), _fmt(lat["mean_e2el_ms"], 1),
-                      _fmt(acc.get("acceptance_rate"), 3), _fmt(acc.get("acceptance_length"), 2),
-                      _fmt(energy.get("energy_per_output_token_j"), 4) if energy.get("available") else "n/a",
-                      _fmt((res.get("bandwidth") or {}).get("bandwidth_efficiency"), 3))
+        table.add_row(mode, res["status"], *(_cell(cols, res) for cols in headings.values()))
     console.print(table)
     for c in comparisons:
-        console.print(f"{c['mode']} vs {c['baseline']}: output throughput x{_fmt(c['output_throughput_speedup'])}, "
-                      f"TPOT x{_fmt(c['tpot_speedup'])}, energy/token ratio {_fmt(c['energy_per_token_ratio'])}")
+        console.print(comparison_line(c))
     energies = [r.get("energy") for r in modes.values() if r.get("energy")]
     if energies and not energies[0].get("available"):
         console.print(f"GPU monitor: unavailable ({energies[0].get('reason')})")

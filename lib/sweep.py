@@ -20,13 +20,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
 from pathlib import Path
+from typing import Annotated, Any
 
-import yaml
+from pydantic import AfterValidator, Field
 
 from lib import config as C
+from lib.config_models import Accepts, ConfigModel, choice, read_config, shown
 from lib.errors import UsageError, exit_on_usage_error
 from lib.report import REGRESSION_METRICS, write_report
-from lib.results import write_json
+from lib.files import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEPS_DIR = ROOT / "configs" / "sweeps"
@@ -34,7 +36,6 @@ SCHEMA = "speclab.sweep/1"
 RESERVED = {"RESULTS_DIR", "RUN_ID"}  # the sweep sets these per combination
 EXIT_OK, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 75, 130  # the others come from the verdict and UsageError
 ERROR_TAIL_LINES = 15
-FILE_KEYS = {"description", "fixed", "matrix", "include", "budget_min", "regression", "trend_nights"}
 
 
 @dataclass
@@ -92,9 +93,35 @@ def env_texts(values: dict) -> dict:
     return {name: env_text(value) for name, value in values.items()}
 
 
+def _one_value(value):
+    if value is not None and not isinstance(value, (str, int, float, bool)):
+        raise ValueError(f"found {shown(value)}")
+    return value
+
+
+Value = Annotated[Any, AfterValidator(_one_value), Accepts("one value (text, a number, true or false)")]
+Variables = Annotated[dict[str, Value], Accepts("a mapping of VARIABLE: value")]
+Positive = Annotated[float, Field(gt=0)]
+
+
+class RegressionSection(ConfigModel):
+    threshold_pct: Positive = 10.0
+    metrics: Annotated[list[choice("metric", REGRESSION_METRICS)],
+                       Accepts(f"a list of metrics out of {', '.join(REGRESSION_METRICS)}")] = list(REGRESSION_METRICS)
+
+
+class SweepFile(ConfigModel):
+    description: str = ""
+    fixed: Variables = {}
+    matrix: Annotated[dict[str, Annotated[list[Value], Field(min_length=1), Accepts("a non-empty list of values")]],
+                      Accepts("a mapping of VARIABLE: [values]")] = {}
+    include: Annotated[list[Variables], Accepts("a list of mappings of VARIABLE: value (extra combinations)")] = []
+    budget_min: Positive | None = None
+    regression: RegressionSection = Field(default_factory=RegressionSection)
+    trend_nights: Annotated[int, Field(ge=1)] = 7
+
+
 def check_vars(where: str, values: dict, path: Path):
-    if not isinstance(values, dict):
-        raise UsageError(f"{path}: '{where}' must be a mapping of VARIABLE: value")
     for name in values:
         if name in RESERVED:
             raise UsageError(f"{path}: {where}.{name}: set by the sweep itself (one folder per combination)")
@@ -104,49 +131,16 @@ def check_vars(where: str, values: dict, path: Path):
 
 def load_sweep(name_or_path: str) -> Sweep:
     path = find_sweep_file(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: expected a mapping with keys {', '.join(sorted(FILE_KEYS))}")
-    unknown = set(data) - FILE_KEYS
-    if unknown:
-        raise UsageError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; accepted: {', '.join(sorted(FILE_KEYS))}")
-    fixed, matrix, include = data.get("fixed") or {}, data.get("matrix") or {}, data.get("include") or []
-    check_vars("fixed", fixed, path)
-    check_vars("matrix", matrix, path)
-    for name, values in matrix.items():
-        if not isinstance(values, list) or not values:
-            raise UsageError(f"{path}: matrix.{name}: expected a non-empty list of values")
-    if not isinstance(include, list):
-        raise UsageError(f"{path}: 'include' must be a list of mappings (extra combinations)")
-    for i, extra in enumerate(include):
-        check_vars(f"include[{i}]", extra, path)
-    regression = data.get("regression") or {}
-    if not isinstance(regression, dict) or set(regression) - {"threshold_pct", "metrics"}:
-        raise UsageError(f"{path}: 'regression' accepts threshold_pct (number) and metrics (list)")
-    metrics = regression.get("metrics", list(REGRESSION_METRICS))
-    bad = [m for m in metrics if m not in REGRESSION_METRICS]
-    if bad:
-        raise UsageError(f"{path}: regression.metrics: unknown {', '.join(map(str, bad))}; "
-                         f"accepted: {', '.join(REGRESSION_METRICS)}")
-    sweep = Sweep(name=path.stem, path=path, description=str(data.get("description", "")), fixed=fixed,
-                  matrix=matrix, include=include, budget_min=number(data, "budget_min", path),
-                  threshold_pct=number(regression, "threshold_pct", path) or 10.0, regression_metrics=metrics,
-                  trend_nights=int(number(data, "trend_nights", path) or 7))
+    data = read_config(SweepFile, path, str(path), f"a mapping with keys {', '.join(SweepFile.model_fields)}")
+    for where, values in [("fixed", data.fixed), ("matrix", data.matrix),
+                          *((f"include[{i}]", extra) for i, extra in enumerate(data.include))]:
+        check_vars(where, values, path)
+    sweep = Sweep(name=path.stem, path=path, description=data.description, fixed=data.fixed, matrix=data.matrix,
+                  include=data.include, budget_min=data.budget_min, threshold_pct=data.regression.threshold_pct,
+                  regression_metrics=data.regression.metrics, trend_nights=data.trend_nights)
     for combo in combos_of(sweep):  # every combination must resolve before anything runs
         C.resolve(None, environ=combo_env(sweep, combo, {}))
     return sweep
-
-
-def number(data: dict, key: str, path: Path):
-    value = data.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise UsageError(f"{path}: {key}={value!r}: expected a number > 0")
-    return float(value)
 
 
 def combo_id(values: dict) -> str:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.engines.base import Request
+from lib.types import Request
+from lib import files
 from lib.errors import UsageError
 
 SHAREGPT_FILES = ("sharegpt_gpt4.jsonl", "sharegpt_V3_format.jsonl", "sharegpt_zh_38K_format.jsonl")
@@ -31,13 +32,7 @@ class LoadStats:
 
 
 def read_prompt_file(path: str | Path) -> list[Prompt]:
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"PROMPT_FILE={path}: no such file (expected a text file, one prompt per line)")
-    prompts = [Prompt(line.strip()) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise UsageError(f"PROMPT_FILE={path}: the file has no prompts (one prompt per non-empty line)")
-    return prompts
+    return [Prompt(text) for text in files.read_prompt_file(path, f"PROMPT_FILE={path}")]
 
 
 def _conversation_entries(path: Path, stats: LoadStats):

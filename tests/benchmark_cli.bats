@@ -77,3 +77,13 @@ setup() {
   [ "$status" -eq 2 ]
   [[ "$output" == *"PROMPT_FILE="*"has no prompts"* ]]
 }
+
+@test "requirement sets follow the resolved modes; an unknown engine stops before anything is installed" {
+  COMPARE_MODES='hf:target vllm:speculative' run .venv/bin/python benchmark.py --print-requirement-sets
+  [ "$status" -eq 0 ]
+  [ "$output" = "core vllm" ]
+  COMPARE_MODES='hf:target tensorrt:target' run ./run_benchmark.sh --dry-run
+  [ "$status" -eq 2 ]
+  [[ "$output" == "error: COMPARE_MODES="*"with engine in hf, vllm, sglang, llamacpp and method in"* ]]
+  [ "$(echo "$output" | wc -l)" -eq 1 ]
+}

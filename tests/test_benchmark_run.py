@@ -49,6 +49,8 @@ def test_default_run_files_lossless_and_acceptance(tmp_path, batch):
     assert results["comparisons"][0]["baseline"] == "hf:target"
     run = json.loads((run_dir / "run.json").read_text())
     assert run["engines"]["hf:speculative"]["placement"]["target"] == "cpu"  # no GPU here: the fallback, recorded
+    assert run["config"]["GENERATION_LENGTH"] == 32 and run["config_sources"]["GENERATION_LENGTH"] == "env"
+    assert results["config"] == run["config"] and run["config"]["INFERENCE_ENGINE"] == "hf"
     bandwidth = results["modes"]["hf:target"]["bandwidth"]
     assert 0 < bandwidth["bandwidth_efficiency"] < 1.5 and bandwidth["copy_bandwidth_gb_s"] > 0
     if batch == 1:  # one full read of the target's non-embedding weights per generated token

@@ -3,7 +3,7 @@ import pytest
 
 from lib.config import resolve
 from lib.engines import create_engine
-from lib.engines.base import Clock, Request
+from lib.types import Clock, Request
 from lib.models import ModelPaths, load_model
 from lib.spec.chain import autoregressive_generate
 

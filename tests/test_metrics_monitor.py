@@ -1,7 +1,7 @@
-"""Metric definitions (DESIGN.md) and the GPU monitor's energy arithmetic."""
+"""Metric definitions (docs/design.md) and the GPU monitor's energy arithmetic."""
 import pytest
 
-from lib.engines.base import RequestRecord, SpecCounters
+from lib.types import RequestRecord, SpecCounters
 from lib.gpu_monitor import GPUMonitor, Sample, _gpu_window
 from lib.metrics import acceptance, aggregate, request_metrics
 
@@ -27,9 +27,9 @@ def test_acceptance_definitions_and_aggregate():
     agg = aggregate("hf:speculative", recs, 2.0)
     assert agg.completed == 2 and agg.failed == 1 and agg.total_output_tokens == 4
     assert agg.output_throughput == pytest.approx(2.0)
-    assert agg.acceptance["accepted_tokens"] == 30
+    assert agg.accepted_tokens == 30
     # an engine's run-level counters (vLLM) take precedence over per-request ones
-    assert aggregate("x", recs, 2.0, engine_spec=b).acceptance["accepted_tokens"] == 5
+    assert aggregate("x", recs, 2.0, engine_spec=b).accepted_tokens == 5
 
 
 def test_energy_from_counter_else_integrated_power():

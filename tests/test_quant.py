@@ -201,7 +201,7 @@ def test_check_placement_reports_a_stray_tensor(mixed):
 
 def test_greedy_speculative_equals_ar_on_the_mixed_target(tiny_models):
     from lib.config import resolve
-    from lib.engines.base import Clock, Request
+    from lib.types import Clock, Request
     from lib.engines.hf_engine import HFEngine
     from lib.models import resolve_models
     env = {"MIXED_PRECISION_CONFIG": str(SHIPPED), "GAMMA_VALUE": "3"}

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from lib.comparison_config import ComparisonConfig
-from lib.engines.sglang_engine import SGLangEngine, comparison_engine_args, comparison_sampling, \
-    prompt_capture_from_output
+from lib.capture_runs.sglang import comparison_engine_args, comparison_sampling, prompt_capture_from_output
+from lib.engines.sglang_engine import SGLangEngine
 from lib.errors import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +60,7 @@ def sglang_output():
 
 def test_output_becomes_a_capture(tmp_path):
     from lib.capture import Capture, load_capture, save_capture
-    capture = prompt_capture_from_output("hi", [1, 2, 3, 4, 5], sglang_output(), 3)
+    capture = prompt_capture_from_output("hi", [1, 2, 3, 4, 5], sglang_output(), 3, 12)
     assert capture.token_ids == [11, 12, 13, 14]
     assert capture.topk_ids[1].tolist() == [12, 50, 51]  # sorted by log-probability
     assert np.allclose(capture.topk_logprobs[1], [-0.2, -2.2, -4.0])
@@ -72,16 +72,16 @@ def test_output_becomes_a_capture(tmp_path):
 
 
 def test_wider_k_than_returned_pads_and_bad_output_is_refused():
-    capture = prompt_capture_from_output("hi", [1], sglang_output(), 5)
+    capture = prompt_capture_from_output("hi", [1], sglang_output(), 5, 12)
     assert capture.topk_ids.shape == (4, 5) and np.isinf(capture.topk_logprobs[0, 3])
     broken = sglang_output()
     del broken["meta_info"]["output_top_logprobs"]
     with pytest.raises(UsageError, match="output_top_logprobs"):
-        prompt_capture_from_output("hi", [1], broken, 3)
+        prompt_capture_from_output("hi", [1], broken, 3, 12)
     short = sglang_output()
     short["meta_info"]["output_top_logprobs"].pop()
     with pytest.raises(UsageError, match="3 top-logprob rows for 4 tokens"):
-        prompt_capture_from_output("hi", [1], short, 3)
+        prompt_capture_from_output("hi", [1], short, 3, 12)
 
 
 def test_benchmark_engine_args_for_a_chain(tiny_models):

@@ -115,7 +115,7 @@ def test_benchmark_smoke_on_cpu(tmp_path):
 
 def _engine_outputs(method, env, tiny_models, shipped_prompts):
     from lib.config import resolve
-    from lib.engines.base import Clock, Request
+    from lib.types import Clock, Request
     from lib.engines.hf_engine import HFEngine
     from lib.models import resolve_models
     cfg = resolve(None, env)
@@ -123,7 +123,7 @@ def _engine_outputs(method, env, tiny_models, shipped_prompts):
     engine.start()
     requests = [Request(i, p, engine.tokenizer.encode(p), 16) for i, p in enumerate(shipped_prompts[:2])]
     records = engine.generate_batch(requests, Clock())
-    return engine.describe(), records
+    return {**engine.describe(), "weight_bytes_read": engine.weight_bytes_read}, records
 
 
 def test_hf_engine_fast_path_assisted_and_plain_agree(tiny_models, shipped_prompts):
@@ -136,6 +136,20 @@ def test_hf_engine_fast_path_assisted_and_plain_agree(tiny_models, shipped_promp
     assert [r.output_ids for r in fast] == want == [r.output_ids for r in assisted]
     assert all(r.spec is not None and r.spec.num_drafts > 0 for r in fast)
     assert all(len(r.token_times) == len(r.output_ids) for r in assisted)
+    assert fast_info["token_times"] == plain_info["token_times"] == "per token"
+    assert assisted_info["token_times"].startswith("per assisted round")
+    assert assisted_info["weight_bytes_read"] is None and fast_info["weight_bytes_read"] > 0
+    assert plain_info["gamma"] is None and fast_info["gamma"] == assisted_info["gamma"] == 4
+
+
+@pytest.mark.parametrize("method,env", [("target", {}), ("speculative", {"HF_FAST_PATH": "false"})])
+def test_hf_engine_other_decode_functions_agree(method, env, tiny_models, shipped_prompts):
+    """The fast target loop and the plain chain SD loop: the same tokens as plain AR."""
+    _, plain = _engine_outputs("target", {"HF_FAST_PATH": "false"}, tiny_models, shipped_prompts)
+    info, records = _engine_outputs(method, env, tiny_models, shipped_prompts)
+    assert info["fast_path"] == (method == "target")
+    assert [r.output_ids for r in records] == [r.output_ids for r in plain]
+    assert all((r.spec is not None) == (method == "speculative") for r in records)
 
 
 def test_assisted_only_with_hf_engine():

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from lib.config import resolve
-from lib.engines.base import Clock, Request
+from lib.types import Clock, Request
 from lib.errors import EngineUnavailable, UsageError
 from lib.models import ModelPaths, load_model
 
@@ -179,7 +179,7 @@ def test_disabled_speculative_falls_back_to_target_with_warning(tiny_models, cap
 
 
 def test_missing_vllm_package_says_how_to_install(monkeypatch):
-    from lib.engines.vllm_engine import import_vllm
+    from lib.vllm_support import import_vllm
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(EngineUnavailable, match="requirements/vllm.txt"):
         import_vllm()

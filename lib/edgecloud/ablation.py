@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lib.edgecloud.client import EdgeCloudHTTPClient
 from lib.edgecloud.settings import apply_overrides
-from lib.results import write_json
+from lib.files import write_json
 
 SCHEMA = "speclab.edge_cloud_ablation/1"
 BUILT_IN = [

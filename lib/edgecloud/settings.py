@@ -1,104 +1,182 @@
-"""The edge/cloud configuration: configs/edge_cloud.yaml is the schema and the defaults; a user's file and
-experiment overrides are merged over it, and every key and value type is checked (one clear line on error)."""
+"""The edge/cloud configuration: configs/edge_cloud.yaml holds the defaults, EdgeCloudConfig the schema. A user's
+file and experiment overrides are merged over the defaults, then every key and value is checked (one clear line
+on error)."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
+from typing import Annotated, Any
 
-import yaml
+from pydantic import Field, field_validator
 
+from lib.config_models import Accepts, ConfigModel, choice, load_mapping, validate_model
 from lib.errors import UsageError
+from lib.files import ROOT, shipped
 
-ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = ROOT / "configs" / "edge_cloud.yaml"
-FREE_FORM = {"experiments.ablations", "edge.confidence.weights"}  # checked where they are used
+STRATEGIES = ("max_prob", "entropy", "temperature", "top_k_agg", "ensemble")
+MODES = ("collaborative", "edge_only", "cloud_only")
+
+Count = Annotated[int, Field(ge=0)]
+Positive = Annotated[int, Field(ge=1)]
+Amount = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+Port = Annotated[int, Field(ge=0, le=65535)]
 
 
-def _merge(base: dict, over: dict, where: str, source: str) -> dict:
-    out = copy.deepcopy(base)
+class Server(ConfigModel):
+    host: str
+    port: Port
+
+
+class EdgeModel(ConfigModel):
+    path: str
+    hf_path: str
+    context_length: Count
+    n_threads: Count
+
+
+class Confidence(ConfigModel):
+    strategy: str  # checked in validate(), which keeps the error line scripts already print
+    weights: Annotated[list[Amount], Field(min_length=4, max_length=4),
+                       Accepts("4 numbers >= 0 (max_prob, entropy, temperature, top_k_agg), not all 0")]
+    threshold: Fraction
+    accept_threshold: Fraction
+    top_k: Positive
+
+    @field_validator("weights")
+    @classmethod
+    def _not_all_zero(cls, weights):
+        if not sum(weights):
+            raise ValueError("all weights are 0")
+        return weights
+
+
+class Draft(ConfigModel):
+    max_draft_tokens: Annotated[int, Field(ge=0, le=64)]
+
+
+class EdgeCache(ConfigModel):
+    enabled: bool
+    max_size: Count
+
+
+class Edge(ConfigModel):
+    model: EdgeModel
+    server: Server
+    confidence: Confidence
+    draft: Draft
+    kv_cache: EdgeCache
+
+
+class CloudModel(ConfigModel):
+    path: str
+    engine: Annotated[choice("engine", ("hf", "vllm")),
+                      Accepts("hf (PyTorch/transformers), vllm (greedy verification only)")]
+    dtype: choice("dtype", ("float32", "float16", "bfloat16"))
+    n_threads: Count
+
+
+class CloudCache(ConfigModel):
+    enabled: bool
+    block_size: Positive
+    max_blocks: Positive
+
+
+class Cloud(ConfigModel):
+    model: CloudModel
+    server: Server
+    kv_cache: CloudCache
+
+
+class HttpClient(ConfigModel):
+    timeout: Annotated[float, Field(gt=0)]
+    max_retries: Count
+    backoff_s: Amount
+    connection_pool_size: Positive
+
+
+class Communication(ConfigModel):
+    edge_endpoint: str
+    cloud_endpoint: str
+    auth_token: str
+    max_body_bytes: Positive
+    network_delay_ms: Amount
+    fallback_to_edge: bool
+    http_client: HttpClient
+
+
+class Features(ConfigModel):
+    use_draft_verify: bool
+    use_confidence_check: bool
+    use_kv_cache: bool
+    accept_confident_drafts: bool
+
+
+class Inference(ConfigModel):
+    max_tokens: Positive
+    temperature: Amount
+    seed: Count
+    features: Features
+
+
+class Ablation(ConfigModel):
+    name: str
+    description: str = ""
+    config_overrides: Annotated[dict[str, Any], Accepts("a mapping of sections merged over the config (edge, "
+                                                        "cloud, communication, inference)")] = {}
+    mode: choice("mode", MODES) = "collaborative"
+
+
+class Experiments(ConfigModel):
+    prompts_file: str
+    num_prompts: Positive
+    output_dir: str
+    ablations: list[Ablation] = []
+
+
+class EdgeCloudConfig(ConfigModel):
+    edge: Edge
+    cloud: Cloud
+    communication: Communication
+    inference: Inference
+    experiments: Experiments
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """`over` merged into `base`, mapping by mapping; any other value of `over` replaces the one in `base`."""
+    out = dict(base)
     for key, value in over.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in base:
-            raise UsageError(f"{source}: unknown key {path} (known here: {', '.join(base)})")
-        if isinstance(base[key], dict):
-            if not isinstance(value, dict):
-                raise UsageError(f"{source}: {path} must be a mapping")
-            out[key] = _merge(base[key], value, path, source)
-        elif path in FREE_FORM or base[key] is None:
-            out[key] = value
-        else:
-            out[key] = _check_type(base[key], value, path, source)
+        both = isinstance(value, dict) and isinstance(base.get(key), dict)
+        out[key] = _merge(base[key], value) if both else value
     return out
 
 
-def _check_type(default, value, path: str, source: str):
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        raise UsageError(f"{source}: {path}={value!r}: expected true or false")
-    if isinstance(default, (int, float)):
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
-            return type(default)(value) if isinstance(default, float) or float(value).is_integer() else value
-        raise UsageError(f"{source}: {path}={value!r}: expected a number >= 0")
-    if isinstance(default, str):
-        if isinstance(value, str):
-            return value
-        raise UsageError(f"{source}: {path}={value!r}: expected text")
-    return value
-
-
 def read_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"--config {path}: no such file")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UsageError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"--config {path}: expected a mapping of sections (edge, cloud, communication, ...)")
-    return data
+    return load_mapping(path, f"--config {path}", "a mapping of sections (edge, cloud, communication, ...)")
 
 
 def load_config(path: str | Path | None = None) -> dict:
     cfg = read_yaml(DEFAULT_CONFIG)
+    cfg["experiments"]["prompts_file"] = str(shipped(cfg["experiments"]["prompts_file"]))  # the shipped prompts
     if path is not None and Path(path).resolve() != DEFAULT_CONFIG.resolve():
-        cfg = _merge(cfg, read_yaml(path), "", f"--config {path}")
-    validate(cfg, f"--config {path or DEFAULT_CONFIG.name}")
-    return cfg
+        cfg = _merge(cfg, read_yaml(path))
+    return validate(cfg, f"--config {path or DEFAULT_CONFIG.name}")
 
 
 def apply_overrides(cfg: dict, overrides: dict, source: str) -> dict:
-    out = _merge(cfg, overrides or {}, "", source)
-    validate(out, source)
-    return out
+    return validate(_merge(cfg, overrides or {}), source)
 
 
-def validate(cfg: dict, source: str):
-    conf = cfg["edge"]["confidence"]
-    strategies = ("max_prob", "entropy", "temperature", "top_k_agg", "ensemble")
-    if conf["strategy"] not in strategies:
-        raise UsageError(f"{source}: edge.confidence.strategy={conf['strategy']!r}: expected one of "
-                         f"{', '.join(strategies)}")
-    for key in ("threshold", "accept_threshold"):
-        if not 0 <= conf[key] <= 1:
-            raise UsageError(f"{source}: edge.confidence.{key}={conf[key]}: expected a number in [0, 1]")
-    weights = conf["weights"]
-    if not (isinstance(weights, list) and len(weights) == 4 and all(isinstance(w, (int, float)) and w >= 0
-                                                                    for w in weights) and sum(weights) > 0):
-        raise UsageError(f"{source}: edge.confidence.weights={weights!r}: expected 4 numbers >= 0 "
-                         "(max_prob, entropy, temperature, top_k_agg), not all 0")
-    if not 0 <= cfg["edge"]["draft"]["max_draft_tokens"] <= 64:
-        raise UsageError(f"{source}: edge.draft.max_draft_tokens: expected 0..64")
-    if cfg["cloud"]["model"]["engine"] not in ("hf", "vllm"):
-        raise UsageError(f"{source}: cloud.model.engine={cfg['cloud']['model']['engine']!r}: expected hf "
-                         "(PyTorch/transformers) or vllm (greedy verification only)")
+def validate(cfg: dict, source: str) -> dict:
+    """The checked config as plain data, or one line naming `source` and the key."""
+    cfg = validate_model(EdgeCloudConfig, cfg, source).model_dump()
+    strategy = cfg["edge"]["confidence"]["strategy"]
+    if strategy not in STRATEGIES:
+        raise UsageError(f"{source}: edge.confidence.strategy={strategy!r}: expected one of {', '.join(STRATEGIES)}")
     if cfg["cloud"]["model"]["engine"] == "vllm" and cfg["inference"]["temperature"] > 0:
         raise UsageError(f"{source}: cloud.model.engine=vllm verifies greedy drafts only: set "
                          "inference.temperature to 0 or use cloud.model.engine: hf")
-    for exp in cfg["experiments"]["ablations"] or []:
-        if not isinstance(exp, dict) or not isinstance(exp.get("name"), str):
-            raise UsageError(f"{source}: experiments.ablations: every entry needs a name and config_overrides")
+    return cfg
 
 
 def cloud_model_dir(cfg: dict) -> Path:

@@ -13,6 +13,7 @@ import time
 from lib.edgecloud.protocol import GenerateRequest, GenerateResponse, VerifyRequest, VerifyResponse
 from lib.edgecloud.verify import BaseVerifier
 from lib.errors import UsageError
+from lib.vllm_support import import_vllm, prepare_cpu_environment
 
 
 def greedy_verdict(prompt_logprobs: list, first_draft: int, drafts: list[int]) -> tuple[int, int | None]:
@@ -30,7 +31,6 @@ def greedy_verdict(prompt_logprobs: list, first_draft: int, drafts: list[int]) -
 class VLLMCloudVerifier(BaseVerifier):
     def __init__(self, target_dir, dtype: str = "float32", max_model_len: int | None = None, seed: int = 0,
                  gpu_memory_utilization: float = 0.9):
-        from lib.engines.vllm_engine import import_vllm, prepare_cpu_environment
         on_cpu = prepare_cpu_environment()
         self.vllm = import_vllm()
         try:

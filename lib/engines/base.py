@@ -8,71 +8,11 @@ busy). Engines with their own scheduler (vLLM's async engine) override `run()`.
 """
 from __future__ import annotations
 
-import time
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from typing import Callable
 
-
-@dataclass
-class Request:
-    request_id: int
-    prompt: str
-    prompt_ids: list[int]
-    max_new_tokens: int
-    arrival: float = 0.0  # seconds after the run's start
-    reference_output_len: int | None = None  # from ShareGPT's answer, when known
-
-
-@dataclass
-class SpecCounters:
-    """Acceptance counters, one shape for every engine (DESIGN.md's metric definitions)."""
-    num_drafts: int = 0
-    draft_tokens: int = 0
-    accepted_tokens: int = 0
-    accepted_per_position: list[int] = field(default_factory=list)
-
-    def add(self, other: "SpecCounters") -> "SpecCounters":
-        width = max(len(self.accepted_per_position), len(other.accepted_per_position))
-        per_pos = [0] * width
-        for counts in (self.accepted_per_position, other.accepted_per_position):
-            for i, c in enumerate(counts):
-                per_pos[i] += c
-        return SpecCounters(self.num_drafts + other.num_drafts, self.draft_tokens + other.draft_tokens,
-                            self.accepted_tokens + other.accepted_tokens, per_pos)
-
-
-@dataclass
-class RequestRecord:
-    """One finished request. Times are seconds since the run's start (time.perf_counter() - run start)."""
-    request_id: int
-    prompt_tokens: int
-    output_ids: list[int]
-    text: str
-    arrival: float  # when it was scheduled to arrive
-    start: float  # when the engine began work on it (>= arrival)
-    token_times: list[float]  # when each output token became available (first = TTFT point)
-    finish_reason: str  # stop | length | error | cancelled
-    error: str | None = None
-    spec: SpecCounters | None = None
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-class Clock:
-    """The run's time origin, shared by runner and engine."""
-
-    def __init__(self):
-        self.t0 = time.perf_counter()
-
-    def now(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def sleep_until(self, offset: float):
-        delay = offset - self.now()
-        if delay > 0:
-            time.sleep(delay)
+from lib.types import Clock, Request, RequestRecord, SpecCounters
 
 
 class Engine(ABC):

@@ -1,15 +1,27 @@
-"""PyTorch/transformers engine: the project's own AR and speculative decoding loops (lib/spec/chain.py)."""
+"""PyTorch/transformers engine: the project's own AR and speculative decoding loops (lib/spec/chain.py, their static
+cache and CUDA graph versions in lib/spec/static.py) and transformers' assisted generation.
+
+METHODS maps each method this engine runs (the engine table in lib/engines/__init__.py lists the same names) to its
+decode functions: each takes the started engine and a batch (prompt ids, max new tokens) and returns a Generation.
+The engine picks one at start, the fast version where the models allow it.
+"""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from lib.engines.base import Clock, Engine, Request, RequestRecord, SpecCounters, record_from_tokens
-from lib.models import eos_ids_of, load_model, load_tokenizer
+from lib.engines import METHOD_BY_NAME
+from lib.engines.base import Engine, record_from_tokens
 from lib.layout import placement_from_config
+from lib.models import eos_ids_of, load_model, load_tokenizer
 from lib.spec import static
-from lib.spec.chain import Generation, autoregressive_generate, speculative_generate
+from lib.spec.chain import autoregressive_generate, speculative_generate
+from lib.types import Clock, Generation, Request, RequestRecord, SpecCounters
+
+Decode = Callable[["HFEngine", list[list[int]], int], Generation]
 
 
 def pick_device_and_dtype(dtype: str) -> tuple[str, str]:
@@ -19,10 +31,73 @@ def pick_device_and_dtype(dtype: str) -> tuple[str, str]:
     return device, dtype
 
 
+@dataclass(frozen=True)
+class Method:
+    """How this engine runs one method."""
+    plain: Decode  # on the transformers models
+    fast: Decode | None = None  # on lib/spec/static.py's decoders (HF_FAST_PATH, Llama models each on one device)
+    counts_weight_reads: bool = True  # its forward passes are known, so the run reports bandwidth efficiency
+    token_times: str = "per token"  # how token times are taken (run.json)
+
+
+def _target_plain(engine: HFEngine, prompts: list[list[int]], max_new: int) -> Generation:
+    return autoregressive_generate(engine.target, prompts, max_new, **engine.sampling)
+
+
+def _target_fast(engine: HFEngine, prompts: list[list[int]], max_new: int) -> Generation:
+    target, = engine.static_decoders(prompts, max_new)
+    return static.static_autoregressive_generate(target, prompts, max_new, **engine.sampling)
+
+
+def _chain_plain(engine: HFEngine, prompts: list[list[int]], max_new: int) -> Generation:
+    return speculative_generate(engine.target, engine.draft, prompts, max_new, engine.cfg.gamma_value,
+                                **engine.sampling)
+
+
+def _chain_fast(engine: HFEngine, prompts: list[list[int]], max_new: int) -> Generation:
+    target, draft = engine.static_decoders(prompts, max_new)
+    return static.static_speculative_generate(target, draft, prompts, max_new, engine.cfg.gamma_value,
+                                              **engine.sampling)
+
+
+def _assisted(engine: HFEngine, prompts: list[list[int]], max_new: int) -> Generation:
+    """transformers' assisted generation, one request at a time (it supports batch 1 only). Token times are those
+    of the streamer callbacks: tokens of one assisted round share a time; the first is real TTFT."""
+    cfg, gen = engine.cfg, Generation([], [], [])
+    for prompt in prompts:
+        streamer = _TimesStreamer()
+        sampled = cfg.temperature > 0
+        engine.draft.generation_config.num_assistant_tokens = cfg.gamma_value
+        engine.draft.generation_config.num_assistant_tokens_schedule = "constant"
+        with torch.inference_mode():
+            out = engine.target.generate(
+                torch.tensor([prompt], device=engine.target.device), assistant_model=engine.draft,
+                max_new_tokens=max_new, do_sample=sampled, temperature=cfg.temperature if sampled else None,
+                top_k=0 if sampled else None, streamer=streamer, pad_token_id=engine.pad_id,
+                eos_token_id=sorted(engine.eos_ids) or None)
+        ids = out[0, len(prompt):].tolist()
+        stop = bool(ids) and ids[-1] in engine.eos_ids
+        gen.tokens.append(ids)
+        gen.token_times.append(streamer.times[: len(ids)])
+        gen.finish_reasons.append("stop" if stop else "length")
+    return gen
+
+
+METHODS: dict[str, Method] = {
+    "target": Method(_target_plain, _target_fast),
+    "speculative": Method(_chain_plain, _chain_fast),
+    # transformers' assisted loop does not say how many passes it ran, so its weight reads are not counted
+    "assisted": Method(_assisted, counts_weight_reads=False,
+                       token_times="per assisted round (transformers streams a round's tokens together)"),
+}
+
+
 class HFEngine(Engine):
     name = "hf"
 
     def start(self):
+        self.decoding = METHODS[self.method]
+        self.needs_draft = METHOD_BY_NAME[self.method].needs_draft
         self.device, self.dtype = pick_device_and_dtype(self.cfg.dtype)
         self.tokenizer = load_tokenizer(self.models.target)
         self.placement = self._plan()
@@ -33,7 +108,7 @@ class HFEngine(Engine):
         else:
             self.target = self._load(self.models.target, "target")
         self.draft = None
-        if self.method in ("speculative", "assisted"):
+        if self.needs_draft:
             self.draft = self._load(self.models.draft, "draft")
             if self.draft.config.vocab_size != self.target.config.vocab_size:
                 from lib.errors import UsageError
@@ -43,14 +118,16 @@ class HFEngine(Engine):
         self.generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         self.eos_ids = eos_ids_of(self.target)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.sampling = dict(temperature=self.cfg.temperature, eos_ids=self.eos_ids, pad_id=self.pad_id,
+                             generator=self.generator)
         self.fast = self._fast_weights()
+        self.decode = self.decoding.fast if self.fast is not None else self.decoding.plain
         self.decoders: dict = {}
         self.cache_len = 0  # static cache length the whole workload needs (set by warmup)
         (held_t, read_t), (held_d, read_d) = (weight_bytes_of(m) for m in (self.target, self.draft))
         self._held_bytes, self._read_bytes = held_t + held_d, (read_t, read_d)
-        # bytes of weights read so far; the runner turns it into bandwidth_efficiency (lib/bandwidth.py).
-        # transformers' assisted loop does not say how many passes it ran, so it is not counted there.
-        self.weight_bytes_read = None if self.method == "assisted" else 0
+        # bytes of weights read so far; the runner turns it into bandwidth_efficiency (lib/bandwidth.py)
+        self.weight_bytes_read = 0 if self.decoding.counts_weight_reads else None
         from lib.quant.moe_tracker import track_experts
         self.expert_tracker = track_experts(self.target)  # None unless the target is a MoE model
 
@@ -59,7 +136,7 @@ class HFEngine(Engine):
         from transformers import AutoConfig
         layers = AutoConfig.from_pretrained(str(self.models.target)).num_hidden_layers
         draft_layers = (AutoConfig.from_pretrained(str(self.models.draft)).num_hidden_layers
-                        if self.method in ("speculative", "assisted") else None)
+                        if self.needs_draft else None)
         placement = placement_from_config(self.cfg, layers, draft_layers)
         print(placement.summary())
         return placement
@@ -74,7 +151,7 @@ class HFEngine(Engine):
     def _fast_weights(self):
         """(target, draft) weights for lib/spec/static.py, or None where the plain loop must run."""
         models = [self.target] + ([self.draft] if self.draft is not None else [])
-        if (not self.cfg.hf_fast_path or self.method == "assisted" or self.cfg.mixed_precision_config
+        if (self.decoding.fast is None or not self.cfg.hf_fast_path or self.cfg.mixed_precision_config
                 or not all(static.supports(m) for m in models)
                 or self.placement.single_device("target") is None
                 or (self.draft is not None and self.placement.single_device("draft") is None)):
@@ -85,8 +162,7 @@ class HFEngine(Engine):
         return {"engine": self.name, "method": self.method, "device": self.device, "dtype": self.dtype,
                 "torch": torch.__version__, "gamma": self.cfg.gamma_value if self.draft is not None else None,
                 "placement": self.placement.as_dict(), "fast_path": self.fast is not None,
-                "token_times": "per assisted round (transformers streams a round's tokens together)"
-                if self.method == "assisted" else "per token"}
+                "token_times": self.decoding.token_times}
 
     def weight_bytes(self) -> int:
         return self._held_bytes  # buffers too: mixed-precision layers hold their compressed weights there
@@ -109,23 +185,7 @@ class HFEngine(Engine):
 
     def _generate_batch(self, requests: list[Request], clock: Clock) -> list[RequestRecord]:
         start = clock.now()
-        prompts = [r.prompt_ids for r in requests]
-        max_new = max(r.max_new_tokens for r in requests)
-        common = dict(temperature=self.cfg.temperature, eos_ids=self.eos_ids, pad_id=self.pad_id,
-                      generator=self.generator)
-        gamma = self.cfg.gamma_value
-        if self.method == "assisted":
-            gen = self._assisted(prompts, max_new)
-        elif self.fast is not None:
-            decoders = self._decoders(prompts, max_new)
-            if self.draft is not None:
-                gen = static.static_speculative_generate(*decoders, prompts, max_new, gamma, **common)
-            else:
-                gen = static.static_autoregressive_generate(decoders[0], prompts, max_new, **common)
-        elif self.draft is not None:
-            gen = speculative_generate(self.target, self.draft, prompts, max_new, gamma, **common)
-        else:
-            gen = autoregressive_generate(self.target, prompts, max_new, **common)
+        gen = self.decode(self, [r.prompt_ids for r in requests], max(r.max_new_tokens for r in requests))
         self._count_weight_reads(gen)
         records = []
         for row, request in enumerate(requests):
@@ -157,7 +217,7 @@ class HFEngine(Engine):
                                                 max(r.max_new_tokens for r in requests), self.cfg.gamma_value)
         super().warmup(requests)
 
-    def _decoders(self, prompts, max_new):
+    def static_decoders(self, prompts, max_new):
         """Static decoders for this batch size. The cache length is rounded up (and at least the workload's, set by
         warmup) so later batches reuse the compiled steps and graphs; one decoder set per batch size."""
         need = max(static.max_len_for(prompts, max_new, self.cfg.gamma_value), self.cache_len)
@@ -168,28 +228,6 @@ class HFEngine(Engine):
         if key not in self.decoders:
             self.decoders[key] = tuple(static.StaticDecoder(w, len(prompts), max_len) for w in self.fast)
         return self.decoders[key]
-
-    def _assisted(self, prompts, max_new) -> Generation:
-        """transformers' assisted generation, one request at a time (it supports batch 1 only). Token times are
-        those of the streamer callbacks: tokens of one assisted round share a time; the first is real TTFT."""
-        gen = Generation([], [], [])
-        for prompt in prompts:
-            streamer = _TimesStreamer()
-            sampled = self.cfg.temperature > 0
-            self.draft.generation_config.num_assistant_tokens = self.cfg.gamma_value
-            self.draft.generation_config.num_assistant_tokens_schedule = "constant"
-            with torch.inference_mode():
-                out = self.target.generate(
-                    torch.tensor([prompt], device=self.target.device), assistant_model=self.draft,
-                    max_new_tokens=max_new, do_sample=sampled, temperature=self.cfg.temperature if sampled else None,
-                    top_k=0 if sampled else None, streamer=streamer, pad_token_id=self.pad_id,
-                    eos_token_id=sorted(self.eos_ids) or None)
-            ids = out[0, len(prompt):].tolist()
-            stop = bool(ids) and ids[-1] in self.eos_ids
-            gen.tokens.append(ids)
-            gen.token_times.append(streamer.times[: len(ids)])
-            gen.finish_reasons.append("stop" if stop else "length")
-        return gen
 
 
 def weight_bytes_of(model) -> tuple[int, int]:

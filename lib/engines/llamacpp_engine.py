@@ -18,7 +18,8 @@ import os
 
 import numpy as np
 
-from lib.engines.base import Clock, Engine, Request, RequestRecord, SpecCounters, record_from_tokens
+from lib.engines.base import Engine, record_from_tokens
+from lib.types import Clock, Request, RequestRecord, SpecCounters
 from lib.errors import EngineUnavailable, UsageError
 from lib.models import load_tokenizer
 

@@ -1,96 +1,26 @@
-"""SGLang engine: EAGLE / draft-model speculative decoding through `sglang.Engine` (offline, in-process).
+"""SGLang engine (INFERENCE_ENGINE=sglang in run_benchmark.sh): EAGLE / draft-model speculative decoding through
+`sglang.Engine` (offline, in-process) behind the engine interface.
 
-Two uses: run_sglang_config.py (the logits comparison: the seed's config -> ServerArgs mapping, top-k logprobs
-per token -> a capture) and INFERENCE_ENGINE=sglang in run_benchmark.sh (the Engine interface).
 SGLang needs an NVIDIA GPU and its CUDA kernel package; it is not exercised on CPU-only machines (no CPU wheel
 of sgl-kernel exists). Field names follow sglang 0.5.x: ServerArgs speculative_algorithm, speculative_draft_model_
-path, speculative_num_steps, speculative_eagle_topk, speculative_num_draft_tokens; Engine.generate(...,
-return_logprob=True, top_logprobs_num=K) -> meta_info output_token_logprobs / output_top_logprobs as
-(logprob, token_id, text) tuples, spec_verify_ct, spec_accept_length.
+path, speculative_num_steps, speculative_eagle_topk, speculative_num_draft_tokens; meta_info spec_verify_ct.
+The logits comparison's SGLang run is lib/capture_runs/sglang.py.
 """
 from __future__ import annotations
 
-import numpy as np
-
-from lib.capture import PromptCapture
-from lib.engines.base import Clock, Engine, Request, RequestRecord, SpecCounters, record_from_tokens
-from lib.errors import EngineUnavailable, UsageError
-
-INSTALL_HINT = ("sglang is not installed: on a machine with an NVIDIA GPU run scripts/ensure_env.sh sglang "
-                "(requirements/sglang.txt); it has no CPU build")
-
-
-def import_sglang():
-    try:
-        import sglang
-    except ImportError:
-        raise EngineUnavailable(INSTALL_HINT) from None
-    return sglang
-
-
-def comparison_engine_args(cfg, target_path, draft_path) -> dict:
-    """The seed's mapping: spec_num_iter -> speculative_num_steps, spec_tree_size -> speculative_num_draft_tokens,
-    get_topk_per_iter() -> speculative_eagle_topk; EAGLE for an EAGLE head, STANDALONE for a draft model."""
-    return {
-        "model_path": str(target_path),
-        "speculative_algorithm": "EAGLE" if cfg.draft_type == "eagle" else "STANDALONE",
-        "speculative_draft_model_path": str(draft_path),
-        "speculative_num_steps": cfg.spec_num_iter,
-        "speculative_eagle_topk": cfg.get_topk_per_iter(),
-        "speculative_num_draft_tokens": cfg.spec_tree_size,
-        "mem_fraction_static": cfg.memory_limit,
-        "chunked_prefill_size": cfg.chunk_length,
-        "disable_cuda_graph": not cfg.cuda_graph,
-        "random_seed": 0,
-    }
-
-
-def comparison_sampling(cfg) -> dict:
-    """Keyword arguments of Engine.generate for one comparison prompt (greedy, top-k logprobs per token)."""
-    return {"sampling_params": {"temperature": 0.0, "max_new_tokens": cfg.comparison_steps},
-            "return_logprob": True, "top_logprobs_num": cfg.capture_topk}
-
-
-def _top_row(entries, k: int) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.zeros(k, dtype=np.int64)
-    values = np.full(k, -np.inf, dtype=np.float32)
-    ranked = sorted(((float(e[0]), int(e[1])) for e in entries if e[0] is not None), key=lambda e: -e[0])[:k]
-    for col, (logprob, token) in enumerate(ranked):
-        ids[col], values[col] = token, logprob
-    return ids, values
-
-
-def prompt_capture_from_output(prompt: str, prompt_ids: list[int], output: dict, k: int) -> PromptCapture:
-    """One Engine.generate result (dict with output_ids / text / meta_info) -> a PromptCapture."""
-    try:
-        meta = output["meta_info"]
-        token_logprobs = meta["output_token_logprobs"]
-        top = meta["output_top_logprobs"]
-    except (KeyError, TypeError) as exc:
-        raise UsageError(f"SGLang output lacks {exc} (generate with return_logprob=True, top_logprobs_num=K)") \
-            from None
-    tokens = [int(entry[1]) for entry in token_logprobs]
-    if output.get("output_ids") is not None and list(output["output_ids"])[-len(tokens):] != tokens:
-        raise UsageError("SGLang output: output_ids and output_token_logprobs disagree")
-    if len(top) != len(tokens):
-        raise UsageError(f"SGLang output: {len(top)} top-logprob rows for {len(tokens)} tokens")
-    rows = [_top_row(entries or [], k) for entries in top]
-    ids = np.stack([r[0] for r in rows]) if rows else np.zeros((0, k), dtype=np.int64)
-    values = np.stack([r[1] for r in rows]) if rows else np.zeros((0, k), dtype=np.float32)
-    verify = int(meta.get("spec_verify_ct", 0) or 0)
-    completion = int(meta.get("completion_tokens", len(tokens)))
-    spec = {}
-    if verify:
-        # every verification emits its accepted drafts plus one target token
-        spec = {"num_drafts": verify, "accepted_tokens": completion - verify, "draft_tokens": 0,
-                "accepted_per_position": [], "spec_accept_length": meta.get("spec_accept_length")}
-    return PromptCapture(prompt, list(prompt_ids), tokens, ids, values, text=output.get("text", ""), spec=spec,
-                         seconds=float(meta.get("e2e_latency", 0.0) or 0.0))
+from lib.engines.base import Engine, record_from_tokens
+from lib.sglang_support import import_sglang, spec_counters_from_meta
+from lib.types import Clock, Request, RequestRecord
 
 
 class SGLangEngine(Engine):
     """INFERENCE_ENGINE=sglang: GAMMA_VALUE drafts per round in a chain (topk 1, gamma + 1 verified tokens)."""
     name = "sglang"
+
+    @property
+    def num_draft_tokens(self) -> int:
+        """Tokens SGLang verifies per round: the chain's GAMMA_VALUE drafts and its root."""
+        return self.cfg.gamma_value + 1
 
     def engine_args(self) -> dict:
         args = {"model_path": str(self.models.target), "random_seed": self.cfg.seed,
@@ -100,7 +30,7 @@ class SGLangEngine(Engine):
             args.update(speculative_algorithm="EAGLE" if is_eagle_folder(self.models.draft) else "STANDALONE",
                         speculative_draft_model_path=str(self.models.draft),
                         speculative_num_steps=self.cfg.gamma_value, speculative_eagle_topk=1,
-                        speculative_num_draft_tokens=self.cfg.gamma_value + 1)
+                        speculative_num_draft_tokens=self.num_draft_tokens)
         return args
 
     def start(self):
@@ -140,10 +70,6 @@ class SGLangEngine(Engine):
         meta = out["meta_info"]
         ids = list(out["output_ids"])
         reason = (meta.get("finish_reason") or {}).get("type", "length")
-        spec = None
-        verify = int(meta.get("spec_verify_ct", 0) or 0)
-        if verify:
-            accepted = len(ids) - verify
-            spec = SpecCounters(verify, verify * self.cfg.gamma_value, accepted, [])
+        spec = spec_counters_from_meta(meta, self.num_draft_tokens, len(ids))
         return record_from_tokens(request, ids, times[: len(ids)], start, "stop" if reason == "stop" else reason,
                                   self.tokenizer, spec)

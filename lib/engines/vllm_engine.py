@@ -13,43 +13,21 @@ is left in `run_spec_counters` (records keep spec=None so nothing is counted twi
 from __future__ import annotations
 
 import asyncio
-import atexit
 import gc
 import math
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
-from lib.engines.base import Clock, Engine, Request, RequestRecord, SpecCounters, record_from_tokens
-from lib.errors import EngineUnavailable, UsageError
+from lib.engines.base import Engine, record_from_tokens
+from lib.types import Clock, Request, RequestRecord, SpecCounters
+from lib.errors import UsageError
 from lib.models import check_model_dir, load_tokenizer
+from lib.vllm_support import (import_vllm, metrics_difference, prepare_cpu_environment, read_spec_metrics,
+                              spec_counters_from)
 
-INSTALL_HINT = "run ./run_benchmark.sh (installs it) or pip install -r requirements/vllm.txt"
-SPEC_COUNTERS = {  # vLLM counter -> SpecCounters field
-    "vllm:spec_decode_num_drafts": "num_drafts",
-    "vllm:spec_decode_num_draft_tokens": "draft_tokens",
-    "vllm:spec_decode_num_accepted_tokens": "accepted_tokens",
-    "vllm:spec_decode_num_accepted_tokens_per_pos": "accepted_per_position",
-}
 BLOCK_MANAGER_NOTE = "no effect (vLLM has one block manager)"
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
-
-
-def prepare_cpu_environment() -> bool:
-    """On machines without CUDA: the settings FACTS.md measured for the vLLM CPU build (user values win)."""
-    import torch
-    if torch.cuda.is_available():
-        return False
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in-process: starts in ~2 s
-    if "VLLM_CACHE_ROOT" not in os.environ:
-        cache = tempfile.mkdtemp(prefix="speclab-vllm-cache-")
-        atexit.register(shutil.rmtree, cache, ignore_errors=True)
-        os.environ["VLLM_CACHE_ROOT"] = cache
-    return True
 
 
 def shield_llvmlite_from_kernel_scan():
@@ -64,49 +42,6 @@ def shield_llvmlite_from_kernel_scan():
     table = getattr(getattr(ffi, "lib", None), "_fntab", None)
     if isinstance(table, dict) and not isinstance(table.get("__dict__"), dict):
         table["__dict__"] = {}
-
-
-def import_vllm():
-    try:
-        import vllm
-    except ModuleNotFoundError as exc:
-        raise EngineUnavailable(f"INFERENCE_ENGINE=vllm: the vllm package is not installed ({exc.name} missing); "
-                                f"{INSTALL_HINT}") from None
-    return vllm
-
-
-def read_spec_metrics() -> dict:
-    """vLLM's speculative-decoding counters now, summed over engines/labels: name -> int or list[int]."""
-    from vllm.v1.metrics.reader import Counter, Vector, get_metrics_snapshot
-    totals: dict = {}
-    for metric in get_metrics_snapshot():
-        if metric.name not in SPEC_COUNTERS:
-            continue
-        if isinstance(metric, Counter):
-            totals[metric.name] = totals.get(metric.name, 0) + int(metric.value)
-        elif isinstance(metric, Vector):
-            old = totals.get(metric.name, [])
-            width = max(len(old), len(metric.values))
-            totals[metric.name] = [(old[i] if i < len(old) else 0) + (metric.values[i] if i < len(metric.values)
-                                                                      else 0) for i in range(width)]
-    return totals
-
-
-def metrics_difference(before: dict, after: dict) -> dict:
-    diff = {}
-    for name, value in after.items():
-        old = before.get(name, [] if isinstance(value, list) else 0)
-        if isinstance(value, list):
-            diff[name] = [v - (old[i] if i < len(old) else 0) for i, v in enumerate(value)]
-        else:
-            diff[name] = value - old
-    return diff
-
-
-def spec_counters_from(raw: dict) -> SpecCounters:
-    fields = {field: raw.get(name, [] if field == "accepted_per_position" else 0)
-              for name, field in SPEC_COUNTERS.items()}
-    return SpecCounters(**fields)
 
 
 class VLLMEngine(Engine):

@@ -22,7 +22,7 @@ from lib.errors import UsageError
 from lib.quant.formats import FloatWeight, FP8Weight, Int8Weight
 from lib.quant.gptq import GPTQWeight
 from lib.quant.linear import MixedPrecisionLinear
-from lib.results import write_json
+from lib.files import write_json
 
 
 def _quant_args(bits, strategy, kind="int", group_size=None, symmetric=True, actorder=None, dynamic=False):

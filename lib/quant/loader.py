@@ -11,8 +11,6 @@ Config shape (configs/mixed_precision_config.yaml):
     int4: {bits: 4, group_size: 128, checkpoint_format: gptq, desc_act: false, sym: false, method: rtn}
     fp8: {per_channel: true}
     cache_dequantized: false
-  inference: {max_seq_length, max_batch_size, dtype, device_map}
-  server: {host, port, max_workers}
 Relative paths are relative to the config file's folder.
 """
 from __future__ import annotations
@@ -21,38 +19,77 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch
-import yaml
+from pydantic import AfterValidator, Field
 from torch import nn
 
+from lib.config_models import Accepts, ConfigModel, choice, read_config
 from lib.errors import UsageError
 from lib.quant.formats import PRECISIONS, QuantOptions, format_from_tensors, quantize_weight, tensor_names
 from lib.quant.gptq import SUPPORTED_BITS
 from lib.quant.linear import MixedPrecisionLinear
-from lib.results import write_json
+from lib.files import write_json
 
 SOURCE_META = "quant_meta.json"
-MP_KEYS = {"base_path", "default", "patterns", "weight_mapping", "int4", "fp8", "cache_dequantized"} | {
-    f"{p}_path" for p in PRECISIONS}
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key listed twice in one mapping (plain YAML keeps the last silently)."""
+def _regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise ValueError(f"not a valid regex ({exc})") from None
+    return text
 
 
-def _construct_unique(loader, node, deep=False):
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise UsageError(f"{loader.name}: line {key_node.start_mark.line + 1}: {key!r} is listed twice "
-                             f"(each weight may be mapped once)")
-        seen.add(key)
-    return loader.construct_mapping(node, deep)
+def _group_size(size: int) -> int:
+    if size != -1 and size < 1:
+        raise ValueError(f"{size} is not a group size")
+    return size
 
 
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique)
+Precision = choice("precision", PRECISIONS)
+Regex = Annotated[str, AfterValidator(_regex), Accepts("a regular expression (full match on the weight name)")]
+
+
+class Int4Section(ConfigModel):
+    bits: choice("bit width", SUPPORTED_BITS) = 4
+    group_size: Annotated[int, AfterValidator(_group_size),
+                          Accepts("a whole number >= 1, or -1 (one group over the whole input)")] = 128
+    checkpoint_format: choice("checkpoint format", ("gptq", "gptq_v2")) = "gptq"
+    desc_act: bool = False
+    sym: bool = False
+    method: choice("method", ("rtn", "gptq")) = "rtn"
+
+
+class Fp8Section(ConfigModel):
+    per_channel: bool = True
+
+
+class MixedPrecisionSection(ConfigModel):
+    base_path: str = ""
+    fp16_path: str = ""
+    bf16_path: str = ""
+    fp8_path: str = ""
+    int8_path: str = ""
+    int4_path: str = ""
+    default: Precision = "fp16"
+    patterns: dict[Regex, Precision] = Field(default_factory=dict)
+    weight_mapping: Annotated[dict[str, Precision], Accepts(f"a mapping of weight name to precision "
+                                                            f"({', '.join(PRECISIONS)})")] = Field(default_factory=dict)
+    int4: Int4Section = Field(default_factory=Int4Section)
+    fp8: Fp8Section = Field(default_factory=Fp8Section)
+    cache_dequantized: bool = False
+
+
+class MixedPrecisionFile(ConfigModel):
+    retired = {
+        "inference": "set DTYPE, BATCH_SIZE and MAX_BATCH_LENGTH of the benchmark (./run_benchmark.sh --help) or "
+                     "--dtype and --device of run_mixed_precision.py instead",
+        "server": "the benchmark and run_mixed_precision.py load the model in-process; remove the section",
+    }
+    mixed_precision: MixedPrecisionSection
 
 
 @dataclass
@@ -65,8 +102,6 @@ class MixedPrecisionConfig:
     weight_mapping: dict[str, str] = field(default_factory=dict)
     options: QuantOptions = QuantOptions()
     cache_dequantized: bool = False
-    inference: dict = field(default_factory=dict)
-    server: dict = field(default_factory=dict)
 
     def precision_of(self, name: str) -> str:
         if name in self.weight_mapping:
@@ -78,71 +113,24 @@ class MixedPrecisionConfig:
         return hits.pop()[1] if hits else self.default
 
 
-def _check_precision(source: str, where: str, value) -> str:
-    if value not in PRECISIONS:
-        raise UsageError(f"{source}: {where}: unknown precision {value!r}; accepted: {', '.join(PRECISIONS)}")
-    return value
+def _options(int4: Int4Section, fp8: Fp8Section) -> QuantOptions:
+    return QuantOptions(fp8_per_channel=fp8.per_channel, int4_bits=int4.bits, int4_group_size=int4.group_size,
+                        int4_zero_format="v2" if int4.checkpoint_format == "gptq_v2" else "v1",
+                        int4_act_order=int4.desc_act, int4_method=int4.method, int4_symmetric=int4.sym)
 
 
 def load_config(path: str | Path) -> MixedPrecisionConfig:
     path = Path(path)
     src = str(path)
-    if not path.is_file():
-        raise UsageError(f"MIXED_PRECISION_CONFIG={src}: no such file")
-    try:
-        with path.open() as fh:
-            loader = _UniqueKeyLoader(fh)
-            loader.name = src
-            try:
-                raw = loader.get_single_data()
-            finally:
-                loader.dispose()
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{src}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("mixed_precision"), dict):
-        raise UsageError(f"{src}: expected a mapping with a 'mixed_precision' section")
-    mp = raw["mixed_precision"]
-    unknown = set(mp) - MP_KEYS
-    if unknown:
-        raise UsageError(f"{src}: mixed_precision.{sorted(unknown)[0]}: unknown key; accepted: "
-                         f"{', '.join(sorted(MP_KEYS))}")
+    mp = read_config(MixedPrecisionFile, path, src, "a mapping with a 'mixed_precision' section").mixed_precision
     here = path.resolve().parent
 
-    def resolve_path(p):
+    def resolve_path(p: str) -> str:
         return "" if not p else str(p if Path(p).is_absolute() else here / p)
 
-    paths = {prec: resolve_path(mp.get(f"{prec}_path")) for prec in PRECISIONS}
-    default = _check_precision(src, "mixed_precision.default", mp.get("default", "fp16"))
-    patterns = mp.get("patterns") or {}
-    mapping = mp.get("weight_mapping") or {}
-    for what, table in (("patterns", patterns), ("weight_mapping", mapping)):
-        if not isinstance(table, dict):
-            raise UsageError(f"{src}: mixed_precision.{what}: expected a mapping of name -> precision")
-        for key, prec in table.items():
-            _check_precision(src, f"mixed_precision.{what}[{key!r}]", prec)
-    for pat in patterns:
-        try:
-            re.compile(pat)
-        except re.error as exc:
-            raise UsageError(f"{src}: mixed_precision.patterns[{pat!r}]: not a valid regex ({exc})") from None
-    int4 = mp.get("int4") or {}
-    fmt = int4.get("checkpoint_format", "gptq")
-    if fmt not in ("gptq", "gptq_v2"):
-        raise UsageError(f"{src}: mixed_precision.int4.checkpoint_format: {fmt!r}; accepted: gptq, gptq_v2")
-    bits = int4.get("bits", 4)
-    if bits not in SUPPORTED_BITS:
-        raise UsageError(f"{src}: mixed_precision.int4.bits: {bits!r}; accepted: {', '.join(map(str, SUPPORTED_BITS))}")
-    method = int4.get("method", "rtn")
-    if method not in ("rtn", "gptq"):
-        raise UsageError(f"{src}: mixed_precision.int4.method: {method!r}; accepted: rtn, gptq")
-    opts = QuantOptions(fp8_per_channel=bool((mp.get("fp8") or {}).get("per_channel", True)), int4_bits=bits,
-                        int4_group_size=int(int4.get("group_size", 128)),
-                        int4_zero_format="v2" if fmt == "gptq_v2" else "v1",
-                        int4_act_order=bool(int4.get("desc_act", False)), int4_method=method,
-                        int4_symmetric=bool(int4.get("sym", False)))
-    return MixedPrecisionConfig(src, resolve_path(mp.get("base_path")), paths, default, dict(patterns),
-                                dict(mapping), opts, bool(mp.get("cache_dequantized", False)),
-                                raw.get("inference") or {}, raw.get("server") or {})
+    paths = {prec: resolve_path(getattr(mp, f"{prec}_path")) for prec in PRECISIONS}
+    return MixedPrecisionConfig(src, resolve_path(mp.base_path), paths, mp.default, dict(mp.patterns),
+                                dict(mp.weight_mapping), _options(mp.int4, mp.fp8), mp.cache_dequantized)
 
 
 # ------------------------------------------------------------------------------------------ sources

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lib.results import write_json
+from lib.files import write_json
 
 SCHEMA = "speclab.expert_stats/1"
 

@@ -9,9 +9,11 @@ code path, and greedy SD emits exactly the AR tokens.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+
+from lib.types import Generation
 
 
 @dataclass
@@ -88,31 +90,6 @@ def accept_drafts(target_logits: torch.Tensor, drafts: torch.Tensor, draft_probs
     residual = (p_next - q_next).clamp(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
     return n_accepted, sample(residual / residual.sum(-1, keepdim=True), generator)
-
-
-@dataclass
-class Generation:
-    """What a batch decode returns: tokens per row and, for SD, acceptance counters per row."""
-    tokens: list[list[int]]
-    token_times: list[list[float]]
-    finish_reasons: list[str]
-    num_drafts: list[int] = field(default_factory=list)
-    draft_tokens: list[int] = field(default_factory=list)
-    accepted_tokens: list[int] = field(default_factory=list)
-    accepted_per_position: list[list[int]] = field(default_factory=list)
-
-    @classmethod
-    def for_speculation(cls, batch: int, gamma: int) -> "Generation":
-        """Zeroed acceptance counters for each row (the tokens are filled in at the end)."""
-        return cls([], [], [], [0] * batch, [0] * batch, [0] * batch, [[0] * gamma for _ in range(batch)])
-
-    def count_round(self, row: int, gamma: int, accepted: int):
-        """One verify round of a row: gamma drafts, of which the first `accepted` were kept."""
-        self.num_drafts[row] += 1
-        self.draft_tokens[row] += gamma
-        self.accepted_tokens[row] += accepted
-        for pos in range(accepted):
-            self.accepted_per_position[row][pos] += 1
 
 
 class _Rows:

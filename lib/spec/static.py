@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lib.spec.chain import Generation, _Rows, accept_drafts, probabilities, sample
+from lib.spec.chain import _Rows, accept_drafts, probabilities, sample
+from lib.types import Generation
 
 
 @dataclass

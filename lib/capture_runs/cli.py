@@ -1,0 +1,34 @@
+"""The command line every capture script shares: the comparison flags -> a runner -> summary -> saved capture."""
+from __future__ import annotations
+
+import argparse
+
+from lib.capture import Capture, capture_stem, save_capture
+from lib.capture_runs import CaptureRunner
+from lib.comparison_config import add_comparison_arguments, config_from_args
+
+
+def summarize(capture: Capture) -> str:
+    totals = capture.spec_totals()
+    tokens = sum(len(p.token_ids) for p in capture.prompts)
+    seconds = sum(p.seconds for p in capture.prompts)
+    length = 1 + totals["accepted_tokens"] / totals["num_drafts"] if totals["num_drafts"] else float("nan")
+    return (f"{capture.engine} {capture.config_name}: {len(capture.prompts)} prompts, {tokens} tokens in "
+            f"{seconds:.2f} s, {totals['num_drafts']} verification rounds, acceptance length {length:.3f}")
+
+
+def save_if_asked(capture: Capture, cfg, log=print):
+    if cfg.save_results:
+        path = save_capture(capture, cfg.output_dir, capture_stem(capture.engine, capture.config_name))
+        log(f"capture written: {path} (+ {path.with_suffix('.safetensors').name})")
+        return path
+    log("capture not saved (add --save-results)")
+    return None
+
+
+def capture_cli(run: CaptureRunner, description: str, argv=None):
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cfg = config_from_args(add_comparison_arguments(parser).parse_args(argv))
+    capture = run(cfg)
+    print(summarize(capture))
+    save_if_asked(capture, cfg)

@@ -1,0 +1,99 @@
+"""Reading and writing files the one way: JSON written atomically, YAML read safely, prompt files, shipped paths.
+
+Every reader raises UsageError with one line that names the file and what is accepted, so scripts end with exit 2
+instead of a traceback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from lib.errors import UsageError
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository: shipped prompts and configs live under it
+MAX_CONFIG_BYTES = 4 << 20  # a config or prompt file larger than this is not one a person wrote
+MAX_PROMPT_FILE_BYTES = 256 << 20
+
+
+def shipped(path: str | Path) -> Path:
+    """A default that names a file shipped with the project, resolved against the repository (so scripts work from
+    any folder); paths the user types are used as typed, relative to where they were typed."""
+    p = Path(path)
+    return p if p.is_absolute() else ROOT / p
+
+
+def write_json(path: str | Path, data) -> None:
+    """Write JSON atomically: a temporary file of its own in the same folder, then one rename, so a reader (or a
+    second process writing the same file) never sees half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump(data, out, indent=2, ensure_ascii=False, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_text(path: str | Path, label: str, accepted: str, max_bytes: int = MAX_CONFIG_BYTES) -> str:
+    """The UTF-8 text of a user's file, or one line naming `label` (e.g. '--config x.yaml') and what is accepted."""
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{label}: is a folder; expected {accepted}")
+    if not p.is_file():
+        raise UsageError(f"{label}: no such file; expected {accepted}")
+    try:
+        size = p.stat().st_size
+        if size > max_bytes:
+            raise UsageError(f"{label}: {size} bytes is too large (at most {max_bytes}); expected {accepted}")
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{label}: not UTF-8 text; expected {accepted}") from None
+    except OSError as exc:
+        raise UsageError(f"{label}: cannot be read ({exc.strerror}); expected {accepted}") from None
+
+
+def _safe_loader():
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        """safe_load without anchors and aliases: a few hundred bytes of nested aliases expand to gigabytes."""
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(f"line {mark.line + 1}: aliases (*name) are not accepted")
+            return super().compose_node(parent, index)
+
+    return NoAliasLoader
+
+
+def load_yaml(path: str | Path, label: str | None = None, expect_mapping: str = "a YAML mapping"):
+    """A YAML file as Python data (a mapping unless expect_mapping is empty). Aliases are refused."""
+    import yaml
+    label = label or str(path)
+    text = read_text(path, label, expect_mapping or "a YAML file")
+    try:
+        data = yaml.load(text, Loader=_safe_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{label}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise UsageError(f"{label}: nested too deeply to be a config") from None
+    if data is None:
+        data = {}
+    if expect_mapping and not isinstance(data, dict):
+        raise UsageError(f"{label}: expected {expect_mapping}, found {type(data).__name__}")
+    return data
+
+
+def read_prompt_file(path: str | Path, label: str) -> list[str]:
+    """Non-empty lines of a prompt file, stripped. `label` names the input, e.g. 'PROMPT_FILE=x.txt'."""
+    accepted = "a UTF-8 text file, one prompt per line"
+    prompts = [line.strip() for line in read_text(path, label, accepted, MAX_PROMPT_FILE_BYTES).splitlines()
+               if line.strip()]
+    if not prompts:
+        raise UsageError(f"{label}: the file has no prompts; expected {accepted}")
+    return prompts

@@ -1,0 +1,58 @@
+"""Run a compressed-tensors export in vLLM's CPU build, in a fresh process: greedy tokens or the error it ended with.
+
+A fresh process per run because vLLM's CPU kernels may abort the process (an unsupported instruction, a kernel's
+dtype check) and because one LLM per process is how vLLM is meant to be used offline.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+VLLM_RUN = textwrap.dedent("""
+    import json, sys
+    if __name__ == "__main__":
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+        llm = LLM(model=sys.argv[1], dtype=sys.argv[2], enforce_eager=True, max_model_len=256)
+        out = llm.generate([TokensPrompt(prompt_token_ids=json.loads(sys.argv[3]))],
+                           SamplingParams(temperature=0, max_tokens=int(sys.argv[4])))
+        print("TOKENS " + json.dumps(list(out[0].outputs[0].token_ids)))
+""")
+
+
+def vllm_env(cache: Path) -> dict:
+    return dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+                VLLM_CACHE_ROOT=str(cache))
+
+
+def run_vllm_greedy(folder: Path, dtype: str, work: Path, prompt: list[int], new_tokens: int, timeout: float = 900):
+    """(tokens or None, the error line vLLM ended with, seconds) from a fresh process."""
+    script = work / "run_vllm.py"
+    script.write_text(VLLM_RUN)
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, str(script), str(folder), dtype, json.dumps(prompt), str(new_tokens)],
+                       env=vllm_env(work / "vllm-cache"), capture_output=True, text=True, timeout=timeout)
+    seconds = time.perf_counter() - t0
+    lines = [line for line in r.stdout.splitlines() if line.startswith("TOKENS ")]
+    if r.returncode == 0 and lines:
+        return json.loads(lines[-1][len("TOKENS "):]), None, seconds
+    return None, error_line(r.stdout + r.stderr, r.returncode), seconds
+
+
+def error_line(output: str, returncode: int) -> str:
+    errors = re.findall(r"^(?:\[\w+\]:)?\s*(\w+(?:Error|Exception): .+)$", output, re.M)  # "[rank0]: " prefixes
+    if errors:
+        return errors[0].strip()[:200]  # the first is the cause; later ones re-raise it
+    return f"exit code {returncode} (signal {-returncode})" if returncode < 0 else f"exit code {returncode}"
+
+
+def cpu_has_amx() -> bool:
+    """The check vLLM's CPU build makes before it picks its AMX kernels (check_cpu_sgl_kernel)."""
+    import torch
+    return bool(torch.cpu._is_amx_tile_supported())
