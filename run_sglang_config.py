@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """SGLang EAGLE run of one configuration with capture -> <output-dir>/sglang_capture_<config>.json + .safetensors.
 
-The seed's mapping: spec_num_iter -> speculative_num_steps, spec_tree_size -> speculative_num_draft_tokens,
+The mapping: spec_num_iter -> speculative_num_steps, spec_tree_size -> speculative_num_draft_tokens,
 get_topk_per_iter() -> speculative_eagle_topk (algorithm EAGLE; STANDALONE with --draft-type model); greedy,
 return_logprob with top_logprobs_num = --capture-topk; acceptance length from meta_info. Needs an NVIDIA GPU and
 sglang (requirements/sglang.txt); it cannot run on CPU-only machines.

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Reference engine run of one configuration: the project's PyTorch tree speculative decoding (the seed's CPM.cu
-role) with logits capture -> <output-dir>/logits_capture_<config>.json + .safetensors (with --save-results).
+"""Reference engine run of one configuration: the project's PyTorch tree speculative decoding with logits
+capture -> <output-dir>/logits_capture_<config>.json + .safetensors (with --save-results).
 
   python run_single_config.py --config-name config1 --save-results
   python run_single_config.py --spec-num-iter 3 --spec-tree-size 16 --comparison-steps 15 --draft-type model

@@ -10,8 +10,8 @@ tok/s is the decode rate: tokens after each row's first (which prefill gives) ov
 to the last, the same measure for AR and SD; for HF's generate() calls, the time of a 1-token call (its prefill)
 is subtracted. The whole-call seconds, prefill included, are in the JSON too.
 
-Acceptance dial (random weights give none): every o_proj and down_proj weight of the target is scaled by eps and
-its lm_head by 30; a self-draft made of the target's first k layers (+ final norm and head) then agrees with the
+Acceptance dial (random weights give none): every o_proj and down_proj weight of the target is scaled by eps (the
+head is left as it is); a self-draft made of the target's first k layers (+ final norm and head) then agrees with the
 target more often the smaller eps is, while the target still reads all of its weights every step.
 
     python benchmarks/gpu_decode.py --out docs/perf/h100_<date>.json   # on a GPU (about 4 minutes on an H100)
@@ -41,7 +41,6 @@ SHAPES = {  # name: (layers, hidden, intermediate, heads, kv heads, vocab)
     "tiny": (4, 128, 384, 4, 2, 512),
     "tiny-draft": (2, 64, 192, 2, 1, 512),
 }
-LM_HEAD_SCALE = 30.0
 
 
 @dataclass
@@ -55,7 +54,7 @@ class Row:
     seconds: float = 0.0  # the whole call, prefill included
     tok_s: float = 0.0  # decode rate: tokens after the first / time from the first token to the last
     pct_floor: float | None = None
-    acceptance_rate: float | None = None  # accepted / drafted (DESIGN.md)
+    acceptance_rate: float | None = None  # accepted / drafted (docs/design.md)
     acceptance_length: float | None = None  # 1 + accepted / rounds
     alpha: float | None = None  # Leviathan's per-token acceptance that gives this acceptance length
     cost_ratio: float | None = None  # c: draft step time / target step time (one token each), measured

@@ -1,6 +1,6 @@
 """Memory-bandwidth floor: measured copy bandwidth and how close an engine's weight reads come to it.
 
-bandwidth_efficiency = (bytes of weights read per step x steps/s) / measured copy bandwidth (DESIGN.md). Decoding
+bandwidth_efficiency = (bytes of weights read per step x steps/s) / measured copy bandwidth (docs/design.md). Decoding
 at small batch reads every weight once per step, so 1.0 is the floor no engine beats; vLLM and llama.cpp do not
 say how many steps they ran, so only the PyTorch engine reports it.
 """

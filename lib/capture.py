@@ -6,7 +6,7 @@ A capture is two files with one stem (logits_capture_<config>, vllm_capture_<con
   <stem>.safetensors  per prompt i: "i.topk_ids" [N, K] int64, "i.topk_logprobs" [N, K] float32 and, where the
                       engine exposes them, "i.topk_logits" [N, K] and "i.full_logits" [N, V]
 Row n describes the distribution the n-th emitted token was chosen from. accept_lengths are tokens emitted per
-target verification round, bonus token included (so their mean is DESIGN.md's acceptance_length).
+target verification round, bonus token included (so their mean is acceptance_length as docs/design.md defines it).
 A legacy pickle (.pkl) is read only through RestrictedUnpickler: plain containers, numbers, strings and numpy
 arrays; anything else (functions, classes, os.system...) is refused before it can run.
 """
@@ -191,7 +191,7 @@ def restricted_loads(data: bytes):
 
 
 def _load_legacy_pickle(path: Path) -> Capture:
-    """The seed's pickles: a dict (or a list of dicts, one per prompt) with token ids, logits, accept lengths."""
+    """Legacy pickles: a dict (or a list of dicts, one per prompt) with token ids, logits, accept lengths."""
     if not path.is_file():
         raise UsageError(f"capture {path}: no such file")
     try:

@@ -1,4 +1,4 @@
-"""ComparisonConfig: the settings of one logits-comparison run (the seed's flags), its parser and presets.
+"""ComparisonConfig: the settings of one logits-comparison run (spec_num_iter, spec_tree_size, ...), its parser and presets.
 
 Presets live in configs/<name>.yaml (config1: iter 5, tree 32; config2: iter 2, tree 12). A preset fills the
 speculative settings; flags given on the command line win over it.
@@ -100,7 +100,7 @@ def load_preset(name: str) -> dict:
 
 
 def add_comparison_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The seed's flags. Defaults are None so a preset can fill what the command line leaves out."""
+    """The comparison flags. Defaults are None so a preset can fill what the command line leaves out."""
     d = ComparisonConfig()
     spec = parser.add_argument_group("speculative decoding")
     spec.add_argument("--config-name", help="preset configs/<name>.yaml (config1: iter 5 tree 32; config2: iter 2 "

@@ -57,16 +57,3 @@ def generate_corpus(seed: int, num_docs: int) -> list[str]:
         if i % 50 == 0:
             docs.append(rng.choice(CHINESE))
     return docs
-
-
-def generate_prompts(seed: int, count: int) -> list[str]:
-    """Story openings (the first one or two sentences of a fresh story) and questions."""
-    rng = random.Random(seed)
-    prompts = []
-    for _ in range(count):
-        if rng.random() < 0.2:
-            prompts.append(_qa(rng).split(" Answer:")[0] + " Answer:")
-        else:
-            sentences = _story(rng).split(". ")
-            prompts.append(". ".join(sentences[: rng.choice([1, 2])]) + ".")
-    return prompts

@@ -1,4 +1,4 @@
-"""vLLM helpers shared by the benchmark engine, the F2 cloud verifier and the comparison capture run.
+"""vLLM helpers shared by the benchmark engine, the edge/cloud verifier and the comparison capture run.
 
 Importing the vllm package, the environment its CPU build needs, and its speculative-decoding counters
 (Prometheus, per engine) turned into SpecCounters.

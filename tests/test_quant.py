@@ -79,7 +79,7 @@ def test_gptq_other_bit_widths_match_reference(bits):
 
 
 def test_seed_shapes_96_vs_768():
-    """The seed's case: qzeros [16, 96] is 768 outputs packed 8 per int32; the weight is [768, 2048]."""
+    """A GPTQ checkpoint's case: qzeros [16, 96] is 768 outputs packed 8 per int32; the weight is [768, 2048]."""
     torch.manual_seed(0)
     qweight = torch.randint(-2**31, 2**31 - 1, (256, 768), dtype=torch.int32)
     qzeros = torch.randint(-2**31, 2**31 - 1, (16, 96), dtype=torch.int32)

@@ -1,4 +1,4 @@
-"""SGLang adapter: the seed's config mapping, conversion of Engine.generate output into a capture, clear errors.
+"""SGLang adapter: the comparison config's mapping, conversion of Engine.generate output into a capture, clear errors.
 SGLang cannot run on CPU machines, so its output is built here in the shape its meta_info has (sglang 0.5.x)."""
 import subprocess
 import sys

@@ -1,4 +1,4 @@
-"""F4: the async client that runs collaborative decoding over the edge and cloud servers.
+"""The async client that runs collaborative decoding over the edge and cloud servers.
 
 One round: the edge drafts up to max_draft_tokens (stopping early below the confidence threshold), the cloud
 verifies the whole draft in one pass and answers with the accepted count and its next token. Modes:

@@ -1,4 +1,4 @@
-"""F1: how confident the edge draft is in a token, from its probability distribution.
+"""How confident the edge draft is in a token, from its probability distribution.
 
 Every strategy maps a distribution to [0, 1] (1 = certain). The edge stops drafting when a token's confidence
 falls below the threshold, and (lossy, only when the feature is on) commits drafts above an accept threshold
@@ -7,7 +7,6 @@ without asking the cloud.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
@@ -20,21 +19,9 @@ class ConfidenceStrategy(str, Enum):
     TOP_K_AGG = "top_k_agg"  # probability mass of the k most likely tokens
 
 
-@dataclass
-class ConfidenceMetrics:
-    score: float  # the strategy's confidence in [0, 1]
-    max_prob: float
-    entropy: float  # nats
-    token_prob: float  # probability of the token actually drafted
-
-
 def _entropy(probs: np.ndarray) -> float:
     p = probs[probs > 0]
     return float(-(p * np.log(p)).sum())
-
-
-def _metrics(probs: np.ndarray, token_id: int, score: float) -> ConfidenceMetrics:
-    return ConfidenceMetrics(float(score), float(probs.max()), _entropy(probs), float(probs[token_id]))
 
 
 class ConfidenceCalculator:
@@ -54,13 +41,6 @@ class ConfidenceCalculator:
             scaled = np.exp(logp - logp.max())
             return float(scaled.max() / scaled.sum())
         return float(np.sort(probs)[-self.top_k:].sum())
-
-    def calculate_confidence(self, probs: np.ndarray, token_id: int) -> ConfidenceMetrics:
-        return _metrics(np.asarray(probs, dtype=np.float64), token_id, self.score(probs))
-
-    @staticmethod
-    def should_accept_draft(metrics: ConfidenceMetrics, threshold: float) -> bool:
-        return metrics.score >= threshold
 
 
 class ConfidenceEnsemble(ConfidenceCalculator):

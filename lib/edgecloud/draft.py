@@ -1,4 +1,4 @@
-"""F2, edge side: draft tokens with llama.cpp over a GGUF model, scored by F1 confidence, with F3 state reuse."""
+"""Edge side: draft tokens with llama.cpp over a GGUF model, scored by confidence, reusing cached llama.cpp states."""
 from __future__ import annotations
 
 import threading

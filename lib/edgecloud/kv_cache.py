@@ -1,4 +1,4 @@
-"""F3: the two KV caches, both reporting hits and misses.
+"""The two KV caches, both reporting hits and misses.
 
 EdgeStateCache: llama.cpp states (KV cache + logits) in an LRU keyed by the token prefix they hold; a lookup
 returns the entry sharing the longest prefix with the new context, so only the rest is evaluated.

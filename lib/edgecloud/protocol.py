@@ -1,4 +1,4 @@
-"""F4: the HTTP messages between client, edge and cloud (pydantic models with size limits)."""
+"""The HTTP messages between client, edge and cloud (pydantic models with size limits)."""
 from __future__ import annotations
 
 from typing import Annotated

@@ -1,4 +1,4 @@
-"""F4: the edge and cloud HTTP servers (FastAPI on uvicorn).
+"""The edge and cloud HTTP servers (FastAPI on uvicorn).
 
 Both have /health and /stats, an optional bearer token, a request-body size limit, and answer bad input with a
 4xx JSON body {"error": ...}: malformed JSON or wrong fields 422, token ids outside the vocabulary 422, a body

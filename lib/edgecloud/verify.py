@@ -1,4 +1,4 @@
-"""F2, cloud side: verify a whole draft in one target forward pass, with the F3 block prefix cache.
+"""Cloud side: verify a whole draft in one target forward pass, with the block prefix cache.
 
 The model steps (forward, commit, probabilities, sample) are lib/spec/chain.py's; `accept_drafts` is the
 Leviathan rule for one row with the draft distributions the edge shipped (one-hot drafts when greedy, so greedy

@@ -1,4 +1,4 @@
-"""F2, cloud side on vLLM (cloud.model.engine: vllm): verify a draft with one prefill of context + drafts.
+"""Cloud side on vLLM (cloud.model.engine: vllm): verify a draft with one prefill of context + drafts.
 
 vLLM scores every prompt position when asked for prompt logprobs: draft i is the target's greedy token exactly
 when its rank there is 1, and the top-1 entry at the first rejected position is the correction; when every draft

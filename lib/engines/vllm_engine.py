@@ -116,18 +116,7 @@ class VLLMEngine(Engine):
 
     def _print_startup(self):
         mode = "speculative decoding" if self.use_speculative else "target only"
-        lines = [f"Starting the vLLM engine ({mode})...", f"  Target model: {self.models.target}"]
-        if self.use_speculative:
-            drafter = self.speculative_config.get("model", f"(none: {self.cfg.vllm_spec_method})")
-            lines += [f"  Speculative method: {self.cfg.vllm_spec_method}", f"  Drafter model: {drafter}",
-                      f"  Speculative tokens: {self.num_speculative_tokens}"]
-        lines += [f"  VLLM_USE_V2_BLOCK_MANAGER: {BLOCK_MANAGER_NOTE}",
-                  f"  Tensor parallel: {self.cfg.vllm_tensor_parallel_size}",
-                  f"  GPU memory utilization: {self.cfg.vllm_gpu_memory_utilization:g}",
-                  f"  Max model length: {self.cfg.vllm_max_model_len}",
-                  f"  Max sequences: {self.cfg.vllm_max_num_seqs}",
-                  f"  Dtype: {self.dtype}" + (" (CPU build: float32, eager)" if self.on_cpu else "")]
-        print("\n".join(lines), flush=True)
+        print(f"Starting the vLLM engine ({mode}): target {self.models.target}", flush=True)
 
     def _print_configuration(self):
         spec = self.use_speculative
@@ -140,14 +129,14 @@ class VLLMEngine(Engine):
             f"  GPU Memory Utilization: {self.cfg.vllm_gpu_memory_utilization:g}",
             f"  Max Model Length: {self.cfg.vllm_max_model_len}",
             f"  Max Num Seqs: {self.cfg.vllm_max_num_seqs}",
-            f"  Data Type: {self.dtype}",
+            f"  Data Type: {self.dtype}" + (" (CPU build: float32, eager)" if self.on_cpu else ""),
             "",
             "vLLM Speculative Decoding:",
             f"  Enabled: {'Yes' if spec else 'No'}",
             f"  Method: {self.cfg.vllm_spec_method if spec else '-'}",
             f"  Drafter: {self.speculative_config.get('model', '-') if spec else '-'}",
             f"  Num Speculative Tokens: {self.num_speculative_tokens if spec else '-'}",
-            f"  Use V2 Block Manager: {BLOCK_MANAGER_NOTE}",
+            f"  VLLM_USE_V2_BLOCK_MANAGER: {BLOCK_MANAGER_NOTE}",
         ]), flush=True)
 
     def _build(self, rate_mode: bool):
@@ -186,8 +175,7 @@ class VLLMEngine(Engine):
                 "speculative_config": self.speculative_config,
                 "tensor_parallel_size": self.cfg.vllm_tensor_parallel_size,
                 "gpu_memory_utilization": self.cfg.vllm_gpu_memory_utilization,
-                "max_model_len": self.cfg.vllm_max_model_len, "max_num_seqs": self.cfg.vllm_max_num_seqs,
-                "use_v2_block_manager": BLOCK_MANAGER_NOTE}
+                "max_model_len": self.cfg.vllm_max_model_len, "max_num_seqs": self.cfg.vllm_max_num_seqs}
 
     def weight_bytes(self) -> int:
         """Parameters x bytes per element at the dtype vLLM runs (headers only; no tensor is read)."""

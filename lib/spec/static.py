@@ -2,7 +2,7 @@
 
 Why a small Llama forward of our own over the HF weights instead of transformers' StaticCache: the decode and
 verify steps must be capturable as CUDA graphs with per-row cache positions (rows of a batch accept different
-numbers of drafts), and HF's forward rebuilds masks and position tensors on the host every call (FACTS.md: HF
+numbers of drafts), and HF's forward rebuilds masks and position tensors on the host every call (measured: HF
 generate with a static cache is slower than without). Here a step is a fixed sequence of tensor ops that reads
 its inputs from persistent buffers, so one `torch.cuda.CUDAGraph` per step width replays it with no host work.
 

@@ -1,4 +1,4 @@
-"""Reference tree speculative decoding (EAGLE-2 style), greedy, batch 1: the role CPM.cu plays in the seed.
+"""Reference tree speculative decoding (EAGLE-2 style), greedy, batch 1: the reference run of the logits comparison.
 
 One round:
 1. The drafter (a separate draft model, or an EAGLE head over the target's hidden states) grows a tree from the

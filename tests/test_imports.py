@@ -1,0 +1,87 @@
+"""The import graph (docs/design.md): types at the bottom, no lib module importing a script, no two lib packages
+importing each other, no import cycle, and every lib module importable on its own terms."""
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LIB = ROOT / "lib"
+SCRIPTS = {p.stem for p in ROOT.glob("*.py")}
+BOTTOM = {"lib.types": set(), "lib.errors": set(), "lib.numerics": set(), "lib.files": {"lib.errors"}}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(LIB.rglob("*.py"))}
+
+
+def imports_of(path: Path, top_level_only: bool) -> set[str]:
+    """Project modules (and script names) that `path` imports; lazy imports inside functions too unless told."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    if top_level_only:  # `if TYPE_CHECKING:` blocks and try/except around imports still count at import time
+        nodes = [n for stmt in tree.body for n in ast.walk(stmt) if not isinstance(stmt, (ast.FunctionDef,
+                 ast.AsyncFunctionDef, ast.ClassDef)) and not _is_type_checking(stmt)]
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {name for name in found if name.split(".")[0] in SCRIPTS or name in MODULES}
+
+
+def _is_type_checking(stmt) -> bool:
+    return isinstance(stmt, ast.If) and "TYPE_CHECKING" in ast.unparse(stmt.test)
+
+
+def package_of(module: str) -> str:
+    """lib.engines.hf_engine -> lib.engines; a single-file module of lib is its own node."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 or (LIB / parts[-1]).is_dir() else module
+
+
+def test_bottom_modules_import_nothing_of_the_project_but_what_they_are_allowed():
+    for name, allowed in BOTTOM.items():
+        assert imports_of(MODULES[name], top_level_only=False) <= allowed, name
+
+
+def test_no_lib_module_imports_a_top_level_script():
+    offenders = {name: sorted(i for i in imports_of(path, False) if i.split(".")[0] in SCRIPTS)
+                 for name, path in MODULES.items()}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_no_two_lib_packages_import_each_other():
+    edges = {(package_of(name), package_of(dep)) for name, path in MODULES.items()
+             for dep in imports_of(path, False) if package_of(dep) != package_of(name)}
+    assert {tuple(sorted(e)) for e in edges if (e[1], e[0]) in edges} == set()
+
+
+def test_no_import_cycle_between_modules_at_import_time():
+    graph = {name: {d for d in imports_of(path, True) if d in MODULES and d != name} for name, path in MODULES.items()}
+    state: dict[str, int] = {}
+
+    def visit(node, stack):
+        state[node] = 1
+        for dep in graph[node]:
+            if state.get(dep) == 1:
+                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(dep):] + [dep]))
+            if dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = 2
+
+    for node in graph:
+        if node not in state:
+            visit(node, [node])
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_every_lib_module_imports(name):
+    importlib.import_module(name)  # optional engines (vLLM, SGLang, llama.cpp) are imported inside functions
