@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from lib.errors import UsageError, exit_on_usage_error
+from lib.log import setup_logging
 from lib.report import ROW_KEYS, SHORT_KEYS, md_table, run_rows, varying_config
 
 
@@ -78,6 +79,7 @@ def csv_value(value):
 
 @exit_on_usage_error
 def main(argv=None) -> int:
+    setup_logging()
     args = build_parser().parse_args(argv)
     rows = load_rows(find_runs(args.paths))
     if args.csv:

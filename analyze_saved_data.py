@@ -15,19 +15,21 @@ import argparse
 from lib.capture import load_capture
 from lib.compare import compare_captures, console_report, plot_results, write_results
 from lib.errors import exit_on_usage_error
+from lib.log import setup_logging
 
 
-def analyze(data1: str, data2: str, output_dir: str, plots: bool = True, log=print) -> dict:
+def analyze(data1: str, data2: str, output_dir: str, plots: bool = True) -> dict:
     results = compare_captures(load_capture(data1), load_capture(data2))
     path = write_results(results, output_dir)
     pngs = plot_results(results, output_dir) if plots else []
-    log(console_report(results))
-    log(f"results: {path}" + (f"; plots: {', '.join(p.name for p in pngs)}" if pngs else ""))
+    print(console_report(results))
+    print(f"results: {path}" + (f"; plots: {', '.join(p.name for p in pngs)}" if pngs else ""))
     return results
 
 
 @exit_on_usage_error
 def main(argv=None):
+    setup_logging()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data1", required=True, help="first capture (A)")
     parser.add_argument("--data2", required=True, help="second capture (B)")

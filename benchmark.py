@@ -13,6 +13,7 @@ import traceback
 
 from lib import config as C
 from lib.errors import UsageError, exit_on_usage_error
+from lib.log import setup_logging
 
 
 REQUIREMENT_SETS_FLAG = "--print-requirement-sets"  # run_benchmark.sh's question before it installs anything
@@ -148,6 +149,7 @@ def print_requirement_sets(argv: list[str]) -> int:
 
 @exit_on_usage_error
 def main(argv=None) -> int:
+    setup_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
     if REQUIREMENT_SETS_FLAG in argv:
         return print_requirement_sets([a for a in argv if a != REQUIREMENT_SETS_FLAG])
@@ -169,7 +171,7 @@ def main(argv=None) -> int:
 
     console = Console() if sys.stdout.isatty() else Console(width=170)
     need_draft = any(C.mode_needs_draft(cfg, e, m) for e, m in pairs)
-    models = resolve_models(cfg, need_draft=need_draft, log=lambda msg: console.print(msg))
+    models = resolve_models(cfg, need_draft=need_draft)
     tokenizer = load_tokenizer(models.target)
     prompts, stats = load_prompts(cfg, tokenizer)
     requests = build_requests(cfg, prompts, tokenizer)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from lib.errors import UsageError, exit_on_usage_error
+from lib.log import setup_logging
 
 
 def parse_args(argv=None):
@@ -181,6 +182,7 @@ def server_mode(cfg) -> int:
 
 @exit_on_usage_error
 def main(argv=None) -> int:
+    setup_logging()
     args = parse_args(argv)
     cfg = load(args)
     if args.mode == "server":

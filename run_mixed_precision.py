@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lib.errors import UsageError, exit_on_usage_error
 from lib.files import read_prompt_file, shipped
+from lib.log import setup_logging
 
 DEFAULT_CONFIG = "configs/mixed_precision_config.yaml"  # shipped: resolved against the repository
 
@@ -207,6 +208,7 @@ def run_moe(args) -> dict:
 
 @exit_on_usage_error
 def main(argv=None) -> int:
+    setup_logging()
     args = parse_args(argv)
     base = None
     if args.base:

@@ -11,10 +11,12 @@ sglang (requirements/sglang.txt); it cannot run on CPU-only machines.
 from lib.capture_runs import RUNNERS
 from lib.capture_runs.cli import capture_cli
 from lib.errors import exit_on_usage_error
+from lib.log import setup_logging
 
 
 @exit_on_usage_error
 def main(argv=None):
+    setup_logging()
     capture_cli(RUNNERS["sglang"], __doc__, argv)
 
 

@@ -8,10 +8,12 @@ capture -> <output-dir>/logits_capture_<config>.json + .safetensors (with --save
 from lib.capture_runs import RUNNERS
 from lib.capture_runs.cli import capture_cli
 from lib.errors import exit_on_usage_error
+from lib.log import setup_logging
 
 
 @exit_on_usage_error
 def main(argv=None):
+    setup_logging()
     capture_cli(RUNNERS["reference"], __doc__, argv)
 
 

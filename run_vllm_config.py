@@ -11,10 +11,12 @@ On CPU it runs in float32 with enforce_eager (vLLM's CPU backend needs both here
 from lib.capture_runs import RUNNERS
 from lib.capture_runs.cli import capture_cli
 from lib.errors import exit_on_usage_error
+from lib.log import setup_logging
 
 
 @exit_on_usage_error
 def main(argv=None):
+    setup_logging()
     capture_cli(RUNNERS["vllm"], __doc__, argv)
 
 

@@ -6,6 +6,7 @@
 import argparse
 
 from lib.errors import exit_on_usage_error
+from lib.log import setup_logging
 
 
 def parse_args(role: str, port: int, description: str):
@@ -38,6 +39,7 @@ def serve(role: str, port: int, description: str):
 
 @exit_on_usage_error
 def main():
+    setup_logging()
     serve("edge", 8080, __doc__.splitlines()[0])
 
 

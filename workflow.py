@@ -18,6 +18,7 @@ from lib.capture_runs import RUNNERS
 from lib.comparison_config import DRAFT_TYPES, ComparisonConfig
 from lib.errors import exit_on_usage_error
 from lib.files import shipped, write_json
+from lib.log import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,29 +63,30 @@ def configs_from_args(args) -> tuple[ComparisonConfig, ComparisonConfig]:
     return one, two
 
 
-def run_workflow(args, log=print) -> Path:
+def run_workflow(args) -> Path:
     from analyze_saved_data import analyze
     cfg1, cfg2 = configs_from_args(args)
     out = Path(args.results_dir) / (args.run_id or time.strftime("logits_comparison_%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for engine, cfg in ((args.engine1, cfg1), (args.engine2, cfg2)):
-        log(f"== {engine} {cfg.name}: spec_num_iter {cfg.spec_num_iter}, spec_tree_size {cfg.spec_tree_size}, "
-            f"topk_per_iter {cfg.get_topk_per_iter()}")
-        capture = RUNNERS[engine](cfg, log=log)
+        print(f"== {engine} {cfg.name}: spec_num_iter {cfg.spec_num_iter}, spec_tree_size {cfg.spec_tree_size}, "
+              f"topk_per_iter {cfg.get_topk_per_iter()}")
+        capture = RUNNERS[engine](cfg)
         files.append(save_capture(capture, out, capture_stem(engine, cfg.name)))
-        log(f"   capture: {files[-1]}")
-    results = analyze(str(files[0]), str(files[1]), str(out), log=log)
+        print(f"   capture: {files[-1]}")
+    results = analyze(str(files[0]), str(files[1]), str(out))
     write_json(out / "workflow.json", {
         "schema": "speclab.logits_workflow/1", "engines": [args.engine1, args.engine2],
         "configs": [cfg1.to_dict(), cfg2.to_dict()], "captures": [f.name for f in files],
         "all_tokens_equal": results["summary"]["all_tokens_equal"]})
-    log(f"everything in {out}")
+    print(f"everything in {out}")
     return out
 
 
 @exit_on_usage_error
 def main(argv=None):
+    setup_logging()
     run_workflow(build_parser().parse_args(argv))
 
 

@@ -59,7 +59,7 @@ def ours(config: Path, dtype: str):
     import torch
 
     from lib.quant.loader import load_mixed_model
-    model, _, _ = load_mixed_model(config, None, "cpu", dtype, log=lambda *a: None)
+    model, _, _ = load_mixed_model(config, None, "cpu", dtype)
     with torch.no_grad():
         out = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, do_sample=False)
     return model, out[0, len(PROMPT):].tolist()
@@ -74,7 +74,7 @@ def measure(name: str, dtypes: list[str], work: Path) -> dict:
     config = folder / "mp.yaml"
     config.write_text(yaml_text)
     model, _ = ours(config, "float32")
-    export_compressed_tensors(model, folder / "ct", ensure_tiny_models(log=lambda *a: None).target, **options)
+    export_compressed_tensors(model, folder / "ct", ensure_tiny_models().target, **options)
     row = {"scheme": name, "what": what}
     for dtype in dtypes:
         _, expected = ours(config, dtype)

@@ -159,7 +159,7 @@ def read_prompts(cfg: ComparisonConfig) -> list[str]:
     return prompts[: cfg.num_prompts] if cfg.num_prompts else prompts
 
 
-def resolve_comparison_models(cfg: ComparisonConfig, log=print) -> tuple[Path, Path]:
+def resolve_comparison_models(cfg: ComparisonConfig) -> tuple[Path, Path]:
     """(target folder, draft folder): the tiny local ones unless --model-path / --draft-model-path say."""
     from lib.models import check_model_dir, ensure_tiny_models
     if cfg.model_path:
@@ -171,8 +171,8 @@ def resolve_comparison_models(cfg: ComparisonConfig, log=print) -> tuple[Path, P
     if cfg.draft_model_path:
         raise UsageError(f"--draft-model-path={cfg.draft_model_path}: set --model-path too (the tiny target only "
                          "fits the tiny drafts)")
-    tiny = ensure_tiny_models(log=log)
+    tiny = ensure_tiny_models()
     if cfg.draft_type == "model":
         return tiny.target, tiny.draft
     from lib.spec.eagle import ensure_tiny_eagle
-    return tiny.target, ensure_tiny_eagle(tiny, log=log)
+    return tiny.target, ensure_tiny_eagle(tiny)

@@ -1,5 +1,9 @@
 """Errors that end a script with one clear line instead of a traceback."""
+import logging
 import sys
+
+# stdlib logging, not lib.log: this module sits at the bottom of the import graph (docs/design.md)
+logger = logging.getLogger("speclab.errors")
 
 
 class UsageError(Exception):
@@ -17,7 +21,7 @@ def exit_on_usage_error(main):
         try:
             return main(*args, **kwargs)
         except UsageError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            logger.error(f"error: {exc}")
             sys.exit(2)
 
     wrapped.__name__ = main.__name__

@@ -12,7 +12,10 @@ import json
 from pathlib import Path
 
 from lib.errors import EngineUnavailable, UsageError
+from lib.log import get_logger
 from lib.models import cached_build, check_model_dir
+
+logger = get_logger(__name__)
 
 GGUF_NAME = "model-f32.gguf"
 EXPORT_VERSION = 1
@@ -27,10 +30,10 @@ def folder_hash(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def ensure_gguf(model_dir: str | Path, log=print) -> Path:
+def ensure_gguf(model_dir: str | Path) -> Path:
     """The GGUF file of this HF folder, written once and cached (cache_root()/gguf-<hash>/model-f32.gguf)."""
     folder = check_model_dir(model_dir, "model folder")
-    root = cached_build("gguf", folder_hash(folder), lambda out, lg: write_gguf(folder, out / GGUF_NAME, lg), log)
+    root = cached_build("gguf", folder_hash(folder), lambda out: write_gguf(folder, out / GGUF_NAME))
     return root / GGUF_NAME
 
 
@@ -57,7 +60,7 @@ def _tokenizer_fields(folder: Path):
     return tokens, types, merges
 
 
-def write_gguf(folder: Path, out: Path, log=print):
+def write_gguf(folder: Path, out: Path):
     import gguf
     import numpy as np
     from safetensors.numpy import load_file
@@ -72,7 +75,7 @@ def write_gguf(folder: Path, out: Path, log=print):
     head_dim = config.get("head_dim") or config["hidden_size"] // n_head
     rope = config.get("rope_parameters") or {}
     rope_theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
-    log(f"writing {out.name} from {folder}")
+    logger.info(f"writing {out.name} from {folder}")
 
     writer = gguf.GGUFWriter(str(out), "llama")
     writer.add_name(folder.name)

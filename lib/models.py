@@ -18,6 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lib.errors import UsageError
+from lib.log import get_logger
+
+logger = get_logger(__name__)
 
 BUILDER_VERSION = 1  # bump when the builder changes in a way the cache key would not see
 SPECIAL_TOKENS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|pad|>"]
@@ -129,7 +132,7 @@ def _file_lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def cached_build(name: str, key: str, build, log=print) -> Path:
+def cached_build(name: str, key: str, build) -> Path:
     """Return cache_root()/name-key, calling build(tmp_dir) once to fill it (atomic, locked across processes)."""
     final = cache_root() / f"{name}-{key}"
     if (final / "DONE").exists():
@@ -140,7 +143,7 @@ def cached_build(name: str, key: str, build, log=print) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_root()))
         try:
             t0 = time.time()
-            build(tmp, log)
+            build(tmp)
             (tmp / "DONE").write_text(json.dumps({"built_s": round(time.time() - t0, 1)}))
             if final.exists():
                 shutil.rmtree(final)
@@ -150,9 +153,9 @@ def cached_build(name: str, key: str, build, log=print) -> Path:
     return final
 
 
-def ensure_tiny_models(spec: TinySpec = TinySpec(), log=print) -> TinyModels:
+def ensure_tiny_models(spec: TinySpec = TinySpec()) -> TinyModels:
     """Build (once) and return the tiny target/draft pair."""
-    root = cached_build("tiny-llama", spec.key(), lambda out, lg: _build_tiny(spec, out, lg), log)
+    root = cached_build("tiny-llama", spec.key(), lambda out: _build_tiny(spec, out))
     return TinyModels(root)
 
 
@@ -194,7 +197,7 @@ def _llama_config(spec: TinySpec, shape: LlamaShape, tokenizer):
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
-def train_causal_lm(model, blocks, steps: int, batch_size: int, lr: float, seed: int, log, label: str):
+def train_causal_lm(model, blocks, steps: int, batch_size: int, lr: float, seed: int, label: str):
     """Plain next-token training with AdamW and a cosine schedule; returns the final loss."""
     import math
     import torch
@@ -213,7 +216,7 @@ def train_causal_lm(model, blocks, steps: int, batch_size: int, lr: float, seed:
         opt.step()
         loss_value = loss.item()
         if step % 100 == 0 or step == steps - 1:
-            log(f"  {label}: step {step + 1}/{steps} loss {loss_value:.3f}")
+            logger.info(f"  {label}: step {step + 1}/{steps} loss {loss_value:.3f}")
     model.eval()
     return loss_value
 
@@ -229,13 +232,13 @@ def save_hf_folder(model, tokenizer, out: Path, extra_readme: str = ""):
         (out / "README.md").write_text(extra_readme)
 
 
-def _build_tiny(spec: TinySpec, out: Path, log):
+def _build_tiny(spec: TinySpec, out: Path):
     import torch
     from transformers import LlamaForCausalLM
 
     from lib.corpus import generate_corpus
 
-    log(f"Building the tiny local models (one time, cached under {out.parent}) ...")
+    logger.info(f"Building the tiny local models (one time, cached under {out.parent}) ...")
     torch.manual_seed(spec.seed)
     docs = generate_corpus(spec.seed, spec.num_docs)
     tokenizer = _train_tokenizer(spec, docs, out / "tokenizer")
@@ -244,7 +247,7 @@ def _build_tiny(spec: TinySpec, out: Path, log):
     for name, shape, steps in (("target", spec.target, spec.target_steps), ("draft", spec.draft, spec.draft_steps)):
         torch.manual_seed(spec.seed + len(name))
         model = LlamaForCausalLM(_llama_config(spec, shape, tokenizer))
-        losses[name] = train_causal_lm(model, blocks, steps, spec.batch_size, spec.lr, spec.seed, log, name)
+        losses[name] = train_causal_lm(model, blocks, steps, spec.batch_size, spec.lr, spec.seed, name)
         save_hf_folder(model, tokenizer, out / name,
                        f"# tiny {name}\nTrained by SpecLab's builder (lib/models.py) for tests and the default run.\n")
     (out / "build_info.json").write_text(json.dumps({"spec": asdict(spec), "final_loss": losses}, indent=2))
@@ -263,7 +266,7 @@ class ModelPaths:
         return {"target": str(self.target), "draft": str(self.draft) if self.draft else None, "tiny": self.tiny}
 
 
-def resolve_models(cfg, need_draft: bool = True, log=print) -> ModelPaths:
+def resolve_models(cfg, need_draft: bool = True) -> ModelPaths:
     if cfg.target_model:
         target = check_model_dir(cfg.target_model, "TARGET_MODEL")
         draft = check_model_dir(cfg.drafter_model, "DRAFTER_MODEL") if cfg.drafter_model else None
@@ -274,5 +277,5 @@ def resolve_models(cfg, need_draft: bool = True, log=print) -> ModelPaths:
     if cfg.drafter_model:
         raise UsageError(f"DRAFTER_MODEL={cfg.drafter_model}: set TARGET_MODEL too (the tiny target's tokenizer "
                          "only fits the tiny draft)")
-    tiny = ensure_tiny_models(log=log)
+    tiny = ensure_tiny_models()
     return ModelPaths(tiny.target, tiny.draft, tiny=True)

@@ -14,6 +14,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from lib.engines import PACKAGES
 from lib.files import ROOT, write_json
 from lib.metrics import COLUMNS, Column
 from lib.types import RequestRecord
@@ -35,7 +36,7 @@ def default_run_id(cfg) -> str:
 
 def environment_info() -> dict:
     info = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": os.cpu_count()}
-    for pkg in ("torch", "transformers", "vllm", "llama_cpp", "sglang"):
+    for pkg in PACKAGES:
         module = sys.modules.get(pkg)
         if module is not None:
             info[pkg] = getattr(module, "__version__", "?")

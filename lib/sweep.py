@@ -27,6 +27,7 @@ from pydantic import AfterValidator, Field
 from lib import config as C
 from lib.config_models import Accepts, ConfigModel, choice, read_config, shown
 from lib.errors import UsageError, exit_on_usage_error
+from lib.log import get_logger, setup_logging
 from lib.report import REGRESSION_METRICS, write_report
 from lib.files import write_json
 
@@ -36,6 +37,7 @@ SCHEMA = "speclab.sweep/1"
 RESERVED = {"RESULTS_DIR", "RUN_ID"}  # the sweep sets these per combination
 EXIT_OK, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 75, 130  # the others come from the verdict and UsageError
 ERROR_TAIL_LINES = 15
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -182,7 +184,7 @@ class Log:
         line = f"{datetime.now().strftime('%Y-%m-%d %H:%M:%S')} {msg}"
         self.file.write(line + "\n")
         self.file.flush()
-        print(line, flush=True)
+        logger.info(line)
 
 
 class SweepLock:
@@ -376,6 +378,7 @@ def night_name(text: str | None) -> str:
 
 @exit_on_usage_error
 def main(argv=None) -> int:
+    setup_logging()
     args = build_parser().parse_args(argv)
     sweep = load_sweep(args.sweep)
     if args.budget_min is not None and args.budget_min <= 0:
@@ -387,8 +390,8 @@ def main(argv=None) -> int:
     night = out_root / sweep.name / night_name(args.date)
     if args.dry_run:
         for combo in combos_of(sweep):
-            print(f"{combo.id}: " + " ".join(f"{k}={v}" for k, v in combo_env(sweep, combo, {}).items()))
-        print(f"results: {night}")
+            logger.info(f"{combo.id}: " + " ".join(f"{k}={v}" for k, v in combo_env(sweep, combo, {}).items()))
+        logger.info(f"results: {night}")
         return EXIT_OK
 
     if args.report_only:
@@ -399,7 +402,7 @@ def main(argv=None) -> int:
         except (ValueError, KeyError, TypeError) as exc:
             raise UsageError(f"{night}/sweep.json: not a sweep state file ({exc.__class__.__name__}: {exc})") \
                 from None
-        print(verdict.summary())
+        logger.info(verdict.summary())
         return verdict.exit_code
 
     if args.resume and args.fresh:
@@ -409,7 +412,7 @@ def main(argv=None) -> int:
         lock.acquire(f"pid {os.getpid()}, sweep {sweep.name}, night {night.name}, since "
                      f"{datetime.now().isoformat(timespec='seconds')}")
     except LockHeld as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        logger.error(f"error: {exc}")
         return EXIT_LOCKED
     try:
         if (night / "sweep.json").is_file() and not (args.resume or args.fresh):

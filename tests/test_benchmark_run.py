@@ -55,7 +55,7 @@ def test_default_run_files_lossless_and_acceptance(tmp_path, batch):
     assert 0 < bandwidth["bandwidth_efficiency"] < 1.5 and bandwidth["copy_bandwidth_gb_s"] > 0
     if batch == 1:  # one full read of the target's non-embedding weights per generated token
         from lib.models import ensure_tiny_models, load_model
-        model = load_model(ensure_tiny_models(log=lambda *a: None).target)
+        model = load_model(ensure_tiny_models().target)
         per_step = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
         assert bandwidth["weight_bytes_read"] == per_step * sum(len(ids) for ids in target.values())
     gpu = json.loads((run_dir / "benchmark_results_gpu.json").read_text())

@@ -1,5 +1,6 @@
 """Capture runners: the registry, the shared CLI, SGLang's acceptance counted one way, and the import graph."""
 import ast
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -64,16 +65,17 @@ def test_registry_imports_a_runner_only_when_it_runs():
     assert proc.stdout.strip() == "[]"
 
 
-def test_capture_cli_runs_summarizes_and_saves(tmp_path, capsys):
+def test_capture_cli_runs_summarizes_and_saves(tmp_path, caplog):
     seen = []
 
-    def fake_runner(cfg, log=print):
+    def fake_runner(cfg):
         seen.append(cfg)
         return small_capture()
 
+    caplog.set_level(logging.INFO, logger="speclab")
     capture_cli(fake_runner, "doc", ["--config-name", "config1", "--save-results", "--output-dir", str(tmp_path)])
     assert seen[0].spec_num_iter == 5 and seen[0].name == "config1"
-    out = capsys.readouterr().out
+    out = "\n".join(caplog.messages)
     assert "reference config1: 1 prompts, 3 tokens in 0.00 s, 1 verification rounds, acceptance length 3.000" in out
     assert f"capture written: {tmp_path / 'logits_capture_config1.json'}" in out
     assert load_capture(tmp_path / "logits_capture_config1.json").prompts[0].token_ids == [5, 6, 7]

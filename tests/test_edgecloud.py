@@ -39,7 +39,7 @@ def config(edge_port, cloud_port, **comm):
 def apps(tiny_models):
     from lib.edgecloud.servers import build_cloud_app, build_edge_app
     cfg = config(0, 0)
-    edge_app, drafter = build_edge_app(cfg, log=lambda *a: None)
+    edge_app, drafter = build_edge_app(cfg)
     cloud_app, verifier = build_cloud_app(cfg)
     return edge_app, cloud_app, drafter, verifier
 

@@ -11,7 +11,7 @@ from lib.spec.chain import autoregressive_generate
 @pytest.mark.parametrize("which", ["draft", "target"])
 def test_llamacpp_greedy_equals_transformers(tiny_models, tiny_tokenizer, shipped_prompts, which):
     folder = getattr(tiny_models, which)
-    path = ensure_gguf(folder, log=lambda *a: None)
+    path = ensure_gguf(folder)
     assert path.is_file() and path.name.endswith(".gguf")
     llm = load_llama(path, n_ctx=512)
     hf = load_model(folder)
@@ -33,8 +33,8 @@ def test_llamacpp_greedy_equals_transformers(tiny_models, tiny_tokenizer, shippe
 
 
 def test_export_is_cached_by_folder_hash(tiny_models, tmp_path):
-    first = ensure_gguf(tiny_models.draft, log=lambda *a: None)
-    assert ensure_gguf(tiny_models.draft, log=lambda *a: None) == first
+    first = ensure_gguf(tiny_models.draft)
+    assert ensure_gguf(tiny_models.draft) == first
     assert folder_hash(tiny_models.draft) != folder_hash(tiny_models.target)
     assert folder_hash(tiny_models.draft) in first.parent.name
 

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def moe(tiny_models):
-    return load_model(ensure_tiny_moe(log=lambda *a: None))
+    return load_model(ensure_tiny_moe())
 
 
 def test_counts_sum_to_tokens_times_top_k_per_layer(moe):
@@ -88,7 +88,7 @@ def test_script_moe_mode_writes_stats_and_chart(tiny_models, moe, tmp_path):
 
 def test_benchmark_results_carry_expert_stats_for_a_moe_target(tiny_models, moe, tmp_path):
     """The runner on a MoE target (SD with the tiny draft, same tokenizer): each mode's results hold its experts."""
-    env = {**__import__("os").environ, "TARGET_MODEL": str(ensure_tiny_moe(log=lambda *a: None)),
+    env = {**__import__("os").environ, "TARGET_MODEL": str(ensure_tiny_moe()),
            "DRAFTER_MODEL": str(tiny_models.draft), "RESULTS_DIR": str(tmp_path), "RUN_ID": "moe",
            "NUM_PROMPTS": "2", "GENERATION_LENGTH": "8", "ENABLE_GPU_MONITOR": "false"}
     r = subprocess.run([sys.executable, "benchmark.py"], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -206,7 +206,7 @@ def test_greedy_speculative_equals_ar_on_the_mixed_target(tiny_models):
     from lib.models import resolve_models
     env = {"MIXED_PRECISION_CONFIG": str(SHIPPED), "GAMMA_VALUE": "3"}
     cfg = resolve(None, env)
-    models = resolve_models(cfg, log=lambda *a: None)
+    models = resolve_models(cfg)
     outs = {}
     for method in ("target", "speculative"):
         eng = HFEngine(cfg, method, models)
@@ -244,7 +244,7 @@ def test_weight_mapped_twice_names_it(tmp_path, tiny_models):
 
 def test_missing_path_names_the_precision(tmp_path, tiny_models):
     from lib.models import load_model
-    write_sources(load_model(tiny_models.target), tmp_path / "src", precisions=("fp16",), log=lambda *a: None)
+    write_sources(load_model(tiny_models.target), tmp_path / "src", precisions=("fp16",))
     p = write_cfg(tmp_path, f"  fp16_path: {tmp_path / 'src' / 'fp16'}\n  default: fp16\n  weight_mapping:\n"
                             "    model.layers.1.mlp.down_proj.weight: int4\n")
     with pytest.raises(UsageError, match=r"mixed_precision.int4_path: missing, but 1 weights are mapped to int4"):
@@ -253,7 +253,7 @@ def test_missing_path_names_the_precision(tmp_path, tiny_models):
 
 def test_shape_mismatch_names_the_weight(tmp_path, tiny_models):
     from lib.models import load_model
-    write_sources(load_model(tiny_models.draft), tmp_path / "src", precisions=("fp8",), log=lambda *a: None)
+    write_sources(load_model(tiny_models.draft), tmp_path / "src", precisions=("fp8",))
     p = write_cfg(tmp_path, f"  fp8_path: src/fp8\n  default: fp8\n")  # relative to the config's folder
     with pytest.raises(UsageError, match=r"weight_mapping\['model.layers.0.self_attn.q_proj.weight'\]: fp8 source "
                                          r".* has shape \[64, 64\], the model expects \[128, 128\]"):

@@ -119,7 +119,7 @@ def _engine_outputs(method, env, tiny_models, shipped_prompts):
     from lib.engines.hf_engine import HFEngine
     from lib.models import resolve_models
     cfg = resolve(None, env)
-    engine = HFEngine(cfg, method, resolve_models(cfg, need_draft=method != "target", log=lambda *a: None))
+    engine = HFEngine(cfg, method, resolve_models(cfg, need_draft=method != "target"))
     engine.start()
     requests = [Request(i, p, engine.tokenizer.encode(p), 16) for i, p in enumerate(shipped_prompts[:2])]
     records = engine.generate_batch(requests, Clock())

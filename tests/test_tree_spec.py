@@ -17,7 +17,7 @@ def loaded(tiny_models):
     target = load_model(tiny_models.target)
     return {"tokenizer": load_tokenizer(tiny_models.target), "target": target,
             "draft": load_model(tiny_models.draft),
-            "eagle": load_eagle_head(ensure_tiny_eagle(tiny_models, log=lambda *a: None), target)}
+            "eagle": load_eagle_head(ensure_tiny_eagle(tiny_models), target)}
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_eagle_head_folder_layout(tiny_models):
     """The head is saved the way vLLM and SGLang load EAGLE-1 Llama heads."""
     import json
     from safetensors import safe_open
-    folder = ensure_tiny_eagle(tiny_models, log=lambda *a: None)
+    folder = ensure_tiny_eagle(tiny_models)
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == 1
     with safe_open(str(folder / "model.safetensors"), "pt") as fh:

@@ -3,6 +3,7 @@
 Each vLLM configuration starts once per module (module fixtures) and is released before the next one.
 """
 import gc
+import logging
 import sys
 
 import pytest
@@ -165,7 +166,7 @@ def test_speculative_config_follows_the_variables(tiny_models):
                                          "num_speculative_tokens": GAMMA}  # defaults to GAMMA_VALUE
 
 
-def test_disabled_speculative_falls_back_to_target_with_warning(tiny_models, capsys):
+def test_disabled_speculative_falls_back_to_target_with_warning(tiny_models, caplog):
     engine = make_engine(tiny_models, "speculative", VLLM_ENABLE_SPECULATIVE="false")
     assert not engine.use_speculative and engine.speculative_config is None
     engine.start()
@@ -173,7 +174,7 @@ def test_disabled_speculative_falls_back_to_target_with_warning(tiny_models, cap
         assert "speculative_config" not in engine._engine_kwargs()
     finally:
         engine.stop()
-    err = capsys.readouterr().err
+    err = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert "INFERENCE_METHOD=speculative but VLLM_ENABLE_SPECULATIVE=false" in err
     assert "falling back to target-only generation" in err
 

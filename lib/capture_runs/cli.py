@@ -6,6 +6,9 @@ import argparse
 from lib.capture import Capture, capture_stem, save_capture
 from lib.capture_runs import CaptureRunner
 from lib.comparison_config import add_comparison_arguments, config_from_args
+from lib.log import get_logger
+
+logger = get_logger(__name__)
 
 
 def summarize(capture: Capture) -> str:
@@ -17,12 +20,12 @@ def summarize(capture: Capture) -> str:
             f"{seconds:.2f} s, {totals['num_drafts']} verification rounds, acceptance length {length:.3f}")
 
 
-def save_if_asked(capture: Capture, cfg, log=print):
+def save_if_asked(capture: Capture, cfg):
     if cfg.save_results:
         path = save_capture(capture, cfg.output_dir, capture_stem(capture.engine, capture.config_name))
-        log(f"capture written: {path} (+ {path.with_suffix('.safetensors').name})")
+        logger.info(f"capture written: {path} (+ {path.with_suffix('.safetensors').name})")
         return path
-    log("capture not saved (add --save-results)")
+    logger.info("capture not saved (add --save-results)")
     return None
 
 
@@ -30,5 +33,5 @@ def capture_cli(run: CaptureRunner, description: str, argv=None):
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     cfg = config_from_args(add_comparison_arguments(parser).parse_args(argv))
     capture = run(cfg)
-    print(summarize(capture))
+    logger.info(summarize(capture))
     save_if_asked(capture, cfg)

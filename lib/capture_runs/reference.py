@@ -5,6 +5,9 @@ import time
 
 from lib.capture import Capture, PromptCapture, topk_from_logits
 from lib.comparison_config import read_prompts, resolve_comparison_models
+from lib.log import get_logger
+
+logger = get_logger(__name__)
 
 
 def load_drafter(cfg, draft_path, target):
@@ -46,7 +49,7 @@ def describe_prompt(capture: PromptCapture) -> str:
             f"{capture.text!r}")
 
 
-def run(cfg, log=print) -> Capture:
+def run(cfg) -> Capture:
     """Tree SD over every prompt; one PromptCapture each."""
     import torch
     from rich.progress import track
@@ -54,7 +57,7 @@ def run(cfg, log=print) -> Capture:
     from lib.models import eos_ids_of, load_model, load_tokenizer
     from lib.spec.tree import tree_speculative_generate
 
-    target_path, draft_path = resolve_comparison_models(cfg, log=log)
+    target_path, draft_path = resolve_comparison_models(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         torch.cuda.set_per_process_memory_fraction(cfg.memory_limit)
@@ -72,7 +75,7 @@ def run(cfg, log=print) -> Capture:
                                         cfg.spec_tree_size, eos_ids, prefill_chunk=cfg.chunk_length)
         prompts.append(prompt_capture(cfg, prompt, ids, gen, time.perf_counter() - t0, tokenizer))
         if cfg.verbose:
-            log(describe_prompt(prompts[-1]))
+            logger.info(describe_prompt(prompts[-1]))
     models = {"target": str(target_path), "draft": str(draft_path), "draft_type": cfg.draft_type,
               "dtype": dtype, "device": device}
     return Capture("reference", cfg.name, cfg.to_dict(), models, prompts,

@@ -12,7 +12,10 @@ import numpy as np
 from lib.capture import Capture, PromptCapture
 from lib.comparison_config import read_prompts, resolve_comparison_models
 from lib.errors import UsageError
+from lib.log import get_logger
 from lib.sglang_support import import_sglang, spec_counters_from_meta
+
+logger = get_logger(__name__)
 
 
 def comparison_engine_args(cfg, target_path, draft_path) -> dict:
@@ -83,10 +86,10 @@ def prompt_capture_from_output(prompt: str, prompt_ids: list[int], output: dict,
                          seconds=float(meta.get("e2e_latency", 0.0) or 0.0))
 
 
-def run(cfg, log=print) -> Capture:
+def run(cfg) -> Capture:
     sglang = import_sglang()
     from lib.models import load_tokenizer
-    target_path, draft_path = resolve_comparison_models(cfg, log=log)
+    target_path, draft_path = resolve_comparison_models(cfg)
     args = comparison_engine_args(cfg, target_path, draft_path)
     tokenizer = load_tokenizer(target_path)
     engine = sglang.Engine(**args)
@@ -98,8 +101,8 @@ def run(cfg, log=print) -> Capture:
             prompts.append(prompt_capture_from_output(prompt, ids, out, cfg.capture_topk,
                                                       args["speculative_num_draft_tokens"]))
             if cfg.verbose:
-                log(f"  {len(prompts[-1].token_ids)} tokens, accept length "
-                    f"{out['meta_info'].get('spec_accept_length')}: {prompts[-1].text!r}")
+                logger.info(f"  {len(prompts[-1].token_ids)} tokens, accept length "
+                            f"{out['meta_info'].get('spec_accept_length')}: {prompts[-1].text!r}")
     finally:
         engine.shutdown()
     models = {"target": str(target_path), "draft": str(draft_path), "draft_type": cfg.draft_type}

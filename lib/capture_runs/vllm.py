@@ -12,8 +12,11 @@ import numpy as np
 
 from lib.capture import Capture, PromptCapture
 from lib.comparison_config import read_prompts, resolve_comparison_models
+from lib.log import get_logger
 from lib.vllm_support import (import_vllm, metrics_difference, prepare_cpu_environment, read_spec_metrics,
                               spec_counters_from)
+
+logger = get_logger(__name__)
 
 
 def topk_arrays(step_logprobs: list[dict], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -42,10 +45,10 @@ def llm_kwargs(cfg, target_path, speculative: dict, on_gpu: bool) -> dict:
     return kwargs
 
 
-def run(cfg, log=print) -> Capture:
+def run(cfg) -> Capture:
     on_gpu = not prepare_cpu_environment()
     vllm = import_vllm()
-    target_path, draft_path = resolve_comparison_models(cfg, log=log)
+    target_path, draft_path = resolve_comparison_models(cfg)
     speculative = speculative_config(cfg, draft_path)
     llm = vllm.LLM(**llm_kwargs(cfg, target_path, speculative, on_gpu))
     tokenizer = llm.get_tokenizer()
@@ -61,8 +64,8 @@ def run(cfg, log=print) -> Capture:
         prompts.append(PromptCapture(prompt, ids, list(out.token_ids), top_ids, top_logprobs, text=out.text,
                                      spec=spec, seconds=seconds))
         if cfg.verbose:
-            log(f"  {len(out.token_ids)} tokens, {spec['num_drafts']} drafts, {spec['accepted_tokens']} accepted: "
-                f"{out.text!r}")
+            logger.info(f"  {len(out.token_ids)} tokens, {spec['num_drafts']} drafts, "
+                        f"{spec['accepted_tokens']} accepted: {out.text!r}")
     models = {"target": str(target_path), "draft": str(draft_path), "draft_type": cfg.draft_type}
     return Capture("vllm", cfg.name, cfg.to_dict(), models, prompts,
                    {"vllm": vllm.__version__, "speculative_config": speculative,

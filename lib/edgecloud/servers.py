@@ -6,13 +6,13 @@ from lib.edgecloud.server import ServerThread, create_cloud_app, create_edge_app
 from lib.edgecloud.settings import cloud_model_dir, edge_gguf_path, tokenizer_dir
 
 
-def build_edge_app(cfg: dict, log=print):
+def build_edge_app(cfg: dict):
     from lib.edgecloud.draft import EdgeDrafter
     from lib.models import load_tokenizer
     edge = cfg["edge"]
     conf = edge["confidence"]
     calculator = make_calculator(conf["strategy"], conf["weights"], top_k=int(conf["top_k"]))
-    gguf_path = edge_gguf_path(cfg, log)
+    gguf_path = edge_gguf_path(cfg)
     eos = load_tokenizer(tokenizer_dir(cfg)).eos_token_id
     drafter = EdgeDrafter(gguf_path, calculator, eos_ids={eos}, n_ctx=int(edge["model"]["context_length"]),
                           n_threads=int(edge["model"]["n_threads"]), cache_size=int(edge["kv_cache"]["max_size"]),
@@ -44,9 +44,9 @@ def build_cloud_app(cfg: dict):
     return create_cloud_app(verifier, comm["auth_token"], int(comm["max_body_bytes"]), describe), verifier
 
 
-def start_in_threads(cfg: dict, log=print) -> list[ServerThread]:
+def start_in_threads(cfg: dict) -> list[ServerThread]:
     """Both servers in this process (edge_cloud.py --mode server/ablation and the tests)."""
-    edge_app, _ = build_edge_app(cfg, log)
+    edge_app, _ = build_edge_app(cfg)
     cloud_app, _ = build_cloud_app(cfg)
     threads = [ServerThread(edge_app, cfg["edge"]["server"]["host"], int(cfg["edge"]["server"]["port"])),
                ServerThread(cloud_app, cfg["cloud"]["server"]["host"], int(cfg["cloud"]["server"]["port"]))]

@@ -16,12 +16,14 @@ import torch
 from lib.engines import METHOD_BY_NAME
 from lib.engines.base import Engine, record_from_tokens
 from lib.layout import placement_from_config
+from lib.log import get_logger
 from lib.models import eos_ids_of, load_model, load_tokenizer
 from lib.spec import static
 from lib.spec.chain import autoregressive_generate, speculative_generate
 from lib.types import Clock, Generation, Request, RequestRecord, SpecCounters
 
 Decode = Callable[["HFEngine", list[list[int]], int], Generation]
+logger = get_logger(__name__)
 
 
 def pick_device_and_dtype(dtype: str) -> tuple[str, str]:
@@ -138,7 +140,7 @@ class HFEngine(Engine):
         draft_layers = (AutoConfig.from_pretrained(str(self.models.draft)).num_hidden_layers
                         if self.needs_draft else None)
         placement = placement_from_config(self.cfg, layers, draft_layers)
-        print(placement.summary())
+        logger.info(placement.summary())
         return placement
 
     def _load(self, path, which: str):

@@ -22,11 +22,13 @@ from typing import Callable
 from lib.engines.base import Engine, record_from_tokens
 from lib.types import Clock, Request, RequestRecord, SpecCounters
 from lib.errors import UsageError
+from lib.log import get_logger
 from lib.models import check_model_dir, load_tokenizer
 from lib.vllm_support import (import_vllm, metrics_difference, prepare_cpu_environment, read_spec_metrics,
                               spec_counters_from)
 
 BLOCK_MANAGER_NOTE = "no effect (vLLM has one block manager)"
+logger = get_logger(__name__)
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
 
@@ -107,20 +109,20 @@ class VLLMEngine(Engine):
             self.dtype = "float32"
         self.tokenizer = load_tokenizer(self.models.target)
         if self.method == "speculative" and not self.use_speculative:
-            print("WARNING: INFERENCE_METHOD=speculative but VLLM_ENABLE_SPECULATIVE=false\n"
-                  "   falling back to target-only generation", file=sys.stderr, flush=True)
+            logger.warning("WARNING: INFERENCE_METHOD=speculative but VLLM_ENABLE_SPECULATIVE=false\n"
+                           "   falling back to target-only generation")
         self._print_startup()
         self._build(rate_mode=self.cfg.auto_rate > 0)
-        print("vLLM engine started.", flush=True)
+        logger.info("vLLM engine started.")
         self._print_configuration()
 
     def _print_startup(self):
         mode = "speculative decoding" if self.use_speculative else "target only"
-        print(f"Starting the vLLM engine ({mode}): target {self.models.target}", flush=True)
+        logger.info(f"Starting the vLLM engine ({mode}): target {self.models.target}")
 
     def _print_configuration(self):
         spec = self.use_speculative
-        print("\n".join([
+        logger.info("\n".join([
             "Inference Engine: vllm",
             f"Inference Method: {'speculative' if spec else 'target'}",
             "",
@@ -137,7 +139,7 @@ class VLLMEngine(Engine):
             f"  Drafter: {self.speculative_config.get('model', '-') if spec else '-'}",
             f"  Num Speculative Tokens: {self.num_speculative_tokens if spec else '-'}",
             f"  VLLM_USE_V2_BLOCK_MANAGER: {BLOCK_MANAGER_NOTE}",
-        ]), flush=True)
+        ]))
 
     def _build(self, rate_mode: bool):
         """Build the offline or the async engine, releasing the other first (they would share the GPU)."""

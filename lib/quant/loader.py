@@ -27,12 +27,14 @@ from torch import nn
 
 from lib.config_models import Accepts, ConfigModel, choice, read_config
 from lib.errors import UsageError
+from lib.log import get_logger
 from lib.quant.formats import PRECISIONS, QuantOptions, format_from_tensors, quantize_weight, tensor_names
 from lib.quant.gptq import SUPPORTED_BITS
 from lib.quant.linear import MixedPrecisionLinear
 from lib.files import write_json
 
 SOURCE_META = "quant_meta.json"
+logger = get_logger(__name__)
 
 
 def _regex(text: str) -> str:
@@ -156,7 +158,7 @@ def plan(cfg: MixedPrecisionConfig, model: nn.Module) -> dict[str, str]:
 
 def write_sources(model: nn.Module, out: Path, opts: QuantOptions = QuantOptions(),
                   hessians: dict[str, torch.Tensor] | None = None, precisions=PRECISIONS,
-                  names: list[str] | None = None, log=print) -> dict[str, Path]:
+                  names: list[str] | None = None) -> dict[str, Path]:
     """Quantize every Linear weight of `model` into one safetensors source folder per precision."""
     from safetensors.torch import save_file
     linears = linear_weight_names(model)
@@ -181,7 +183,7 @@ def write_sources(model: nn.Module, out: Path, opts: QuantOptions = QuantOptions
             meta.update(per_channel=opts.fp8_per_channel)
         write_json(folder / SOURCE_META, meta)
         folders[prec] = folder
-        log(f"  wrote {prec} source: {len(names)} weights")
+        logger.info(f"  wrote {prec} source: {len(names)} weights")
     return folders
 
 
@@ -216,22 +218,22 @@ class SourceReader:
                              f"{self.precision} source {self.folder}: {exc}") from None
 
 
-def tiny_sources(opts: QuantOptions, log=print) -> Path:
+def tiny_sources(opts: QuantOptions) -> Path:
     """Per-precision sources of the tiny target, built once and cached (round-to-nearest unless opts say gptq)."""
     import hashlib
     from dataclasses import asdict
     from lib.models import cached_build, ensure_tiny_models, load_model
-    tiny = ensure_tiny_models(log=log)
+    tiny = ensure_tiny_models()
     key = hashlib.sha256(json.dumps({"tiny": tiny.root.name, "opts": asdict(opts), "v": 2},
                                     sort_keys=True).encode()).hexdigest()[:16]
 
-    def build(out: Path, lg):
+    def build(out: Path):
         model = load_model(tiny.target, "float32", "cpu")
         hessians = calibration_hessians(model, tiny.tokenizer) if opts.int4_method == "gptq" else None
-        lg("Quantizing the tiny target into per-precision sources (one time, cached) ...")
-        write_sources(model, out, opts, hessians, log=lg)
+        logger.info("Quantizing the tiny target into per-precision sources (one time, cached) ...")
+        write_sources(model, out, opts, hessians)
 
-    return cached_build("tiny-mixed-sources", key, build, log)
+    return cached_build("tiny-mixed-sources", key, build)
 
 
 def calibration_hessians(model: nn.Module, tokenizer_path, num_docs: int = 64, seq_len: int = 128) -> dict:
@@ -302,24 +304,24 @@ def check_placement(model: nn.Module, device: str, dtype: torch.dtype) -> list[s
 
 
 def load_mixed_model(config_path: str | Path, base_path: str | Path | None = None, device: str = "cpu",
-                     dtype: str = "float32", log=print):
+                     dtype: str = "float32"):
     """Load the base HF model, swap in the mixed-precision layers, check placement; returns (model, cfg, plan)."""
     from lib.models import check_model_dir, ensure_tiny_models, load_model
     cfg = load_config(config_path)
     base = cfg.base_path or (str(base_path) if base_path else "")
     tiny = None
     if not base:
-        tiny = ensure_tiny_models(log=log)
+        tiny = ensure_tiny_models()
         base = str(tiny.target)
     base_dir = check_model_dir(base, "mixed_precision.base_path")
     model = load_model(base_dir, dtype, "cpu")
     sources = dict(cfg.paths)
     if not any(sources.values()):
-        tiny = tiny or ensure_tiny_models(log=log)
+        tiny = tiny or ensure_tiny_models()
         if base_dir.resolve() == Path(tiny.target).resolve():
-            root = tiny_sources(cfg.options, log)
+            root = tiny_sources(cfg.options)
         else:
-            root = _quantize_on_the_fly(model, cfg, log)
+            root = _quantize_on_the_fly(model, cfg)
         sources = {p: str(root / p) for p in PRECISIONS}
     assignment = apply_mixed_precision(model, cfg, sources, "cpu")
     model.to(device)
@@ -330,10 +332,10 @@ def load_mixed_model(config_path: str | Path, base_path: str | Path | None = Non
     return model, cfg, assignment
 
 
-def _quantize_on_the_fly(model, cfg, log) -> Path:
+def _quantize_on_the_fly(model, cfg) -> Path:
     import tempfile
     out = Path(tempfile.mkdtemp(prefix="speclab-mixed-"))
     needed = sorted(set(plan(cfg, model).values()))
-    log(f"No source paths in {cfg.source}: quantizing the base model to {', '.join(needed)} in {out}")
-    write_sources(model, out, cfg.options, precisions=needed, log=log)
+    logger.info(f"No source paths in {cfg.source}: quantizing the base model to {', '.join(needed)} in {out}")
+    write_sources(model, out, cfg.options, precisions=needed)
     return out

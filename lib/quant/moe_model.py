@@ -7,7 +7,10 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lib.log import get_logger
 from lib.models import LlamaShape
+
+logger = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -22,23 +25,23 @@ class TinyMoESpec:
     seed: int = 99
 
 
-def ensure_tiny_moe(spec: TinyMoESpec = TinyMoESpec(), log=print) -> Path:
+def ensure_tiny_moe(spec: TinyMoESpec = TinyMoESpec()) -> Path:
     """Folder of the tiny MoE model (HF format, with the tiny models' tokenizer)."""
     from lib.models import cached_build, ensure_tiny_models
-    tiny = ensure_tiny_models(log=log)
+    tiny = ensure_tiny_models()
     key = hashlib.sha256(json.dumps({"spec": asdict(spec), "tiny": tiny.root.name, "v": 1},
                                     sort_keys=True).encode()).hexdigest()[:16]
-    return cached_build("tiny-moe", key, lambda out, lg: _build(spec, tiny, out, lg), log) / "model"
+    return cached_build("tiny-moe", key, lambda out: _build(spec, tiny, out)) / "model"
 
 
-def _build(spec: TinyMoESpec, tiny, out: Path, log):
+def _build(spec: TinyMoESpec, tiny, out: Path):
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
     from lib.corpus import generate_corpus
     from lib.models import load_tokenizer, save_hf_folder, train_causal_lm
 
-    log("Building the tiny MoE model (one time, cached) ...")
+    logger.info("Building the tiny MoE model (one time, cached) ...")
     tok = load_tokenizer(tiny.target)
     torch.manual_seed(spec.seed)
     config = MixtralConfig(vocab_size=len(tok), **asdict(spec.shape), num_local_experts=spec.num_local_experts,
@@ -49,5 +52,5 @@ def _build(spec: TinyMoESpec, tiny, out: Path, log):
     docs = generate_corpus(spec.seed, 800)
     ids = [tok(d).input_ids[:64] for d in docs]
     blocks = torch.tensor([x + [tok.pad_token_id or 0] * (64 - len(x)) for x in ids])
-    train_causal_lm(model, blocks, spec.steps, spec.batch_size, spec.lr, spec.seed, log, "tiny-moe")
+    train_causal_lm(model, blocks, spec.steps, spec.batch_size, spec.lr, spec.seed, "tiny-moe")
     save_hf_folder(model, tok, out / "model", "# tiny MoE\nMixtral-shaped, built by lib/quant/moe_model.py.\n")

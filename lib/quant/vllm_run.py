@@ -46,7 +46,7 @@ def run_vllm_greedy(folder: Path, dtype: str, work: Path, prompt: list[int], new
 
 
 def error_line(output: str, returncode: int) -> str:
-    errors = re.findall(r"^(?:\[\w+\]:)?\s*(\w+(?:Error|Exception): .+)$", output, re.M)  # "[rank0]: " prefixes
+    errors = re.findall(r"^(?:\[\w+\]:)?\s*([\w.]+(?:Error|Exception): .+)$", output, re.M)  # "[rank0]: " prefixes
     if errors:
         return errors[0].strip()[:200]  # the first is the cause; later ones re-raise it
     return f"exit code {returncode} (signal {-returncode})" if returncode < 0 else f"exit code {returncode}"

@@ -20,6 +20,9 @@ import torch
 from torch import nn
 
 from lib.errors import UsageError
+from lib.log import get_logger
+
+logger = get_logger(__name__)
 
 EAGLE_BUILDER_VERSION = 2
 EAGLE_ARCHITECTURE = "LlamaForCausalLM"
@@ -117,7 +120,7 @@ def _eagle_config(target_config):
 
 
 def train_eagle_head(target, blocks: torch.Tensor, steps: int = 300, batch_size: int = 16, lr: float = 3e-3,
-                     seed: int = 0, log=print) -> EagleHead:
+                     seed: int = 0) -> EagleHead:
     """Regress the target's next feature (smooth L1) plus 0.1 x cross-entropy of its logits, as EAGLE trains."""
     torch.manual_seed(seed)
     head = EagleHead(_eagle_config(target.config))
@@ -147,27 +150,27 @@ def train_eagle_head(target, blocks: torch.Tensor, steps: int = 300, batch_size:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % 100 == 0 or step == steps - 1:
-            log(f"  eagle head: step {step + 1}/{steps} loss {loss.item():.3f}")
+            logger.info(f"  eagle head: step {step + 1}/{steps} loss {loss.item():.3f}")
     return head.eval()
 
 
-def ensure_tiny_eagle(tiny=None, steps: int = 150, log=print) -> Path:
+def ensure_tiny_eagle(tiny=None, steps: int = 150) -> Path:
     """Build (once, cached) an EAGLE head trained on the tiny target's hidden states; returns its folder."""
     from lib.models import cached_build, ensure_tiny_models
-    tiny = tiny or ensure_tiny_models(log=log)
+    tiny = tiny or ensure_tiny_models()
     key = hashlib.sha256(f"{Path(tiny.root).name}|{steps}|{EAGLE_BUILDER_VERSION}".encode()).hexdigest()[:16]
 
-    def build(out: Path, lg):
+    def build(out: Path):
         from lib.corpus import generate_corpus
         from lib.models import _token_blocks, load_model, load_tokenizer
-        lg("Training a tiny EAGLE head on the tiny target (one time, cached) ...")
+        logger.info("Training a tiny EAGLE head on the tiny target (one time, cached) ...")
         tokenizer = load_tokenizer(tiny.target)
         target = load_model(tiny.target)
         for p in target.parameters():
             p.requires_grad_(False)
         blocks = _token_blocks(tokenizer, generate_corpus(7, 600), 64)[:256]
-        head = train_eagle_head(target, blocks, steps=steps, batch_size=16, log=lg)
+        head = train_eagle_head(target, blocks, steps=steps, batch_size=16)
         head.save(out)
         tokenizer.save_pretrained(str(out))
 
-    return cached_build("tiny-eagle", key, build, log)
+    return cached_build("tiny-eagle", key, build)

@@ -1,0 +1,81 @@
+"""GPU-only paths of the PyTorch engine: CUDA-graph capture and torch.compile of the fast path, pinned-memory
+reads of SD rounds, and multi-GPU placement. Run them on a GPU machine with `pytest -m gpu`; without CUDA they
+are skipped (there is nothing to run them on)."""
+import pytest
+import torch
+
+from lib import config as C
+from lib.models import load_model, load_tokenizer
+from lib.spec.chain import autoregressive_generate
+from lib.spec.static import (StaticDecoder, max_len_for, static_autoregressive_generate,
+                             static_speculative_generate, weights_from_hf)
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA)")]
+NEW = 24
+
+
+@pytest.fixture(scope="module")
+def cuda_pair(tiny_models):
+    target = load_model(tiny_models.target, "float32", "cuda")
+    draft = load_model(tiny_models.draft, "float32", "cuda")
+    tokenizer = load_tokenizer(tiny_models.target)
+    return target, draft, tokenizer
+
+
+@pytest.fixture(scope="module")
+def prompts(cuda_pair, shipped_prompts):
+    return [cuda_pair[2].encode(p)[:20] for p in shipped_prompts[:4]]
+
+
+def fast_decoder(model, batch, gamma=0, **options):
+    max_len = max_len_for(batch, NEW, gamma)
+    return StaticDecoder(weights_from_hf(model, max_len), len(batch), max_len, **options)
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_cuda_graphs_and_compile_give_the_plain_path_tokens(cuda_pair, prompts, rows):
+    target, _, _ = cuda_pair
+    batch = prompts[:rows]
+    plain = autoregressive_generate(target, batch, NEW).tokens
+    graphed = fast_decoder(target, batch)  # CUDA defaults: graphs on, layers compiled
+    assert graphed.use_graphs
+    assert static_autoregressive_generate(graphed, batch, NEW).tokens == plain
+    assert graphed.graphs, "no CUDA graph was captured"
+    eager = fast_decoder(target, batch, use_graphs=False, compile_layers=False)
+    assert static_autoregressive_generate(eager, batch, NEW).tokens == plain
+
+
+@pytest.mark.parametrize("rows,gamma", [(1, 4), (4, 3)])
+def test_sd_rounds_read_through_pinned_memory_are_lossless(cuda_pair, prompts, rows, gamma):
+    target, draft, _ = cuda_pair
+    batch = prompts[:rows]
+    plain = autoregressive_generate(target, batch, NEW).tokens
+    gen = static_speculative_generate(fast_decoder(target, batch, gamma), fast_decoder(draft, batch, gamma),
+                                      batch, NEW, gamma)
+    assert gen.tokens == plain
+    assert sum(gen.num_drafts) > 0 and all(sum(p) == a for p, a in zip(gen.accepted_per_position,
+                                                                            gen.accepted_tokens))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_separate_placement_puts_target_and_draft_on_two_gpus_and_stays_lossless(tiny_models, shipped_prompts):
+    from lib.engines import create_engine
+    from lib.models import resolve_models
+    from lib.types import Clock, Request
+    cfg = C.resolve(environ={"GPU_STRATEGY": "separate", "DTYPE": "float32", "GENERATION_LENGTH": str(NEW)})
+    models = resolve_models(cfg, need_draft=True)
+    tokenizer = load_tokenizer(models.target)
+    requests = [Request(i, p, tokenizer.encode(p)[:20], NEW) for i, p in enumerate(shipped_prompts[:2])]
+    tokens = {}
+    for method in ("target", "speculative"):
+        engine = create_engine("hf", cfg, method, models)
+        engine.start()
+        facts = engine.describe()["placement"]
+        records = []
+        engine.run(requests, Clock(), records.append)
+        tokens[method] = [r.output_ids for r in sorted(records, key=lambda r: r.request_id)]
+        engine.stop()
+        if method == "speculative":
+            assert str(facts["target"]).startswith("cuda:0") and str(facts["draft"]).startswith("cuda:1"), facts
+    assert tokens["speculative"] == tokens["target"]
