@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lib.errors import UsageError, exit_on_usage_error
 from lib.log import setup_logging
-from lib.report import ROW_KEYS, SHORT_KEYS, md_table, run_rows, varying_config
+from lib.sweep_report import ROW_KEYS, SHORT_KEYS, md_table, run_rows, varying_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     rows = load_rows(find_runs(args.paths))
     if args.csv:
         headers, body = table(rows, ROW_KEYS)
-        out = sys.stdout if args.csv == "-" else open(args.csv, "w", newline="", encoding="utf-8")
+        out = sys.stdout if args.csv == "-" else open(args.csv, "w", newline="", encoding="utf-8")  # noqa: SIM115 - closed below
         writer = csv.writer(out)
         writer.writerow(headers)
         writer.writerows([[csv_value(v) for v in row] for row in body])

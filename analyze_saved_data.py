@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 
 from lib.capture import load_capture
-from lib.compare import compare_captures, console_report, plot_results, write_results
 from lib.errors import exit_on_usage_error
 from lib.log import setup_logging
+from lib.logits_compare import compare_captures, console_report, plot_results, write_results
 
 
 def analyze(data1: str, data2: str, output_dir: str, plots: bool = True) -> dict:

@@ -15,7 +15,6 @@ from lib import config as C
 from lib.errors import UsageError, exit_on_usage_error
 from lib.log import setup_logging
 
-
 REQUIREMENT_SETS_FLAG = "--print-requirement-sets"  # run_benchmark.sh's question before it installs anything
 
 
@@ -75,8 +74,8 @@ def run_mode(engine_name, method, cfg, models, requests, writer, monitor, run_cl
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from lib.engines import create_engine
-    from lib.types import Clock
     from lib.metrics import aggregate, request_metrics
+    from lib.types import Clock
 
     mode = f"{engine_name}:{method}"
     engine = create_engine(engine_name, cfg, method, models)
@@ -163,10 +162,10 @@ def main(argv=None) -> int:
 
     from rich.console import Console
 
-    from lib.types import Clock
     from lib.gpu_monitor import GPUMonitor
     from lib.models import load_tokenizer, resolve_models
     from lib.results import RunWriter, default_run_id, print_summary
+    from lib.types import Clock
     from lib.workload import build_requests, describe_workload, load_prompts
 
     console = Console() if sys.stdout.isatty() else Console(width=170)

@@ -28,8 +28,10 @@ def parse_args(argv=None):
     g.add_argument("--prompt", default=None, help="prompt text (client mode)")
     g.add_argument("--max-tokens", type=int, default=None, help="tokens to generate (default: inference.max_tokens)")
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: inference.temperature)")
-    g.add_argument("--no-draft-verify", action="store_true", help="no cloud verification: confident drafts are final (lossy)")
-    g.add_argument("--no-confidence-check", action="store_true", help="no confidence check: always draft max_draft_tokens")
+    g.add_argument("--no-draft-verify", action="store_true",
+                   help="no cloud verification: confident drafts are final (lossy)")
+    g.add_argument("--no-confidence-check", action="store_true",
+                   help="no confidence check: always draft max_draft_tokens")
     g.add_argument("--no-kv-cache", action="store_true", help="no KV cache reuse: recompute the context every round")
     g.add_argument("--pipeline", choices=("collaborative", "edge_only", "cloud_only"), default="collaborative")
     g.add_argument("--network-delay-ms", type=float, default=None, help="added to every cloud round trip")
@@ -144,7 +146,7 @@ async def ablation_mode(cfg, args) -> int:
     out_dir = Path(args.output_dir or exp_cfg["output_dir"])
     threads = []
     if not args.external_servers:
-        from lib.edgecloud.servers import start_in_threads
+        from lib.edgecloud.launch import start_in_threads
         threads = start_in_threads(cfg)
     tokenizer = load_tokenizer(tokenizer_dir(cfg))
 
@@ -164,7 +166,7 @@ async def ablation_mode(cfg, args) -> int:
 def server_mode(cfg) -> int:
     import time
 
-    from lib.edgecloud.servers import start_in_threads
+    from lib.edgecloud.launch import start_in_threads
     threads = start_in_threads(cfg)
     for role in ("edge", "cloud"):
         s = cfg[role]["server"]

@@ -140,6 +140,7 @@ def memory_table(mem):
 
 def run_mixed(args, base: Path | None) -> dict:
     from rich.console import Console
+
     from lib.models import ensure_tiny_models, load_model, load_tokenizer
     from lib.quant.linear import model_memory
     from lib.quant.loader import load_mixed_model
@@ -180,6 +181,7 @@ def run_mixed(args, base: Path | None) -> dict:
 
 def run_moe(args) -> dict:
     import torch
+
     from lib.models import load_model, load_tokenizer
     from lib.quant.moe_model import ensure_tiny_moe
     from lib.quant.moe_tracker import plot_load_balance, track_experts

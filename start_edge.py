@@ -23,7 +23,7 @@ def serve(role: str, port: int, description: str):
     """Run the `role` server (its script's first docstring line is `description`) until Ctrl-C."""
     import uvicorn
 
-    from lib.edgecloud.servers import build_cloud_app, build_edge_app
+    from lib.edgecloud.launch import build_cloud_app, build_edge_app
     from lib.edgecloud.settings import apply_overrides, load_config
     args = parse_args(role, port, description)
     cfg = load_config(args.config)

@@ -53,7 +53,8 @@ def configs_from_args(args) -> tuple[ComparisonConfig, ComparisonConfig]:
     d = ComparisonConfig()
     base = ComparisonConfig(comparison_steps=args.comparison_steps, model_path=args.model_path,
                             draft_model_path=args.draft_model_path, draft_type=args.draft_type,
-                            prompt_file=args.prompt_file or str(shipped(d.prompt_file)), num_prompts=args.num_prompts, capture_topk=args.capture_topk,
+                            prompt_file=args.prompt_file or str(shipped(d.prompt_file)), num_prompts=args.num_prompts,
+                            capture_topk=args.capture_topk,
                             memory_limit=args.memory_limit, chunk_length=args.chunk_length,
                             cuda_graph=args.cuda_graph, verbose=args.verbose, save_results=True)
     one = replace(base, spec_num_iter=args.config1_iter, spec_tree_size=args.config1_tree_size,

@@ -1,7 +1,7 @@
 """GPU decode speed of the PyTorch engine's fast path against the memory-bandwidth floor and HF's own loops.
 
 One run: measures device copy bandwidth; builds random-init Llama shapes in bf16 (no downloads); times AR on the
-fast path (lib/spec/static.py) at several batch sizes (tok/s and % of the bandwidth floor = copy bandwidth /
+fast path (lib/decoding/fast_path.py) at several batch sizes (tok/s and % of the bandwidth floor = copy bandwidth /
 weight bytes read per step); times chain SD with drafts of known acceptance and compares the measured speedup
 with Leviathan's prediction from the measured acceptance and draft/target cost ratio; times HF `generate` and
 HF assisted generation on the same models; GPU energy per token from NVML's total-energy counter.
@@ -31,9 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from lib.bandwidth import copy_bandwidth, sync  # noqa: E402
+from lib.decoding.fast_path import (  # noqa: E402
+    StaticDecoder,
+    max_len_for,
+    static_autoregressive_generate,
+    static_speculative_generate,
+    weights_from_hf,
+)
 from lib.files import write_json  # noqa: E402
-from lib.spec.static import (StaticDecoder, max_len_for, static_autoregressive_generate,  # noqa: E402
-                             static_speculative_generate, weights_from_hf)
 
 SHAPES = {  # name: (layers, hidden, intermediate, heads, kv heads, vocab)
     "1b": (16, 2048, 8192, 32, 8, 128256),
@@ -251,7 +256,8 @@ def print_table(rows: list[Row]):
     for r in rows:
         lines.append((r.shape, r.method, r.draft or "-", str(r.batch), str(r.gamma or "-"), fmt(r.tok_s, ".1f"),
                       fmt(r.pct_floor, ".1f"), fmt(r.acceptance_rate, ".2f"), fmt(r.alpha, ".2f"),
-                      fmt(r.cost_ratio, ".3f"), fmt(r.verify_cost, ".2f"), fmt(r.speedup, ".2f"), fmt(r.predicted, ".2f"),
+                      fmt(r.cost_ratio, ".3f"), fmt(r.verify_cost, ".2f"), fmt(r.speedup, ".2f"),
+                      fmt(r.predicted, ".2f"),
                       fmt(r.ratio, ".2f"), fmt(r.joules_per_token, ".3f")))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for i, line in enumerate(lines):
@@ -263,7 +269,8 @@ def print_table(rows: list[Row]):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group("what to run")
-    g.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny shapes (also the default without a GPU)")
+    g.add_argument("--tiny", action="store_true",
+                   help="CPU smoke run with tiny shapes (also the default without a GPU)")
     g.add_argument("--shapes", default="8b,1b", help="comma-separated target shapes (8b, 1b)")
     g.add_argument("--batches", default="1,4,16", help="AR batch sizes")
     g.add_argument("--sd-shape", default="8b", help="shape whose SD, HF generate and HF assisted rows are run "
@@ -280,7 +287,7 @@ def parse_args(argv=None):
     g.add_argument("--step-repeats", type=int, default=50, help="replays per step timing (cost ratio c)")
     g.add_argument("--no-compile", action="store_true", help="capture graphs of the eager ops (no "
                    "torch.compile of the layers)")
-    g.add_argument("--check", action="store_true", help="compare fast-path greedy tokens with lib/spec/chain.py")
+    g.add_argument("--check", action="store_true", help="compare fast-path greedy tokens with lib/decoding/chain.py")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="", help="JSON file to write")
     g.add_argument("--seed", type=int, default=0)
@@ -302,7 +309,7 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {gpu}; copy bandwidth {bandwidth / 1e9:.0f} GB/s; torch {torch.__version__}")
     eps_values = [float(e) for e in args.eps.split(",")]
-    rows, checks = Results(args, gpu, bandwidth), {}
+    rows, _checks = Results(args, gpu, bandwidth), {}
     for shape in args.shapes.split(","):
         model = build_llama(shape, dtype, device, args.seed)
         eps = eps_values[len(eps_values) // 2]
@@ -377,8 +384,8 @@ def sd_rows(rows, args, shape, model, weights, prompt, ar_row, eps, eps_values, 
 
 
 def check_tokens(model, weights, prompt, new_tokens, ar_rows) -> dict:
-    """Greedy tokens of the fast path vs lib/spec/chain.py's plain path (same weights, same dtype)."""
-    from lib.spec.chain import autoregressive_generate
+    """Greedy tokens of the fast path vs lib/decoding/chain.py's plain path (same weights, same dtype)."""
+    from lib.decoding.chain import autoregressive_generate
     plain = autoregressive_generate(model, [prompt], new_tokens).tokens[0]
     fast = static_autoregressive_generate(StaticDecoder(weights, 1, max_len_for([prompt], new_tokens)),
                                           [prompt], new_tokens).tokens[0]

@@ -12,7 +12,6 @@ run it on yours. docs/mixed_precision.md shows the results.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -66,8 +65,8 @@ def ours(config: Path, dtype: str):
 
 
 def measure(name: str, dtypes: list[str], work: Path) -> dict:
-    from lib.quant.export import export_compressed_tensors
     from lib.models import ensure_tiny_models
+    from lib.quant.export import export_compressed_tensors
     what, yaml_text, options = SCHEMES[name]
     folder = work / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -105,7 +104,7 @@ def main(argv=None) -> int:
     print(f"CPU kind: {kind}", flush=True)
     with tempfile.TemporaryDirectory(prefix="speclab-schemes-") as tmp:
         rows = [measure(name, args.dtypes, Path(tmp)) for name in args.schemes]
-    print(f"\n| scheme | " + " | ".join(f"{d}, {kind}" for d in args.dtypes) + " |")
+    print("\n| scheme | " + " | ".join(f"{d}, {kind}" for d in args.dtypes) + " |")
     print("|---|" + "---|" * len(args.dtypes))
     for row in rows:
         print(f"| {row['what']} | " + " | ".join(cell(row[d]) for d in args.dtypes) + " |")

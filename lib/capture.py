@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.types import SpecCounters
 from lib.errors import UsageError
 from lib.files import write_json
+from lib.types import SpecCounters
 
 SCHEMA = "speclab.capture/1"
 PREFIXES = {"reference": "logits_capture", "vllm": "vllm_capture", "sglang": "sglang_capture"}

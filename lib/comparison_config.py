@@ -1,4 +1,5 @@
-"""ComparisonConfig: the settings of one logits-comparison run (spec_num_iter, spec_tree_size, ...), its parser and presets.
+"""ComparisonConfig: the settings of one logits-comparison run (spec_num_iter, spec_tree_size, ...), its parser
+and presets.
 
 Presets live in configs/<name>.yaml (config1: iter 5, tree 32; config2: iter 2, tree 12). A preset fills the
 speculative settings; flags given on the command line win over it.
@@ -65,7 +66,7 @@ class ComparisonConfig:
     def to_dict(self) -> dict:
         return {**asdict(self), "topk_per_iter": self.get_topk_per_iter(), "name": self.name}
 
-    def validate(self) -> "ComparisonConfig":
+    def validate(self) -> ComparisonConfig:
         for name, (low, high) in INT_LIMITS.items():
             value = getattr(self, name)
             if not low <= value <= high:
@@ -149,7 +150,7 @@ def config_from_args(args: argparse.Namespace) -> ComparisonConfig:
             values[f.name] = given
     values.setdefault("prompt_file", str(files.shipped(ComparisonConfig.prompt_file)))
     if args.draft_type is None and values.get("draft_model_path"):
-        from lib.spec.eagle import is_eagle_folder
+        from lib.decoding.eagle import is_eagle_folder
         values["draft_type"] = "eagle" if is_eagle_folder(values["draft_model_path"]) else "model"
     return ComparisonConfig(**values).validate()
 
@@ -174,5 +175,5 @@ def resolve_comparison_models(cfg: ComparisonConfig) -> tuple[Path, Path]:
     tiny = ensure_tiny_models()
     if cfg.draft_type == "model":
         return tiny.target, tiny.draft
-    from lib.spec.eagle import ensure_tiny_eagle
+    from lib.decoding.eagle import ensure_tiny_eagle
     return tiny.target, ensure_tiny_eagle(tiny)

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from lib import engines as E
 from lib.errors import UsageError
@@ -123,7 +123,8 @@ VARS: list[Var] = [
         aliases=tuple(E.ALIASES.items())),
     Var("INFERENCE_METHOD", "choice", "speculative", METHOD_HELP, G_ENGINE,
         choices=tuple(m.name for m in COMPARED_METHODS)),
-    Var("HF_FAST_PATH", "bool", True, "PyTorch engine: static KV caches and CUDA graphs (lib/spec/static.py) for "
+    Var("HF_FAST_PATH", "bool", True, "PyTorch engine: static KV caches and CUDA graphs "
+        "(lib/decoding/fast_path.py) for "
         "Llama models that each sit on one device; false = the plain transformers loop", G_ENGINE),
     Var("WARMUP", "bool", True, "before timing a mode, decode one short untimed batch (first-use costs: CUDA graph "
         "capture, torch.compile, vLLM's first step)", G_ENGINE),
@@ -188,7 +189,7 @@ class _ConfigMethods:
     """What a Config offers besides its attributes."""
 
     @classmethod
-    def from_values(cls, values: dict, sources: dict) -> "Config":
+    def from_values(cls, values: dict, sources: dict) -> Config:
         """From {VAR_NAME: value} and {VAR_NAME: default | env | cli}."""
         return cls(**{VAR_BY_NAME[name].attr: value for name, value in values.items()}, sources=dict(sources))
 
@@ -196,7 +197,7 @@ class _ConfigMethods:
         """{VAR_NAME: value} in the table's order (run.json's "config")."""
         return {var.name: getattr(self, var.attr) for var in VARS}
 
-    def replace(self, **changes) -> "Config":
+    def replace(self, **changes) -> Config:
         """A new Config with these values (keyword: attribute or variable name), their source "override"."""
         sources = {**self.sources, **{name.upper(): "override" for name in changes}}
         return dataclasses.replace(self, **{name.lower(): v for name, v in changes.items()}, sources=sources)
@@ -205,7 +206,7 @@ class _ConfigMethods:
 _TYPES = {"str": str, "path": str, "choice": str, "int": int, "float": float, "bool": bool}
 
 Config = dataclasses.make_dataclass(
-    "Config", [(var.attr, _TYPES[var.kind] if var.default is not None else Optional[_TYPES[var.kind]])
+    "Config", [(var.attr, _TYPES[var.kind] if var.default is not None else _TYPES[var.kind] | None)
                for var in VARS] + [("sources", dict, dataclasses.field(default_factory=dict, compare=False))],
     bases=(_ConfigMethods,), frozen=True)
 Config.__module__ = __name__  # so a Config pickles (vLLM's worker processes)

@@ -14,7 +14,7 @@ logger = logging.getLogger("speclab")
 
 
 def get_logger(name: str) -> logging.Logger:
-    """The child of "speclab" for a module: get_logger("lib.spec.eagle") -> speclab.spec.eagle."""
+    """The child of "speclab" for a module: get_logger("lib.decoding.eagle") -> speclab.decoding.eagle."""
     name = name.removeprefix("lib.") if name != "lib" else ""
     return logger.getChild(name) if name else logger
 

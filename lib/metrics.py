@@ -3,12 +3,13 @@
 ModeMetrics declares every aggregate once, as a typed field whose metadata says where it shows: its group in the
 result file, its column in the console summary, the report rows and analyze.py, and how two modes compare on it.
 Figures that are not ModeMetrics fields (speedups, energy, bandwidth) are the few columns of EXTRA_COLUMNS.
-COLUMNS, in display order, is what print_summary, compare, lib/report.py and analyze.py are generated from.
+COLUMNS, in display order, is what print_summary, compare, lib/sweep_report.py and analyze.py are generated from.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

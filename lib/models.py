@@ -200,6 +200,7 @@ def _llama_config(spec: TinySpec, shape: LlamaShape, tokenizer):
 def train_causal_lm(model, blocks, steps: int, batch_size: int, lr: float, seed: int, label: str):
     """Plain next-token training with AdamW and a cosine schedule; returns the final loss."""
     import math
+
     import torch
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)

@@ -75,7 +75,8 @@ class RunWriter:
     def append_request(self, mode: str, record: RequestRecord, metrics: dict):
         stream = self._streams.get(mode)
         if stream is None:
-            stream = self._streams[mode] = open(self.dir / f"requests_{mode_slug(mode)}.jsonl", "a",
+            stream = self._streams[mode] = open(  # noqa: SIM115 - kept open for the run
+                self.dir / f"requests_{mode_slug(mode)}.jsonl", "a",
                                                 encoding="utf-8")
         line = {"schema": schema("request"), "mode": mode, **record.to_json(), "metrics": metrics}
         stream.write(json.dumps(line, ensure_ascii=False) + "\n")

@@ -27,9 +27,9 @@ from pydantic import AfterValidator, Field
 from lib import config as C
 from lib.config_models import Accepts, ConfigModel, choice, read_config, shown
 from lib.errors import UsageError, exit_on_usage_error
-from lib.log import get_logger, setup_logging
-from lib.report import REGRESSION_METRICS, write_report
 from lib.files import write_json
+from lib.log import get_logger, setup_logging
+from lib.sweep_report import REGRESSION_METRICS, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEPS_DIR = ROOT / "configs" / "sweeps"
@@ -77,7 +77,7 @@ class ComboResult:
 def find_sweep_file(name_or_path: str) -> Path:
     candidates = [Path(name_or_path)]
     if "/" not in name_or_path:
-        candidates += [SWEEPS_DIR / name_or_path, SWEEPS_DIR / f"{name_or_path}.yaml", SWEEPS_DIR / f"{name_or_path}.yml"]
+        candidates += [SWEEPS_DIR / f"{name_or_path}{suffix}" for suffix in ("", ".yaml", ".yml")]
     for path in candidates:
         if path.is_file():
             return path.resolve()
@@ -178,7 +178,7 @@ class Log:
     """Lines to the night's sweep.log and to stdout (cron mails stdout)."""
 
     def __init__(self, path: Path):
-        self.file = open(path, "a", encoding="utf-8")
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - the sweep's log, open while it runs
 
     def __call__(self, msg: str):
         line = f"{datetime.now().strftime('%Y-%m-%d %H:%M:%S')} {msg}"

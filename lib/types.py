@@ -27,7 +27,7 @@ class SpecCounters:
     accepted_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
 
-    def add(self, other: "SpecCounters") -> "SpecCounters":
+    def add(self, other: SpecCounters) -> SpecCounters:
         width = max(len(self.accepted_per_position), len(other.accepted_per_position))
         per_pos = [0] * width
         for counts in (self.accepted_per_position, other.accepted_per_position):
@@ -82,7 +82,7 @@ class Generation:
     accepted_per_position: list[list[int]] = field(default_factory=list)
 
     @classmethod
-    def for_speculation(cls, batch: int, gamma: int) -> "Generation":
+    def for_speculation(cls, batch: int, gamma: int) -> Generation:
         """Zeroed acceptance counters for each row (the tokens are filled in at the end)."""
         return cls([], [], [], [0] * batch, [0] * batch, [0] * batch, [[0] * gamma for _ in range(batch)])
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.types import Request
 from lib import files
 from lib.errors import UsageError
+from lib.types import Request
 
 SHAREGPT_FILES = ("sharegpt_gpt4.jsonl", "sharegpt_V3_format.jsonl", "sharegpt_zh_38K_format.jsonl")
 

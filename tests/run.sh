@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run every test: pytest (tests/test_*.py) and bats-core (tests/*.bats).
+# Run every test: ruff (lint, import order), pytest (tests/test_*.py) and bats-core (tests/*.bats).
 # Creates/updates the project's virtual environment with every requirement set first.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,6 +21,7 @@ scripts/ensure_chromium.sh >/dev/null  # the sweep report test renders its HTML 
 
 export PATH="$(dirname "$PY"):$PATH"
 status=0
+"$(dirname "$PY")/ruff" check . || status=$?  # lint and import order (ruff.toml)
 "$PY" -m pytest -q tests "$@" || status=$?
 shopt -s nullglob
 bats_files=(tests/*.bats)

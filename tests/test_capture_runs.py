@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from test_capture import small_capture
+from test_sglang_adapter import sglang_output
+
 from lib.capture import PREFIXES, load_capture
 from lib.capture_runs import RUNNERS
 from lib.capture_runs.cli import capture_cli
@@ -14,8 +17,6 @@ from lib.engines.sglang_engine import SGLangEngine
 from lib.models import ModelPaths
 from lib.sglang_support import spec_counters_from_meta
 from lib.types import SpecCounters
-from test_capture import small_capture
-from test_sglang_adapter import sglang_output
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {p.stem for p in ROOT.glob("*.py")}

@@ -6,11 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_capture import small_capture
 
 from lib.capture import load_capture
-from lib.compare import acceptance_distribution, compare_captures
 from lib.errors import UsageError
-from test_capture import small_capture
+from lib.logits_compare import acceptance_distribution, compare_captures
 
 ROOT = Path(__file__).resolve().parent.parent
 

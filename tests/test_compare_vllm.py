@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from lib.capture import load_capture
-from lib.compare import compare_captures
+from lib.logits_compare import compare_captures
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["--config-name", "config1", "--num-prompts", "2", "--comparison-steps", "12", "--save-results"]

@@ -92,7 +92,8 @@ def test_sharegpt_rules_malformed_and_chinese(tiny_tokenizer, tmp_path):
              json.dumps({"conversations": "oops"}),
              json.dumps(_conv("only one turn here, nothing else to say")),
              json.dumps(_conv("hi", "The little cat found a red ball near the garden.")),  # prompt < 4 tokens
-             json.dumps(_conv("小猫在花园里找到了一个红色的球，然后发生了什么？", "小猫和小狗一起玩球，玩得很开心。"), ensure_ascii=False)]
+             json.dumps(_conv("小猫在花园里找到了一个红色的球，然后发生了什么？", "小猫和小狗一起玩球，玩得很开心。"),
+                        ensure_ascii=False)]
     (tmp_path / "sharegpt_zh_38K_format.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     prompts, stats = load_sharegpt(tmp_path, tiny_tokenizer)
     assert stats.entries == 5 and stats.malformed == 2 and stats.filtered == 2 and stats.kept == 2

@@ -10,10 +10,14 @@ import numpy as np
 import pytest
 
 from lib.edgecloud.client import EdgeCloudHTTPClient
-from lib.edgecloud.confidence import (AblatedConfidenceCalculator, ConfidenceCalculator, ConfidenceEnsemble,
-                                      ConfidenceStrategy)
+from lib.edgecloud.confidence import (
+    AblatedConfidenceCalculator,
+    ConfidenceCalculator,
+    ConfidenceEnsemble,
+    ConfidenceStrategy,
+)
+from lib.edgecloud.http_api import ServerThread
 from lib.edgecloud.kv_cache import BlockPrefixCache, EdgeStateCache
-from lib.edgecloud.server import ServerThread
 from lib.edgecloud.settings import apply_overrides, load_config
 
 TOKEN = "test-secret"
@@ -37,7 +41,7 @@ def config(edge_port, cloud_port, **comm):
 
 @pytest.fixture(scope="module")
 def apps(tiny_models):
-    from lib.edgecloud.servers import build_cloud_app, build_edge_app
+    from lib.edgecloud.launch import build_cloud_app, build_edge_app
     cfg = config(0, 0)
     edge_app, drafter = build_edge_app(cfg)
     cloud_app, verifier = build_cloud_app(cfg)
@@ -72,7 +76,7 @@ def stats(cfg, side):
     return httpx.get(url, headers={"authorization": f"Bearer {TOKEN}"}).json()
 
 
-# ----------------------------------------------------------------------------------------------- draft and verify, end to end
+# -------------------------------------------------------------------------------------- draft and verify, end to end
 
 def test_greedy_collaborative_equals_cloud_only(servers, tiny_tokenizer, shipped_prompts):
     for prompt in shipped_prompts[:3]:
@@ -89,8 +93,8 @@ def test_greedy_collaborative_equals_cloud_only(servers, tiny_tokenizer, shipped
 
 
 def test_cloud_only_equals_local_transformers_ar(servers, tiny_models, tiny_tokenizer, shipped_prompts):
+    from lib.decoding.chain import autoregressive_generate
     from lib.models import load_model
-    from lib.spec.chain import autoregressive_generate
     target = load_model(tiny_models.target)
     ids = tiny_tokenizer.encode(shipped_prompts[5], add_special_tokens=False)
     expected = autoregressive_generate(target, [ids], 32, eos_ids={tiny_tokenizer.eos_token_id}).tokens[0]
@@ -252,7 +256,7 @@ def test_bad_config_is_one_line(tmp_path):
 
 def test_vllm_cloud_verifier_greedy_equals_hf_cloud_only(servers, tiny_tokenizer, shipped_prompts):
     """cloud.model.engine: vllm, for real (vLLM's CPU build): edge + vLLM cloud = HF cloud-only, token for token."""
-    from lib.edgecloud.servers import build_cloud_app
+    from lib.edgecloud.launch import build_cloud_app
     port = free_port()
     over = {"cloud": {"model": {"engine": "vllm"}, "server": {"port": port}},
             "communication": {"cloud_endpoint": f"http://127.0.0.1:{port}"}}

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
+from lib.decoding.chain import autoregressive_generate
 from lib.gguf_export import ensure_gguf, folder_hash, load_llama
 from lib.models import load_model
-from lib.spec.chain import autoregressive_generate
 
 
 @pytest.mark.parametrize("which", ["draft", "target"])

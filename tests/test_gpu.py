@@ -5,10 +5,15 @@ import pytest
 import torch
 
 from lib import config as C
+from lib.decoding.chain import autoregressive_generate
+from lib.decoding.fast_path import (
+    StaticDecoder,
+    max_len_for,
+    static_autoregressive_generate,
+    static_speculative_generate,
+    weights_from_hf,
+)
 from lib.models import load_model, load_tokenizer
-from lib.spec.chain import autoregressive_generate
-from lib.spec.static import (StaticDecoder, max_len_for, static_autoregressive_generate,
-                             static_speculative_generate, weights_from_hf)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA)")]

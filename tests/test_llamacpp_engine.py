@@ -2,10 +2,10 @@
 import pytest
 
 from lib.config import resolve
+from lib.decoding.chain import autoregressive_generate
 from lib.engines import create_engine
-from lib.types import Clock, Request
 from lib.models import ModelPaths, load_model
-from lib.spec.chain import autoregressive_generate
+from lib.types import Clock, Request
 
 
 @pytest.fixture(scope="module")

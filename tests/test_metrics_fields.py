@@ -62,11 +62,11 @@ def test_every_field_has_a_group_and_aggregate_fills_the_latency_stats():
 
 def test_rows_analyze_and_regressions_come_from_the_columns():
     rows = [c.name for c in COLUMNS if c.row]
-    assert report.ROW_KEYS == report.RUN_KEYS + rows and analyze.ROW_KEYS is report.ROW_KEYS
+    assert report.RUN_KEYS + rows == report.ROW_KEYS and analyze.ROW_KEYS is report.ROW_KEYS
     assert analyze.SHORT_KEYS[:2] == ["run", "mode"] and set(analyze.SHORT_KEYS) <= set(report.ROW_KEYS)
     assert [k for k in analyze.SHORT_KEYS if k not in report.RUN_KEYS] == [c.name for c in COLUMNS if c.short]
     assert all(c.row for c in COLUMNS if c.short)
-    assert report.REGRESSION_METRICS == {c.name: c.higher_is_better for c in COLUMNS if c.regress}
+    assert {c.name: c.higher_is_better for c in COLUMNS if c.regress} == report.REGRESSION_METRICS
     assert None not in report.REGRESSION_METRICS.values() and set(report.REGRESSION_METRICS) <= set(rows)
     for f in fields(ModeMetrics):
         row = f.metadata["row"]

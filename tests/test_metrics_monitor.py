@@ -1,9 +1,9 @@
 """Metric definitions (docs/design.md) and the GPU monitor's energy arithmetic."""
 import pytest
 
-from lib.types import RequestRecord, SpecCounters
 from lib.gpu_monitor import GPUMonitor, Sample, _gpu_window
 from lib.metrics import acceptance, aggregate, request_metrics
+from lib.types import RequestRecord, SpecCounters
 
 
 def record(rid, arrival, times, spec=None, reason="length"):

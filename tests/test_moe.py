@@ -29,7 +29,7 @@ def test_counts_sum_to_tokens_times_top_k_per_layer(moe):
         tokens = 14 + 7 + 4
         stats = tracker.export()
         assert set(stats["layer_stats"]) == {"0", "1"}
-        for layer, s in stats["layer_stats"].items():
+        for _layer, s in stats["layer_stats"].items():
             assert s["tokens_routed"] == tokens
             assert s["total_tokens"] == tokens * 2 == sum(e["total_tokens_processed"] for e in s["experts"].values())
             assert s["total_experts"] == 8 and s["top_k"] == 2

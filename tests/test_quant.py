@@ -111,7 +111,8 @@ def test_gptq_algorithm_beats_round_to_nearest_on_its_calibration_inputs():
     x = torch.randn(512, 32) @ torch.randn(32, 128) + 0.1 * torch.randn(512, 128)  # correlated inputs, as in LLMs
     w = torch.randn(64, 128)
     h = hessian_from_inputs(x)
-    err = lambda fmt: ((x @ w.t() - x @ fmt.dequantize().t()) ** 2).mean().item()
+    def err(fmt):
+        return ((x @ w.t() - x @ fmt.dequantize().t()) ** 2).mean().item()
     rtn = err(quantize_rtn(w, 4, 32))
     assert err(quantize_gptq(w, h, 4, 32)) < 0.5 * rtn
     act = quantize_gptq(w, h, 4, 32, act_order=True)
@@ -201,15 +202,15 @@ def test_check_placement_reports_a_stray_tensor(mixed):
 
 def test_greedy_speculative_equals_ar_on_the_mixed_target(tiny_models):
     from lib.config import resolve
-    from lib.types import Clock, Request
-    from lib.engines.hf_engine import HFEngine
+    from lib.engines.pytorch_engine import PyTorchEngine
     from lib.models import resolve_models
+    from lib.types import Clock, Request
     env = {"MIXED_PRECISION_CONFIG": str(SHIPPED), "GAMMA_VALUE": "3"}
     cfg = resolve(None, env)
     models = resolve_models(cfg)
     outs = {}
     for method in ("target", "speculative"):
-        eng = HFEngine(cfg, method, models)
+        eng = PyTorchEngine(cfg, method, models)
         eng.start()
         assert any(isinstance(m, MixedPrecisionLinear) for m in eng.target.modules())
         reqs = [Request(i, p, eng.tokenizer(p).input_ids, 24) for i, p in enumerate(["Once upon a time", "The cat"])]
@@ -254,7 +255,7 @@ def test_missing_path_names_the_precision(tmp_path, tiny_models):
 def test_shape_mismatch_names_the_weight(tmp_path, tiny_models):
     from lib.models import load_model
     write_sources(load_model(tiny_models.draft), tmp_path / "src", precisions=("fp8",))
-    p = write_cfg(tmp_path, f"  fp8_path: src/fp8\n  default: fp8\n")  # relative to the config's folder
+    p = write_cfg(tmp_path, "  fp8_path: src/fp8\n  default: fp8\n")  # relative to the config's folder
     with pytest.raises(UsageError, match=r"weight_mapping\['model.layers.0.self_attn.q_proj.weight'\]: fp8 source "
                                          r".* has shape \[64, 64\], the model expects \[128, 128\]"):
         load_mixed_model(p, tiny_models.target)
@@ -297,6 +298,7 @@ def test_export_round_trips_through_compressed_tensors(mixed, tmp_path):
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from compressed_tensors.quantization import QuantizationConfig
     from safetensors.torch import load_file
+
     from lib.quant.export import export_compressed_tensors
     model = mixed[0]
     export_compressed_tensors(model, tmp_path)

@@ -15,9 +15,9 @@ import json
 import pytest
 import torch
 
+from lib.numerics import tie_bound
 from lib.quant.export import export_compressed_tensors
 from lib.quant.loader import load_mixed_model
-from lib.numerics import tie_bound
 from lib.quant.vllm_run import cpu_has_amx, run_vllm_greedy
 
 CONFIG = """mixed_precision:

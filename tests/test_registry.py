@@ -40,9 +40,9 @@ def test_choices_and_aliases_come_from_the_table():
 
 
 def test_hf_engine_runs_the_methods_the_table_gives_it():
-    from lib.engines.hf_engine import METHODS
+    from lib.engines.pytorch_engine import METHODS
     assert set(METHODS) == set(E.ENGINE_BY_NAME["hf"].methods)
-    assert E.engine_class("hf").__name__ == "HFEngine"
+    assert E.engine_class("hf").__name__ == "PyTorchEngine"
 
 
 @pytest.mark.parametrize("env,argv,printed", [

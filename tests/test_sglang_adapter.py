@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lib.comparison_config import ComparisonConfig
 from lib.capture_runs.sglang import comparison_engine_args, comparison_sampling, prompt_capture_from_output
+from lib.comparison_config import ComparisonConfig
 from lib.engines.sglang_engine import SGLangEngine
 from lib.errors import UsageError
 

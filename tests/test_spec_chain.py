@@ -5,8 +5,8 @@ import pytest
 import torch
 from scipy import stats
 
+from lib.decoding.chain import autoregressive_generate, speculative_generate
 from lib.models import load_model
-from lib.spec.chain import autoregressive_generate, speculative_generate
 
 
 @pytest.fixture(scope="module")

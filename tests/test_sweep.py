@@ -186,8 +186,8 @@ def test_report_html_renders_with_figures_in_chromium(night1, tmp_path):
                    capture_output=True, timeout=120, check=True)
     dom = subprocess.run([browser, *flags, "--dump-dom", html.as_uri()], capture_output=True, text=True,
                          timeout=120, check=True).stdout
-    from io import BytesIO
     import base64
+    from io import BytesIO
 
     from PIL import Image
     images = re.findall(r'<img[^>]*src="data:image/png;base64,([^"]+)"', dom)

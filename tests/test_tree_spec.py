@@ -3,10 +3,11 @@ import pytest
 import torch
 
 from lib.comparison_config import ComparisonConfig
+from lib.decoding.chain import autoregressive_generate
+from lib.decoding.eagle import ensure_tiny_eagle, is_eagle_folder, load_eagle_head
+from lib.decoding.tree import EagleDrafter, ModelDrafter, tree_attention_mask, tree_speculative_generate
+from lib.files import ROOT
 from lib.models import load_model, load_tokenizer
-from lib.spec.chain import autoregressive_generate
-from lib.spec.eagle import ensure_tiny_eagle, is_eagle_folder, load_eagle_head
-from lib.spec.tree import EagleDrafter, ModelDrafter, tree_attention_mask, tree_speculative_generate
 
 PRESETS = {"config1": (5, 32), "config2": (2, 12)}
 STEPS = 24
@@ -22,7 +23,7 @@ def loaded(tiny_models):
 
 @pytest.fixture(scope="module")
 def prompts(loaded):
-    lines = open("prompts/prompt_small.txt").read().splitlines()[:2]
+    lines = (ROOT / "prompts" / "prompt_small.txt").read_text().splitlines()[:2]
     return [loaded["tokenizer"].encode(p) for p in lines]
 
 
@@ -89,6 +90,7 @@ def test_tree_attention_mask_sees_only_ancestors():
 def test_eagle_head_folder_layout(tiny_models):
     """The head is saved the way vLLM and SGLang load EAGLE-1 Llama heads."""
     import json
+
     from safetensors import safe_open
     folder = ensure_tiny_eagle(tiny_models)
     config = json.loads((folder / "config.json").read_text())

@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from lib.config import resolve
-from lib.types import Clock, Request
 from lib.errors import EngineUnavailable, UsageError
 from lib.models import ModelPaths, load_model
+from lib.types import Clock, Request
 
 NUM_PROMPTS, NEW_TOKENS, GAMMA = 6, 32, 3
 
@@ -34,7 +34,7 @@ def requests_(tiny_tokenizer, shipped_prompts):
 @pytest.fixture(scope="module")
 def reference(tiny_models, requests_):
     """Greedy AR tokens from the project's own loop (one prompt at a time: no padding)."""
-    from lib.spec.chain import autoregressive_generate
+    from lib.decoding.chain import autoregressive_generate
     target = load_model(tiny_models.target, "float32", "cpu")
     eos = target.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}

@@ -12,9 +12,9 @@ logger = get_logger(__name__)
 
 def load_drafter(cfg, draft_path, target):
     """A factory of fresh drafters (one per prompt): an EAGLE head over the target, or a separate draft model."""
+    from lib.decoding.eagle import load_eagle_head
+    from lib.decoding.tree import EagleDrafter, ModelDrafter
     from lib.models import load_model
-    from lib.spec.eagle import load_eagle_head
-    from lib.spec.tree import EagleDrafter, ModelDrafter
     if cfg.draft_type == "eagle":
         head = load_eagle_head(draft_path, target)
         return lambda: EagleDrafter(head, target)
@@ -54,8 +54,8 @@ def run(cfg) -> Capture:
     import torch
     from rich.progress import track
 
+    from lib.decoding.tree import tree_speculative_generate
     from lib.models import eos_ids_of, load_model, load_tokenizer
-    from lib.spec.tree import tree_speculative_generate
 
     target_path, draft_path = resolve_comparison_models(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -13,8 +13,13 @@ import numpy as np
 from lib.capture import Capture, PromptCapture
 from lib.comparison_config import read_prompts, resolve_comparison_models
 from lib.log import get_logger
-from lib.vllm_support import (import_vllm, metrics_difference, prepare_cpu_environment, read_spec_metrics,
-                              spec_counters_from)
+from lib.vllm_support import (
+    import_vllm,
+    metrics_difference,
+    prepare_cpu_environment,
+    read_spec_metrics,
+    spec_counters_from,
+)
 
 logger = get_logger(__name__)
 

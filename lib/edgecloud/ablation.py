@@ -60,7 +60,8 @@ async def run_experiment(exp: dict, cfg: dict, prompts: list[str], reference: di
         "requests": len(runs), "success_rate": round(len(ok) / len(runs), 4) if runs else 0.0,
         "output_tokens": tokens, "tokens_per_s": round(tokens / seconds, 2) if seconds else 0.0,
         "mean_latency_ms": _mean([r.total_latency_ms for r in ok]),
-        "mean_edge_ms": _mean([r.edge_latency_ms for r in ok]), "mean_cloud_ms": _mean([r.cloud_latency_ms for r in ok]),
+        "mean_edge_ms": _mean([r.edge_latency_ms for r in ok]),
+        "mean_cloud_ms": _mean([r.cloud_latency_ms for r in ok]),
         "mean_network_ms": _mean([r.network_latency_ms for r in ok]),
         "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
         "draft_tokens": drafted, "accepted_tokens": accepted,
@@ -105,7 +106,8 @@ async def run_ablations(cfg: dict, prompts: list[str], tokenizer, out_dir: Path,
 
 def table(report: dict):
     from rich.table import Table
-    t = Table(min_width=110, title=f"edge/cloud ablations ({len(report['prompts'])} prompts, {report['max_tokens']} tokens max)")
+    title = f"edge/cloud ablations ({len(report['prompts'])} prompts, {report['max_tokens']} tokens max)"
+    t = Table(min_width=110, title=title)
     for col in ("experiment", "tok/s", "latency ms", "accept", "cloud calls", "tokens", "bytes sent", "success",
                 "= cloud_only"):
         t.add_column(col, justify="left" if col == "experiment" else "right")

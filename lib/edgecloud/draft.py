@@ -29,7 +29,8 @@ class EdgeDrafter:
         self.vocab = self.llm.n_vocab()
         self.rng = np.random.default_rng(seed)
         self.lock = threading.Lock()
-        self.counters = {"requests": 0, "drafted_tokens": 0, "evaluated_tokens": 0, "reused_tokens": 0, "low_confidence_stops": 0}
+        self.counters = {"requests": 0, "drafted_tokens": 0, "evaluated_tokens": 0, "reused_tokens": 0,
+                         "low_confidence_stops": 0}
 
     def _load_context(self, context: list[int], use_cache: bool) -> int:
         """Make llama.cpp hold `context` with logits for its last token; returns the tokens reused.

@@ -1,6 +1,6 @@
 """Cloud side: verify a whole draft in one target forward pass, with the block prefix cache.
 
-The model steps (forward, commit, probabilities, sample) are lib/spec/chain.py's; `accept_drafts` is the
+The model steps (forward, commit, probabilities, sample) are lib/decoding/chain.py's; `accept_drafts` is the
 Leviathan rule for one row with the draft distributions the edge shipped (one-hot drafts when greedy, so greedy
 verification keeps exactly the target's argmax tokens).
 """
@@ -11,11 +11,11 @@ import time
 
 import torch
 
+from lib.decoding.chain import KVState, autoregressive_generate, commit, forward, probabilities, sample
 from lib.edgecloud.kv_cache import BlockPrefixCache
 from lib.edgecloud.protocol import GenerateRequest, GenerateResponse, VerifyRequest, VerifyResponse, check_vocab
 from lib.errors import UsageError
 from lib.models import eos_ids_of, load_model
-from lib.spec.chain import KVState, autoregressive_generate, commit, forward, probabilities, sample
 
 
 def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator) -> tuple[int, int]:

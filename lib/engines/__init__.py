@@ -40,7 +40,7 @@ METHODS = (
 )
 
 ENGINES = (
-    EngineSpec("hf", "lib.engines.hf_engine", "HFEngine", "core", "transformers",
+    EngineSpec("hf", "lib.engines.pytorch_engine", "PyTorchEngine", "core", "transformers",
                ("target", "speculative", "assisted"), help="PyTorch/transformers, the project's own SD loop",
                aliases=("transformers",)),
     EngineSpec("vllm", "lib.engines.vllm_engine", "VLLMEngine", "vllm", "vllm", ("target", "speculative")),

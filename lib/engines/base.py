@@ -9,8 +9,8 @@ busy). Engines with their own scheduler (vLLM's async engine) override `run()`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 from lib.types import Clock, Request, RequestRecord, SpecCounters
 

@@ -19,9 +19,9 @@ import os
 import numpy as np
 
 from lib.engines.base import Engine, record_from_tokens
-from lib.types import Clock, Request, RequestRecord, SpecCounters
 from lib.errors import EngineUnavailable, UsageError
 from lib.models import load_tokenizer
+from lib.types import Clock, Request, RequestRecord, SpecCounters
 
 INSTALL_HINT = ("pip install -r requirements/edge.txt (compiles llama-cpp-python, 7-9 min; "
                 "CMAKE_ARGS=-DGGML_NATIVE=OFF for a portable build)")

@@ -26,7 +26,7 @@ class SGLangEngine(Engine):
         args = {"model_path": str(self.models.target), "random_seed": self.cfg.seed,
                 "max_running_requests": self.batch_size}
         if self.method == "speculative" and self.models.draft is not None:
-            from lib.spec.eagle import is_eagle_folder
+            from lib.decoding.eagle import is_eagle_folder
             args.update(speculative_algorithm="EAGLE" if is_eagle_folder(self.models.draft) else "STANDALONE",
                         speculative_draft_model_path=str(self.models.draft),
                         speculative_num_steps=self.cfg.gamma_value, speculative_eagle_topk=1,

@@ -16,16 +16,21 @@ import asyncio
 import gc
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from lib.engines.base import Engine, record_from_tokens
-from lib.types import Clock, Request, RequestRecord, SpecCounters
 from lib.errors import UsageError
 from lib.log import get_logger
 from lib.models import check_model_dir, load_tokenizer
-from lib.vllm_support import (import_vllm, metrics_difference, prepare_cpu_environment, read_spec_metrics,
-                              spec_counters_from)
+from lib.types import Clock, Request, RequestRecord, SpecCounters
+from lib.vllm_support import (
+    import_vllm,
+    metrics_difference,
+    prepare_cpu_environment,
+    read_spec_metrics,
+    spec_counters_from,
+)
 
 BLOCK_MANAGER_NOTE = "no effect (vLLM has one block manager)"
 logger = get_logger(__name__)
@@ -190,7 +195,7 @@ class VLLMEngine(Engine):
         for folder in folders:
             for file in Path(folder).glob("*.safetensors"):
                 with safe_open(str(file), "pt") as f:
-                    count += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+                    count += sum(math.prod(f.get_slice(name).get_shape()) for name in f)
         return count * size
 
     # ---------------------------------------------------------------------------------------------- running

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from lib.errors import UsageError
+from lib.files import write_json
 from lib.quant.formats import FloatWeight, FP8Weight, Int8Weight
 from lib.quant.gptq import GPTQWeight
 from lib.quant.linear import MixedPrecisionLinear
-from lib.files import write_json
 
 
 def _quant_args(bits, strategy, kind="int", group_size=None, symmetric=True, actorder=None, dynamic=False):

@@ -33,7 +33,7 @@ class FloatWeight:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight}
 
-    def to(self, device) -> "FloatWeight":
+    def to(self, device) -> FloatWeight:
         return FloatWeight(self.weight.to(device))
 
 

@@ -117,7 +117,7 @@ class GPTQWeight:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
 
-    def to(self, device) -> "GPTQWeight":
+    def to(self, device) -> GPTQWeight:
         moved = {k: v.to(device) for k, v in self.tensors().items()}
         return GPTQWeight(**moved, bits=self.bits, group_size=self.group_size, zero_format=self.zero_format)
 

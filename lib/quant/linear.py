@@ -123,11 +123,11 @@ class ModelMemory:
 
     @property
     def stored_bytes(self) -> int:
-        return sum(l.stored_bytes + l.cache_bytes for l in self.layers) + self.other_bytes
+        return sum(layer.stored_bytes + layer.cache_bytes for layer in self.layers) + self.other_bytes
 
     @property
     def fp16_bytes(self) -> int:
-        return sum(l.fp16_bytes for l in self.layers) + self.other_fp16_bytes
+        return sum(layer.fp16_bytes for layer in self.layers) + self.other_fp16_bytes
 
     @property
     def memory_saved_mb(self) -> float:
@@ -139,18 +139,18 @@ class ModelMemory:
 
     def by_precision(self) -> dict[str, dict]:
         out: dict[str, dict] = {}
-        for l in self.layers:
-            row = out.setdefault(l.precision, {"layers": 0, "stored_bytes": 0, "fp16_bytes": 0})
+        for layer in self.layers:
+            row = out.setdefault(layer.precision, {"layers": 0, "stored_bytes": 0, "fp16_bytes": 0})
             row["layers"] += 1
-            row["stored_bytes"] += l.stored_bytes + l.cache_bytes
-            row["fp16_bytes"] += l.fp16_bytes
+            row["stored_bytes"] += layer.stored_bytes + layer.cache_bytes
+            row["fp16_bytes"] += layer.fp16_bytes
         return out
 
     def as_dict(self) -> dict:
         return {"stored_bytes": self.stored_bytes, "fp16_bytes": self.fp16_bytes,
                 "memory_saved_mb": round(self.memory_saved_mb, 6),
                 "compression_ratio": round(self.compression_ratio, 4), "other_bytes": self.other_bytes,
-                "by_precision": self.by_precision(), "layers": [l.as_dict() for l in self.layers]}
+                "by_precision": self.by_precision(), "layers": [layer.as_dict() for layer in self.layers]}
 
 
 def model_memory(model: nn.Module) -> ModelMemory:

@@ -27,11 +27,11 @@ from torch import nn
 
 from lib.config_models import Accepts, ConfigModel, choice, read_config
 from lib.errors import UsageError
+from lib.files import write_json
 from lib.log import get_logger
 from lib.quant.formats import PRECISIONS, QuantOptions, format_from_tensors, quantize_weight, tensor_names
 from lib.quant.gptq import SUPPORTED_BITS
 from lib.quant.linear import MixedPrecisionLinear
-from lib.files import write_json
 
 SOURCE_META = "quant_meta.json"
 logger = get_logger(__name__)
@@ -156,10 +156,11 @@ def plan(cfg: MixedPrecisionConfig, model: nn.Module) -> dict[str, str]:
     return {name: cfg.precision_of(name) for name in linears}
 
 
-def write_sources(model: nn.Module, out: Path, opts: QuantOptions = QuantOptions(),
+def write_sources(model: nn.Module, out: Path, opts: QuantOptions | None = None,
                   hessians: dict[str, torch.Tensor] | None = None, precisions=PRECISIONS,
                   names: list[str] | None = None) -> dict[str, Path]:
     """Quantize every Linear weight of `model` into one safetensors source folder per precision."""
+    opts = opts or QuantOptions()
     from safetensors.torch import save_file
     linears = linear_weight_names(model)
     names = names or list(linears)
@@ -197,7 +198,7 @@ class SourceReader:
         if not files:
             raise UsageError(f"{cfg_source}: mixed_precision.{precision}_path: {folder} has no .safetensors files")
         self.handles = [safe_open(str(f), framework="pt") for f in files]
-        self.index = {k: h for h in self.handles for k in h.keys()}
+        self.index = {k: h for h in self.handles for k in h}
         meta_file = self.folder / SOURCE_META
         if not meta_file.exists():
             meta_file = self.folder / "quantize_config.json"  # GPTQ checkpoints name it so
@@ -222,6 +223,7 @@ def tiny_sources(opts: QuantOptions) -> Path:
     """Per-precision sources of the tiny target, built once and cached (round-to-nearest unless opts say gptq)."""
     import hashlib
     from dataclasses import asdict
+
     from lib.models import cached_build, ensure_tiny_models, load_model
     tiny = ensure_tiny_models()
     key = hashlib.sha256(json.dumps({"tiny": tiny.root.name, "opts": asdict(opts), "v": 2},

@@ -134,8 +134,8 @@ class ExpertTracker:
 
     def top_experts(self, top_k: int = 10) -> list[dict]:
         ranked = sorted(self.counters.items(), key=lambda kv: (-kv[1].total_tokens_processed, kv[0]))
-        return [{"layer_id": l, "expert_id": e, "activation_count": c.activation_count,
-                 "total_tokens_processed": c.total_tokens_processed} for (l, e), c in ranked[:top_k]]
+        return [{"layer_id": layer, "expert_id": e, "activation_count": c.activation_count,
+                 "total_tokens_processed": c.total_tokens_processed} for (layer, e), c in ranked[:top_k]]
 
     def stats(self, layer_id: int | None = None, expert_id: int | None = None) -> dict:
         if layer_id is not None and expert_id is not None:
@@ -146,10 +146,11 @@ class ExpertTracker:
 
     def export_dict(self, top_k: int = 10) -> dict:
         return {"schema": SCHEMA,
-                "expert_stats": {f"layer_{l}_expert_{e}": self.expert_stats(l, e) for l, e in sorted(self.counters)},
-                "layer_stats": {str(l): self.layer_stats(l) for l in sorted(self.num_experts)},
+                "expert_stats": {f"layer_{layer}_expert_{e}": self.expert_stats(layer, e)
+                                 for layer, e in sorted(self.counters)},
+                "layer_stats": {str(layer): self.layer_stats(layer) for layer in sorted(self.num_experts)},
                 "top_experts": self.top_experts(top_k),
-                "per_request": {rid: {f"layer_{l}_expert_{e}": n for (l, e), n in sorted(c.items())}
+                "per_request": {rid: {f"layer_{layer}_expert_{e}": n for (layer, e), n in sorted(c.items())}
                                 for rid, c in self.per_request.items()}}
 
     def export(self, path: str | Path | None = None, top_k: int = 10) -> dict:

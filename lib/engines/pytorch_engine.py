@@ -1,5 +1,5 @@
-"""PyTorch/transformers engine: the project's own AR and speculative decoding loops (lib/spec/chain.py, their static
-cache and CUDA graph versions in lib/spec/static.py) and transformers' assisted generation.
+"""PyTorch/transformers engine: the project's own AR and speculative decoding loops (lib/decoding/chain.py, their static
+cache and CUDA graph versions in lib/decoding/fast_path.py) and transformers' assisted generation.
 
 METHODS maps each method this engine runs (the engine table in lib/engines/__init__.py lists the same names) to its
 decode functions: each takes the started engine and a batch (prompt ids, max new tokens) and returns a Generation.
@@ -8,21 +8,21 @@ The engine picks one at start, the fast version where the models allow it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
+from lib.decoding import fast_path
+from lib.decoding.chain import autoregressive_generate, speculative_generate
 from lib.engines import METHOD_BY_NAME
 from lib.engines.base import Engine, record_from_tokens
 from lib.layout import placement_from_config
 from lib.log import get_logger
 from lib.models import eos_ids_of, load_model, load_tokenizer
-from lib.spec import static
-from lib.spec.chain import autoregressive_generate, speculative_generate
 from lib.types import Clock, Generation, Request, RequestRecord, SpecCounters
 
-Decode = Callable[["HFEngine", list[list[int]], int], Generation]
+Decode = Callable[["PyTorchEngine", list[list[int]], int], Generation]
 logger = get_logger(__name__)
 
 
@@ -37,32 +37,32 @@ def pick_device_and_dtype(dtype: str) -> tuple[str, str]:
 class Method:
     """How this engine runs one method."""
     plain: Decode  # on the transformers models
-    fast: Decode | None = None  # on lib/spec/static.py's decoders (HF_FAST_PATH, Llama models each on one device)
+    fast: Decode | None = None  # lib/decoding/fast_path.py's decoders (HF_FAST_PATH, models each on one device)
     counts_weight_reads: bool = True  # its forward passes are known, so the run reports bandwidth efficiency
     token_times: str = "per token"  # how token times are taken (run.json)
 
 
-def _target_plain(engine: HFEngine, prompts: list[list[int]], max_new: int) -> Generation:
+def _target_plain(engine: PyTorchEngine, prompts: list[list[int]], max_new: int) -> Generation:
     return autoregressive_generate(engine.target, prompts, max_new, **engine.sampling)
 
 
-def _target_fast(engine: HFEngine, prompts: list[list[int]], max_new: int) -> Generation:
+def _target_fast(engine: PyTorchEngine, prompts: list[list[int]], max_new: int) -> Generation:
     target, = engine.static_decoders(prompts, max_new)
-    return static.static_autoregressive_generate(target, prompts, max_new, **engine.sampling)
+    return fast_path.static_autoregressive_generate(target, prompts, max_new, **engine.sampling)
 
 
-def _chain_plain(engine: HFEngine, prompts: list[list[int]], max_new: int) -> Generation:
+def _chain_plain(engine: PyTorchEngine, prompts: list[list[int]], max_new: int) -> Generation:
     return speculative_generate(engine.target, engine.draft, prompts, max_new, engine.cfg.gamma_value,
                                 **engine.sampling)
 
 
-def _chain_fast(engine: HFEngine, prompts: list[list[int]], max_new: int) -> Generation:
+def _chain_fast(engine: PyTorchEngine, prompts: list[list[int]], max_new: int) -> Generation:
     target, draft = engine.static_decoders(prompts, max_new)
-    return static.static_speculative_generate(target, draft, prompts, max_new, engine.cfg.gamma_value,
+    return fast_path.static_speculative_generate(target, draft, prompts, max_new, engine.cfg.gamma_value,
                                               **engine.sampling)
 
 
-def _assisted(engine: HFEngine, prompts: list[list[int]], max_new: int) -> Generation:
+def _assisted(engine: PyTorchEngine, prompts: list[list[int]], max_new: int) -> Generation:
     """transformers' assisted generation, one request at a time (it supports batch 1 only). Token times are those
     of the streamer callbacks: tokens of one assisted round share a time; the first is real TTFT."""
     cfg, gen = engine.cfg, Generation([], [], [])
@@ -94,7 +94,7 @@ METHODS: dict[str, Method] = {
 }
 
 
-class HFEngine(Engine):
+class PyTorchEngine(Engine):
     name = "hf"
 
     def start(self):
@@ -151,14 +151,14 @@ class HFEngine(Engine):
         return load_model(path, self.dtype, device_map=where)
 
     def _fast_weights(self):
-        """(target, draft) weights for lib/spec/static.py, or None where the plain loop must run."""
+        """(target, draft) weights for lib/decoding/fast_path.py, or None where the plain loop must run."""
         models = [self.target] + ([self.draft] if self.draft is not None else [])
         if (self.decoding.fast is None or not self.cfg.hf_fast_path or self.cfg.mixed_precision_config
-                or not all(static.supports(m) for m in models)
+                or not all(fast_path.supports(m) for m in models)
                 or self.placement.single_device("target") is None
                 or (self.draft is not None and self.placement.single_device("draft") is None)):
             return None
-        return tuple(static.weights_from_hf(m, m.config.max_position_embeddings) for m in models)
+        return tuple(fast_path.weights_from_hf(m, m.config.max_position_embeddings) for m in models)
 
     def describe(self) -> dict:
         return {"engine": self.name, "method": self.method, "device": self.device, "dtype": self.dtype,
@@ -215,20 +215,20 @@ class HFEngine(Engine):
     def warmup(self, requests):
         """Size the static caches for the whole workload first, so no timed batch meets a new cache length."""
         if self.fast is not None:
-            self.cache_len = static.max_len_for([r.prompt_ids for r in requests],
+            self.cache_len = fast_path.max_len_for([r.prompt_ids for r in requests],
                                                 max(r.max_new_tokens for r in requests), self.cfg.gamma_value)
         super().warmup(requests)
 
     def static_decoders(self, prompts, max_new):
         """Static decoders for this batch size. The cache length is rounded up (and at least the workload's, set by
         warmup) so later batches reuse the compiled steps and graphs; one decoder set per batch size."""
-        need = max(static.max_len_for(prompts, max_new, self.cfg.gamma_value), self.cache_len)
+        need = max(fast_path.max_len_for(prompts, max_new, self.cfg.gamma_value), self.cache_len)
         max_len = -(-need // 256) * 256
         if any(length != max_len for _, length in self.decoders):
             self.decoders.clear()  # a longer cache: free the shorter caches and their graphs
         key = (len(prompts), max_len)
         if key not in self.decoders:
-            self.decoders[key] = tuple(static.StaticDecoder(w, len(prompts), max_len) for w in self.fast)
+            self.decoders[key] = tuple(fast_path.StaticDecoder(w, len(prompts), max_len) for w in self.fast)
         return self.decoders[key]
 
 

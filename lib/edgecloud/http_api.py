@@ -14,8 +14,15 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from lib.edgecloud.protocol import (DraftRequest, DraftResponse, GenerateRequest, GenerateResponse, VerifyRequest,
-                                    VerifyResponse, check_vocab)
+from lib.edgecloud.protocol import (
+    DraftRequest,
+    DraftResponse,
+    GenerateRequest,
+    GenerateResponse,
+    VerifyRequest,
+    VerifyResponse,
+    check_vocab,
+)
 from lib.errors import UsageError
 
 
@@ -127,7 +134,7 @@ class ServerThread:
                                                     access_log=False))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def start(self, timeout: float = 30.0) -> "ServerThread":
+    def start(self, timeout: float = 30.0) -> ServerThread:
         self.thread.start()
         deadline = time.time() + timeout
         while not self.server.started:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from lib.edgecloud.confidence import make_calculator
-from lib.edgecloud.server import ServerThread, create_cloud_app, create_edge_app
+from lib.edgecloud.http_api import ServerThread, create_cloud_app, create_edge_app
 from lib.edgecloud.settings import cloud_model_dir, edge_gguf_path, tokenizer_dir
 
 

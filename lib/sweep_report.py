@@ -286,7 +286,7 @@ def plot_speedup(rows: list[dict], path: Path) -> bool:
         for ax, x_key, series_key, x_label, s_label in ((axes[i][0], "gamma", "batch_size", "GAMMA_VALUE", "batch"),
                                                         (axes[i][1], "batch_size", "gamma", "batch size", "gamma")):
             for s in sorted({r[series_key] for r in er}, key=lambda v: (v is None, v)):
-                pts = sorted(((r[x_key], r["speedup"]) for r in er if r[series_key] == s and r[x_key] is not None))
+                pts = sorted((r[x_key], r["speedup"]) for r in er if r[series_key] == s and r[x_key] is not None)
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{s_label} {s}")
             ax.axhline(1.0, color="grey", lw=0.8, ls="--")
@@ -309,7 +309,8 @@ def plot_acceptance(rows: list[dict], path: Path) -> bool:
     for i, r in enumerate(sd):
         line, marker = styles[i % len(styles)]
         ax.plot(range(1, len(r["per_position_acceptance"]) + 1), r["per_position_acceptance"], ls=line,
-                marker=marker, markersize=5 + 2 * (i % len(styles)), fillstyle="none", label=f"{r['combo']} {r['mode']}")
+                marker=marker, markersize=5 + 2 * (i % len(styles)), fillstyle="none",
+                label=f"{r['combo']} {r['mode']}")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("draft position")
     ax.set_ylabel("accepted / drafts")

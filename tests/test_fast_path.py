@@ -1,13 +1,20 @@
-"""The fast decode path (lib/spec/static.py) against the plain path (lib/spec/chain.py), on CPU, tiny models."""
+"""The fast decode path (lib/decoding/fast_path.py) against the plain path (lib/decoding/chain.py), on CPU, tiny
+models."""
 import json
 
 import pytest
 import torch
 
+from lib.decoding.chain import autoregressive_generate, speculative_generate
+from lib.decoding.fast_path import (
+    StaticDecoder,
+    max_len_for,
+    static_autoregressive_generate,
+    static_speculative_generate,
+    supports,
+    weights_from_hf,
+)
 from lib.models import load_model, load_tokenizer
-from lib.spec.chain import autoregressive_generate, speculative_generate
-from lib.spec.static import (StaticDecoder, max_len_for, static_autoregressive_generate,
-                             static_speculative_generate, supports, weights_from_hf)
 
 NEW = 32
 
@@ -115,11 +122,11 @@ def test_benchmark_smoke_on_cpu(tmp_path):
 
 def _engine_outputs(method, env, tiny_models, shipped_prompts):
     from lib.config import resolve
-    from lib.types import Clock, Request
-    from lib.engines.hf_engine import HFEngine
+    from lib.engines.pytorch_engine import PyTorchEngine
     from lib.models import resolve_models
+    from lib.types import Clock, Request
     cfg = resolve(None, env)
-    engine = HFEngine(cfg, method, resolve_models(cfg, need_draft=method != "target"))
+    engine = PyTorchEngine(cfg, method, resolve_models(cfg, need_draft=method != "target"))
     engine.start()
     requests = [Request(i, p, engine.tokenizer.encode(p), 16) for i, p in enumerate(shipped_prompts[:2])]
     records = engine.generate_batch(requests, Clock())

@@ -24,7 +24,7 @@ class KVState:
     next_pos: torch.Tensor  # [B] position id of the next token fed
 
     @classmethod
-    def empty(cls, batch: int, device) -> "KVState":
+    def empty(cls, batch: int, device) -> KVState:
         from transformers import DynamicCache
         return cls(DynamicCache(), torch.zeros(batch, 0, dtype=torch.bool, device=device),
                    torch.zeros(batch, dtype=torch.long, device=device))

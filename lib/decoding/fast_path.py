@@ -11,7 +11,7 @@ Cache layout: every row writes token t at cache column t (prompts are not padded
 `lengths`: attention masks every column >= a query's position, and the next step overwrites those columns.
 
 Numerics follow transformers' Llama (RMSNorm in float32, rotary tables from the model's own rotary module), so on
-CPU in float32 the greedy tokens equal lib/spec/chain.py's plain path. Only Llama-architecture models without
+CPU in float32 the greedy tokens equal lib/decoding/chain.py's plain path. Only Llama-architecture models without
 attention/MLP biases take this path (`supports(model)`); others use the plain path.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lib.spec.chain import _Rows, accept_drafts, probabilities, sample
+from lib.decoding.chain import _Rows, accept_drafts, probabilities, sample
 from lib.types import Generation
 
 
@@ -50,7 +50,7 @@ class LlamaWeights:
     cos: torch.Tensor  # [max_positions, head_dim], model dtype (as HF applies it)
     sin: torch.Tensor
 
-    def first_layers(self, k: int) -> "LlamaWeights":
+    def first_layers(self, k: int) -> LlamaWeights:
         """A self-draft: the first k layers with the final norm and head (shares the tensors)."""
         return LlamaWeights(**{**self.__dict__, "layers": self.layers[:k]})
 

@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lib.spec.chain import _Rows
-
+from lib.decoding.chain import _Rows
 
 # ---------------------------------------------------------------------------------------------- KV cache helpers
 
@@ -99,7 +98,7 @@ class ModelDrafter:
         self.committed = len(seq)
         return out.logits[0, -1].float(), None
 
-    def expand(self, tree: "DraftTree", new: list[int], fed: list[int]) -> tuple[torch.Tensor, list]:
+    def expand(self, tree: DraftTree, new: list[int], fed: list[int]) -> tuple[torch.Tensor, list]:
         device = self.model.device
         tokens = torch.tensor([tree.tokens[n] for n in new], device=device)
         positions = torch.tensor([self.committed - 1 + tree.depth[n] for n in new], device=device)
@@ -113,7 +112,7 @@ class ModelDrafter:
 
 
 class EagleDrafter:
-    """An EAGLE head (lib/spec/eagle.py): pairs (token t+1, target feature t) -> predicted feature t+1."""
+    """An EAGLE head (lib/decoding/eagle.py): pairs (token t+1, target feature t) -> predicted feature t+1."""
     kind = "eagle"
 
     def __init__(self, head, target):
@@ -134,7 +133,7 @@ class EagleDrafter:
         self.committed = len(seq) - 1
         return self.target.lm_head(hidden[-1]).float(), hidden[-1]
 
-    def expand(self, tree: "DraftTree", new: list[int], fed: list[int]) -> tuple[torch.Tensor, list]:
+    def expand(self, tree: DraftTree, new: list[int], fed: list[int]) -> tuple[torch.Tensor, list]:
         device = self.features.device
         tokens = torch.tensor([tree.tokens[n] for n in new], device=device)
         parents_hidden = torch.stack([tree.states[tree.parents[n]] for n in new])
