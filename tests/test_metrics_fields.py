@@ -7,7 +7,7 @@ from dataclasses import fields
 import pytest
 
 import analyze
-from lib import report
+from lib import sweep_report as report
 from lib.metrics import COLUMNS, GROUPS, ModeMetrics, aggregate, compare, summarize
 from lib.results import comparison_line, print_summary, summary_columns
 from lib.types import RequestRecord, SpecCounters
