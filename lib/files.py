@@ -97,3 +97,19 @@ def read_prompt_file(path: str | Path, label: str) -> list[str]:
     if not prompts:
         raise UsageError(f"{label}: the file has no prompts; expected {accepted}")
     return prompts
+
+
+def output_dir(path: str | Path, label: str) -> Path:
+    """Create (if needed) a folder results go to, or one line naming `label` (e.g. 'RESULTS_DIR=x') and the reason:
+    a regular file in the way, no permission."""
+    p = Path(path)
+    blocker = next((q for q in (p, *p.parents) if q.exists() and not q.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"{label}: {blocker} is a file, not a folder; expected a folder to write results into")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{label}: cannot create the folder ({exc.strerror}); expected a writable folder") from None
+    if not os.access(p, os.W_OK):
+        raise UsageError(f"{label}: the folder is not writable; expected a writable folder")
+    return p
