@@ -184,3 +184,13 @@ def test_missing_vllm_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(EngineUnavailable, match="requirements/vllm.txt"):
         import_vllm()
+
+
+def test_weight_bytes_counts_target_and_draft_parameters_from_the_headers(tiny_models):
+    """vLLM's weight bytes (for bandwidth_efficiency) from safetensors headers: float32 = 4 bytes a parameter."""
+    target = load_model(tiny_models.target, "float32", "cpu")
+    draft = load_model(tiny_models.draft, "float32", "cpu")
+    engine = make_engine(tiny_models, "speculative", VLLM_ENABLE_SPECULATIVE="true", VLLM_DTYPE="float32")
+    params = sum(p.numel() for m in (target, draft) for p in m.state_dict().values() if p.dtype.is_floating_point)
+    engine.dtype = "float32"  # what start() sets on CPU; weight_bytes reads only headers, no engine needed
+    assert engine.weight_bytes() == 4 * params

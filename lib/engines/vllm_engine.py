@@ -195,7 +195,7 @@ class VLLMEngine(Engine):
         for folder in folders:
             for file in Path(folder).glob("*.safetensors"):
                 with safe_open(str(file), "pt") as f:
-                    count += sum(math.prod(f.get_slice(name).get_shape()) for name in f)
+                    count += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
         return count * size
 
     # ---------------------------------------------------------------------------------------------- running

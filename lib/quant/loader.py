@@ -198,7 +198,7 @@ class SourceReader:
         if not files:
             raise UsageError(f"{cfg_source}: mixed_precision.{precision}_path: {folder} has no .safetensors files")
         self.handles = [safe_open(str(f), framework="pt") for f in files]
-        self.index = {k: h for h in self.handles for k in h}
+        self.index = {k: h for h in self.handles for k in h.keys()}
         meta_file = self.folder / SOURCE_META
         if not meta_file.exists():
             meta_file = self.folder / "quantize_config.json"  # GPTQ checkpoints name it so
