@@ -19,19 +19,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib.files import write_json  # noqa: E402
-from lib.quant.vllm_run import cpu_has_amx, run_vllm_greedy  # noqa: E402
+from lib.quant.vllm_run import MIXED_W8A8_CONFIG, cpu_has_amx, run_vllm_greedy  # noqa: E402
 
 PROMPT = [5, 6, 7, 8, 9, 10]
 NEW_TOKENS = 12
-MIXED = """mixed_precision:
-  default: fp16
-  patterns:
-    '.*\\.mlp\\..*': fp8
-  weight_mapping:
-    model.layers.3.mlp.gate_proj.weight: int8
-    model.layers.3.mlp.up_proj.weight: int8
-    model.layers.3.mlp.down_proj.weight: int8
-"""
 
 
 def everything(precision: str, extra: str = "") -> str:
@@ -43,7 +34,8 @@ SCHEMES = {
     "int8_w8a8": ("int8 W8A8 (channel weights, dynamic token activations)", everything("int8"),
                   {"int8_scheme": "w8a8"}),
     "fp8_w8a8": ("fp8 W8A8 (channel weights, dynamic token activations)", everything("fp8"), {"fp8_scheme": "w8a8"}),
-    "mixed_w8a8": ("mixed fp16 (ignored) + fp8 W8A8 + int8 W8A8", MIXED, {"int8_scheme": "w8a8", "fp8_scheme": "w8a8"}),
+    "mixed_w8a8": ("mixed fp16 (ignored) + fp8 W8A8 + int8 W8A8", MIXED_W8A8_CONFIG,
+                   {"int8_scheme": "w8a8", "fp8_scheme": "w8a8"}),
     "int4_sym": ("int4 WNA16, group 128, sym", everything("int4", "  int4: {bits: 4, group_size: 128, sym: true}\n"),
                  {}),
     "int4_asym": ("int4 WNA16, group 128, asym",

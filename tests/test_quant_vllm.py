@@ -18,17 +18,8 @@ import torch
 from lib.numerics import tie_bound
 from lib.quant.export import export_compressed_tensors
 from lib.quant.loader import load_mixed_model
-from lib.quant.vllm_run import cpu_has_amx, run_vllm_greedy
+from lib.quant.vllm_run import MIXED_W8A8_CONFIG, cpu_has_amx, run_vllm_greedy
 
-CONFIG = """mixed_precision:
-  default: fp16
-  patterns:
-    '.*\\.mlp\\..*': fp8
-  weight_mapping:
-    model.layers.3.mlp.gate_proj.weight: int8
-    model.layers.3.mlp.up_proj.weight: int8
-    model.layers.3.mlp.down_proj.weight: int8
-"""
 PROMPT = [5, 6, 7, 8, 9, 10]
 AMX_FLOAT32_REFUSAL = "int8_scaled_mm_with_quant: expect A to be bfloat16 or half"
 
@@ -37,7 +28,7 @@ AMX_FLOAT32_REFUSAL = "int8_scaled_mm_with_quant: expect A to be bfloat16 or hal
 def mixed_export(tiny_models, tmp_path_factory):
     work = tmp_path_factory.mktemp("mixed")
     cfg = work / "mp.yaml"
-    cfg.write_text(CONFIG)
+    cfg.write_text(MIXED_W8A8_CONFIG)
     model, _, plan = load_mixed_model(cfg, tiny_models.target)
     assert set(plan.values()) == {"fp16", "fp8", "int8"}
     export_compressed_tensors(model, work / "ct", tiny_models.target, int8_scheme="w8a8", fp8_scheme="w8a8")

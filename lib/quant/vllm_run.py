@@ -14,6 +14,17 @@ import textwrap
 import time
 from pathlib import Path
 
+# fp16 (vLLM ignores it), fp8 W8A8 on every MLP, int8 W8A8 on one layer: the schemes vLLM's CPU build runs
+MIXED_W8A8_CONFIG = """mixed_precision:
+  default: fp16
+  patterns:
+    '.*\\.mlp\\..*': fp8
+  weight_mapping:
+    model.layers.3.mlp.gate_proj.weight: int8
+    model.layers.3.mlp.up_proj.weight: int8
+    model.layers.3.mlp.down_proj.weight: int8
+"""
+
 VLLM_RUN = textwrap.dedent("""
     import json, sys
     if __name__ == "__main__":
