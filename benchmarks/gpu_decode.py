@@ -1,6 +1,7 @@
 """GPU decode speed of the PyTorch engine's fast path against the memory-bandwidth floor and HF's own loops.
 
-One run: measures device copy bandwidth; builds random-init Llama shapes in bf16 (no downloads); times AR on the
+One run: measures device copy bandwidth; builds random-init 8B-class shapes of one family in bf16 (--arch: llama,
+mistral, qwen2, qwen3; no downloads) and a small draft of the same family; times AR on the
 fast path (lib/decoding/fast_path.py) at several batch sizes (tok/s and % of the bandwidth floor = copy bandwidth /
 weight bytes read per step); times chain SD with drafts of known acceptance and compares the measured speedup
 with Leviathan's prediction from the measured acceptance and draft/target cost ratio; times HF `generate` and
@@ -15,7 +16,8 @@ head is left as it is); a self-draft made of the target's first k layers (+ fina
 target more often the smaller eps is, while the target still reads all of its weights every step.
 
     python benchmarks/gpu_decode.py --out docs/perf/h100_<date>.json   # on a GPU (about 4 minutes on an H100)
-    python benchmarks/gpu_decode.py --tiny --out smoke.json            # CPU smoke test with tiny shapes
+    python benchmarks/gpu_decode.py --arch qwen3 --out docs/perf/h100_qwen3_<date>.json   # Qwen3-8B, Qwen3-0.6B
+    python benchmarks/gpu_decode.py --tiny --arch qwen3 --check        # CPU smoke test with tiny shapes
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import argparse
 import datetime
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -40,11 +42,48 @@ from lib.decoding.fast_path import (  # noqa: E402
 )
 from lib.files import write_json  # noqa: E402
 
-SHAPES = {  # name: (layers, hidden, intermediate, heads, kv heads, vocab)
-    "1b": (16, 2048, 8192, 32, 8, 128256),
-    "8b": (32, 4096, 14336, 32, 8, 128256),
-    "tiny": (4, 128, 384, 4, 2, 512),
-    "tiny-draft": (2, 64, 192, 2, 1, 512),
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    head_dim: int | None = None  # None: hidden / heads
+    tied: bool = False  # lm_head is the embedding
+
+
+@dataclass(frozen=True)
+class Family:
+    """One --arch: its transformers config class, what its configs share, its shapes and default runs."""
+    config: str
+    settings: dict
+    shapes: dict[str, Shape]
+    targets: str  # default --shapes
+    small_draft: str  # default --small-draft
+
+
+TINY = Shape(4, 128, 384, 4, 2, 512)
+TINY_DRAFT = Shape(2, 64, 192, 2, 1, 512)
+ARCHS = {
+    "llama": Family("LlamaConfig", {"rope_theta": 500000.0}, {
+        "8b": Shape(32, 4096, 14336, 32, 8, 128256), "1b": Shape(16, 2048, 8192, 32, 8, 128256),
+        "tiny": TINY, "tiny-draft": TINY_DRAFT}, "8b,1b", "1b"),
+    "mistral": Family("MistralConfig", {"rope_theta": 1e6, "sliding_window": None}, {  # Mistral-7B v0.3
+        "7b": Shape(32, 4096, 14336, 32, 8, 32768),
+        "1b": Shape(16, 2048, 7168, 16, 8, 32768, head_dim=128),  # a small Mistral of our own: no such release
+        "tiny": TINY, "tiny-draft": TINY_DRAFT}, "7b", "1b"),
+    "qwen2": Family("Qwen2Config", {"rope_theta": 1e6, "rms_norm_eps": 1e-6}, {  # q/k/v biases
+        "7b": Shape(28, 3584, 18944, 28, 4, 152064),  # Qwen2.5-7B
+        "0.5b": Shape(24, 896, 4864, 14, 2, 152064, tied=True),  # Qwen2.5-0.5B (its vocab padded to the 7B's)
+        "tiny": TINY, "tiny-draft": replace(TINY_DRAFT, tied=True)}, "7b", "0.5b"),
+    "qwen3": Family("Qwen3Config", {"rope_theta": 1e6, "rms_norm_eps": 1e-6}, {  # q/k norms, explicit head_dim
+        "8b": Shape(36, 4096, 12288, 32, 8, 151936, head_dim=128),  # Qwen3-8B
+        "0.6b": Shape(28, 1024, 3072, 16, 8, 151936, head_dim=128, tied=True),  # Qwen3-0.6B
+        "tiny": replace(TINY, head_dim=64), "tiny-draft": replace(TINY_DRAFT, head_dim=64, tied=True)},
+        "8b", "0.6b"),
 }
 
 
@@ -116,16 +155,20 @@ def step_seconds(decoder: StaticDecoder, width: int, repeats: int) -> float:
 
 
 # ---------------------------------------------------------------- models
-def build_llama(shape: str, dtype, device, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    layers, hidden, inter, heads, kv, vocab = SHAPES[shape]
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
-                         max_position_embeddings=4096, rope_theta=500000.0, tie_word_embeddings=False,
-                         bos_token_id=None, eos_token_id=None, pad_token_id=0)
+def build_model(arch: str, shape: str, dtype, device, seed: int):
+    import transformers
+    from transformers import AutoModelForCausalLM
+    family = ARCHS[arch]
+    s = family.shapes[shape]
+    extra = {"head_dim": s.head_dim} if s.head_dim else {}
+    config = getattr(transformers, family.config)(
+        hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=s.layers,
+        num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, vocab_size=s.vocab, tie_word_embeddings=s.tied,
+        max_position_embeddings=4096, bos_token_id=None, eos_token_id=None, pad_token_id=0, **family.settings,
+        **extra)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
+        model = AutoModelForCausalLM.from_config(config).to(dtype)
     model.eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -142,10 +185,10 @@ def set_eps(model, old_eps: float, new_eps: float):
 
 def hf_self_draft(target, k: int):
     """An HF model made of the target's first k layers, norm and head (shared modules, no copy)."""
-    from transformers import LlamaForCausalLM
-    config = type(target.config)(**{**target.config.to_dict(), "num_hidden_layers": k})
+    settings = {key: value for key, value in target.config.to_dict().items() if key != "layer_types"}
+    config = type(target.config)(**{**settings, "num_hidden_layers": k})
     with torch.device("meta"):
-        draft = LlamaForCausalLM(config)
+        draft = type(target)(config)
     draft.model.embed_tokens = target.model.embed_tokens
     draft.model.layers = torch.nn.ModuleList(target.model.layers[:k])
     draft.model.norm, draft.model.rotary_emb, draft.lm_head = target.model.norm, target.model.rotary_emb, target.lm_head
@@ -154,10 +197,10 @@ def hf_self_draft(target, k: int):
 
 
 @torch.no_grad()
-def small_draft_for(target, shape: str, eps: float, seed: int):
+def small_draft_for(target, arch: str, shape: str, eps: float, seed: int):
     """A separate smaller model whose embeddings/head are slices of the target's, its layers eps-scaled:
     acceptance is whatever that gives (measured, not set)."""
-    draft = build_llama(shape, target.dtype, target.device, seed + 1)
+    draft = build_model(arch, shape, target.dtype, target.device, seed + 1)
     hidden = draft.config.hidden_size
     draft.model.embed_tokens.weight.copy_(target.model.embed_tokens.weight[:, :hidden])
     draft.lm_head.weight.copy_(target.lm_head.weight[:, :hidden])
@@ -271,13 +314,16 @@ def parse_args(argv=None):
     g = p.add_argument_group("what to run")
     g.add_argument("--tiny", action="store_true",
                    help="CPU smoke run with tiny shapes (also the default without a GPU)")
-    g.add_argument("--shapes", default="8b,1b", help="comma-separated target shapes (8b, 1b)")
+    g.add_argument("--arch", default="llama", choices=sorted(ARCHS), help="model family of target and drafts")
+    g.add_argument("--shapes", default="", help="comma-separated target shapes of --arch (default: llama 8b,1b; "
+                   "mistral 7b; qwen2 7b; qwen3 8b)")
     g.add_argument("--batches", default="1,4,16", help="AR batch sizes")
-    g.add_argument("--sd-shape", default="8b", help="shape whose SD, HF generate and HF assisted rows are run "
-                   "(none = skip them)")
+    g.add_argument("--sd-shape", default="", help="shape whose SD, HF generate and HF assisted rows are run "
+                   "(default: the first of --shapes; none = skip them)")
     g.add_argument("--eps", default="1e-3,3e-4,1e-4", help="acceptance dial values (low, middle, high acceptance)")
     g.add_argument("--draft-layers", type=int, default=4, help="layers of the self-draft")
-    g.add_argument("--small-draft", default="1b", help="shape of the separate draft ('' = none)")
+    g.add_argument("--small-draft", default=None, help="shape of the separate draft of --arch ('' = none; "
+                   "default: llama 1b, mistral 1b, qwen2 0.5b, qwen3 0.6b)")
     g.add_argument("--no-hf", action="store_true", help="skip the HF generate / assisted rows")
     g = p.add_argument_group("sizes")
     g.add_argument("--prompt-len", type=int, default=128)
@@ -303,6 +349,10 @@ def main(argv=None):
         args.batches = ",".join(b for b in args.batches.split(",") if int(b) <= 4)
         args.new_tokens, args.hf_new_tokens, args.prompt_len = min(args.new_tokens, 16), 8, 16
         args.draft_layers, args.step_repeats = min(args.draft_layers, 2), 3
+    family = ARCHS[args.arch]
+    args.shapes = args.shapes or family.targets
+    args.sd_shape = args.sd_shape or args.shapes.split(",")[0]
+    args.small_draft = family.small_draft if args.small_draft is None else args.small_draft
     dtype = torch.float32 if args.tiny else torch.bfloat16
     energy = Energy(device)
     bandwidth = copy_bandwidth(device, (64 << 20) if args.tiny else (2 << 30))
@@ -311,7 +361,8 @@ def main(argv=None):
     eps_values = [float(e) for e in args.eps.split(",")]
     rows, _checks = Results(args, gpu, bandwidth), {}
     for shape in args.shapes.split(","):
-        model = build_llama(shape, dtype, device, args.seed)
+        model = build_model(args.arch, shape, dtype, device, args.seed)
+        label = f"{args.arch}-{shape}"
         eps = eps_values[len(eps_values) // 2]
         set_eps(model, 1.0, eps)
         vocab = model.config.vocab_size
@@ -319,16 +370,16 @@ def main(argv=None):
         max_pos = args.prompt_len + args.new_tokens + 4 * args.gamma + 8
         weights = weights_from_hf(model, max_pos)
         floor_steps = bandwidth / weights.nbytes()
-        print(f"{shape}: {weights.nbytes() / 1e9:.2f} GB read per step, floor {floor_steps:.0f} steps/s")
+        print(f"{label}: {weights.nbytes() / 1e9:.2f} GB read per step, floor {floor_steps:.0f} steps/s")
         ar_rows = {}
         for batch in [int(b) for b in args.batches.split(",")]:
-            ar_rows[batch] = run_ar(args, shape, weights, prompt, batch, floor_steps, device, energy,
+            ar_rows[batch] = run_ar(args, label, weights, prompt, batch, floor_steps, device, energy,
                                     decoder_options(args))
             rows.add(ar_rows[batch])
         if args.check:
-            rows.checks[shape] = check_tokens(model, weights, prompt, args.new_tokens, ar_rows)
+            rows.checks[label] = check_tokens(model, weights, prompt, args.new_tokens, ar_rows)
         if shape == args.sd_shape:
-            sd_rows(rows, args, shape, model, weights, prompt, ar_rows[1], eps, eps_values, device, energy)
+            sd_rows(rows, args, label, model, weights, prompt, ar_rows[1], eps, eps_values, device, energy)
         del weights, model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -372,7 +423,7 @@ def sd_rows(rows, args, shape, model, weights, prompt, ar_row, eps, eps_values, 
     set_eps(model, current, eps)
     hf_drafts = [(f"self{args.draft_layers}@{eps:g}", hf_self_draft(model, args.draft_layers))]
     if args.small_draft:
-        small = small_draft_for(model, args.small_draft, eps, args.seed)
+        small = small_draft_for(model, args.arch, args.small_draft, eps, args.seed)
         name = f"{args.small_draft}@{eps:g}"
         rows.add(run_sd(args, shape, weights, weights_from_hf(small, weights.cos.shape[0]), name, prompt, ar_row,
                         device, energy, decoder_options(args)))

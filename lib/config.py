@@ -124,8 +124,9 @@ VARS: list[Var] = [
     Var("INFERENCE_METHOD", "choice", "speculative", METHOD_HELP, G_ENGINE,
         choices=tuple(m.name for m in COMPARED_METHODS)),
     Var("HF_FAST_PATH", "bool", True, "PyTorch engine: static KV caches and CUDA graphs "
-        "(lib/decoding/fast_path.py) for "
-        "Llama models that each sit on one device; false = the plain transformers loop", G_ENGINE),
+        "(lib/decoding/fast_path.py) for Llama, Mistral, Qwen2/2.5, Qwen3, Phi-3, Granite, OLMo 2 and Seed-OSS "
+        "models that each sit on one device (others fall back with one line saying why); false = the plain "
+        "transformers loop, silently", G_ENGINE),
     Var("WARMUP", "bool", True, "before timing a mode, decode one short untimed batch (first-use costs: CUDA graph "
         "capture, torch.compile, vLLM's first step)", G_ENGINE),
     Var("ENABLE_SPECULATIVE", "bool", True, "run the INFERENCE_METHOD mode", G_ENGINE),

@@ -2,7 +2,8 @@
 
 ModeMetrics declares every aggregate once, as a typed field whose metadata says where it shows: its group in the
 result file, its column in the console summary, the report rows and analyze.py, and how two modes compare on it.
-Figures that are not ModeMetrics fields (speedups, energy, bandwidth) are the few columns of EXTRA_COLUMNS.
+Figures that are not ModeMetrics fields (speedups, energy, bandwidth, the decode path) are the few columns of
+EXTRA_COLUMNS.
 COLUMNS, in display order, is what print_summary, compare, lib/sweep_report.py and analyze.py are generated from.
 """
 from __future__ import annotations
@@ -180,6 +181,12 @@ def _bandwidth_efficiency(result: dict, comparison: dict):
     return (result.get("bandwidth") or {}).get("bandwidth_efficiency")
 
 
+def _decode_path(result: dict, comparison: dict):
+    """The PyTorch engine's decode loop (its engine facts' fast_path); None for engines without the choice."""
+    fast = (result.get("engine") or {}).get("fast_path")
+    return None if fast is None else "fast" if fast else "plain"
+
+
 EXTRA_COLUMNS = [
     Column("speedup", _compared("output_throughput"), row=True, short=True, higher_is_better=True, regress=True,
            after="output_throughput"),
@@ -188,6 +195,7 @@ EXTRA_COLUMNS = [
            higher_is_better=False, regress=True, compare="energy_per_token_ratio", as_speedup=False,
            compare_label="energy/token ratio"),
     Column("bandwidth_efficiency", _bandwidth_efficiency, summary="BW eff", digits=3),
+    Column("path", _decode_path, summary="path"),
 ]
 
 

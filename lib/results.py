@@ -139,6 +139,21 @@ def comparison_line(comparison: dict) -> str:
     return f"{comparison['mode']} vs {comparison['baseline']}: " + ", ".join(parts)
 
 
+OVERHEAD_BOUND = 0.2  # bandwidth efficiency under which a GPU run is bound by the engine's overhead
+
+
+def overhead_bound_line(modes: dict) -> str | None:
+    """A warning for the modes that ran on a GPU far from the memory-bandwidth floor, or None."""
+    efficiency = next(c for c in COLUMNS if c.name == "bandwidth_efficiency")
+    slow = [f"{mode} ({value:.3f})" for mode, res in modes.items()
+            if str((res.get("engine") or {}).get("device", "")).startswith("cuda")
+            and (value := efficiency.get(res, {})) is not None and value < OVERHEAD_BOUND]
+    if not slow:
+        return None
+    return (f"warning: BW eff under {OVERHEAD_BOUND:g} on a GPU: {', '.join(slow)}: an overhead-bound engine; SD "
+            "verdicts from it do not carry over to a fast one")
+
+
 def print_summary(modes: dict, comparisons: list[dict], run_dir: Path, console=None):
     from rich.console import Console
     from rich.table import Table
@@ -151,6 +166,9 @@ def print_summary(modes: dict, comparisons: list[dict], run_dir: Path, console=N
     for mode, res in modes.items():
         table.add_row(mode, res["status"], *(_cell(cols, res) for cols in headings.values()))
     console.print(table)
+    warning = overhead_bound_line(modes)
+    if warning:
+        console.print(warning, markup=False)
     for c in comparisons:
         console.print(comparison_line(c))
     energies = [r.get("energy") for r in modes.values() if r.get("energy")]

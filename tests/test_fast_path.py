@@ -8,10 +8,10 @@ import torch
 from lib.decoding.chain import autoregressive_generate, speculative_generate
 from lib.decoding.fast_path import (
     StaticDecoder,
+    fast_path_blocker,
     max_len_for,
     static_autoregressive_generate,
     static_speculative_generate,
-    supports,
     weights_from_hf,
 )
 from lib.models import load_model, load_tokenizer
@@ -98,14 +98,17 @@ def test_sampling_keeps_lengths_and_is_seeded(pair, prompts):
     assert all(len(row) == NEW for row in outs[0])
 
 
-def test_supports_llama_only(pair):
+def test_blocker_names_what_the_fast_path_does_not_cover(pair):
     from types import SimpleNamespace
 
-    from transformers import GPT2Config, LlamaConfig
-    assert supports(pair[0])
-    for config in (LlamaConfig(attention_bias=True), LlamaConfig(mlp_bias=True), LlamaConfig(hidden_act="gelu"),
-                   GPT2Config()):
-        assert not supports(SimpleNamespace(config=config)), config
+    from transformers import GPT2Config, MixtralConfig
+    assert fast_path_blocker(pair[0]) is None
+    assert fast_path_blocker(SimpleNamespace(config=GPT2Config())) == "gpt2 is not covered by the fast path"
+    assert "mixture-of-experts" in fast_path_blocker(SimpleNamespace(config=MixtralConfig()))
+    window = SimpleNamespace(config=type(pair[0].config)(**{**pair[0].config.to_dict(), "sliding_window": 64}))
+    window.model = pair[0].model
+    assert fast_path_blocker(window) is None and fast_path_blocker(window, 64) is None
+    assert "sliding attention window is 64 tokens" in fast_path_blocker(window, 65)
 
 
 def test_benchmark_smoke_on_cpu(tmp_path):

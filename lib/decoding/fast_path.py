@@ -1,6 +1,6 @@
 """The fast decode path of the PyTorch engine (gpt-fast style): static KV caches and CUDA graphs.
 
-Why a small Llama forward of our own over the HF weights instead of transformers' StaticCache: the decode and
+Why a small decoder forward of our own over the HF weights instead of transformers' StaticCache: the decode and
 verify steps must be capturable as CUDA graphs with per-row cache positions (rows of a batch accept different
 numbers of drafts), and HF's forward rebuilds masks and position tensors on the host every call (measured: HF
 generate with a static cache is slower than without). Here a step is a fixed sequence of tensor ops that reads
@@ -10,15 +10,19 @@ Cache layout: every row writes token t at cache column t (prompts are not padded
 `lengths[b]` is the number of committed tokens of row b. Rolling back rejected drafts is just lowering
 `lengths`: attention masks every column >= a query's position, and the next step overwrites those columns.
 
-Numerics follow transformers' Llama (RMSNorm in float32, rotary tables from the model's own rotary module), so on
-CPU in float32 the greedy tokens equal lib/decoding/chain.py's plain path. Only Llama-architecture models without
-attention/MLP biases take this path (`supports(model)`); others use the plain path.
+Families (FAMILIES): the dense RoPE decoders that differ from Llama by a few switches of `Arch` (q/k norms,
+post-norms, granite's multipliers) and by what the weights hold (biases, fused projections, partial rotary,
+explicit head_dim, tied head). Numerics follow each family's transformers modeling file (RMSNorm in float32,
+rotary tables from the model's own rotary module, its activation, its attention scale), so on CPU in float32
+the greedy tokens equal lib/decoding/chain.py's plain path. `fast_path_blocker(model)` says why a model cannot
+take this path (docs/performance.md lists the families and what the others lack).
 """
 from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -27,116 +31,274 @@ from lib.decoding.chain import _Rows, accept_drafts, probabilities, sample
 from lib.types import Generation
 
 
+@dataclass(frozen=True)
+class Family:
+    """How one model_type differs from Llama in its forward (everything else is read from the weights)."""
+    qk_norm: str | None = None  # "head": RMSNorm of each head of q and k (qwen3); "proj": of the whole projection
+    post_norms: bool = False  # the layer norms follow attention and MLP (olmo2) instead of preceding them
+    norm_weight_in_float: bool = False  # RMSNorm multiplies its weight in float32, then casts (olmo2)
+
+
+FAMILIES = {
+    "llama": Family(),
+    "mistral": Family(),
+    "qwen2": Family(),
+    "qwen3": Family(qk_norm="head"),
+    "phi3": Family(),  # fused qkv_proj / gate_up_proj, partial rotary: read from the weights and the rope table
+    "granite": Family(),  # embedding, residual, attention and logits multipliers: read from the config
+    "olmo2": Family(qk_norm="proj", post_norms=True, norm_weight_in_float=True),
+    "seed_oss": Family(),  # Llama with q/k/v and o biases
+}
+MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
+SEQUENCE_LENGTH_ROPE = ("longrope",)  # rotary tables that switch frequencies past original_max_position_embeddings
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The per-model constants of a layer's forward (static under torch.compile: one compilation per Arch)."""
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    eps: float
+    scale: float  # attention score scale: head_dim ** -0.5, granite's attention_multiplier
+    act: Callable  # the model's MLP activation
+    qk_norm: str | None = None
+    post_norms: bool = False
+    norm_weight_in_float: bool = False
+    residual_scale: float = 1.0  # granite's residual_multiplier
+
+    def qkv_sizes(self) -> list[int]:
+        return [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim]
+
+
 @dataclass
 class LayerWeights:
     wqkv: torch.Tensor  # q, k, v projections stacked along the output dim: one matmul
     wo: torch.Tensor
     w13: torch.Tensor  # gate and up stacked: one matmul
     w2: torch.Tensor
-    attn_norm: torch.Tensor
-    mlp_norm: torch.Tensor
+    attn_norm: torch.Tensor  # before attention (after it under Arch.post_norms)
+    mlp_norm: torch.Tensor  # before the MLP (after it under Arch.post_norms)
+    bqkv: torch.Tensor | None = None  # biases where the model has them (qwen2's q/k/v, Llama's attention_bias...)
+    bo: torch.Tensor | None = None
+    b13: torch.Tensor | None = None
+    b2: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None  # Arch.qk_norm
+    k_norm: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (getattr(self, f.name) for f in fields(self)) if t is not None]
 
 
 @dataclass
-class LlamaWeights:
+class DecoderWeights:
     embed: torch.Tensor
     layers: list[LayerWeights]
     norm: torch.Tensor
     lm_head: torch.Tensor
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    eps: float
-    cos: torch.Tensor  # [max_positions, head_dim], model dtype (as HF applies it)
+    arch: Arch
+    cos: torch.Tensor  # [max_positions, rotary dim], model dtype (as HF applies it)
     sin: torch.Tensor
+    embed_scale: float = 1.0  # granite's embedding_multiplier
+    logits_scale: float = 1.0  # granite's logits_scaling (logits are divided by it)
 
-    def first_layers(self, k: int) -> LlamaWeights:
+    def first_layers(self, k: int) -> DecoderWeights:
         """A self-draft: the first k layers with the final norm and head (shares the tensors)."""
-        return LlamaWeights(**{**self.__dict__, "layers": self.layers[:k]})
+        return DecoderWeights(**{**self.__dict__, "layers": self.layers[:k]})
 
     def nbytes(self) -> int:
         """Bytes of weights read per decode step (embedding rows read are negligible)."""
-        tensors = [self.norm, self.lm_head] + [t for layer in self.layers for t in layer.__dict__.values()]
+        tensors = [self.norm, self.lm_head] + [t for layer in self.layers for t in layer.tensors()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def supports(model) -> bool:
-    config = model.config
-    return (getattr(config, "model_type", "") == "llama" and not getattr(config, "attention_bias", False)
-            and not getattr(config, "mlp_bias", False) and getattr(config, "hidden_act", "silu") == "silu")
+# ---------------------------------------------------------------- which models
 
+def fast_path_blocker(model, max_len: int | None = None) -> str | None:
+    """Why this model cannot take the fast path (a phrase that starts with its model_type), or None. max_len: the
+    longest cache the run needs, once known; past it a sliding window or a length-dependent rope would change
+    what attention sees, which this path does not follow (None: not known yet, those limits are not checked)."""
+    config = model.config
+    family = getattr(config, "model_type", None) or type(model).__name__
+    if any(getattr(config, key, None) for key in MOE_KEYS):
+        return f"{family} is a mixture-of-experts model, which the fast path does not cover"
+    if family not in FAMILIES:
+        return f"{family} is not covered by the fast path"
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
+        return f"{family} has quantized weights ({method}), which the fast path does not read"
+    reason = _layout_blocker(model)
+    if reason:
+        return f"{family} {reason}"
+    for limit, what in _cache_limits(config) if max_len is not None else ():
+        if max_len > limit:
+            return f"{family}: {what} is {limit} tokens, shorter than this run's {max_len}-token cache"
+    return None
+
+
+def _layout_blocker(model) -> str | None:
+    """The layers must hold plain linear projections, each fused group biased all or none."""
+    for layer in model.model.layers:
+        for group in (_attention_linears(layer.self_attn), _mlp_linears(layer.mlp)):
+            for linears in group:
+                if not all(type(linear) is torch.nn.Linear for linear in linears):
+                    return f"has {type(linears[0]).__name__} projections, not plain linear layers"
+                if len({linear.bias is None for linear in linears}) > 1:
+                    return "has biases on some of the projections it fuses only"
+    return None
+
+
+def _cache_limits(config) -> list[tuple[int, str]]:
+    """(longest cache the fast path equals the model for, what sets it)."""
+    limits = [(config.max_position_embeddings, "its max_position_embeddings (the rope table)")]
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window and (layer_types is None or "sliding_attention" in layer_types):
+        limits.append((window, "its sliding attention window"))
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type") in SEQUENCE_LENGTH_ROPE:
+        limits.append((rope["original_max_position_embeddings"], f"its {rope['rope_type']} rope's "
+                       "original_max_position_embeddings (past it the frequencies switch)"))
+    return limits
+
+
+def _attention_linears(attn) -> list[list]:
+    """The projections fused into wqkv, then o_proj: [[q, k, v] or [qkv_proj], [o_proj]]."""
+    qkv = [attn.qkv_proj] if hasattr(attn, "qkv_proj") else [attn.q_proj, attn.k_proj, attn.v_proj]
+    return [qkv, [attn.o_proj]]
+
+
+def _mlp_linears(mlp) -> list[list]:
+    gate_up = [mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
+    return [gate_up, [mlp.down_proj]]
+
+
+# ---------------------------------------------------------------- weights
 
 @torch.no_grad()
-def weights_from_hf(model, max_positions: int) -> LlamaWeights:
-    """Take a transformers Llama's weights (shared; the fused qkv/gate-up matrices become the storage of the HF
-    projections, see `_fuse`)."""
+def weights_from_hf(model, max_positions: int) -> DecoderWeights:
+    """Take a transformers model's weights (shared; the fused qkv/gate-up matrices become the storage of the HF
+    projections, see `_fuse`). The model must pass fast_path_blocker."""
     inner, config = model.model, model.config
-    layers = []
-    for layer in inner.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        layers.append(LayerWeights(
-            wqkv=_fuse([attn.q_proj, attn.k_proj, attn.v_proj]),
-            wo=attn.o_proj.weight, w13=_fuse([mlp.gate_proj, mlp.up_proj]),
-            w2=mlp.down_proj.weight, attn_norm=layer.input_layernorm.weight,
-            mlp_norm=layer.post_attention_layernorm.weight))
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    family = FAMILIES[config.model_type]
+    layers = [_layer_weights(layer, family) for layer in inner.layers]
+    attn = inner.layers[0].self_attn
+    arch = Arch(n_heads=config.num_attention_heads, n_kv_heads=config.num_key_value_heads,
+                head_dim=attn.head_dim, eps=config.rms_norm_eps, scale=attn.scaling,
+                act=_activation(config.hidden_act), qk_norm=family.qk_norm, post_norms=family.post_norms,
+                norm_weight_in_float=family.norm_weight_in_float,
+                residual_scale=float(getattr(config, "residual_multiplier", 1.0)))
     embed = inner.embed_tokens.weight
+    max_positions = min([max_positions] + [limit for limit, _ in _cache_limits(config)])  # longrope: short factors
     positions = torch.arange(max_positions, device=embed.device)[None]
-    cos, sin = inner.rotary_emb(embed[:1, None], positions)  # the model's own rope (scaling included)
-    return LlamaWeights(embed=embed, layers=layers, norm=inner.norm.weight, lm_head=model.lm_head.weight,
-                        n_heads=config.num_attention_heads, n_kv_heads=config.num_key_value_heads,
-                        head_dim=head_dim, eps=config.rms_norm_eps, cos=cos[0], sin=sin[0])
+    cos, sin = inner.rotary_emb(embed[:1, None], positions)  # the model's own rope (scaling, partial rotary)
+    return DecoderWeights(embed=embed, layers=layers, norm=inner.norm.weight, lm_head=model.lm_head.weight,
+                          arch=arch, cos=cos[0], sin=sin[0],
+                          embed_scale=float(getattr(config, "embedding_multiplier", 1.0)),
+                          logits_scale=float(getattr(config, "logits_scaling", 1.0)))
 
 
-def _fuse(linears) -> torch.Tensor:
-    """One matrix stacking these projections' weights; each projection then holds a view of its rows, so the
-    model keeps working and the weights are not held twice (an 8B model would otherwise need ~1.7x its size)."""
-    fused = torch.cat([linear.weight for linear in linears])
-    for linear, rows in zip(linears, fused.split([linear.weight.shape[0] for linear in linears])):
-        linear.weight.data = rows
+def _layer_weights(layer, family: Family) -> LayerWeights:
+    (qkv, (o,)), (gate_up, (down,)) = _attention_linears(layer.self_attn), _mlp_linears(layer.mlp)
+    norms = ((layer.post_attention_layernorm, layer.post_feedforward_layernorm) if family.post_norms
+             else (layer.input_layernorm, layer.post_attention_layernorm))
+    attn = layer.self_attn
+    return LayerWeights(wqkv=_fuse(qkv), bqkv=_fuse(qkv, "bias"), wo=o.weight, bo=o.bias,
+                        w13=_fuse(gate_up), b13=_fuse(gate_up, "bias"), w2=down.weight, b2=down.bias,
+                        attn_norm=norms[0].weight, mlp_norm=norms[1].weight,
+                        q_norm=attn.q_norm.weight if family.qk_norm else None,
+                        k_norm=attn.k_norm.weight if family.qk_norm else None)
+
+
+def _fuse(linears, name: str = "weight") -> torch.Tensor | None:
+    """One tensor stacking these projections' weights (or biases); each projection then holds a view of its rows,
+    so the model keeps working and the weights are not held twice (an 8B model would otherwise need ~1.7x its
+    size). A projection fused already (phi3's qkv_proj) is used as it is."""
+    parts = [getattr(linear, name) for linear in linears]
+    if parts[0] is None or len(parts) == 1:
+        return parts[0]
+    fused = torch.cat(parts)
+    for part, rows in zip(parts, fused.split([part.shape[0] for part in parts])):
+        part.data = rows
     return fused
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+@functools.cache
+def _activation(name: str):
+    """transformers' activation of that name, one object per name (torch.compile guards on its identity)."""
+    from transformers.activations import ACT2FN
+    return ACT2FN[name]
+
+
+# ---------------------------------------------------------------- the forward
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_in_float: bool = False) -> torch.Tensor:
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    return (weight * h).to(x.dtype) if weight_in_float else weight * h.to(x.dtype)
+
+
+def norm(x: torch.Tensor, weight: torch.Tensor, arch: Arch) -> torch.Tensor:
+    return rms_norm(x, weight, arch.eps, arch.norm_weight_in_float)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
+    """RoPE on the first cos.shape[-1] dims of each head (all of them unless the rotary is partial)."""
+    dim = cos.shape[-1]
+    if dim < x.shape[-1]:
+        return torch.cat([rotate(x[..., :dim], cos, sin), x[..., dim:]], -1)
+    half = dim // 2
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
 
-def attention(q, k_cache, v_cache, mask, n_kv_heads: int):
+def attention(q, k_cache, v_cache, mask, arch: Arch):
     """q [B, n, Hq, D] against one layer's cache [B, Hkv, L, D]. The query heads of a kv head are folded into the
     query length (q [B, Hkv, g * n, D]), so both products are plain batched matmuls over the cache as it lies
     (no copy of it per query head or per step); softmax in float32 as transformers' eager attention does."""
     batch, n, n_heads, head_dim = q.shape
+    n_kv_heads = arch.n_kv_heads
     group, length = n_heads // n_kv_heads, k_cache.shape[2]
     q = q.view(batch, n, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4).reshape(batch, n_kv_heads, group * n,
                                                                                     head_dim)
-    scores = torch.matmul(q, k_cache.transpose(2, 3)) * head_dim ** -0.5  # [B, Hkv, g * n, L]
+    scores = torch.matmul(q, k_cache.transpose(2, 3)) * arch.scale  # [B, Hkv, g * n, L]
     mask = mask[:, None, None].expand(batch, 1, group, n, length).reshape(batch, 1, group * n, length)
     probs = torch.softmax(scores.float().masked_fill(~mask, float("-inf")), -1).to(q.dtype)
     out = torch.matmul(probs, v_cache)  # [B, Hkv, g * n, D]
     return out.view(batch, n_kv_heads, group, n, head_dim).permute(0, 3, 1, 2, 4).reshape(batch, n, n_heads * head_dim)
 
 
-def layer_forward(x, w: LayerWeights, k_cache, v_cache, cos, sin, cache_index, mask, n_heads: int,
-                  n_kv_heads: int, head_dim: int, eps: float):
+def heads(qkv: torch.Tensor, w: LayerWeights, arch: Arch):
+    """q [B, n, Hq, D], k and v [B, n, Hkv, D] from the fused projection, q/k-normed as the family does."""
+    q, k, v = qkv.split(arch.qkv_sizes(), -1)
+    if arch.qk_norm == "proj":
+        q, k = norm(q, w.q_norm, arch), norm(k, w.k_norm, arch)
+    q, k, v = (t.unflatten(-1, (-1, arch.head_dim)) for t in (q, k, v))
+    if arch.qk_norm == "head":
+        q, k = norm(q, w.q_norm, arch), norm(k, w.k_norm, arch)
+    return q, k, v
+
+
+def residual(x: torch.Tensor, out: torch.Tensor, norm_weight: torch.Tensor, arch: Arch) -> torch.Tensor:
+    if arch.post_norms:
+        out = norm(out, norm_weight, arch)
+    return x + (out * arch.residual_scale if arch.residual_scale != 1.0 else out)
+
+
+def pre_norm(x: torch.Tensor, norm_weight: torch.Tensor, arch: Arch) -> torch.Tensor:
+    return x if arch.post_norms else norm(x, norm_weight, arch)
+
+
+def layer_forward(x, w: LayerWeights, arch: Arch, k_cache, v_cache, cos, sin, cache_index, mask):
     """One decoder layer over x [B, n, H]; writes this step's keys/values into the cache [B, Hkv, L, D] at
     cache_index (rows, heads, positions broadcast to [B, n, Hkv])."""
-    batch, n, _ = x.shape
-    qkv = F.linear(rms_norm(x, w.attn_norm, eps), w.wqkv)
-    q, k, v = qkv.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], -1)
-    q = rotate(q.view(batch, n, n_heads, head_dim), cos, sin)
-    k = rotate(k.view(batch, n, n_kv_heads, head_dim), cos, sin)
+    q, k, v = heads(F.linear(pre_norm(x, w.attn_norm, arch), w.wqkv, w.bqkv), w, arch)
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     k_cache.index_put_(cache_index, k)  # an in-place scatter (index_copy_ made compile copy the whole cache)
-    v_cache.index_put_(cache_index, v.view(batch, n, n_kv_heads, head_dim))
-    x = x + F.linear(attention(q, k_cache, v_cache, mask, n_kv_heads), w.wo)
-    gate, up = F.linear(rms_norm(x, w.mlp_norm, eps), w.w13).chunk(2, -1)
-    return x + F.linear(F.silu(gate) * up, w.w2)
+    v_cache.index_put_(cache_index, v)
+    x = residual(x, F.linear(attention(q, k_cache, v_cache, mask, arch), w.wo, w.bo), w.attn_norm, arch)
+    gate, up = F.linear(pre_norm(x, w.mlp_norm, arch), w.w13, w.b13).chunk(2, -1)
+    return residual(x, F.linear(arch.act(gate) * up, w.w2, w.b2), w.mlp_norm, arch)
 
 
 @functools.cache
@@ -159,12 +321,12 @@ class StaticDecoder:
     fused by torch.compile first. On CPU the same code runs eagerly.
     """
 
-    def __init__(self, weights: LlamaWeights, batch: int, max_len: int, use_graphs: bool | None = None,
+    def __init__(self, weights: DecoderWeights, batch: int, max_len: int, use_graphs: bool | None = None,
                  compile_layers: bool | None = None):
         self.w, self.batch, self.max_len = weights, batch, max_len
         device, dtype = weights.embed.device, weights.embed.dtype
         self.device = device
-        shape = (len(weights.layers), batch, weights.n_kv_heads, max_len, weights.head_dim)
+        shape = (len(weights.layers), batch, weights.arch.n_kv_heads, max_len, weights.arch.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
@@ -172,7 +334,7 @@ class StaticDecoder:
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
         compile_layers = device.type == "cuda" if compile_layers is None else compile_layers
         self.layer = compiled_layer_forward() if compile_layers else layer_forward
-        self.heads = torch.arange(weights.n_kv_heads, device=device)
+        self.heads = torch.arange(weights.arch.n_kv_heads, device=device)
         self.rows = torch.arange(batch, device=device)
         self.graphs: dict[int, tuple] = {}
 
@@ -181,17 +343,22 @@ class StaticDecoder:
         layer_fn = layer_fn or self.layer
         w = self.w
         x = F.embedding(tokens, w.embed)
+        if w.embed_scale != 1.0:
+            x = x * w.embed_scale
         cos, sin = w.cos[positions][:, :, None], w.sin[positions][:, :, None]  # [B, n, 1, D]
         mask = self.columns[None, None, :] <= positions[:, :, None]  # [B, n, L]
         cache_index = (self.rows[:, None, None], self.heads[None, None, :], positions[:, :, None])
         for i, layer in enumerate(w.layers):
-            x = layer_fn(x, layer, self.k_cache[i], self.v_cache[i], cos, sin, cache_index, mask,
-                         w.n_heads, w.n_kv_heads, w.head_dim, w.eps)
-        return rms_norm(x, w.norm, w.eps)
+            x = layer_fn(x, layer, w.arch, self.k_cache[i], self.v_cache[i], cos, sin, cache_index, mask)
+        return norm(x, w.norm, w.arch)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.w.lm_head)
+        return logits / self.w.logits_scale if self.w.logits_scale != 1.0 else logits
 
     def _step_eager(self, tokens: torch.Tensor) -> torch.Tensor:
         positions = self.lengths[:, None] + torch.arange(tokens.shape[1], device=self.device)
-        return F.linear(self._forward(tokens, positions), self.w.lm_head)
+        return self._logits(self._forward(tokens, positions))
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], pad_id: int = 0) -> torch.Tensor:
@@ -205,7 +372,7 @@ class StaticDecoder:
         positions = torch.arange(width, device=self.device).expand(self.batch, width)
         hidden = self._forward(tokens, positions, layer_forward)[self.rows, lens - 1]
         self.lengths.copy_(lens)
-        return F.linear(hidden, self.w.lm_head)
+        return self._logits(hidden)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,9 @@ cache and CUDA graph versions in lib/decoding/fast_path.py) and transformers' as
 
 METHODS maps each method this engine runs (the engine table in lib/engines/__init__.py lists the same names) to its
 decode functions: each takes the started engine and a batch (prompt ids, max new tokens) and returns a Generation.
-The engine picks one at start, the fast version where the models allow it.
+The engine picks one at start, the fast version where the models allow it (lib/decoding/fast_path.py's
+FAMILIES, each model on one device); otherwise one warning line says why and what to expect, and describe()
+carries fast_path and fast_path_reason into run.json.
 """
 from __future__ import annotations
 
@@ -122,10 +124,9 @@ class PyTorchEngine(Engine):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.sampling = dict(temperature=self.cfg.temperature, eos_ids=self.eos_ids, pad_id=self.pad_id,
                              generator=self.generator)
-        self.fast = self._fast_weights()
-        self.decode = self.decoding.fast if self.fast is not None else self.decoding.plain
         self.decoders: dict = {}
-        self.cache_len = 0  # static cache length the whole workload needs (set by warmup)
+        self.cache_len = 0  # static cache length the workload needs (the whole workload's once warmup has run)
+        self._choose_path()
         (held_t, read_t), (held_d, read_d) = (weight_bytes_of(m) for m in (self.target, self.draft))
         self._held_bytes, self._read_bytes = held_t + held_d, (read_t, read_d)
         # bytes of weights read so far; the runner turns it into bandwidth_efficiency (lib/bandwidth.py)
@@ -150,21 +151,60 @@ class PyTorchEngine(Engine):
             return load_model(path, self.dtype, where)
         return load_model(path, self.dtype, device_map=where)
 
-    def _fast_weights(self):
-        """(target, draft) weights for lib/decoding/fast_path.py, or None where the plain loop must run."""
-        models = [self.target] + ([self.draft] if self.draft is not None else [])
-        if (self.decoding.fast is None or not self.cfg.hf_fast_path or self.cfg.mixed_precision_config
-                or not all(fast_path.supports(m) for m in models)
-                or self.placement.single_device("target") is None
-                or (self.draft is not None and self.placement.single_device("draft") is None)):
-            return None
-        return tuple(fast_path.weights_from_hf(m, m.config.max_position_embeddings) for m in models)
+    def _models(self) -> list[tuple[str, object]]:
+        return [("target", self.target)] + ([("draft", self.draft)] if self.draft is not None else [])
+
+    def _choose_path(self):
+        """The fast path's (target, draft) weights in self.fast, or None and the reason in self.fast_reason. A
+        plain loop asked for (HF_FAST_PATH=false, a method without a fast version) is silent; any other reason is
+        one warning line."""
+        self.fast, self.fast_reason = None, self._plain_asked_for()
+        if self.fast_reason is None:
+            self.fast_reason = self._fast_path_blocker()
+            if self.fast_reason is None:
+                self.fast = tuple(fast_path.weights_from_hf(m, m.config.max_position_embeddings)
+                                  for _, m in self._models())
+            else:
+                self._warn_plain()
+        self.decode = self.decoding.fast if self.fast is not None else self.decoding.plain
+
+    def _plain_asked_for(self) -> str | None:
+        if self.decoding.fast is None:
+            return f"the {self.method} method is transformers' own loop"
+        return None if self.cfg.hf_fast_path else "HF_FAST_PATH=false"
+
+    def _fast_path_blocker(self, max_len: int | None = None) -> str | None:
+        """What keeps these models off the fast path (max_len: see fast_path.fast_path_blocker)."""
+        if self.cfg.mixed_precision_config:
+            return "MIXED_PRECISION_CONFIG's layers are not covered by the fast path"
+        for role, model in self._models():
+            if self.placement.single_device(role) is None:
+                return f"the {role} is spread over several devices (GPU_STRATEGY={self.cfg.gpu_strategy})"
+            reason = fast_path.fast_path_blocker(model, max_len)
+            if reason:
+                return f"{role} {reason}"
+        return None
+
+    def _warn_plain(self):
+        logger.warning(f"{self.name}:{self.method}: plain transformers loop ({self.fast_reason}: expect a few % of "
+                       "the bandwidth floor on a GPU; HF_FAST_PATH=false silences this)")
+
+    def _fit_caches(self, need: int):
+        """Note the static cache length this workload needs; past a model's window (sliding attention, a
+        length-dependent rope) the fast path would differ from the model, so the engine falls back to the plain
+        loop, with the warning line (before any timed batch when warmup has seen the workload)."""
+        self.cache_len = max(self.cache_len, need)
+        reason = self.fast is not None and self._fast_path_blocker(self.cache_len)
+        if reason:
+            self.fast, self.fast_reason, self.decode = None, reason, self.decoding.plain
+            self.decoders.clear()
+            self._warn_plain()
 
     def describe(self) -> dict:
         return {"engine": self.name, "method": self.method, "device": self.device, "dtype": self.dtype,
                 "torch": torch.__version__, "gamma": self.cfg.gamma_value if self.draft is not None else None,
                 "placement": self.placement.as_dict(), "fast_path": self.fast is not None,
-                "token_times": self.decoding.token_times}
+                "fast_path_reason": self.fast_reason, "token_times": self.decoding.token_times}
 
     def weight_bytes(self) -> int:
         return self._held_bytes  # buffers too: mixed-precision layers hold their compressed weights there
@@ -187,7 +227,10 @@ class PyTorchEngine(Engine):
 
     def _generate_batch(self, requests: list[Request], clock: Clock) -> list[RequestRecord]:
         start = clock.now()
-        gen = self.decode(self, [r.prompt_ids for r in requests], max(r.max_new_tokens for r in requests))
+        prompts, max_new = [r.prompt_ids for r in requests], max(r.max_new_tokens for r in requests)
+        if self.fast is not None:
+            self._fit_caches(fast_path.max_len_for(prompts, max_new, self.cfg.gamma_value))
+        gen = self.decode(self, prompts, max_new)
         self._count_weight_reads(gen)
         records = []
         for row, request in enumerate(requests):
@@ -215,8 +258,8 @@ class PyTorchEngine(Engine):
     def warmup(self, requests):
         """Size the static caches for the whole workload first, so no timed batch meets a new cache length."""
         if self.fast is not None:
-            self.cache_len = fast_path.max_len_for([r.prompt_ids for r in requests],
-                                                max(r.max_new_tokens for r in requests), self.cfg.gamma_value)
+            self._fit_caches(fast_path.max_len_for([r.prompt_ids for r in requests],
+                                                   max(r.max_new_tokens for r in requests), self.cfg.gamma_value))
         super().warmup(requests)
 
     def static_decoders(self, prompts, max_new):
