@@ -64,15 +64,15 @@ def measure(name: str, dtypes: list[str], work: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "mp.yaml"
     config.write_text(yaml_text)
-    model, _ = ours(config, "float32")
+    model, float32_tokens = ours(config, "float32")
     export_compressed_tensors(model, folder / "ct", ensure_tiny_models().target, **options)
     row = {"scheme": name, "what": what}
     for dtype in dtypes:
-        _, expected = ours(config, dtype)
         tokens, error, seconds = run_vllm_greedy(folder / "ct", dtype, folder, PROMPT, NEW_TOKENS)
         if tokens is None:
             row[dtype] = {"result": "refused", "error": error, "seconds": round(seconds, 1)}
         else:
+            expected = float32_tokens if dtype == "float32" else ours(config, dtype)[1]
             equal = sum(a == b for a, b in zip(tokens, expected))
             row[dtype] = {"result": "loads", "tokens_equal": equal, "of": NEW_TOKENS, "seconds": round(seconds, 1)}
         print(f"{name} {dtype}: {cell(row[dtype])}", flush=True)

@@ -53,33 +53,8 @@ def choice(noun: str, options) -> Any:
 
 # ---------------------------------------------------------------- reading and validating
 
-def load_mapping(path: str | Path, label: str, expect_mapping: str = "a YAML mapping") -> dict:
-    """lib.files.load_yaml, and a key listed twice in one mapping is refused (YAML would keep the last one)."""
-    import yaml
-    data = files.load_yaml(path, label, expect_mapping)
-    _refuse_duplicate_keys(yaml.compose(files.read_text(path, label, expect_mapping), Loader=yaml.SafeLoader), label)
-    return data
-
-
-def _refuse_duplicate_keys(node, label: str):
-    import yaml
-    if isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            _refuse_duplicate_keys(item, label)
-    if not isinstance(node, yaml.MappingNode):
-        return
-    seen = set()
-    for key, value in node.value:
-        if isinstance(key, yaml.ScalarNode):
-            if (key.tag, key.value) in seen:
-                raise UsageError(f"{label}: line {key.start_mark.line + 1}: {key.value!r} is listed twice "
-                                 "(each key may appear once in a mapping)")
-            seen.add((key.tag, key.value))
-        _refuse_duplicate_keys(value, label)
-
-
 def read_config(model: type[ConfigModel], path: str | Path, label: str, expect_mapping: str = "a YAML mapping"):
-    return validate_model(model, load_mapping(path, label, expect_mapping), label)
+    return validate_model(model, files.load_yaml(path, label, expect_mapping), label)
 
 
 def validate_model(model: type[ConfigModel], data, label: str):

@@ -56,11 +56,16 @@ def read_text(path: str | Path, label: str, accepted: str, max_bytes: int = MAX_
         raise UsageError(f"{label}: cannot be read ({exc.strerror}); expected {accepted}") from None
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
 def _safe_loader():
     import yaml
 
-    class NoAliasLoader(yaml.SafeLoader):
-        """safe_load without anchors and aliases: a few hundred bytes of nested aliases expand to gigabytes."""
+    class StrictLoader(yaml.SafeLoader):
+        """safe_load without anchors and aliases (a few hundred bytes of nested aliases expand to gigabytes) and
+        without keys listed twice in one mapping (YAML would silently keep the last)."""
 
         def compose_node(self, parent, index):
             if self.check_event(yaml.AliasEvent):
@@ -68,16 +73,28 @@ def _safe_loader():
                 raise yaml.YAMLError(f"line {mark.line + 1}: aliases (*name) are not accepted")
             return super().compose_node(parent, index)
 
-    return NoAliasLoader
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key, _ in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    if (key.tag, key.value) in seen:
+                        raise _DuplicateKey(f"line {key.start_mark.line + 1}: {key.value!r} is listed twice "
+                                            "(each key may appear once in a mapping)")
+                    seen.add((key.tag, key.value))
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
 
 
 def load_yaml(path: str | Path, label: str | None = None, expect_mapping: str = "a YAML mapping"):
-    """A YAML file as Python data (a mapping unless expect_mapping is empty). Aliases are refused."""
+    """A YAML file as Python data (a mapping unless expect_mapping is empty). Aliases and repeated keys are refused."""
     import yaml
     label = label or str(path)
     text = read_text(path, label, expect_mapping or "a YAML file")
     try:
         data = yaml.load(text, Loader=_safe_loader())  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise UsageError(f"{label}: {exc}") from None
     except yaml.YAMLError as exc:
         raise UsageError(f"{label}: not valid YAML ({str(exc).splitlines()[0]})") from None
     except RecursionError:

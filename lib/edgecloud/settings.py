@@ -8,9 +8,9 @@ from typing import Annotated, Any
 
 from pydantic import Field, field_validator
 
-from lib.config_models import Accepts, ConfigModel, choice, load_mapping, validate_model
+from lib.config_models import Accepts, ConfigModel, choice, validate_model
 from lib.errors import UsageError
-from lib.files import ROOT, shipped
+from lib.files import ROOT, load_yaml, shipped
 
 DEFAULT_CONFIG = ROOT / "configs" / "edge_cloud.yaml"
 STRATEGIES = ("max_prob", "entropy", "temperature", "top_k_agg", "ensemble")
@@ -152,7 +152,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
-    return load_mapping(path, f"--config {path}", "a mapping of sections (edge, cloud, communication, ...)")
+    return load_yaml(path, f"--config {path}", "a mapping of sections (edge, cloud, communication, ...)")
 
 
 def load_config(path: str | Path | None = None) -> dict:

@@ -14,6 +14,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from lib.files import ROOT
+
 # fp16 (vLLM ignores it), fp8 W8A8 on every MLP, int8 W8A8 on one layer: the schemes vLLM's CPU build runs
 MIXED_W8A8_CONFIG = """mixed_precision:
   default: fp16
@@ -28,6 +30,8 @@ MIXED_W8A8_CONFIG = """mixed_precision:
 VLLM_RUN = textwrap.dedent("""
     import json, sys
     if __name__ == "__main__":
+        from lib.vllm_support import prepare_cpu_environment
+        prepare_cpu_environment()
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
         llm = LLM(model=sys.argv[1], dtype=sys.argv[2], enforce_eager=True, max_model_len=256)
@@ -37,9 +41,10 @@ VLLM_RUN = textwrap.dedent("""
 """)
 
 
-def vllm_env(cache: Path) -> dict:
-    return dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
-                VLLM_CACHE_ROOT=str(cache))
+def _child_env() -> dict:
+    """The child finds the project's lib (for the vLLM settings of lib/vllm_support.py) from any folder."""
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=str(ROOT) + (os.pathsep + path if path else ""))
 
 
 def run_vllm_greedy(folder: Path, dtype: str, work: Path, prompt: list[int], new_tokens: int, timeout: float = 900):
@@ -48,7 +53,7 @@ def run_vllm_greedy(folder: Path, dtype: str, work: Path, prompt: list[int], new
     script.write_text(VLLM_RUN)
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, str(script), str(folder), dtype, json.dumps(prompt), str(new_tokens)],
-                       env=vllm_env(work / "vllm-cache"), capture_output=True, text=True, timeout=timeout)
+                       env=_child_env(), capture_output=True, text=True, timeout=timeout)
     seconds = time.perf_counter() - t0
     lines = [line for line in r.stdout.splitlines() if line.startswith("TOKENS ")]
     if r.returncode == 0 and lines:
