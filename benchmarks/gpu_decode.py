@@ -337,11 +337,15 @@ def parse_args(argv=None):
     g = p.add_argument_group("output")
     g.add_argument("--out", default="", help="JSON file to write")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--repeat", type=int, default=1, help="run everything in N fresh processes, then print each "
+                   "row's median and spread (max - min) and write all runs to --out")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.repeat > 1:
+        return repeat(args, sys.argv[1:] if argv is None else list(argv))
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     if device.type == "cpu":
         args.tiny = True
@@ -410,6 +414,68 @@ class Results:
         return {"schema": "speclab.gpu_decode/1", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 "device": self.gpu, "torch": torch.__version__, "copy_bandwidth_gb_s": self.bandwidth / 1e9,
                 "args": vars(self.args), "checks": self.checks, "rows": [asdict(r) for r in self.rows]}
+
+
+SPREAD_FIELDS = ("tok_s", "pct_floor", "speedup", "ratio")
+
+
+def child_argv(argv: list[str], out: str) -> list[str]:
+    """argv without --repeat and --out (either spelling), writing to out."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--repeat", "--out"):
+            skip = True
+        elif not arg.startswith(("--repeat=", "--out=")):
+            kept.append(arg)
+    return kept + ["--out", out]
+
+
+def repeat(args, argv: list[str]) -> dict:
+    """The whole measurement in args.repeat fresh processes (compilation, graph capture and kernel choices are
+    per process); rows are matched by (shape, method, draft, batch) and reported as median and spread."""
+    import json
+    import statistics
+    import subprocess
+    import tempfile
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeat):
+            # each run is kept beside --out as it finishes, so a run cut short keeps the processes that ended
+            out = Path(args.out).with_suffix(f".run{i + 1}.json") if args.out else Path(tmp) / f"run{i + 1}.json"
+            print(f"== fresh process {i + 1} of {args.repeat}", flush=True)
+            subprocess.run([sys.executable, str(Path(__file__).resolve()), *child_argv(argv, str(out))], check=True)
+            runs.append(json.loads(out.read_text()))
+    medians, spreads = [], []
+    for first in runs[0]["rows"]:
+        key = (first["shape"], first["method"], first["draft"], first["batch"])
+        same = [row for run in runs for row in run["rows"] if (row["shape"], row["method"], row["draft"],
+                                                                row["batch"]) == key]
+        median = dict(first)
+        spread = {"shape": key[0], "method": key[1], "draft": key[2], "batch": key[3]}
+        for field in SPREAD_FIELDS:
+            values = [row[field] for row in same if row[field] is not None]
+            if values:
+                median[field] = statistics.median(values)
+                spread[field] = {"median": median[field], "min": min(values), "max": max(values),
+                                 "spread": max(values) - min(values), "values": values}
+        medians.append(Row(**median))
+        spreads.append(spread)
+    print(f"\nmedian of {args.repeat} fresh processes:")
+    print_table(medians)
+    print("\nspread (max - min) across the processes:")
+    for spread in spreads:
+        parts = [f"{field} {spread[field]['spread']:.2f} ({spread[field]['min']:.2f}-{spread[field]['max']:.2f})"
+                 for field in SPREAD_FIELDS if field in spread]
+        print(f"  {spread['shape']} {spread['method']} {spread['draft'] or '-'} B={spread['batch']}: "
+              + ", ".join(parts))
+    result = {"schema": "speclab.gpu_decode_repeat/1", "repeat": args.repeat,
+              "median_rows": [asdict(r) for r in medians], "spread": spreads, "runs": runs}
+    if args.out:
+        write_json(Path(args.out), result)
+        print(f"wrote {args.out}")
+    return result
 
 
 def sd_rows(rows, args, shape, model, weights, prompt, ar_row, eps, eps_values, device, energy):

@@ -1,6 +1,6 @@
 """GPU-only paths of the PyTorch engine: CUDA-graph capture and torch.compile of the fast path, pinned-memory
-reads of SD rounds, and multi-GPU placement. Run them on a GPU machine with `pytest -m gpu`; without CUDA they
-are skipped (there is nothing to run them on)."""
+reads of SD rounds, multi-GPU placement and the batch-1 Triton product. Run them on a GPU machine with
+`pytest -m gpu`; without CUDA they are skipped (there is nothing to run them on)."""
 import pytest
 import torch
 
@@ -84,3 +84,16 @@ def test_separate_placement_puts_target_and_draft_on_two_gpus_and_stays_lossless
         if method == "speculative":
             assert str(facts["target"]).startswith("cuda:0") and str(facts["draft"]).startswith("cuda:1"), facts
     assert tokens["speculative"] == tokens["target"]
+
+
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (1000, 512), (37888, 3584)])
+def test_batch_one_gemv_kernel_equals_a_float64_product(n, k):
+    """lib/decoding/gemv.py against a float64 reference on fresh random data (a ragged N included)."""
+    from lib.decoding import gemv
+    w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
+    assert gemv.supports(x, w)
+    out = gemv.linear(x, w)
+    ref = x.double() @ w.double().T
+    assert out.shape == (1, n) and torch.isfinite(out).all()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2

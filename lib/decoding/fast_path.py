@@ -49,6 +49,7 @@ FAMILIES = {
     "olmo2": Family(qk_norm="proj", post_norms=True, norm_weight_in_float=True),
     "seed_oss": Family(),  # Llama with q/k/v and o biases
 }
+CACHE_ALIGN = 64  # cache columns: an unaligned length sends attention's products to slower kernels (H200: 2x)
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
 SEQUENCE_LENGTH_ROPE = ("longrope",)  # rotary tables that switch frequencies past original_max_position_embeddings
 
@@ -289,23 +290,46 @@ def pre_norm(x: torch.Tensor, norm_weight: torch.Tensor, arch: Arch) -> torch.Te
     return x if arch.post_norms else norm(x, norm_weight, arch)
 
 
+class _Options:
+    """Measured on an H200 (docs/performance.md): lib/decoding/gemv.py's fixed kernels for the batch-1 products
+    and untuned inductor kernels around them give the same kernels in every process; inductor's coordinate-descent
+    tuning of its own matrix-vector kernels picked differently per process (75-83 % of the floor)."""
+    gemv = True  # batch-1 products through lib/decoding/gemv.py's Triton kernel (CUDA)
+    tune = False  # torch.compile's coordinate-descent tuning of its own kernels
+
+
+def set_options(gemv: bool, tune: bool):
+    """Choose the products' kernel and the tuning (benchmarks/gpu_step_profile.py); compiled steps are rebuilt."""
+    _Options.gemv, _Options.tune = gemv, tune
+    compiled_layer_forward.cache_clear()
+    torch._dynamo.reset()
+
+
+def project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    if _Options.gemv:
+        from lib.decoding import gemv
+        if gemv.supports(x, w):
+            return gemv.linear(x, w, b)
+    return F.linear(x, w, b)
+
+
 def layer_forward(x, w: LayerWeights, arch: Arch, k_cache, v_cache, cos, sin, cache_index, mask):
     """One decoder layer over x [B, n, H]; writes this step's keys/values into the cache [B, Hkv, L, D] at
     cache_index (rows, heads, positions broadcast to [B, n, Hkv])."""
-    q, k, v = heads(F.linear(pre_norm(x, w.attn_norm, arch), w.wqkv, w.bqkv), w, arch)
+    q, k, v = heads(project(pre_norm(x, w.attn_norm, arch), w.wqkv, w.bqkv), w, arch)
     q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     k_cache.index_put_(cache_index, k)  # an in-place scatter (index_copy_ made compile copy the whole cache)
     v_cache.index_put_(cache_index, v)
-    x = residual(x, F.linear(attention(q, k_cache, v_cache, mask, arch), w.wo, w.bo), w.attn_norm, arch)
-    gate, up = F.linear(pre_norm(x, w.mlp_norm, arch), w.w13, w.b13).chunk(2, -1)
-    return residual(x, F.linear(arch.act(gate) * up, w.w2, w.b2), w.mlp_norm, arch)
+    x = residual(x, project(attention(q, k_cache, v_cache, mask, arch), w.wo, w.bo), w.attn_norm, arch)
+    gate, up = project(pre_norm(x, w.mlp_norm, arch), w.w13, w.b13).chunk(2, -1)
+    return residual(x, project(arch.act(gate) * up, w.w2, w.b2), w.mlp_norm, arch)
 
 
 @functools.cache
 def compiled_layer_forward():
-    """torch.compile of one layer (gpt-fast's settings): one compilation per step shape, shared by all layers."""
+    """torch.compile of one layer: one compilation per step shape, shared by all layers."""
     import torch._inductor.config as inductor_config
-    inductor_config.coordinate_descent_tuning = True  # tunes the batch-1 matrix-vector kernels
+    inductor_config.coordinate_descent_tuning = _Options.tune
     for name in ("recompile_limit", "cache_size_limit"):  # step widths x batch sizes x model shapes
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 256)
@@ -323,6 +347,7 @@ class StaticDecoder:
 
     def __init__(self, weights: DecoderWeights, batch: int, max_len: int, use_graphs: bool | None = None,
                  compile_layers: bool | None = None):
+        max_len = -(-max_len // CACHE_ALIGN) * CACHE_ALIGN
         self.w, self.batch, self.max_len = weights, batch, max_len
         device, dtype = weights.embed.device, weights.embed.dtype
         self.device = device
@@ -353,7 +378,7 @@ class StaticDecoder:
         return norm(x, w.norm, w.arch)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.w.lm_head)
+        logits = project(hidden, self.w.lm_head, None)
         return logits / self.w.logits_scale if self.w.logits_scale != 1.0 else logits
 
     def _step_eager(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,86 @@
+"""A Triton matrix-vector product for batch-1 decode steps (y = x @ w.T for one row x), at the copy bandwidth.
+
+A batch-1 step's products read each weight once and do almost no arithmetic: the time is the weight's bytes over
+memory bandwidth, and what decides it is how many loads are in flight. One program owns BLOCK_N rows of w and
+walks K in BLOCK_K chunks, accumulating products elementwise in float32 and reducing once at the end. The block
+shapes are fixed per matrix shape rather than autotuned, so every process runs the same kernels (torch.compile's
+tuning of its own matrix-vector kernels picked differently in each process: 75-83 % of the floor for one build).
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+
+class Blocks(NamedTuple):
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+
+
+def blocks_for(n: int, k: int) -> Blocks:
+    """Measured on an H200 (benchmarks/gpu_step_profile.py, docs/performance.md): wide matrices (the MLP's
+    gate/up, the head) want more rows per program, narrow ones more columns per load."""
+    if n >= 16384:
+        return Blocks(16, 256, 4, 4)
+    block_k = 512 if k % 512 == 0 else 256
+    return Blocks(8, block_k, 4, 3) if n >= 6144 else Blocks(4, block_k, 4, 4)
+
+
+def supports(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """One row of x (batch 1, one token: larger products go to cuBLAS, which wins there), 16-bit, K a multiple
+    of 256 (the kernel does not mask K)."""
+    return (x.is_cuda and x.numel() == x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16)
+            and w.dtype == x.dtype and w.is_contiguous() and w.shape[1] % 256 == 0)
+
+
+@functools.cache
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gemv_one_row(x_ptr, w_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        n_mask = rn < N
+        w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            w = tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptr + k0 + rk)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        tl.store(y_ptr + rn, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=n_mask)
+
+    return triton, gemv_one_row
+
+
+def launch(x: torch.Tensor, w: torch.Tensor, blocks: Blocks | None = None) -> torch.Tensor:
+    """x [1, K], w [N, K] contiguous -> [1, N]."""
+    triton, one_row = _kernels()
+    x = x.contiguous()
+    n, k = w.shape
+    b = blocks or blocks_for(n, k)
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    one_row[(triton.cdiv(n, b.block_n),)](x, w, y, n, k, BLOCK_N=b.block_n, BLOCK_K=b.block_k, num_warps=b.warps,
+                                          num_stages=b.stages)
+    return y
+
+
+@torch.library.custom_op("speclab::gemv", mutates_args=())
+def _gemv_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return launch(x, w)
+
+
+@_gemv_op.register_fake
+def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear through the Triton kernel (the caller checked `supports`)."""
+    y = _gemv_op(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
+    return y if b is None else y + b
