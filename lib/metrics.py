@@ -110,10 +110,11 @@ def per_category_acceptance(records: list[RequestRecord], categories: dict[int, 
     for r in records:
         if r.request_id in categories:
             by_cat.setdefault(categories[r.request_id], []).append(r)
+    width = max((len(r.spec.accepted_per_position) for r in records if r.spec is not None), default=0)
     out = {}
     for cat in sorted(by_cat):
-        spec = summed(r.spec for r in by_cat[cat])
-        if spec is not None:
+        spec = summed([SpecCounters(accepted_per_position=[0] * width), *(r.spec for r in by_cat[cat])])
+        if spec.num_drafts or any(r.spec is not None for r in by_cat[cat]):
             out[cat] = {"requests": len(by_cat[cat]), **acceptance(spec)}
     return out
 

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from lib import config as C
+from lib.arrivals import speclab_arrivals as poisson_arrivals
 from lib.errors import UsageError
-from lib.workload import build_requests, load_sharegpt, poisson_arrivals, read_prompt_file
+from lib.workload import build_requests, load_sharegpt, read_prompt_file
 
 
 def resolve(**env):
@@ -96,7 +97,7 @@ def test_sharegpt_rules_malformed_and_chinese(tiny_tokenizer, tmp_path):
                         ensure_ascii=False)]
     (tmp_path / "sharegpt_zh_38K_format.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     prompts, stats = load_sharegpt(tmp_path, tiny_tokenizer)
-    assert stats.entries == 5 and stats.malformed == 2 and stats.filtered == 2 and stats.kept == 2
+    assert stats.entries == 6 and stats.malformed == 2 and stats.filtered == 2 and stats.kept == 2
     assert prompts[1].text.startswith("小猫") and prompts[1].reference_output_len >= 4
 
 
