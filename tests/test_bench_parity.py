@@ -87,7 +87,6 @@ def test_vllm_calculate_metrics_gives_speclabs_figures(sd_run):
 
 
 def test_spec_bench_sample_per_category_acceptance_adds_up(sd_run):
-    from vllm.benchmarks.datasets.datasets import SpecBench
     cfg, requests, records, duration = sd_run
     categories = {r.request_id: r.category for r in requests}
     m = aggregate("hf:speculative", records, duration, categories=categories)
@@ -101,10 +100,15 @@ def test_spec_bench_sample_per_category_acceptance_adds_up(sd_run):
                  for i in range(cfg.gamma_value)]
     assert positions == pytest.approx([r * m.num_drafts for r in m.per_position_acceptance_rate])
     assert m.spec_decode_acceptance_rate == pytest.approx(100 * m.acceptance_rate)
-    # the prompts are vLLM's SpecBench prompts (first turn)
+
+
+def test_spec_bench_prompts_are_vllms(tiny_tokenizer):
+    pytest.importorskip("pandas")  # vLLM's SpecBench reads the file with pandas, an optional vLLM dependency
+    from vllm.benchmarks.datasets.datasets import SpecBench
+    cfg = resolve(DATASET="spec_bench", DATASET_PATH=SPEC_BENCH)
     vllm_prompts = SpecBench(dataset_path=str(SPEC_BENCH), disable_shuffle=True).sample(
         None, num_requests=0, skip_chat_template=True)
-    assert sorted(r.prompt for r in vllm_prompts) == sorted({r.prompt for r in requests})
+    assert [r.prompt for r in vllm_prompts] == [p.text for p in load_prompts(cfg, tiny_tokenizer)[0]]
 
 
 def bos_tokenizer(tiny_models):
