@@ -42,7 +42,8 @@ def test_to_json_keeps_the_result_file_layout():
                "std_itl_ms": (2 * (250 / 3) ** 2 + (500 / 3) ** 2) ** 0.5 / 3 ** 0.5, "p90_itl_ms": 450.0,
                "p99_itl_ms": 495.0, "mean_itl_per_token_ms": 1000 / 3, "median_itl_per_token_ms": 250.0,
                "std_itl_per_token_ms": (2 * (250 / 3) ** 2 + (500 / 3) ** 2) ** 0.5 / 3 ** 0.5,
-               "p90_itl_per_token_ms": 450.0, "p99_itl_per_token_ms": 495.0, "mean_e2el_ms": 687.5, "median_e2el_ms": 687.5, "std_e2el_ms": 312.5,
+               "p90_itl_per_token_ms": 450.0, "p99_itl_per_token_ms": 495.0, "mean_e2el_ms": 687.5,
+               "median_e2el_ms": 687.5, "std_e2el_ms": 312.5,
                "p90_e2el_ms": 937.5, "p99_e2el_ms": 993.75}
     assert list(out) == ["mode", "completed", "failed", "duration_s", "duration", "total_input_tokens",
                          "total_output_tokens", "request_throughput", "output_throughput", "total_token_throughput",
