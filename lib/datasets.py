@@ -5,16 +5,58 @@ CustomDataset and SpecBench (prompts are sent as plain text, as vLLM's --skip-ch
 """
 from __future__ import annotations
 
+import json
 import math
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from lib.errors import UsageError
-from lib.workload import MALFORMED, LoadStats, Prompt, json_entries
 
-MAX_RETRY = 10
+MAX_RETRY = 10  # vLLM's decode-to-length rounds
+
+
+@dataclass
+class Prompt:
+    text: str
+    reference_output_len: int | None = None
+    max_tokens: int | None = None  # the dataset's own max tokens for it (None: GENERATION_LENGTH)
+    category: str | None = None
+
+
+@dataclass
+class LoadStats:
+    source: str
+    files: list[str] = field(default_factory=list)
+    entries: int = 0
+    malformed: int = 0
+    filtered: int = 0
+    kept: int = 0
+
+
+MALFORMED = object()  # an entry that is not JSON
+
+
+def json_entries(path: Path):
+    """The entries of a .jsonl file (one JSON value per line; MALFORMED for a line that is not JSON) or a .json
+    file (one array; MALFORMED for the whole file when it is not a JSON array)."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".json" or text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None
+        yield from (data if isinstance(data, list) else [MALFORMED])
+        return
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            yield MALFORMED
 
 
 def decode_to_length(tokenizer, ids: list[int], target: int, draw_ints) -> tuple[str, list[int]]:

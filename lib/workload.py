@@ -2,63 +2,21 @@
 max tokens, batching)."""
 from __future__ import annotations
 
-import json
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from lib import files
+from lib import datasets, files
+from lib.datasets import MALFORMED, LoadStats, Prompt, json_entries
 from lib.errors import UsageError
 from lib.types import Request
 
 SHAREGPT_FILES = ("sharegpt_gpt4.jsonl", "sharegpt_V3_format.jsonl", "sharegpt_zh_38K_format.jsonl")
 
 
-@dataclass
-class Prompt:
-    text: str
-    reference_output_len: int | None = None
-    max_tokens: int | None = None  # the dataset's own max tokens for it (None: GENERATION_LENGTH)
-    category: str | None = None
-
-
-@dataclass
-class LoadStats:
-    source: str
-    files: list[str] = field(default_factory=list)
-    entries: int = 0
-    malformed: int = 0
-    filtered: int = 0
-    kept: int = 0
-
-
 def read_prompt_file(path: str | Path) -> list[Prompt]:
     return [Prompt(text) for text in files.read_prompt_file(path, f"PROMPT_FILE={path}")]
-
-
-MALFORMED = object()  # an entry that is not JSON
-
-
-def json_entries(path: Path):
-    """The entries of a .jsonl file (one JSON value per line; MALFORMED for a line that is not JSON) or a .json
-    file (one array; MALFORMED for the whole file when it is not a JSON array)."""
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if path.suffix == ".json" or text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            data = None
-        yield from (data if isinstance(data, list) else [MALFORMED])
-        return
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            yield MALFORMED
 
 
 def _turns(entry) -> list[str] | None:
@@ -136,7 +94,6 @@ def load_prompts(cfg, tokenizer) -> tuple[list[Prompt], LoadStats]:
         fixed = cfg.generation_length if cfg.sharegpt_output_len == "generation_length" else None
         return load_sharegpt(cfg.sharegpt_dir, tokenizer, fixed)
     if dataset != "prompt_file":
-        from lib import datasets
         return datasets.load(dataset, cfg, tokenizer)
     prompts = read_prompt_file(cfg.prompt_file)
     return prompts, LoadStats("prompt_file", [str(cfg.prompt_file)], len(prompts), 0, 0, len(prompts))
