@@ -33,9 +33,13 @@ def plan_of(cfg, pairs) -> dict:
                  "arrival_schedule": cfg.arrival_schedule, "burstiness": cfg.burstiness,
                  "expected_requests": cfg.num_prompts if C.counted(cfg) else round(cfg.auto_rate * cfg.auto_duration)}
                 if C.rate_mode(cfg) else {"mode": "fixed_count", "num_requests": cfg.num_prompts})
+    from lib.workload import dataset_of, max_tokens_rule
+    dataset = dataset_of(cfg)
     workload.update({"batch_size": cfg.batch_size if cfg.enable_batch else 1,
-                     "generation_length": cfg.generation_length,
-                     "prompts": cfg.sharegpt_dir or cfg.prompt_file})
+                     "generation_length": cfg.generation_length, "dataset": dataset,
+                     "prompts": {"prompt_file": cfg.prompt_file, "sharegpt": cfg.sharegpt_dir,
+                                 "custom": cfg.dataset_path, "spec_bench": cfg.dataset_path}.get(dataset, dataset),
+                     "max_tokens": max_tokens_rule(cfg)})
     return {"modes": [f"{e}:{m}" for e, m in pairs], "workload": workload,
             "models": {"target": cfg.target_model or "tiny local target (built on first use)",
                        "draft": cfg.drafter_model or ("tiny local draft" if not cfg.target_model else None)},
@@ -63,7 +67,7 @@ def print_dry_run(cfg, plan):
                       f"batch size {w['batch_size']}")
     else:
         console.print(f"  workload: {w['num_requests']} requests, batch size {w['batch_size']}")
-    console.print(f"  prompts: {w['prompts']}; {w['generation_length']} new tokens each; "
+    console.print(f"  prompts: {w['prompts']} ({w['dataset']}); max new tokens: {w['max_tokens']}; "
                   f"GAMMA_VALUE={plan['gamma']}, TEMPERATURE={plan['temperature']:g}")
     console.print(f"  target: {plan['models']['target']}; draft: {plan['models']['draft']}")
 

@@ -115,6 +115,19 @@ def max_new_tokens(prompt: Prompt, cfg) -> int:
     return min(n, cfg.max_batch_length - 1) if cfg.enable_batch else n
 
 
+def max_tokens_rule(cfg) -> str:
+    """Where a request's max new tokens come from, in words (the dry run's plan)."""
+    dataset = dataset_of(cfg)
+    if dataset == "sharegpt" and cfg.sharegpt_output_len == "reference":
+        return "each its reference answer's length (SHAREGPT_OUTPUT_LEN=reference)"
+    if dataset == "custom":
+        return f"each its output_tokens, else GENERATION_LENGTH={cfg.generation_length}"
+    if dataset == "random":
+        mean = cfg.random_output_len or cfg.generation_length
+        return f"{mean} x [1 - {cfg.random_range_ratio:g}, 1 + {cfg.random_range_ratio:g}] (RANDOM_OUTPUT_LEN)"
+    return f"GENERATION_LENGTH={cfg.generation_length}"
+
+
 def build_requests(cfg, prompts: list[Prompt], tokenizer) -> list[Request]:
     """One request per arrival (lib/arrivals.py: NUM_PROMPTS at t=0, or a rate schedule). Prompts are taken in a
     seeded shuffled order, cycling when more requests than prompts are needed."""
