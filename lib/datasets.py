@@ -186,5 +186,5 @@ def load(kind: str, cfg, tokenizer) -> tuple[list[Prompt], LoadStats]:
     from lib.config import counted
     num = cfg.num_prompts if counted(cfg) else max(1, math.ceil(cfg.auto_rate * cfg.auto_duration))
     prompts = random_prompts(cfg, tokenizer, num) if kind == "random" else \
-        prefix_repetition_prompts(cfg, tokenizer, num)
+        prefix_repetition_prompts(cfg, tokenizer, max(num, cfg.prefix_repetition_num_prefixes))
     return prompts, LoadStats(kind, [], len(prompts), 0, 0, len(prompts))
