@@ -52,6 +52,7 @@ def _per_request(records: list[RequestRecord]) -> dict:
             "output_lens": [m.output_tokens if good else 0 for m, good in zip(per, ok)],
             "ttfts": [(m.ttft_ms or 0.0) / 1000 for m in per], "itls": [[x / 1000 for x in m.itl_ms] for m in per],
             "latencies": [(m.e2el_ms or 0.0) / 1000 for m in per], "start_times": [r.arrival for r in records],
+            "queue_times": [r.start - r.arrival for r in records],  # waited before the engine took it up
             "generated_texts": [r.text for r in records], "errors": [r.error or "" for r in records]}
 
 
@@ -69,8 +70,7 @@ def result(cfg, mode: str, models, requests: list[Request], records: list[Reques
     if cfg.ramp_up_strategy != "none":
         out.update(ramp_up_strategy=cfg.ramp_up_strategy, ramp_up_start_rps=cfg.ramp_up_start_rps,
                    ramp_up_end_rps=cfg.ramp_up_end_rps)
-    figures = {k: getattr(metrics, k) for k in TOP_KEYS}
-    out.update(figures)
+    out.update({k: getattr(metrics, k) for k in TOP_KEYS}, rtfx=0.0)  # rtfx: vLLM's audio figure, none here
     out.update(_per_request(records))
     if metrics.spec_decode_draft_tokens:
         out.update({k: getattr(metrics, k) for k in VLLM_ACCEPTANCE_KEYS})

