@@ -102,6 +102,8 @@ def test_spec_bench_sample_per_category_acceptance_adds_up(sd_run):
                  for i in range(cfg.gamma_value)]
     assert positions == pytest.approx([r * m.num_drafts for r in m.per_position_acceptance_rate])
     assert m.spec_decode_acceptance_rate == pytest.approx(100 * m.acceptance_rate)
+    from lib.results import category_line
+    assert f"qa {per['qa']['acceptance_rate']:.3f}/" in category_line("hf:speculative", {"metrics": m.to_json()})
 
 
 def test_spec_bench_prompts_are_vllms(tiny_tokenizer):
