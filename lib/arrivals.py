@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from lib.config import counted, rate_mode
+
 
 def _gap(draw_gamma: Callable[..., float], rate: float, burstiness: float) -> float:
     if math.isinf(rate):
@@ -63,7 +65,6 @@ def vllm_arrivals(num_requests: int, rate: float, seed: int, burstiness: float =
 
 def arrivals(cfg) -> list[float]:
     """The run's arrival offsets (fixed-count mode: NUM_PROMPTS zeros)."""
-    from lib.config import counted, rate_mode
     ramp = (cfg.ramp_up_strategy, cfg.ramp_up_start_rps, cfg.ramp_up_end_rps) \
         if cfg.ramp_up_strategy != "none" else None
     if not rate_mode(cfg):

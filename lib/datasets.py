@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lib.config import counted
 from lib.errors import UsageError
 
 MAX_RETRY = 10  # vLLM's decode-to-length rounds
@@ -183,7 +184,6 @@ def load_file(kind: str, path: str) -> tuple[list[Prompt], LoadStats]:
 def load(kind: str, cfg, tokenizer) -> tuple[list[Prompt], LoadStats]:
     if kind in FILE_LAYOUTS:
         return load_file(kind, cfg.dataset_path)
-    from lib.config import counted
     num = cfg.num_prompts if counted(cfg) else max(1, math.ceil(cfg.auto_rate * cfg.auto_duration))
     prompts = random_prompts(cfg, tokenizer, num) if kind == "random" else \
         prefix_repetition_prompts(cfg, tokenizer, max(num, cfg.prefix_repetition_num_prefixes))

@@ -121,9 +121,6 @@ def per_category_acceptance(records: list[RequestRecord], categories: dict[int, 
 
 # ---------------------------------------------------------------- vLLM's peak figures and goodput
 
-SLO_METRICS = ("ttft", "tpot", "e2el")
-
-
 def request_goodput(per: list[RequestMetrics], slos: dict[str, float], duration: float) -> float | None:
     """vLLM's: requests meeting every SLO (ms) per second; a request with one token counts TPOT 0."""
     if not slos:

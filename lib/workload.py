@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from lib import datasets, files
+from lib.arrivals import arrivals
+from lib.config import rate_mode
 from lib.datasets import MALFORMED, LoadStats, Prompt, json_entries
 from lib.errors import UsageError
 from lib.types import Request
@@ -131,7 +133,6 @@ def max_tokens_rule(cfg) -> str:
 def build_requests(cfg, prompts: list[Prompt], tokenizer) -> list[Request]:
     """One request per arrival (lib/arrivals.py: NUM_PROMPTS at t=0, or a rate schedule). Prompts are taken in a
     seeded shuffled order, cycling when more requests than prompts are needed."""
-    from lib.arrivals import arrivals
     order = list(range(len(prompts)))
     random.Random(cfg.seed).shuffle(order)
     requests = []
@@ -145,7 +146,6 @@ def build_requests(cfg, prompts: list[Prompt], tokenizer) -> list[Request]:
 
 
 def describe_workload(cfg, requests: list[Request], stats: LoadStats) -> dict:
-    from lib.config import rate_mode
     mode = "rate" if rate_mode(cfg) else "fixed_count"
     rated = mode == "rate"
     return {
