@@ -116,6 +116,7 @@ def test_num_runs_max_concurrency_and_bench_serve_file(tmp_path):
     for key in ("output_throughput", "mean_tpot_ms", "acceptance_rate", "acceptance_length"):
         r = repeats[key]
         assert len(r["values"]) == 2 and r["ci95_low"] <= r["mean"] <= r["ci95_high"]
+    assert "hf:speculative over 2 runs, mean [95 % interval]: output_throughput" in proc.stdout
     lines = read_jsonl(run_dir / "requests_hf_speculative.jsonl")
     for run in (0, 1):
         spans = [(r["start"], r["token_times"][-1]) for r in lines if r["metrics"]["run"] == run]
