@@ -298,6 +298,9 @@ def validate(cfg: Config):
         raise UsageError(f"AUTO_DURATION={cfg.auto_duration:g}: rate mode (AUTO_RATE={cfg.auto_rate:g}) needs "
                          "AUTO_DURATION > 0 seconds")
     if counted(cfg) and cfg.num_prompts <= 0:
+        if rate_mode(cfg):
+            raise UsageError("NUM_PROMPTS=0 with ARRIVAL_SCHEDULE=vllm: vLLM's schedule sends NUM_PROMPTS requests; "
+                             "set NUM_PROMPTS > 0")
         raise UsageError("NUM_PROMPTS=0 and AUTO_RATE=0: set NUM_PROMPTS > 0 (fixed count) or AUTO_RATE and "
                          "AUTO_DURATION > 0 (rate mode)")
     if cfg.enable_batch and cfg.generation_length >= cfg.max_batch_length:

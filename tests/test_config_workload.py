@@ -134,6 +134,7 @@ def test_readme_variable_table_is_generated_from_the_table():
     ({"DATASET": "sharegpt"}, "DATASET=sharegpt: needs SHAREGPT_DIR"),
     ({"DATASET": "prefix_repetition", "NUM_PROMPTS": 2}, "NUM_PROMPTS=2: DATASET=prefix_repetition"),
     ({"BURSTINESS": "0"}, "BURSTINESS='0'"),
+    ({"AUTO_RATE": 2, "ARRIVAL_SCHEDULE": "vllm", "NUM_PROMPTS": 0}, "NUM_PROMPTS=0 with ARRIVAL_SCHEDULE=vllm"),
 ])
 def test_traffic_and_metric_options_refuse_bad_input(env, message):
     with pytest.raises(UsageError) as err:
