@@ -30,11 +30,16 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def plan_of(cfg, pairs) -> dict:
     workload = ({"mode": "rate", "rate_per_s": cfg.auto_rate, "duration_s": cfg.auto_duration,
-                 "expected_requests": round(cfg.auto_rate * cfg.auto_duration)} if cfg.auto_rate > 0
-                else {"mode": "fixed_count", "num_requests": cfg.num_prompts})
+                 "arrival_schedule": cfg.arrival_schedule, "burstiness": cfg.burstiness,
+                 "expected_requests": cfg.num_prompts if C.counted(cfg) else round(cfg.auto_rate * cfg.auto_duration)}
+                if C.rate_mode(cfg) else {"mode": "fixed_count", "num_requests": cfg.num_prompts})
+    from lib.workload import dataset_of, max_tokens_rule
+    dataset = dataset_of(cfg)
     workload.update({"batch_size": cfg.batch_size if cfg.enable_batch else 1,
-                     "generation_length": cfg.generation_length,
-                     "prompts": cfg.sharegpt_dir or cfg.prompt_file})
+                     "generation_length": cfg.generation_length, "dataset": dataset,
+                     "prompts": {"prompt_file": cfg.prompt_file, "sharegpt": cfg.sharegpt_dir,
+                                 "custom": cfg.dataset_path, "spec_bench": cfg.dataset_path}.get(dataset, dataset),
+                     "max_tokens": max_tokens_rule(cfg)})
     return {"modes": [f"{e}:{m}" for e, m in pairs], "workload": workload,
             "models": {"target": cfg.target_model or "tiny local target (built on first use)",
                        "draft": cfg.drafter_model or ("tiny local draft" if not cfg.target_model else None)},
@@ -57,11 +62,12 @@ def print_dry_run(cfg, plan):
         console.print(f"  {i}. {mode}")
     w = plan["workload"]
     if w["mode"] == "rate":
-        console.print(f"  workload: Poisson arrivals at {w['rate_per_s']:g} req/s for {w['duration_s']:g} s "
-                      f"(~{w['expected_requests']} requests), batch size {w['batch_size']}")
+        console.print(f"  workload: {w['arrival_schedule']} arrivals (gamma, burstiness {w['burstiness']:g}) at "
+                      f"{w['rate_per_s']:g} req/s for {w['duration_s']:g} s (~{w['expected_requests']} requests), "
+                      f"batch size {w['batch_size']}")
     else:
         console.print(f"  workload: {w['num_requests']} requests, batch size {w['batch_size']}")
-    console.print(f"  prompts: {w['prompts']}; {w['generation_length']} new tokens each; "
+    console.print(f"  prompts: {w['prompts']} ({w['dataset']}); max new tokens: {w['max_tokens']}; "
                   f"GAMMA_VALUE={plan['gamma']}, TEMPERATURE={plan['temperature']:g}")
     console.print(f"  target: {plan['models']['target']}; draft: {plan['models']['draft']}")
 
@@ -69,32 +75,26 @@ def print_dry_run(cfg, plan):
 COPY_BANDWIDTH: dict[str, float] = {}  # device -> measured copy bytes/s, once per run
 
 
-def run_mode(engine_name, method, cfg, models, requests, writer, monitor, run_clock, console):
-    """Start one engine, run the workload, save its results. Returns the mode's result dict."""
+def timed_run(mode, engine, requests, writer, monitor, console, run_index: int | None):
+    """One timed pass of the workload: (records, status, error, duration, monitor window)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from lib.engines import create_engine
-    from lib.metrics import aggregate, request_metrics
+    from lib.metrics import request_metrics
     from lib.types import Clock
 
-    mode = f"{engine_name}:{method}"
-    engine = create_engine(engine_name, cfg, method, models)
-    console.print(f"[bold]== {mode}[/bold]: starting engine")
-    engine.start()
-    if cfg.warmup:
-        console.print(f"{mode}: warm-up (one short untimed batch)")
-        engine.warmup(requests)
     records, status, error = [], "complete", None
     clock = Clock()
     t_start = monitor.mark()
-    with Progress(TextColumn(f"{mode}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    label = mode if run_index is None else f"{mode} run {run_index + 1}"
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False, disable=not console.is_terminal) as progress:
         task = progress.add_task(mode, total=len(requests))
 
         def on_done(record):
             records.append(record)
             m = request_metrics(record)
-            writer.append_request(mode, record, {"ttft_ms": m.ttft_ms, "tpot_ms": m.tpot_ms, "e2el_ms": m.e2el_ms})
+            line = {"ttft_ms": m.ttft_ms, "tpot_ms": m.tpot_ms, "e2el_ms": m.e2el_ms}
+            writer.append_request(mode, record, line if run_index is None else {**line, "run": run_index})
             progress.advance(task)
 
         try:
@@ -107,12 +107,40 @@ def run_mode(engine_name, method, cfg, models, requests, writer, monitor, run_cl
             status, error = "failed", f"{exc.__class__.__name__}: {exc}"
             console.print(f"[red]{mode} failed:[/red] {error}")
             traceback.print_exc(file=sys.stderr)
-    duration = clock.now()
-    t_end = monitor.mark()
-    metrics = aggregate(mode, records, duration, engine.run_spec_counters)
+    return records, status, error, clock.now(), (t_start, monitor.mark())
+
+
+def run_mode(engine_name, method, cfg, models, requests, writer, monitor, run_clock, console):
+    """Start one engine, run the workload (NUM_RUNS times), save its results. Returns the mode's result dict."""
+    from lib import bench_serve
+    from lib.engines import create_engine
+    from lib.files import write_json
+    from lib.metrics import aggregate
+    from lib.results import mode_slug
+
+    mode = f"{engine_name}:{method}"
+    engine = create_engine(engine_name, cfg, method, models)
+    console.print(f"[bold]== {mode}[/bold]: starting engine")
+    engine.start()
+    if cfg.warmup:
+        console.print(f"{mode}: warm-up (one short untimed batch)")
+        engine.warmup(requests)
+    categories = {r.request_id: r.category for r in requests if r.category is not None}
+    runs = []
+    for i in range(cfg.num_runs):
+        if i:
+            engine.reset_counters()
+        records, status, error, duration, (t_start, t_end) = timed_run(
+            mode, engine, requests, writer, monitor, console, i if cfg.num_runs > 1 else None)
+        metrics = aggregate(mode, records, duration, engine.run_spec_counters, C.goodput_slos(cfg), categories)
+        runs.append(metrics.to_json())
+        if status != "complete":
+            break
     result = {"status": status, "error": error, "engine": engine.describe(), "weight_bytes": engine.weight_bytes(),
-              "window": {"start_s": t_start, "end_s": t_end}, "metrics": metrics.to_json(),
+              "window": {"start_s": t_start, "end_s": t_end}, "metrics": runs[-1],
               "energy": monitor.window(t_start, t_end, metrics.total_output_tokens)}
+    if cfg.num_runs > 1:
+        result["repeats"] = bench_serve.repeats_summary(runs)
     if engine.weight_bytes_read:
         from lib.bandwidth import bandwidth_report, copy_bandwidth
         device = result["engine"].get("device", "cpu")
@@ -121,6 +149,8 @@ def run_mode(engine_name, method, cfg, models, requests, writer, monitor, run_cl
         result["bandwidth"] = bandwidth_report(engine.weight_bytes_read, duration, COPY_BANDWIDTH[device])
     result.update(engine.extra_results())
     writer.save_mode(mode, result)
+    write_json(writer.dir / f"bench_serve_{mode_slug(mode)}.json",
+               bench_serve.result(cfg, mode, models, requests, records, metrics))
     engine.stop()
     if status == "interrupted":
         raise KeyboardInterrupt

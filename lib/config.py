@@ -147,6 +147,44 @@ VARS: list[Var] = [
         "sharegpt_zh_38K_format.jsonl (or JSON arrays); empty = PROMPT_FILE", G_WORK),
     Var("PROMPT_FILE", "path", "prompts/benchmark_prompts.txt", "prompt file, one prompt per line "
         "(used when SHAREGPT_DIR is empty; the default is the project's own file)", G_WORK, shipped=True),
+    Var("DATASET", "choice", "auto", "workload: auto (sharegpt when SHAREGPT_DIR is set, else prompt_file), "
+        "prompt_file, sharegpt, random (seeded synthetic token prompts, vLLM's RandomDataset), custom (DATASET_PATH: "
+        "JSONL of prompt, optional output_tokens and category), spec_bench (DATASET_PATH: Spec-Bench's question.jsonl "
+        "layout, question_id, category, turns), prefix_repetition (PREFIX_REPETITION_NUM_PREFIXES random prefixes, "
+        "each shared by the same number of requests)", G_WORK,
+        choices=("auto", "prompt_file", "sharegpt", "random", "custom", "spec_bench", "prefix_repetition")),
+    Var("DATASET_PATH", "path", "", "the JSONL file of DATASET=custom or spec_bench", G_WORK),
+    Var("SHAREGPT_OUTPUT_LEN", "choice", "reference", "ShareGPT max tokens per request: reference (its reference "
+        "answer's length, as vllm bench serve's ShareGPT workload asks) or generation_length (GENERATION_LENGTH "
+        "each)", G_WORK, choices=("reference", "generation_length")),
+    Var("RANDOM_INPUT_LEN", "int", 128, "DATASET=random: mean prompt tokens (vLLM's --random-input-len, special "
+        "tokens included)", G_WORK, min=1),
+    Var("RANDOM_OUTPUT_LEN", "int", None, "DATASET=random: mean max tokens per request (empty = GENERATION_LENGTH)",
+        G_WORK, min=1),
+    Var("RANDOM_RANGE_RATIO", "float", 0.0, "DATASET=random: lengths drawn uniformly from [mean x (1 - r), "
+        "mean x (1 + r)]", G_WORK, min=0, max=0.999),
+    Var("RANDOM_PREFIX_LEN", "int", 0, "DATASET=random: tokens of one random prefix shared by every prompt", G_WORK,
+        min=0),
+    Var("PREFIX_REPETITION_PREFIX_LEN", "int", 64, "DATASET=prefix_repetition: tokens of each shared prefix",
+        G_WORK, min=1),
+    Var("PREFIX_REPETITION_SUFFIX_LEN", "int", 64, "DATASET=prefix_repetition: tokens of each request's own suffix",
+        G_WORK, min=1),
+    Var("PREFIX_REPETITION_NUM_PREFIXES", "int", 4, "DATASET=prefix_repetition: distinct prefixes (NUM_PROMPTS "
+        "must be at least this)", G_WORK, min=1),
+    Var("ARRIVAL_SCHEDULE", "choice", "speclab", "rate mode's schedule: speclab (AUTO_RATE arrivals until "
+        "AUTO_DURATION) or vllm (vllm bench serve's own: NUM_PROMPTS requests at AUTO_RATE, rescaled to end at "
+        "NUM_PROMPTS / AUTO_RATE; the same times as vLLM for a SEED)", G_WORK, choices=("speclab", "vllm")),
+    Var("BURSTINESS", "float", 1.0, "gamma shape of the inter-arrival times (1 = Poisson; < 1 burstier, > 1 more "
+        "even; inf = constant gaps)", G_WORK, min=0.001),
+    Var("RAMP_UP_STRATEGY", "choice", "none", "rate ramp from RAMP_UP_START_RPS to RAMP_UP_END_RPS: none, linear or "
+        "exponential (speclab schedule: over AUTO_DURATION; vllm: over the requests, as vLLM)", G_WORK,
+        choices=("none", "linear", "exponential")),
+    Var("RAMP_UP_START_RPS", "float", 0.0, "ramp-up: requests/s at the start", G_WORK, min=0),
+    Var("RAMP_UP_END_RPS", "float", 0.0, "ramp-up: requests/s at the end", G_WORK, min=0),
+    Var("MAX_CONCURRENCY", "int", 0, "at most this many requests in flight (0 = no limit; batch engines also keep "
+        "to BATCH_SIZE)", G_WORK, min=0),
+    Var("NUM_RUNS", "int", 1, "run each mode this many times; the result adds mean and 95 % Student-t interval of "
+        "output throughput, TPOT and acceptance", G_WORK, min=1, max=100),
     # generation
     Var("GENERATION_LENGTH", "int", 100, "max new tokens per request", G_GEN, min=1),
     Var("GAMMA_VALUE", "int", 4, "draft tokens per speculative round", G_GEN, min=1, max=64),
@@ -160,6 +198,14 @@ VARS: list[Var] = [
     # output
     Var("RESULTS_DIR", "path", "results", "where run folders (RESULTS_DIR/<run-id>/) are written", G_OUT),
     Var("RUN_ID", "str", "", "name of the run folder (default: date-time and engine)", G_OUT),
+    Var("GOODPUT", "str", "", "SLOs for request_goodput as vllm bench serve's --goodput, e.g. 'ttft:500 "
+        "tpot:50 e2el:2000' (ms; empty = no goodput)", G_OUT),
+    Var("PERCENTILE_METRICS", "str", "ttft,tpot,itl", "metrics whose statistics bench_serve_<mode>.json carries "
+        "(vLLM's --percentile-metrics): comma-separated ttft, tpot, itl, e2el", G_OUT),
+    Var("METRIC_PERCENTILES", "str", "99", "percentiles of those metrics (vLLM's --metric-percentiles), e.g. "
+        "'25,50,99'", G_OUT),
+    Var("METADATA", "str", "", "space-separated KEY=VALUE pairs written into bench_serve_<mode>.json (vLLM's "
+        "--metadata)", G_OUT),
     # vLLM
     Var("VLLM_ENABLE_SPECULATIVE", "bool", False, "vLLM: use its native speculative decoding for the "
         "speculative mode (false = fall back to target-only, with a warning)", G_VLLM),
@@ -184,6 +230,7 @@ VARS: list[Var] = [
         "machines with up to 2 cores, else half the cores)", G_ENGINE, min=0),
 ]
 VAR_BY_NAME = {v.name: v for v in VARS}
+EMPTY_MEANS = {"VLLM_NUM_SPECULATIVE_TOKENS": "GAMMA_VALUE", "RANDOM_OUTPUT_LEN": "GENERATION_LENGTH"}  # None defaults
 
 
 class _ConfigMethods:
@@ -220,7 +267,7 @@ def add_arguments(parser: argparse.ArgumentParser, vars_: list[Var] = VARS):
     groups: dict[str, argparse._ArgumentGroup] = {}
     for var in vars_:
         group = groups.setdefault(var.group, parser.add_argument_group(var.group))
-        default = "GAMMA_VALUE" if var.name == "VLLM_NUM_SPECULATIVE_TOKENS" else var.default
+        default = EMPTY_MEANS.get(var.name, var.default)
         shown = {True: "true", False: "false"}.get(default, default) if not isinstance(default, (int, float)) \
             or isinstance(default, bool) else default
         group.add_argument(var.flag, dest=var.attr, metavar=var.name, default=None,
@@ -247,10 +294,13 @@ def resolve(args: argparse.Namespace | None = None, environ: dict | None = None)
 
 def validate(cfg: Config):
     """Checks across variables; raises UsageError, changes nothing."""
-    if cfg.auto_rate > 0 and cfg.auto_duration <= 0:
+    if rate_mode(cfg) and cfg.arrival_schedule == "speclab" and cfg.auto_duration <= 0:
         raise UsageError(f"AUTO_DURATION={cfg.auto_duration:g}: rate mode (AUTO_RATE={cfg.auto_rate:g}) needs "
                          "AUTO_DURATION > 0 seconds")
-    if cfg.auto_rate <= 0 and cfg.num_prompts <= 0:
+    if counted(cfg) and cfg.num_prompts <= 0:
+        if rate_mode(cfg):
+            raise UsageError("NUM_PROMPTS=0 with ARRIVAL_SCHEDULE=vllm: vLLM's schedule sends NUM_PROMPTS requests; "
+                             "set NUM_PROMPTS > 0")
         raise UsageError("NUM_PROMPTS=0 and AUTO_RATE=0: set NUM_PROMPTS > 0 (fixed count) or AUTO_RATE and "
                          "AUTO_DURATION > 0 (rate mode)")
     if cfg.enable_batch and cfg.generation_length >= cfg.max_batch_length:
@@ -259,7 +309,80 @@ def validate(cfg: Config):
     if cfg.vllm_ngram_prompt_lookup_min > cfg.vllm_ngram_prompt_lookup_max:
         raise UsageError(f"VLLM_NGRAM_PROMPT_LOOKUP_MIN={cfg.vllm_ngram_prompt_lookup_min}: must be <= "
                          f"VLLM_NGRAM_PROMPT_LOOKUP_MAX={cfg.vllm_ngram_prompt_lookup_max}")
+    _check_traffic(cfg)
+    goodput_slos(cfg)
+    percentile_selection(cfg)
+    metadata_pairs(cfg)
     modes(cfg)  # raises on a bad COMPARE_MODES
+
+
+def rate_mode(cfg: Config) -> bool:
+    """Requests arrive over time (AUTO_RATE or a ramp-up) rather than all at t=0."""
+    return cfg.auto_rate > 0 or cfg.ramp_up_strategy != "none"
+
+
+def counted(cfg: Config) -> bool:
+    """NUM_PROMPTS sets the number of requests (fixed count, or vLLM's schedule of NUM_PROMPTS arrivals)."""
+    return not rate_mode(cfg) or cfg.arrival_schedule == "vllm"
+
+
+def _check_traffic(cfg: Config):
+    if cfg.ramp_up_strategy != "none" and (cfg.ramp_up_start_rps <= 0 or cfg.ramp_up_end_rps <= 0):
+        raise UsageError(f"RAMP_UP_STRATEGY={cfg.ramp_up_strategy}: needs RAMP_UP_START_RPS and RAMP_UP_END_RPS > 0 "
+                         f"(got {cfg.ramp_up_start_rps:g} and {cfg.ramp_up_end_rps:g})")
+    if cfg.dataset in ("custom", "spec_bench") and not cfg.dataset_path:
+        raise UsageError(f"DATASET={cfg.dataset}: needs DATASET_PATH, the JSONL file to read")
+    if cfg.dataset == "sharegpt" and not cfg.sharegpt_dir:
+        raise UsageError("DATASET=sharegpt: needs SHAREGPT_DIR, the folder of ShareGPT files")
+    if cfg.dataset == "prefix_repetition" and counted(cfg) and cfg.num_prompts < cfg.prefix_repetition_num_prefixes:
+        raise UsageError(f"NUM_PROMPTS={cfg.num_prompts}: DATASET=prefix_repetition needs at least "
+                         f"PREFIX_REPETITION_NUM_PREFIXES={cfg.prefix_repetition_num_prefixes} requests")
+
+
+def goodput_slos(cfg: Config) -> dict[str, float]:
+    """GOODPUT as {ttft|tpot|e2el: ms}, as vLLM's --goodput reads it."""
+    slos = {}
+    for pair in cfg.goodput.split():
+        name, _, value = pair.partition(":")
+        try:
+            ms = float(value)
+        except ValueError:
+            ms = -1.0
+        if name not in ("ttft", "tpot", "e2el") or not ms >= 0:
+            raise UsageError(f"GOODPUT={cfg.goodput!r}: {pair!r} is not NAME:MS with NAME one of ttft, tpot, e2el "
+                             "and MS a number >= 0 (milliseconds)")
+        slos[name] = ms
+    return slos
+
+
+PERCENTILE_METRIC_NAMES = ("ttft", "tpot", "itl", "e2el")
+
+
+def percentile_selection(cfg: Config) -> tuple[list[str], list[float]]:
+    """(PERCENTILE_METRICS, METRIC_PERCENTILES) as lists."""
+    metrics = [m.strip() for m in cfg.percentile_metrics.split(",") if m.strip()]
+    bad = [m for m in metrics if m not in PERCENTILE_METRIC_NAMES]
+    if bad or not metrics:
+        raise UsageError(f"PERCENTILE_METRICS={cfg.percentile_metrics!r}: expected comma-separated names from "
+                         f"{', '.join(PERCENTILE_METRIC_NAMES)}")
+    try:
+        percentiles = [float(p) for p in cfg.metric_percentiles.split(",") if p.strip()]
+    except ValueError:
+        percentiles = []
+    if not percentiles or not all(0 <= p <= 100 for p in percentiles):
+        raise UsageError(f"METRIC_PERCENTILES={cfg.metric_percentiles!r}: expected comma-separated numbers from 0 "
+                         "to 100, e.g. 25,50,99")
+    return metrics, percentiles
+
+
+def metadata_pairs(cfg: Config) -> dict[str, str]:
+    pairs = {}
+    for item in cfg.metadata.split():
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise UsageError(f"METADATA={cfg.metadata!r}: {item!r} is not KEY=VALUE")
+        pairs[key.strip()] = value.strip()
+    return pairs
 
 
 def modes(cfg: Config) -> list[tuple[str, str]]:
@@ -320,7 +443,8 @@ def markdown_table(vars_: list[Var] = VARS) -> str:
     """The README's variable table."""
     rows = ["| variable | flag | default | accepted | meaning |", "|---|---|---|---|---|"]
     for var in vars_:
-        default = {True: "true", False: "false", None: "(GAMMA_VALUE)", "": "(empty)"}.get(var.default, var.default) \
+        default = {True: "true", False: "false", None: f"({EMPTY_MEANS.get(var.name)})", "": "(empty)"}.get(
+            var.default, var.default) \
             if not isinstance(var.default, (int, float)) or isinstance(var.default, bool) or var.default is None \
             else var.default
         rows.append(f"| `{var.name}` | `{var.flag}` | {default} | {var.accepted()} | {var.help} |")

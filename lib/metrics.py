@@ -33,9 +33,22 @@ def summarize(values: list[float], prefix: str) -> dict:
 class RequestMetrics:
     ttft_ms: float | None  # first token time - arrival (queueing included, as a served request sees it)
     tpot_ms: float | None  # (e2el - ttft) / (output_tokens - 1)
-    itl_ms: list[float]  # every gap between consecutive tokens
+    itl_ms: list[float]  # vLLM's ITL: one gap per emitted chunk (the tokens sharing a timestamp, e.g. an SD round)
     e2el_ms: float | None
     output_tokens: int
+    itl_per_token_ms: list[float] = field(default_factory=list)  # every gap between consecutive tokens (0 in a chunk)
+    chunk_tokens: list[int] = field(default_factory=list)  # tokens per emitted chunk
+
+
+def chunks(times: list[float]) -> list[tuple[float, int]]:
+    """(timestamp, tokens) per emitted chunk: consecutive tokens with one timestamp came out together."""
+    out: list[tuple[float, int]] = []
+    for t in times:
+        if out and out[-1][0] == t:
+            out[-1] = (t, out[-1][1] + 1)
+        else:
+            out.append((t, 1))
+    return out
 
 
 def request_metrics(rec: RequestRecord) -> RequestMetrics:
@@ -45,8 +58,10 @@ def request_metrics(rec: RequestRecord) -> RequestMetrics:
     ttft = (times[0] - rec.arrival) * 1000
     e2el = (times[-1] - rec.arrival) * 1000
     tpot = (e2el - ttft) / (len(times) - 1) if len(times) > 1 else None
-    itl = [(b - a) * 1000 for a, b in zip(times, times[1:])]
-    return RequestMetrics(ttft, tpot, itl, e2el, len(rec.output_ids))
+    chunked = chunks(times)
+    itl = [(b - a) * 1000 for (a, _), (b, _) in zip(chunked, chunked[1:])]
+    per_token = [(b - a) * 1000 for a, b in zip(times, times[1:])]
+    return RequestMetrics(ttft, tpot, itl, e2el, len(rec.output_ids), per_token, [n for _, n in chunked])
 
 
 def acceptance(spec: SpecCounters | None) -> dict:
@@ -60,6 +75,87 @@ def acceptance(spec: SpecCounters | None) -> dict:
             "acceptance_rate": spec.accepted_tokens / spec.draft_tokens if spec.draft_tokens else None,
             "acceptance_length": 1 + spec.accepted_tokens / spec.num_drafts,
             "per_position_acceptance_rate": [c / spec.num_drafts for c in spec.accepted_per_position]}
+
+
+def vllm_acceptance(spec: SpecCounters | None) -> dict:
+    """The same figures under `vllm bench serve`'s keys: its rate is a percentage, and it writes them only when
+    draft tokens were counted (None here otherwise)."""
+    if spec is None or not spec.draft_tokens:
+        return dict.fromkeys(VLLM_ACCEPTANCE_KEYS)
+    return {"spec_decode_acceptance_rate": spec.accepted_tokens / spec.draft_tokens * 100,
+            "spec_decode_acceptance_length": 1 + spec.accepted_tokens / spec.num_drafts if spec.num_drafts else 0.0,
+            "spec_decode_num_drafts": spec.num_drafts, "spec_decode_draft_tokens": spec.draft_tokens,
+            "spec_decode_accepted_tokens": spec.accepted_tokens,
+            "spec_decode_per_position_acceptance_rates": [c / spec.num_drafts for c in spec.accepted_per_position]
+            if spec.num_drafts else []}
+
+
+VLLM_ACCEPTANCE_KEYS = ("spec_decode_acceptance_rate", "spec_decode_acceptance_length", "spec_decode_num_drafts",
+                        "spec_decode_draft_tokens", "spec_decode_accepted_tokens",
+                        "spec_decode_per_position_acceptance_rates")
+
+
+def summed(specs) -> SpecCounters | None:
+    out = None
+    for s in specs:
+        if s is not None:
+            out = s if out is None else out.add(s)
+    return out
+
+
+def per_category_acceptance(records: list[RequestRecord], categories: dict[int, str]) -> dict:
+    """{category: acceptance figures and requests} from the per-request counters, for datasets with categories;
+    the categories' counters add up to the per-request total."""
+    by_cat: dict[str, list[RequestRecord]] = {}
+    for r in records:
+        if r.request_id in categories:
+            by_cat.setdefault(categories[r.request_id], []).append(r)
+    width = max((len(r.spec.accepted_per_position) for r in records if r.spec is not None), default=0)
+    out = {}
+    for cat in sorted(by_cat):
+        spec = summed([SpecCounters(accepted_per_position=[0] * width), *(r.spec for r in by_cat[cat])])
+        if spec.num_drafts or any(r.spec is not None for r in by_cat[cat]):
+            out[cat] = {"requests": len(by_cat[cat]), **acceptance(spec)}
+    return out
+
+
+# ---------------------------------------------------------------- vLLM's peak figures and goodput
+
+def request_goodput(per: list[RequestMetrics], slos: dict[str, float], duration: float) -> float | None:
+    """vLLM's: requests meeting every SLO (ms) per second; a request with one token counts TPOT 0."""
+    if not slos:
+        return None
+    values = {"ttft": lambda m: m.ttft_ms, "tpot": lambda m: m.tpot_ms or 0.0, "e2el": lambda m: m.e2el_ms}
+    good = sum(all(values[k](m) <= slo for k, slo in slos.items()) for m in per)
+    return good / duration
+
+
+def peak_figures(done: list[RequestRecord]) -> tuple[float, int]:
+    """vLLM's max_output_tokens_per_s and max_concurrent_requests: one-second buckets from the first request's
+    start; vLLM rebuilds its token times from TTFT and the chunk gaps, so a bucket counts chunks, not tokens (a
+    whole SD round is one)."""
+    reqs = [r for r in done if r.token_times]
+    if not reqs:
+        return 0.0, 0
+    starts = [r.arrival for r in reqs]
+    latencies = [r.token_times[-1] - r.arrival for r in reqs]
+    t0 = min(starts)
+    n = int(np.ceil(max(s + lat for s, lat in zip(starts, latencies)) - t0)) + 1
+    tokens, concurrent = np.zeros(n), np.zeros(n)
+    for r, start, lat in zip(reqs, starts, latencies):
+        chunked = [t for t, _ in chunks(r.token_times)]
+        t = start + (chunked[0] - r.arrival)
+        times = [t]
+        for a, b in zip(chunked, chunked[1:]):
+            t += b - a
+            times.append(t)
+        for t in times:
+            bucket = int(t - t0)
+            if 0 <= bucket < n:
+                tokens[bucket] += 1
+        for second in range(int(start - t0), int(start + lat - t0) + 1):
+            concurrent[second] += 1
+    return float(tokens.max()), int(concurrent.max())
 
 
 # ---------------------------------------------------------------- how a metric shows
@@ -103,6 +199,7 @@ class ModeMetrics:
     completed: int = metric(row=True, summary="done")
     failed: int = metric()
     duration_s: float = metric()
+    duration: float = metric()  # vLLM's name for duration_s
     total_input_tokens: int = metric()
     total_output_tokens: int = metric()
     request_throughput: float = metric()
@@ -110,6 +207,10 @@ class ModeMetrics:
                                       regress=True, compare="output_throughput_speedup",
                                       compare_label="output throughput")
     total_token_throughput: float = metric()
+    request_goodput: float | None = metric()  # requests/s meeting every GOODPUT SLO (None without GOODPUT)
+    max_output_tokens_per_s: float = metric()
+    max_concurrent_requests: int = metric()
+    mean_tokens_per_chunk: float | None = metric()  # tokens per emitted chunk (an SD round's accepted + bonus)
     mean_ttft_ms: float | None = latency(short=True, summary="TTFT ms (mean/p99)", digits=1, regress=True)
     median_ttft_ms: float | None = latency()
     std_ttft_ms: float | None = latency(row=False)
@@ -126,6 +227,11 @@ class ModeMetrics:
     std_itl_ms: float | None = latency(row=False)
     p90_itl_ms: float | None = latency()
     p99_itl_ms: float | None = latency()
+    mean_itl_per_token_ms: float | None = latency(row=False)
+    median_itl_per_token_ms: float | None = latency(row=False)
+    std_itl_per_token_ms: float | None = latency(row=False)
+    p90_itl_per_token_ms: float | None = latency(row=False)
+    p99_itl_per_token_ms: float | None = latency(row=False)
     mean_e2el_ms: float | None = latency(summary="E2EL ms (mean)", digits=1, compare="e2el_speedup")
     median_e2el_ms: float | None = latency()
     std_e2el_ms: float | None = latency(row=False)
@@ -139,6 +245,13 @@ class ModeMetrics:
     acceptance_length: float | None = accept(row=True, short=True, summary="accept len", higher_is_better=True,
                                              regress=True)
     per_position_acceptance_rate: list[float] = accept(row="per_position_acceptance", short=True, empty=list)
+    spec_decode_acceptance_rate: float | None = accept()  # vLLM's keys: the rate in percent
+    spec_decode_acceptance_length: float | None = accept()
+    spec_decode_num_drafts: int | None = accept()
+    spec_decode_draft_tokens: int | None = accept()
+    spec_decode_accepted_tokens: int | None = accept()
+    spec_decode_per_position_acceptance_rates: list[float] | None = accept()
+    per_category: dict = accept(empty=dict)  # {category: acceptance figures} for datasets with categories
 
     def to_json(self) -> dict:
         """{top fields..., "latency": {...}, "acceptance": {...}}, each in field order."""
@@ -213,9 +326,11 @@ COLUMNS = _in_order(FIELD_COLUMNS, EXTRA_COLUMNS)
 # ---------------------------------------------------------------- aggregating and comparing
 
 def aggregate(mode: str, records: list[RequestRecord], duration_s: float,
-              engine_spec: SpecCounters | None = None) -> ModeMetrics:
+              engine_spec: SpecCounters | None = None, slos: dict[str, float] | None = None,
+              categories: dict[int, str] | None = None) -> ModeMetrics:
     """Aggregate finished requests. Acceptance: the engine's run-level counters when it keeps them (vLLM),
-    else the sum of the per-request counters."""
+    else the sum of the per-request counters; per category from the per-request counters. slos: GOODPUT's
+    {ttft|tpot|e2el: ms}; categories: {request_id: category}."""
     done = [r for r in records if r.finish_reason in ("stop", "length")]
     per = [request_metrics(r) for r in done]
     out_tokens = sum(m.output_tokens for m in per)
@@ -225,18 +340,20 @@ def aggregate(mode: str, records: list[RequestRecord], duration_s: float,
     latencies.update(summarize([m.ttft_ms for m in per if m.ttft_ms is not None], "ttft_ms"))
     latencies.update(summarize([m.tpot_ms for m in per if m.tpot_ms is not None], "tpot_ms"))
     latencies.update(summarize([x for m in per for x in m.itl_ms], "itl_ms"))
+    latencies.update(summarize([x for m in per for x in m.itl_per_token_ms], "itl_per_token_ms"))
     latencies.update(summarize([m.e2el_ms for m in per if m.e2el_ms is not None], "e2el_ms"))
-    spec = engine_spec
-    if spec is None:
-        specs = [r.spec for r in done if r.spec is not None]
-        if specs:
-            spec = SpecCounters()
-            for s in specs:
-                spec = spec.add(s)
+    spec = engine_spec or summed(r.spec for r in done)
+    chunk_sizes = [n for m in per for n in m.chunk_tokens]
+    peak_tokens, peak_concurrent = peak_figures(done)
     return ModeMetrics(mode=mode, completed=len(done), failed=len(records) - len(done), duration_s=duration_s,
-                       total_input_tokens=in_tokens, total_output_tokens=out_tokens,
+                       duration=duration_s, total_input_tokens=in_tokens, total_output_tokens=out_tokens,
                        request_throughput=len(done) / duration, output_throughput=out_tokens / duration,
-                       total_token_throughput=(in_tokens + out_tokens) / duration, **latencies, **acceptance(spec))
+                       total_token_throughput=(in_tokens + out_tokens) / duration,
+                       request_goodput=request_goodput(per, slos or {}, duration),
+                       max_output_tokens_per_s=peak_tokens, max_concurrent_requests=peak_concurrent,
+                       mean_tokens_per_chunk=float(np.mean(chunk_sizes)) if chunk_sizes else None,
+                       **latencies, **acceptance(spec), **vllm_acceptance(spec),
+                       per_category=per_category_acceptance(done, categories or {}))
 
 
 def _ratio(a, b):

@@ -139,6 +139,24 @@ def comparison_line(comparison: dict) -> str:
     return f"{comparison['mode']} vs {comparison['baseline']}: " + ", ".join(parts)
 
 
+def repeats_line(mode: str, result: dict) -> str | None:
+    """NUM_RUNS > 1: each repeated figure's mean and 95 % interval, or None."""
+    repeats = result.get("repeats")
+    if not repeats:
+        return None
+    parts = [f"{key} {_fmt(r['mean'], 3)} [{_fmt(r['ci95_low'], 3)}, {_fmt(r['ci95_high'], 3)}]"
+             for key, r in repeats.items() if isinstance(r, dict)]
+    return f"{mode} over {repeats['n']} runs, mean [95 % interval]: " + ", ".join(parts)
+
+
+def category_line(mode: str, result: dict) -> str | None:
+    """The acceptance rate / length per dataset category, or None for a dataset without categories."""
+    per = ((result.get("metrics") or {}).get("acceptance") or {}).get("per_category") or {}
+    parts = [f"{cat} {_fmt(a.get('acceptance_rate'), 3)}/{_fmt(a.get('acceptance_length'))}"
+             for cat, a in per.items()]
+    return f"{mode} acceptance rate/length per category: " + ", ".join(parts) if parts else None
+
+
 OVERHEAD_BOUND = 0.2  # bandwidth efficiency under which a GPU run is bound by the engine's overhead
 
 
@@ -171,6 +189,10 @@ def print_summary(modes: dict, comparisons: list[dict], run_dir: Path, console=N
         console.print(warning, markup=False)
     for c in comparisons:
         console.print(comparison_line(c))
+    for mode, res in modes.items():
+        for line in (repeats_line(mode, res), category_line(mode, res)):
+            if line:
+                console.print(line, markup=False)
     energies = [r.get("energy") for r in modes.values() if r.get("energy")]
     if energies and not energies[0].get("available"):
         console.print(f"GPU monitor: unavailable ({energies[0].get('reason')})")

@@ -17,6 +17,7 @@ class Request:
     max_new_tokens: int
     arrival: float = 0.0  # seconds after the run's start
     reference_output_len: int | None = None  # from ShareGPT's answer, when known
+    category: str | None = None  # the dataset's category (Spec-Bench, custom JSONL), when it has one
 
 
 @dataclass

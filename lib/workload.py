@@ -1,58 +1,24 @@
-"""Prompts (prompt files, ShareGPT) and request schedules (fixed count, rate x duration, batching)."""
+"""Prompts (prompt files, ShareGPT, the datasets of lib/datasets.py) and requests (arrivals from lib/arrivals.py,
+max tokens, batching)."""
 from __future__ import annotations
 
-import json
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from lib import files
+from lib import datasets, files
+from lib.arrivals import arrivals
+from lib.config import rate_mode
+from lib.datasets import MALFORMED, LoadStats, Prompt, json_entries
 from lib.errors import UsageError
 from lib.types import Request
 
 SHAREGPT_FILES = ("sharegpt_gpt4.jsonl", "sharegpt_V3_format.jsonl", "sharegpt_zh_38K_format.jsonl")
 
 
-@dataclass
-class Prompt:
-    text: str
-    reference_output_len: int | None = None
-
-
-@dataclass
-class LoadStats:
-    source: str
-    files: list[str] = field(default_factory=list)
-    entries: int = 0
-    malformed: int = 0
-    filtered: int = 0
-    kept: int = 0
-
-
 def read_prompt_file(path: str | Path) -> list[Prompt]:
     return [Prompt(text) for text in files.read_prompt_file(path, f"PROMPT_FILE={path}")]
-
-
-def _conversation_entries(path: Path, stats: LoadStats):
-    """Yield the entries of a .jsonl file (one JSON object per line) or a .json file (one array)."""
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if path.suffix == ".json" or text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            stats.malformed += 1
-            return
-        yield from (data if isinstance(data, list) else [])
-        return
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            stats.malformed += 1
 
 
 def _turns(entry) -> list[str] | None:
@@ -65,9 +31,24 @@ def _turns(entry) -> list[str] | None:
     return values
 
 
-def load_sharegpt(folder: str | Path, tokenizer) -> tuple[list[Prompt], LoadStats]:
-    """vLLM bench's ShareGPT rules: >= 2 turns; prompt = turn 0, reference output = turn 1; drop prompt or
-    output < 4 tokens, prompt > 1024, prompt + output > 2048. Malformed lines are skipped and counted."""
+def token_count(tokenizer, text: str) -> int:
+    """Tokens as vLLM's bench counts them: `tokenizer(text).input_ids`, special tokens (BOS) included, which is
+    also what a request's prompt_ids hold."""
+    return len(tokenizer(text).input_ids)
+
+
+def valid_lengths(prompt_len: int, output_len: int, skip_min_output: bool = False) -> bool:
+    """vLLM bench's is_valid_sequence: prompt and output >= 4 tokens (output unchecked when the output length is
+    fixed), prompt <= 1024, prompt + output <= 2048."""
+    return not (prompt_len < 4 or (not skip_min_output and output_len < 4) or prompt_len > 1024
+                or prompt_len + output_len > 2048)
+
+
+def load_sharegpt(folder: str | Path, tokenizer, fixed_output_len: int | None = None
+                  ) -> tuple[list[Prompt], LoadStats]:
+    """vLLM bench's ShareGPT rules: >= 2 turns; prompt = turn 0, reference output = turn 1; valid_lengths() on
+    the prompt and the request's output length (the reference's, or fixed_output_len, as vLLM's
+    --sharegpt-output-len). Malformed entries are skipped and counted: entries = malformed + filtered + kept."""
     d = Path(folder)
     if not d.is_dir():
         raise UsageError(f"SHAREGPT_DIR={folder}: no such folder (expected a folder with "
@@ -79,21 +60,22 @@ def load_sharegpt(folder: str | Path, tokenizer) -> tuple[list[Prompt], LoadStat
                          "is in the folder")
     stats, prompts = LoadStats("sharegpt", [f.name for f in files]), []
     for f in files:
-        for entry in _conversation_entries(f, stats):
+        for entry in json_entries(f):
             stats.entries += 1
-            turns = _turns(entry)
+            turns = None if entry is MALFORMED else _turns(entry)
             if turns is None:
                 stats.malformed += 1
                 continue
             if len(turns) < 2:
                 stats.filtered += 1
                 continue
-            prompt_len = len(tokenizer.encode(turns[0], add_special_tokens=False))
-            output_len = len(tokenizer.encode(turns[1], add_special_tokens=False))
-            if prompt_len < 4 or output_len < 4 or prompt_len > 1024 or prompt_len + output_len > 2048:
+            prompt_len, reference_len = token_count(tokenizer, turns[0]), token_count(tokenizer, turns[1])
+            output_len = reference_len if fixed_output_len is None else fixed_output_len
+            if not valid_lengths(prompt_len, output_len, skip_min_output=fixed_output_len is not None):
                 stats.filtered += 1
                 continue
-            prompts.append(Prompt(turns[0], output_len))
+            prompts.append(Prompt(turns[0], reference_len, max_tokens=reference_len if fixed_output_len is None
+                                  else None))
     stats.kept = len(prompts)
     if not prompts:
         raise UsageError(f"SHAREGPT_DIR={folder}: no usable conversations in {', '.join(stats.files)} "
@@ -102,60 +84,83 @@ def load_sharegpt(folder: str | Path, tokenizer) -> tuple[list[Prompt], LoadStat
     return prompts, stats
 
 
+def dataset_of(cfg) -> str:
+    if cfg.dataset != "auto":
+        return cfg.dataset
+    return "sharegpt" if cfg.sharegpt_dir else "prompt_file"
+
+
 def load_prompts(cfg, tokenizer) -> tuple[list[Prompt], LoadStats]:
-    if cfg.sharegpt_dir:
-        return load_sharegpt(cfg.sharegpt_dir, tokenizer)
+    dataset = dataset_of(cfg)
+    if dataset == "sharegpt":
+        fixed = cfg.generation_length if cfg.sharegpt_output_len == "generation_length" else None
+        return load_sharegpt(cfg.sharegpt_dir, tokenizer, fixed)
+    if dataset != "prompt_file":
+        return datasets.load(dataset, cfg, tokenizer)
     prompts = read_prompt_file(cfg.prompt_file)
     return prompts, LoadStats("prompt_file", [str(cfg.prompt_file)], len(prompts), 0, 0, len(prompts))
 
 
-def poisson_arrivals(rate: float, duration: float, seed: int) -> list[float]:
-    """Arrival offsets in [0, duration): exponential inter-arrival times (drawn as gamma with shape 1, the draw
-    vLLM's benchmark uses at burstiness 1, so a seed gives the same schedule)."""
-    rng = np.random.default_rng(seed)
-    times, t = [], 0.0
-    while True:
-        t += rng.gamma(shape=1.0, scale=1.0 / rate)
-        if t >= duration:
-            return times
-        times.append(float(t))
-
-
-def truncate_for_batch(ids: list[int], cfg) -> list[int]:
+def truncate_for_batch(ids: list[int], max_new_tokens: int, cfg) -> list[int]:
     """Batching rule: a row holds at most MAX_BATCH_LENGTH tokens, so a prompt keeps its last
-    MAX_BATCH_LENGTH - GENERATION_LENGTH tokens (the end of a prompt is what the answer continues)."""
+    MAX_BATCH_LENGTH - max new tokens (the end of a prompt is what the answer continues)."""
     if not cfg.enable_batch:
         return ids
-    room = cfg.max_batch_length - cfg.generation_length
+    room = cfg.max_batch_length - max_new_tokens
     return ids[-room:] if len(ids) > room else ids
 
 
+def max_new_tokens(prompt: Prompt, cfg) -> int:
+    """The dataset's max tokens for the prompt, else GENERATION_LENGTH; under batching at most
+    MAX_BATCH_LENGTH - 1, so one prompt token fits in the row."""
+    n = prompt.max_tokens or cfg.generation_length
+    return min(n, cfg.max_batch_length - 1) if cfg.enable_batch else n
+
+
+def max_tokens_rule(cfg) -> str:
+    """Where a request's max new tokens come from, in words (the dry run's plan)."""
+    dataset = dataset_of(cfg)
+    if dataset == "sharegpt" and cfg.sharegpt_output_len == "reference":
+        return "each its reference answer's length (SHAREGPT_OUTPUT_LEN=reference)"
+    if dataset == "custom":
+        return f"each its output_tokens, else GENERATION_LENGTH={cfg.generation_length}"
+    if dataset == "random":
+        mean = cfg.random_output_len or cfg.generation_length
+        return f"{mean} x [1 - {cfg.random_range_ratio:g}, 1 + {cfg.random_range_ratio:g}] (RANDOM_OUTPUT_LEN)"
+    return f"GENERATION_LENGTH={cfg.generation_length}"
+
+
 def build_requests(cfg, prompts: list[Prompt], tokenizer) -> list[Request]:
-    """Fixed count: NUM_PROMPTS requests at t=0. Rate mode: AUTO_RATE x AUTO_DURATION Poisson arrivals.
-    Prompts are taken in a seeded shuffled order, cycling when more requests than prompts are needed."""
-    if cfg.auto_rate > 0:
-        arrivals = poisson_arrivals(cfg.auto_rate, cfg.auto_duration, cfg.seed)
-    else:
-        arrivals = [0.0] * cfg.num_prompts
+    """One request per arrival (lib/arrivals.py: NUM_PROMPTS at t=0, or a rate schedule). Prompts are taken in a
+    seeded shuffled order, cycling when more requests than prompts are needed."""
     order = list(range(len(prompts)))
     random.Random(cfg.seed).shuffle(order)
     requests = []
-    for i, arrival in enumerate(arrivals):
+    for i, arrival in enumerate(arrivals(cfg)):
         prompt = prompts[order[i % len(order)]]
-        ids = truncate_for_batch(tokenizer.encode(prompt.text), cfg)
-        requests.append(Request(i, prompt.text, ids, cfg.generation_length, arrival, prompt.reference_output_len))
+        max_new = max_new_tokens(prompt, cfg)
+        ids = truncate_for_batch(tokenizer.encode(prompt.text), max_new, cfg)
+        requests.append(Request(i, prompt.text, ids, max_new, arrival, prompt.reference_output_len,
+                                prompt.category))
     return requests
 
 
 def describe_workload(cfg, requests: list[Request], stats: LoadStats) -> dict:
-    mode = "rate" if cfg.auto_rate > 0 else "fixed_count"
+    mode = "rate" if rate_mode(cfg) else "fixed_count"
+    rated = mode == "rate"
     return {
-        "mode": mode, "num_requests": len(requests),
-        "rate_per_s": cfg.auto_rate if mode == "rate" else None,
-        "duration_s": cfg.auto_duration if mode == "rate" else None,
+        "mode": mode, "num_requests": len(requests), "dataset": dataset_of(cfg),
+        "rate_per_s": cfg.auto_rate if rated else None,
+        "duration_s": cfg.auto_duration if rated and cfg.arrival_schedule == "speclab" else None,
+        "arrival_schedule": cfg.arrival_schedule if rated else None,
+        "burstiness": cfg.burstiness if rated else None,
+        "ramp_up": {"strategy": cfg.ramp_up_strategy, "start_rps": cfg.ramp_up_start_rps,
+                    "end_rps": cfg.ramp_up_end_rps} if cfg.ramp_up_strategy != "none" else None,
+        "max_concurrency": cfg.max_concurrency or None,
         "batch_size": cfg.batch_size if cfg.enable_batch else 1,
         "max_batch_length": cfg.max_batch_length if cfg.enable_batch else None,
         "generation_length": cfg.generation_length,
+        "max_new_tokens_mean": float(np.mean([r.max_new_tokens for r in requests])) if requests else 0.0,
         "prompt_tokens_mean": float(np.mean([len(r.prompt_ids) for r in requests])) if requests else 0.0,
         "source": stats.__dict__,
     }

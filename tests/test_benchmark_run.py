@@ -102,3 +102,32 @@ def test_ctrl_c_midway_leaves_valid_results(tmp_path):
     mode = results["modes"]["hf:target"]
     assert mode["status"] == "interrupted"
     assert 3 <= mode["metrics"]["completed"] <= len(done) < 400
+
+
+def test_num_runs_max_concurrency_and_bench_serve_file(tmp_path):
+    proc, run_dir = run_benchmark(tmp_path, ENABLE_TARGET="false", NUM_RUNS=2, NUM_PROMPTS=4, GENERATION_LENGTH=8,
+                                  ENABLE_BATCH="true", BATCH_SIZE=4, MAX_CONCURRENCY=2, GOODPUT="e2el:100000",
+                                  METADATA="gpu=none", DATASET="custom",
+                                  DATASET_PATH=ROOT / "prompts" / "custom_sample.jsonl")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    mode = json.loads((run_dir / "benchmark_results.json").read_text())["modes"]["hf:speculative"]
+    repeats = mode["repeats"]
+    assert repeats["n"] == 2
+    for key in ("output_throughput", "mean_tpot_ms", "acceptance_rate", "acceptance_length"):
+        r = repeats[key]
+        assert len(r["values"]) == 2 and r["ci95_low"] <= r["mean"] <= r["ci95_high"]
+    assert "hf:speculative over 2 runs, mean [95 % interval]: output_throughput" in proc.stdout
+    lines = read_jsonl(run_dir / "requests_hf_speculative.jsonl")
+    for run in (0, 1):
+        spans = [(r["start"], r["token_times"][-1]) for r in lines if r["metrics"]["run"] == run]
+        assert len(spans) == 4
+        assert all(sum(s <= t < e for s, e in spans) <= 2 for t, _ in spans)  # MAX_CONCURRENCY=2 of BATCH_SIZE=4
+    assert {r["metrics"]["run"] for r in lines} == {0, 1}
+    vllm = json.loads((run_dir / "bench_serve_hf_speculative.json").read_text())
+    metrics = mode["metrics"]
+    assert vllm["num_prompts"] == 4 and vllm["gpu"] == "none" and vllm["request_rate"] == "inf"
+    assert vllm["max_concurrency"] == 2 and vllm["model_id"] and vllm["date"]
+    assert vllm["duration"] == metrics["duration_s"] and vllm["request_goodput"] == metrics["request_throughput"]
+    assert vllm["spec_decode_acceptance_rate"] == pytest.approx(100 * metrics["acceptance"]["acceptance_rate"])
+    assert {"mean_ttft_ms", "p99_tpot_ms", "median_itl_ms"} <= set(vllm) and "mean_e2el_ms" not in vllm
+    assert sorted(vllm["output_lens"]) != [8] * 4  # the custom file's output_tokens set max tokens

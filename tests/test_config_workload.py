@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from lib import config as C
+from lib.arrivals import speclab_arrivals as poisson_arrivals
 from lib.errors import UsageError
-from lib.workload import build_requests, load_sharegpt, poisson_arrivals, read_prompt_file
+from lib.workload import build_requests, load_sharegpt, read_prompt_file
 
 
 def resolve(**env):
@@ -96,7 +97,7 @@ def test_sharegpt_rules_malformed_and_chinese(tiny_tokenizer, tmp_path):
                         ensure_ascii=False)]
     (tmp_path / "sharegpt_zh_38K_format.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     prompts, stats = load_sharegpt(tmp_path, tiny_tokenizer)
-    assert stats.entries == 5 and stats.malformed == 2 and stats.filtered == 2 and stats.kept == 2
+    assert stats.entries == 6 and stats.malformed == 2 and stats.filtered == 2 and stats.kept == 2
     assert prompts[1].text.startswith("小猫") and prompts[1].reference_output_len >= 4
 
 
@@ -120,3 +121,66 @@ def test_readme_variable_table_is_generated_from_the_table():
     from scripts.update_readme_vars import README, rendered
     text = README.read_text()
     assert rendered(text) == text, "README's variable table is stale: run scripts/update_readme_vars.py"
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"GOODPUT": "ttft:fast"}, "GOODPUT='ttft:fast': 'ttft:fast' is not NAME:MS"),
+    ({"GOODPUT": "latency:5"}, "NAME one of ttft, tpot, e2el"),
+    ({"PERCENTILE_METRICS": "ttft,speed"}, "PERCENTILE_METRICS='ttft,speed': expected"),
+    ({"METRIC_PERCENTILES": "99,120"}, "METRIC_PERCENTILES='99,120': expected"),
+    ({"METADATA": "gpu"}, "METADATA='gpu': 'gpu' is not KEY=VALUE"),
+    ({"RAMP_UP_STRATEGY": "linear", "RAMP_UP_END_RPS": 4, "AUTO_DURATION": 5}, "needs RAMP_UP_START_RPS"),
+    ({"DATASET": "custom"}, "DATASET=custom: needs DATASET_PATH"),
+    ({"DATASET": "sharegpt"}, "DATASET=sharegpt: needs SHAREGPT_DIR"),
+    ({"DATASET": "prefix_repetition", "NUM_PROMPTS": 2}, "NUM_PROMPTS=2: DATASET=prefix_repetition"),
+    ({"BURSTINESS": "0"}, "BURSTINESS='0'"),
+    ({"AUTO_RATE": 2, "ARRIVAL_SCHEDULE": "vllm", "NUM_PROMPTS": 0}, "NUM_PROMPTS=0 with ARRIVAL_SCHEDULE=vllm"),
+])
+def test_traffic_and_metric_options_refuse_bad_input(env, message):
+    with pytest.raises(UsageError) as err:
+        resolve(**env)
+    assert message in str(err.value)
+
+
+def test_vllm_schedule_needs_no_duration_and_goodput_parses():
+    cfg = resolve(AUTO_RATE=4, ARRIVAL_SCHEDULE="vllm", NUM_PROMPTS=8, GOODPUT="ttft:500 tpot:50",
+                  METADATA="gpu=h200 run=3", METRIC_PERCENTILES="25,99.5")
+    assert C.goodput_slos(cfg) == {"ttft": 500.0, "tpot": 50.0}
+    assert C.metadata_pairs(cfg) == {"gpu": "h200", "run": "3"}
+    assert C.percentile_selection(cfg) == (["ttft", "tpot", "itl"], [25.0, 99.5])
+    from lib.arrivals import arrivals
+    times = arrivals(cfg)
+    assert len(times) == 8 and times[-1] == pytest.approx(8 / 4)  # vLLM rescales the last arrival to N / rate
+
+
+def test_burstiness_and_ramp_up_shape_speclab_arrivals():
+    def cv(times):
+        gaps = np.diff(times)
+        return gaps.std() / gaps.mean()
+    bursty, even = poisson_arrivals(2.0, 500, 1, burstiness=0.25), poisson_arrivals(2.0, 500, 1, burstiness=4)
+    assert abs(cv(bursty) - 2) < 0.3 and abs(cv(even) - 0.5) < 0.1  # gamma shape k: cv = 1 / sqrt(k)
+    assert 850 < len(bursty) < 1150 and 900 < len(even) < 1100
+    constant = poisson_arrivals(2.0, 10, 1, burstiness=float("inf"))
+    assert constant == pytest.approx([0.5 * i for i in range(1, 20)])
+    ramp = poisson_arrivals(0, 100, 1, ramp=("linear", 1.0, 9.0))
+    first, second = sum(t < 50 for t in ramp), sum(t >= 50 for t in ramp)
+    assert 1.5 < second / first < 3  # rate 1 -> 5 in the first half (mean 3), 5 -> 9 in the second (mean 7)
+
+
+def test_custom_and_spec_bench_files(tmp_path):
+    from lib.datasets import load_file
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"prompt": "a cat", "output_tokens": 7, "category": "pets"}\n{"prompt": "a dog"}\nnot json\n'
+                 '{"prompt": "x", "output_tokens": -1}\n{"text": "no prompt"}\n\n')
+    prompts, stats = load_file("custom", str(f))
+    assert [(p.text, p.max_tokens, p.category) for p in prompts] == [("a cat", 7, "pets"), ("a dog", None, None)]
+    assert stats.entries == stats.malformed + stats.filtered + stats.kept == 5
+    cfg = resolve(DATASET="custom", DATASET_PATH=f, NUM_PROMPTS=2, GENERATION_LENGTH=9)
+    from lib.workload import max_new_tokens
+    assert [max_new_tokens(p, cfg) for p in prompts] == [7, 9]
+    prompts, stats = load_file("spec_bench", str(C.shipped("prompts/spec_bench_sample/question.jsonl")))
+    assert stats.kept == stats.entries == 16 and {"translation", "rag", "writing"} <= {p.category for p in prompts}
+    with pytest.raises(UsageError, match="DATASET_PATH=.*no usable entry"):
+        load_file("spec_bench", str(f))
+    with pytest.raises(UsageError, match="DATASET_PATH=.*no such file"):
+        load_file("custom", str(tmp_path / "missing.jsonl"))

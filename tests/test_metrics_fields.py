@@ -40,23 +40,34 @@ def test_to_json_keeps_the_result_file_layout():
                "p99_ttft_ms": 248.75, "mean_tpot_ms": 312.5, "median_tpot_ms": 312.5, "std_tpot_ms": 62.5,
                "p90_tpot_ms": 362.5, "p99_tpot_ms": 373.75, "mean_itl_ms": 1000 / 3, "median_itl_ms": 250.0,
                "std_itl_ms": (2 * (250 / 3) ** 2 + (500 / 3) ** 2) ** 0.5 / 3 ** 0.5, "p90_itl_ms": 450.0,
-               "p99_itl_ms": 495.0, "mean_e2el_ms": 687.5, "median_e2el_ms": 687.5, "std_e2el_ms": 312.5,
+               "p99_itl_ms": 495.0, "mean_itl_per_token_ms": 1000 / 3, "median_itl_per_token_ms": 250.0,
+               "std_itl_per_token_ms": (2 * (250 / 3) ** 2 + (500 / 3) ** 2) ** 0.5 / 3 ** 0.5,
+               "p90_itl_per_token_ms": 450.0, "p99_itl_per_token_ms": 495.0, "mean_e2el_ms": 687.5,
+               "median_e2el_ms": 687.5, "std_e2el_ms": 312.5,
                "p90_e2el_ms": 937.5, "p99_e2el_ms": 993.75}
-    assert list(out) == ["mode", "completed", "failed", "duration_s", "total_input_tokens", "total_output_tokens",
-                         "request_throughput", "output_throughput", "total_token_throughput", "latency", "acceptance"]
+    assert list(out) == ["mode", "completed", "failed", "duration_s", "duration", "total_input_tokens",
+                         "total_output_tokens", "request_throughput", "output_throughput", "total_token_throughput",
+                         "request_goodput", "max_output_tokens_per_s", "max_concurrent_requests",
+                         "mean_tokens_per_chunk", "latency", "acceptance"]
     assert {k: v for k, v in out.items() if k not in GROUPS} == {
-        "mode": "hf:speculative", "completed": 2, "failed": 1, "duration_s": 2.0, "total_input_tokens": 10,
-        "total_output_tokens": 5, "request_throughput": 1.0, "output_throughput": 2.5, "total_token_throughput": 7.5}
+        "mode": "hf:speculative", "completed": 2, "failed": 1, "duration_s": 2.0, "duration": 2.0,
+        "total_input_tokens": 10, "total_output_tokens": 5, "request_throughput": 1.0, "output_throughput": 2.5,
+        "total_token_throughput": 7.5, "request_goodput": None, "max_output_tokens_per_s": 4.0,
+        "max_concurrent_requests": 2, "mean_tokens_per_chunk": 1.0}
     assert list(out["latency"]) == list(latency) and out["latency"] == pytest.approx(latency)
     assert out["acceptance"] == {"num_drafts": 3, "draft_tokens": 6, "accepted_tokens": 3, "acceptance_rate": 0.5,
-                                 "acceptance_length": 2.0, "per_position_acceptance_rate": [1.0, 0.0]}
+                                 "acceptance_length": 2.0, "per_position_acceptance_rate": [1.0, 0.0],
+                                 "spec_decode_acceptance_rate": 50.0, "spec_decode_acceptance_length": 2.0,
+                                 "spec_decode_num_drafts": 3, "spec_decode_draft_tokens": 6,
+                                 "spec_decode_accepted_tokens": 3,
+                                 "spec_decode_per_position_acceptance_rates": [1.0, 0.0], "per_category": {}}
     assert json.loads(json.dumps(out)) == out
 
 
 def test_every_field_has_a_group_and_aggregate_fills_the_latency_stats():
     groups = {f.name: f.metadata["group"] for f in fields(ModeMetrics)}
     assert set(groups.values()) == {"top", *GROUPS}
-    stats = [k for m in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms") for k in summarize([], m)]
+    stats = [k for m in ("ttft_ms", "tpot_ms", "itl_ms", "itl_per_token_ms", "e2el_ms") for k in summarize([], m)]
     assert [name for name, g in groups.items() if g == "latency"] == stats
 
 

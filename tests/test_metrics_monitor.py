@@ -13,7 +13,9 @@ def record(rid, arrival, times, spec=None, reason="length"):
 def test_request_latencies():
     m = request_metrics(record(0, 1.0, [1.5, 1.6, 1.6, 1.9]))
     assert m.ttft_ms == pytest.approx(500) and m.e2el_ms == pytest.approx(900)
-    assert m.tpot_ms == pytest.approx(400 / 3) and m.itl_ms == pytest.approx([100, 0, 300])
+    assert m.tpot_ms == pytest.approx(400 / 3) and m.itl_per_token_ms == pytest.approx([100, 0, 300])
+    # vLLM's ITL: one gap per emitted chunk (the two tokens at 1.6 came out together)
+    assert m.itl_ms == pytest.approx([100, 300]) and m.chunk_tokens == [1, 2, 1]
 
 
 def test_acceptance_definitions_and_aggregate():

@@ -132,6 +132,26 @@ def test_rate_mode_streams_through_async_engine(tiny_models, requests_, referenc
         assert len(set(times)) > len(times) // 4
 
 
+def test_max_concurrency_caps_requests_in_flight_offline_and_streaming(tiny_models, requests_):
+    engine = make_engine(tiny_models, "target", MAX_CONCURRENCY="2")
+    engine.start()
+    try:
+        runs = []
+        for arrivals in ([0.0] * 4, [0.01, 0.02, 0.03, 0.04]):  # offline engine, then the async engine
+            timed = [Request(r.request_id, r.prompt, r.prompt_ids, r.max_new_tokens, arrival=a)
+                     for r, a in zip(requests_, arrivals)]
+            records = []
+            engine.run(timed, Clock(), records.append)
+            runs.append(records)
+    finally:
+        engine.stop()
+    for records in runs:
+        spans = [(r.start, r.token_times[-1]) for r in records]
+        assert len(spans) == 4
+        assert all(sum(s <= t < e for s, e in spans) <= 2 for t, _ in spans)
+        assert max(s for s, _ in spans) >= min(e for _, e in spans)  # the last ones waited for a free slot
+
+
 @pytest.mark.parametrize("env, needle", [
     ({"VLLM_NUM_SPECULATIVE_TOKENS": "zero"}, "VLLM_NUM_SPECULATIVE_TOKENS"),
     ({"VLLM_SPEC_METHOD": "medusa"}, "VLLM_SPEC_METHOD"),

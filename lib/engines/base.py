@@ -23,7 +23,8 @@ class Engine(ABC):
 
     def __init__(self, cfg, method: str, models):
         self.cfg, self.method, self.models = cfg, method, models
-        self.batch_size = cfg.batch_size if cfg.enable_batch else 1
+        batch = cfg.batch_size if cfg.enable_batch else 1
+        self.batch_size = min(batch, cfg.max_concurrency) if cfg.max_concurrency else batch  # requests in flight
 
     @abstractmethod
     def start(self) -> None:

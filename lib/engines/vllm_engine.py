@@ -13,6 +13,7 @@ is left in `run_spec_counters` (records keep spec=None so nothing is counted twi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import math
 import sys
@@ -240,10 +241,16 @@ class VLLMEngine(Engine):
     def _run_offline(self, requests, clock: Clock, on_done, should_stop):
         engine = self.llm.llm_engine
         by_id, ids, times, starts = {}, {}, {}, {}
-        for request in requests:
-            rid = self._vllm_id(request)
-            by_id[rid], ids[rid], times[rid], starts[rid] = request, [], [], clock.now()
-            engine.add_request(rid, self._prompt(request), self._sampling_params(request))
+        waiting = list(requests)
+
+        def admit():  # MAX_CONCURRENCY: a request enters when one in flight has finished
+            while waiting and (not self.cfg.max_concurrency or len(ids) < self.cfg.max_concurrency):
+                request = waiting.pop(0)
+                rid = self._vllm_id(request)
+                by_id[rid], ids[rid], times[rid], starts[rid] = request, [], [], clock.now()
+                engine.add_request(rid, self._prompt(request), self._sampling_params(request))
+
+        admit()
         while engine.has_unfinished_requests():
             if should_stop():
                 engine.abort_request(list(ids))  # the unfinished ones
@@ -260,10 +267,18 @@ class VLLMEngine(Engine):
                 if out.finished:
                     on_done(self._finish(by_id[rid], ids.pop(rid), times[rid], starts[rid],
                                          out.outputs[0].finish_reason))
+            admit()
 
     async def _run_async(self, requests, clock: Clock, on_done, should_stop):
+        # MAX_CONCURRENCY, as vllm bench serve's semaphore
+        limit = asyncio.Semaphore(self.cfg.max_concurrency) if self.cfg.max_concurrency else contextlib.nullcontext()
+
         async def one(request: Request):
             await asyncio.sleep(max(0.0, request.arrival - clock.now()))
+            async with limit:
+                await admitted(request)
+
+        async def admitted(request: Request):
             if should_stop():
                 return
             start, ids, times, reason = clock.now(), [], [], None
