@@ -7,13 +7,16 @@ through ./run_benchmark.sh, which sets up the environment first.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-import time
 import traceback
 
 from lib import config as C
 from lib.errors import UsageError, exit_on_usage_error
-from lib.log import setup_logging
+from lib.interrupts import Interrupted, StopSignals
+from lib.log import get_logger, setup_logging
+
+logger = get_logger(__name__)
 
 REQUIREMENT_SETS_FLAG = "--print-requirement-sets"  # run_benchmark.sh's question before it installs anything
 
@@ -69,62 +72,88 @@ def print_dry_run(cfg, plan):
 COPY_BANDWIDTH: dict[str, float] = {}  # device -> measured copy bytes/s, once per run
 
 
-def run_mode(engine_name, method, cfg, models, requests, writer, monitor, run_clock, console):
-    """Start one engine, run the workload, save its results. Returns the mode's result dict."""
+def run_mode(engine_name, method, cfg, models, requests, writer, monitor, stop, console):
+    """Start one engine, run the workload, save its results. Returns the mode's result dict. A mode that fails to
+    start or warm up is saved too (status failed, its error); a stop signal ends the run once the mode is saved."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from lib.engines import create_engine
-    from lib.metrics import aggregate, request_metrics
+    from lib.metrics import request_metrics
     from lib.types import Clock
 
     mode = f"{engine_name}:{method}"
-    engine = create_engine(engine_name, cfg, method, models)
-    console.print(f"[bold]== {mode}[/bold]: starting engine")
-    engine.start()
-    if cfg.warmup:
-        console.print(f"{mode}: warm-up (one short untimed batch)")
-        engine.warmup(requests)
-    records, status, error = [], "complete", None
-    clock = Clock()
-    t_start = monitor.mark()
-    with Progress(TextColumn(f"{mode}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False, disable=not console.is_terminal) as progress:
-        task = progress.add_task(mode, total=len(requests))
+    writer.mode_started(mode)
+    engine, started, records, status, error = None, False, [], "complete", None
+    clock, t_start = Clock(), monitor.mark()
+    try:
+        engine = create_engine(engine_name, cfg, method, models)
+        console.print(f"[bold]== {mode}[/bold]: starting engine")
+        engine.start()
+        started = True
+        if cfg.warmup:
+            console.print(f"{mode}: warm-up (one short untimed batch)")
+            engine.warmup(requests)
+        clock, t_start = Clock(), monitor.mark()
+        with Progress(TextColumn(f"{mode}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=False, disable=not console.is_terminal) as progress:
+            task = progress.add_task(mode, total=len(requests))
 
-        def on_done(record):
-            records.append(record)
-            m = request_metrics(record)
-            writer.append_request(mode, record, {"ttft_ms": m.ttft_ms, "tpot_ms": m.tpot_ms, "e2el_ms": m.e2el_ms})
-            progress.advance(task)
+            def on_done(record):
+                with stop.held():  # the record counted and its line written, or neither
+                    records.append(record)
+                    m = request_metrics(record)
+                    writer.append_request(mode, record,
+                                          {"ttft_ms": m.ttft_ms, "tpot_ms": m.tpot_ms, "e2el_ms": m.e2el_ms})
+                progress.advance(task)
 
-        try:
             engine.run(requests, clock, on_done)
-        except KeyboardInterrupt:
-            status = "interrupted"
-        except UsageError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - an engine crash is recorded; finished requests are kept
-            status, error = "failed", f"{exc.__class__.__name__}: {exc}"
-            console.print(f"[red]{mode} failed:[/red] {error}")
-            traceback.print_exc(file=sys.stderr)
-    duration = clock.now()
+    except Interrupted:
+        status = "interrupted"
+    except UsageError as exc:
+        status, error = "failed", str(exc)
+        raise  # ends the run with its one line, once the mode is saved (below)
+    except Exception as exc:  # noqa: BLE001 - a crash is recorded; finished requests are kept
+        status, error = "failed", f"{exc.__class__.__name__}: {exc}"
+        console.print(f"[red]{mode} failed:[/red] {error}")
+        traceback.print_exc(file=sys.stderr)
+    finally:
+        try:
+            with stop.held():
+                result = mode_result(mode, engine, started, records, clock.now(), t_start, monitor, status, error)
+                writer.save_mode(mode, result)
+        finally:
+            if engine is not None:
+                engine.stop()
+    if status == "interrupted":
+        raise Interrupted(stop.signum)
+    return result
+
+
+def mode_result(mode, engine, started, records, duration, t_start, monitor, status, error) -> dict:
+    from lib.metrics import aggregate
     t_end = monitor.mark()
-    metrics = aggregate(mode, records, duration, engine.run_spec_counters)
-    result = {"status": status, "error": error, "engine": engine.describe(), "weight_bytes": engine.weight_bytes(),
+    metrics = aggregate(mode, records, duration, engine.run_spec_counters if engine else None)
+    result = {"status": status, "error": error, "engine": _describe(engine, mode),
+              "weight_bytes": engine.weight_bytes() if started else None,
               "window": {"start_s": t_start, "end_s": t_end}, "metrics": metrics.to_json(),
               "energy": monitor.window(t_start, t_end, metrics.total_output_tokens)}
-    if engine.weight_bytes_read:
+    if engine is not None and engine.weight_bytes_read:
         from lib.bandwidth import bandwidth_report, copy_bandwidth
         device = result["engine"].get("device", "cpu")
         if device not in COPY_BANDWIDTH:
             COPY_BANDWIDTH[device] = copy_bandwidth(device)
         result["bandwidth"] = bandwidth_report(engine.weight_bytes_read, duration, COPY_BANDWIDTH[device])
-    result.update(engine.extra_results())
-    writer.save_mode(mode, result)
-    engine.stop()
-    if status == "interrupted":
-        raise KeyboardInterrupt
+    if started:
+        result.update(engine.extra_results())
     return result
+
+
+def _describe(engine, mode: str) -> dict:
+    engine_name, _, method = mode.partition(":")
+    try:
+        return engine.describe() if engine is not None else {"engine": engine_name, "method": method}
+    except Exception:  # noqa: BLE001 - an engine that failed to start may not know its devices yet
+        return {"engine": engine_name, "method": method}
 
 
 def comparisons_of(modes: dict) -> list[dict]:
@@ -160,46 +189,69 @@ def main(argv=None) -> int:
         print_dry_run(cfg, plan)
         return 0
 
+    with StopSignals() as stop:
+        try:
+            return run(cfg, pairs, plan, stop)
+        except Interrupted as exc:
+            logger.warning(f"Interrupted ({signal.Signals(exc.signum).name}) before the first mode: nothing ran")
+            return exc.exit_code
+
+
+def run(cfg, pairs, plan, stop: StopSignals) -> int:
+    """The modes one after another into one run folder; returns the exit code (0 ok, 1 a mode failed, 130/143
+    interrupted by SIGINT/SIGTERM). run.json and the result files say the same."""
     from rich.console import Console
 
     from lib.gpu_monitor import GPUMonitor
     from lib.models import load_tokenizer, resolve_models
-    from lib.results import RunWriter, default_run_id, print_summary
+    from lib.results import RunFolder, RunWriter, default_run_id, print_summary
     from lib.types import Clock
     from lib.workload import build_requests, describe_workload, load_prompts
 
-    console = Console() if sys.stdout.isatty() else Console(width=170)
-    need_draft = any(C.mode_needs_draft(cfg, e, m) for e, m in pairs)
-    models = resolve_models(cfg, need_draft=need_draft)
-    tokenizer = load_tokenizer(models.target)
-    prompts, stats = load_prompts(cfg, tokenizer)
-    requests = build_requests(cfg, prompts, tokenizer)
-    if not requests:
-        raise UsageError(f"AUTO_RATE={cfg.auto_rate:g} x AUTO_DURATION={cfg.auto_duration:g}: no request arrives "
-                         "in that window; raise the rate or the duration")
-    plan["workload"] = describe_workload(cfg, requests, stats)
-    plan["models"] = models.describe()
-    writer = RunWriter(cfg.results_dir, cfg.run_id or default_run_id(cfg), cfg, plan)
-    console.print(f"SpecLab: {len(requests)} requests, modes {', '.join(plan['modes'])}; results in {writer.dir}")
-    run_clock = Clock()
-    monitor = GPUMonitor(cfg.gpu_monitor_interval, run_clock.now, enabled=cfg.enable_gpu_monitor)
-    writer.gpu_info = {"available": monitor.available, "reason": monitor.reason or None,
-                       "gpus": {str(i): n for i, n in monitor.names.items()}}
-    monitor.start()
-    exit_code = 0
+    folder = RunFolder(cfg, cfg.run_id or default_run_id(cfg))  # refused at once if in use or holding a run
     try:
+        console = Console() if sys.stdout.isatty() else Console(width=170)
+        need_draft = any(C.mode_needs_draft(cfg, e, m) for e, m in pairs)
+        models = resolve_models(cfg, need_draft=need_draft)
+        tokenizer = load_tokenizer(models.target)
+        prompts, stats = load_prompts(cfg, tokenizer)
+        requests = build_requests(cfg, prompts, tokenizer)
+        if not requests:
+            raise UsageError(f"AUTO_RATE={cfg.auto_rate:g} x AUTO_DURATION={cfg.auto_duration:g}: no request "
+                             "arrives in that window; raise the rate or the duration")
+        plan["workload"] = describe_workload(cfg, requests, stats)
+        plan["models"] = models.describe()
+        run_clock = Clock()
+        monitor = GPUMonitor(cfg.gpu_monitor_interval, run_clock.now, enabled=cfg.enable_gpu_monitor)
+        writer = RunWriter(folder, cfg, plan)
+    except BaseException:
+        folder.release()
+        raise
+    exit_code, status, error = 0, "ok", None
+    try:
+        console.print(f"SpecLab: {len(requests)} requests, modes {', '.join(plan['modes'])}; results in "
+                      f"{writer.dir}")
+        writer.gpu_info = {"available": monitor.available, "reason": monitor.reason or None,
+                           "gpus": {str(i): n for i, n in monitor.names.items()}}
+        monitor.start()
         for engine_name, method in pairs:
-            result = run_mode(engine_name, method, cfg, models, requests, writer, monitor, run_clock, console)
-            exit_code = exit_code or (1 if result["status"] == "failed" else 0)
-    except KeyboardInterrupt:
-        console.print("[yellow]Interrupted: results of finished requests are saved.[/yellow]")
-        exit_code = 130
+            result = run_mode(engine_name, method, cfg, models, requests, writer, monitor, stop, console)
+            if result["status"] == "failed":
+                exit_code, status = 1, "failed"
+    except Interrupted as exc:
+        console.print(f"[yellow]Interrupted ({signal.Signals(exc.signum).name}): results of finished requests are "
+                      "saved.[/yellow]")
+        exit_code, status = exc.exit_code, "interrupted"
+    except BaseException as exc:
+        exit_code, status = (2 if isinstance(exc, UsageError) else 1), "failed"
+        error = str(exc) if isinstance(exc, UsageError) else f"{exc.__class__.__name__}: {exc}"
+        raise
     finally:
+        stop.hold_for_good()  # the last save is not cut short by a second signal
         monitor.stop()
         writer.comparisons = comparisons_of(writer.modes)
-        writer.save_results()
-        writer.save_run(finished=time.strftime("%Y-%m-%dT%H:%M:%S"), exit_code=exit_code,
-                        engines={mode: res["engine"] for mode, res in writer.modes.items()})  # placement included
+        writer.finish(status, exit_code, error,
+                      engines={mode: res["engine"] for mode, res in writer.modes.items()})  # placement included
         writer.close()
     print_summary(writer.modes, writer.comparisons, writer.dir, console)
     return exit_code

@@ -8,16 +8,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from lib import engines as E
 from lib.errors import UsageError
-from lib.files import shipped
+from lib.files import path_component, shipped
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off"}
+# Upper bounds of the variables that size work or memory: far above any real run, low enough that a typo
+# (NUM_PROMPTS=10000000000, GENERATION_LENGTH=10000000) is refused up front instead of exhausting memory.
+MAX_REQUESTS = 1_000_000  # requests per run: NUM_PROMPTS, and AUTO_RATE x AUTO_DURATION
+MAX_GENERATION_LENGTH = 131_072
+MAX_SEQUENCE_TOKENS = 1 << 24
+MAX_SEED = 2**32 - 2  # llama.cpp's seed is 32-bit and 2**32 - 1 means "random" there
+MAX_GPUS = 1024  # also caps thread counts
 
 
 @dataclass(frozen=True)
@@ -47,12 +55,12 @@ class Var:
         if self.kind == "choice":
             return "one of " + ", ".join(self.choices)
         if self.kind in ("int", "float"):
-            noun = "an integer" if self.kind == "int" else "a number"
+            noun = "an integer" if self.kind == "int" else "a finite number"
             bounds = []
             if self.min is not None:
-                bounds.append(f">= {self.min:g}")
+                bounds.append(f">= {_number(self.min)}")
             if self.max is not None:
-                bounds.append(f"<= {self.max:g}")
+                bounds.append(f"<= {_number(self.max)}")
             return noun + (" " + " and ".join(bounds) if bounds else "")
         return "a path" if self.kind == "path" else "text"
 
@@ -79,9 +87,15 @@ class Var:
             value = int(text) if self.kind == "int" else float(text)
         except ValueError:
             raise bad() from None
+        if not math.isfinite(value):  # float("nan"), float("inf"), float("1e400")
+            raise bad()
         if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
             raise bad()
         return value
+
+
+def _number(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
 
 
 G_LAYOUT, G_MODELS, G_ENGINE, G_WORK, G_GEN, G_MON, G_OUT, G_VLLM = (
@@ -107,8 +121,10 @@ VARS: list[Var] = [
         "TARGET_GPU_RATIO GPUs, draft over the next DRAFTER_GPU_RATIO), separate (target GPU 0, draft GPU 1), "
         "same (both on GPU 0), auto (transformers' device_map=auto), shared_all (both spread over all GPUs)",
         G_LAYOUT, choices=("multi_gpu_ratio", "separate", "same", "auto", "shared_all")),
-    Var("TARGET_GPU_RATIO", "int", 6, "GPUs for the target under multi_gpu_ratio", G_LAYOUT, min=1),
-    Var("DRAFTER_GPU_RATIO", "int", 2, "GPUs for the draft under multi_gpu_ratio", G_LAYOUT, min=1),
+    Var("TARGET_GPU_RATIO", "int", 6, "GPUs for the target under multi_gpu_ratio", G_LAYOUT, min=1,
+        max=MAX_GPUS),
+    Var("DRAFTER_GPU_RATIO", "int", 2, "GPUs for the draft under multi_gpu_ratio", G_LAYOUT, min=1,
+        max=MAX_GPUS),
     # models
     Var("TARGET_MODEL", "path", "", "target model folder (Hugging Face format); empty = the tiny local target",
         G_MODELS),
@@ -135,31 +151,37 @@ VARS: list[Var] = [
         "'hf:speculative vllm:target vllm:speculative' (overrides the three variables above)", G_ENGINE),
     # workload
     Var("NUM_PROMPTS", "int", 20, "fixed-count mode: number of requests (ignored when AUTO_RATE > 0)", G_WORK,
-        min=0),
-    Var("AUTO_RATE", "float", 0.0, "rate mode: requests per second, Poisson arrivals (0 = fixed-count mode)",
-        G_WORK, min=0),
-    Var("AUTO_DURATION", "float", 0.0, "rate mode: seconds over which requests arrive", G_WORK, min=0),
+        min=0, max=MAX_REQUESTS),
+    Var("AUTO_RATE", "float", 0.0, "rate mode: requests per second, Poisson arrivals (0 = fixed-count mode); "
+        f"AUTO_RATE x AUTO_DURATION at most {MAX_REQUESTS} requests", G_WORK, min=0, max=MAX_REQUESTS),
+    Var("AUTO_DURATION", "float", 0.0, "rate mode: seconds over which requests arrive", G_WORK, min=0,
+        max=7 * 24 * 3600),
     Var("ENABLE_BATCH", "bool", False, "decode BATCH_SIZE requests together", G_WORK),
-    Var("BATCH_SIZE", "int", 4, "requests per batch when ENABLE_BATCH=true", G_WORK, min=1),
+    Var("BATCH_SIZE", "int", 4, "requests per batch when ENABLE_BATCH=true", G_WORK, min=1, max=4096),
     Var("MAX_BATCH_LENGTH", "int", 512, "batching: prompt + generation tokens per row; longer prompts keep "
-        "their last MAX_BATCH_LENGTH - GENERATION_LENGTH tokens", G_WORK, min=2),
+        "their last MAX_BATCH_LENGTH - GENERATION_LENGTH tokens", G_WORK, min=2, max=MAX_SEQUENCE_TOKENS),
     Var("SHAREGPT_DIR", "path", "", "folder with sharegpt_gpt4.jsonl / sharegpt_V3_format.jsonl / "
         "sharegpt_zh_38K_format.jsonl (or JSON arrays); empty = PROMPT_FILE", G_WORK),
     Var("PROMPT_FILE", "path", "prompts/benchmark_prompts.txt", "prompt file, one prompt per line "
         "(used when SHAREGPT_DIR is empty; the default is the project's own file)", G_WORK, shipped=True),
     # generation
-    Var("GENERATION_LENGTH", "int", 100, "max new tokens per request", G_GEN, min=1),
+    Var("GENERATION_LENGTH", "int", 100, "max new tokens per request", G_GEN, min=1,
+        max=MAX_GENERATION_LENGTH),
     Var("GAMMA_VALUE", "int", 4, "draft tokens per speculative round", G_GEN, min=1, max=64),
     Var("TEMPERATURE", "float", 0.0, "0 = greedy (SD output equals AR output); > 0 samples, SD keeps the "
-        "target's distribution", G_GEN, min=0),
-    Var("SEED", "int", 42, "seed for sampling, prompt order and arrival times", G_GEN, min=0),
+        "target's distribution", G_GEN, min=0, max=100),
+    Var("SEED", "int", 42, "seed for sampling, prompt order and arrival times", G_GEN, min=0,
+        max=MAX_SEED),
     # GPU monitor
     Var("ENABLE_GPU_MONITOR", "bool", True, "sample power, energy, utilization, memory and temperature with NVML",
         G_MON),
-    Var("GPU_MONITOR_INTERVAL", "float", 1.0, "seconds between NVML samples", G_MON, min=0.01),
+    Var("GPU_MONITOR_INTERVAL", "float", 1.0, "seconds between NVML samples", G_MON, min=0.01, max=3600),
     # output
     Var("RESULTS_DIR", "path", "results", "where run folders (RESULTS_DIR/<run-id>/) are written", G_OUT),
-    Var("RUN_ID", "str", "", "name of the run folder (default: date-time and engine)", G_OUT),
+    Var("RUN_ID", "str", "", "name of the run folder, one folder name (default: date-time and engine); a run "
+        "folder that already holds a run is refused unless OVERWRITE=true", G_OUT),
+    Var("OVERWRITE", "bool", False, "replace the run already in RESULTS_DIR/RUN_ID (its result and request files "
+        "are removed first); false = refuse to write into it", G_OUT),
     # vLLM
     Var("VLLM_ENABLE_SPECULATIVE", "bool", False, "vLLM: use its native speculative decoding for the "
         "speculative mode (false = fall back to target-only, with a warning)", G_VLLM),
@@ -170,18 +192,22 @@ VARS: list[Var] = [
     Var("VLLM_SPEC_METHOD", "choice", "draft_model", "vLLM: draft_model (DRAFTER_MODEL), ngram (prompt lookup), "
         "eagle, eagle3, mtp", G_VLLM, choices=("draft_model", "ngram", "eagle", "eagle3", "mtp")),
     Var("VLLM_NGRAM_PROMPT_LOOKUP_MAX", "int", 4, "vLLM ngram: longest n-gram matched in the prompt", G_VLLM,
-        min=1),
+        min=1, max=1024),
     Var("VLLM_NGRAM_PROMPT_LOOKUP_MIN", "int", 2, "vLLM ngram: shortest n-gram matched in the prompt", G_VLLM,
-        min=1),
-    Var("VLLM_TENSOR_PARALLEL_SIZE", "int", 1, "vLLM: GPUs per model (tensor parallel)", G_VLLM, min=1),
+        min=1, max=1024),
+    Var("VLLM_TENSOR_PARALLEL_SIZE", "int", 1, "vLLM: GPUs per model (tensor parallel)", G_VLLM, min=1,
+        max=MAX_GPUS),
     Var("VLLM_GPU_MEMORY_UTILIZATION", "float", 0.9, "vLLM: fraction of GPU memory it may take", G_VLLM,
         min=0.05, max=1.0),
-    Var("VLLM_MAX_MODEL_LEN", "int", 2048, "vLLM: max tokens per sequence", G_VLLM, min=16),
-    Var("VLLM_MAX_NUM_SEQS", "int", 128, "vLLM: max sequences scheduled together", G_VLLM, min=1),
+    Var("VLLM_MAX_MODEL_LEN", "int", 2048, "vLLM: max tokens per sequence", G_VLLM, min=16,
+        max=MAX_SEQUENCE_TOKENS),
+    Var("VLLM_MAX_NUM_SEQS", "int", 128, "vLLM: max sequences scheduled together", G_VLLM, min=1,
+        max=65536),
     Var("VLLM_DTYPE", "choice", "auto", "vLLM: weights dtype (auto = float32 on CPU, the model's dtype on GPU)",
         G_VLLM, choices=("auto", "half", "float16", "bfloat16", "float", "float32")),
     Var("LLAMACPP_N_THREADS", "int", 0, "llama.cpp engine: CPU threads for decoding and prompt batches (0 = 1 on "
-        "machines with up to 2 cores, else half the cores)", G_ENGINE, min=0),
+        "machines with up to 2 cores, else half the cores)", G_ENGINE, min=0,
+        max=MAX_GPUS),
 ]
 VAR_BY_NAME = {v.name: v for v in VARS}
 
@@ -250,6 +276,9 @@ def validate(cfg: Config):
     if cfg.auto_rate > 0 and cfg.auto_duration <= 0:
         raise UsageError(f"AUTO_DURATION={cfg.auto_duration:g}: rate mode (AUTO_RATE={cfg.auto_rate:g}) needs "
                          "AUTO_DURATION > 0 seconds")
+    if cfg.auto_rate * cfg.auto_duration > MAX_REQUESTS:
+        raise UsageError(f"AUTO_RATE={cfg.auto_rate:g} x AUTO_DURATION={cfg.auto_duration:g}: about "
+                         f"{cfg.auto_rate * cfg.auto_duration:.3g} requests; at most {MAX_REQUESTS} per run")
     if cfg.auto_rate <= 0 and cfg.num_prompts <= 0:
         raise UsageError("NUM_PROMPTS=0 and AUTO_RATE=0: set NUM_PROMPTS > 0 (fixed count) or AUTO_RATE and "
                          "AUTO_DURATION > 0 (rate mode)")
@@ -259,6 +288,8 @@ def validate(cfg: Config):
     if cfg.vllm_ngram_prompt_lookup_min > cfg.vllm_ngram_prompt_lookup_max:
         raise UsageError(f"VLLM_NGRAM_PROMPT_LOOKUP_MIN={cfg.vllm_ngram_prompt_lookup_min}: must be <= "
                          f"VLLM_NGRAM_PROMPT_LOOKUP_MAX={cfg.vllm_ngram_prompt_lookup_max}")
+    if cfg.run_id:
+        path_component(cfg.run_id, f"RUN_ID={cfg.run_id!r}")
     modes(cfg)  # raises on a bad COMPARE_MODES
 
 

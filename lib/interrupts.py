@@ -1,0 +1,72 @@
+"""SIGINT (Ctrl-C) and SIGTERM (plain `kill`, schedulers, cron timeouts) stop a run the same way.
+
+While `StopSignals` is active, either signal raises `Interrupted` where the program is, except inside a `held()`
+block (aggregating and saving finished work): there the signal is only noted and raised when the block ends, so
+nothing finished is dropped half-saved. After `hold_for_good()` (the final save) signals are only noted.
+"""
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal arrived. A KeyboardInterrupt, so code that already handles Ctrl-C handles SIGTERM too."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+class StopSignals:
+    """A context manager: installs the handlers on entry, restores the previous ones on exit."""
+
+    def __init__(self):
+        self.signum: int | None = None  # the first stop signal received
+        self._held = 0
+        self._pending = False  # received inside held(), not raised yet
+        self._previous = {}
+
+    def __enter__(self) -> StopSignals:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    @property
+    def exit_code(self) -> int | None:
+        return None if self.signum is None else 128 + self.signum
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+        if self._held:
+            self._pending = True  # a second signal during the save changes nothing: one stop is enough
+            return
+        raise Interrupted(self.signum)
+
+    @contextmanager
+    def held(self):
+        """Signals inside the block are raised when it ends (if nothing holds them further)."""
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
+        if not self._held and self._pending:
+            self._pending = False
+            raise Interrupted(self.signum)
+
+    def hold_for_good(self):
+        """From now on signals are only noted (the last save, the summary)."""
+        self._held += 1
