@@ -8,6 +8,7 @@ files for everything that finished. One run at a time writes into a run folder (
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -34,7 +35,11 @@ def mode_slug(mode: str) -> str:
 
 
 def default_run_id(cfg) -> str:
-    return datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{cfg.inference_engine}"
+    """date-time-engine, with -2, -3, ... when a run of the same second already has that folder."""
+    base = datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{cfg.inference_engine}"
+    taken = Path(cfg.results_dir).absolute()
+    suffixes = itertools.chain([""], (f"-{n}" for n in itertools.count(2)))
+    return next(base + suffix for suffix in suffixes if not (taken / (base + suffix)).exists())
 
 
 def environment_info() -> dict:
