@@ -22,6 +22,7 @@ FALSE_WORDS = {"0", "false", "no", "off"}
 # Upper bounds of the variables that size work or memory: far above any real run, low enough that a typo
 # (NUM_PROMPTS=10000000000, GENERATION_LENGTH=10000000) is refused up front instead of exhausting memory.
 MAX_REQUESTS = 1_000_000  # requests per run: NUM_PROMPTS, and AUTO_RATE x AUTO_DURATION
+MAX_NEW_TOKENS = 100_000_000  # requests x GENERATION_LENGTH: a mode keeps every token (id and time) in memory
 MAX_GENERATION_LENGTH = 131_072
 MAX_SEQUENCE_TOKENS = 1 << 24
 MAX_SEED = 2**32 - 2  # llama.cpp's seed is 32-bit and 2**32 - 1 means "random" there
@@ -276,9 +277,7 @@ def validate(cfg: Config):
     if cfg.auto_rate > 0 and cfg.auto_duration <= 0:
         raise UsageError(f"AUTO_DURATION={cfg.auto_duration:g}: rate mode (AUTO_RATE={cfg.auto_rate:g}) needs "
                          "AUTO_DURATION > 0 seconds")
-    if cfg.auto_rate * cfg.auto_duration > MAX_REQUESTS:
-        raise UsageError(f"AUTO_RATE={cfg.auto_rate:g} x AUTO_DURATION={cfg.auto_duration:g}: about "
-                         f"{cfg.auto_rate * cfg.auto_duration:.3g} requests; at most {MAX_REQUESTS} per run")
+    _check_workload_size(cfg)
     if cfg.auto_rate <= 0 and cfg.num_prompts <= 0:
         raise UsageError("NUM_PROMPTS=0 and AUTO_RATE=0: set NUM_PROMPTS > 0 (fixed count) or AUTO_RATE and "
                          "AUTO_DURATION > 0 (rate mode)")
@@ -291,6 +290,22 @@ def validate(cfg: Config):
     if cfg.run_id:
         path_component(cfg.run_id, f"RUN_ID={cfg.run_id!r}")
     modes(cfg)  # raises on a bad COMPARE_MODES
+
+
+def _check_workload_size(cfg: Config):
+    """Requests and new tokens within the bounds, however they multiply."""
+    if cfg.auto_rate * cfg.auto_duration > MAX_REQUESTS:
+        raise UsageError(f"AUTO_RATE={cfg.auto_rate:g} x AUTO_DURATION={cfg.auto_duration:g}: about "
+                         f"{cfg.auto_rate * cfg.auto_duration:.3g} requests; at most {MAX_REQUESTS} per run")
+    if cfg.auto_rate > 0:
+        requests, which = cfg.auto_rate * cfg.auto_duration, f"AUTO_RATE={cfg.auto_rate:g} x AUTO_DURATION=" \
+            f"{cfg.auto_duration:g}"
+    else:
+        requests, which = cfg.num_prompts, f"NUM_PROMPTS={cfg.num_prompts}"
+    if requests * cfg.generation_length > MAX_NEW_TOKENS:
+        raise UsageError(f"{which} x GENERATION_LENGTH={cfg.generation_length}: "
+                         f"{requests * cfg.generation_length:.3g} new tokens per mode; at most {MAX_NEW_TOKENS} "
+                         "(a mode keeps every token in memory)")
 
 
 def modes(cfg: Config) -> list[tuple[str, str]]:

@@ -1,6 +1,7 @@
-"""SIGINT (Ctrl-C) and SIGTERM (plain `kill`, schedulers, cron timeouts) stop a run the same way.
+"""SIGINT (Ctrl-C), SIGTERM (plain `kill`, schedulers, cron timeouts) and SIGHUP (the terminal went away) stop a
+run the same way. A signal the run was started with ignored (nohup, a background job) stays ignored.
 
-While `StopSignals` is active, either signal raises `Interrupted` where the program is, except inside a `held()`
+While `StopSignals` is active, any of them raises `Interrupted` where the program is, except inside a `held()`
 block (aggregating and saving finished work): there the signal is only noted and raised when the block ends, so
 nothing finished is dropped half-saved. After `hold_for_good()` (the final save) signals are only noted.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 import signal
 from contextlib import contextmanager
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -21,7 +22,7 @@ class Interrupted(KeyboardInterrupt):
 
     @property
     def exit_code(self) -> int:
-        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP
 
 
 class StopSignals:
@@ -35,7 +36,8 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         for sig in STOP_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc):

@@ -10,6 +10,7 @@ import argparse
 import ctypes
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -37,6 +38,8 @@ SCHEMA = "speclab.sweep/1"
 RESERVED = {"RESULTS_DIR", "RUN_ID"}  # the sweep sets these per combination
 EXIT_OK, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 75, 130  # the others come from the verdict and UsageError
 ERROR_TAIL_LINES = 15
+MAX_COMBINATIONS = 10_000  # a few lines of matrix multiply fast: refused before they are built
+MAX_TREND_NIGHTS = 3660
 logger = get_logger(__name__)
 
 
@@ -120,7 +123,7 @@ class SweepFile(ConfigModel):
     include: Annotated[list[Variables], Accepts("a list of mappings of VARIABLE: value (extra combinations)")] = []
     budget_min: Positive | None = None
     regression: RegressionSection = Field(default_factory=RegressionSection)
-    trend_nights: Annotated[int, Field(ge=1)] = 7
+    trend_nights: Annotated[int, Field(ge=1, le=MAX_TREND_NIGHTS)] = 7
 
 
 def check_vars(where: str, values: dict, path: Path):
@@ -155,6 +158,9 @@ def combo_id(values: dict) -> str:
 
 def combos_of(sweep: Sweep) -> list[Combo]:
     names = list(sweep.matrix)
+    count = math.prod(len(values) for values in sweep.matrix.values()) + len(sweep.include)
+    if count > MAX_COMBINATIONS:
+        raise UsageError(f"{sweep.path}: matrix and include make {count} combinations; at most {MAX_COMBINATIONS}")
     combos = [dict(zip(names, values)) for values in itertools.product(*(sweep.matrix[n] for n in names))]
     combos = combos if names else ([] if sweep.include else [{}])
     combos += [dict(extra) for extra in sweep.include]
@@ -398,8 +404,12 @@ def main(argv=None) -> int:
     setup_logging()
     args = build_parser().parse_args(argv)
     sweep = load_sweep(args.sweep)
-    if args.budget_min is not None and args.budget_min <= 0:
-        raise UsageError(f"--budget-min {args.budget_min:g}: expected minutes > 0")
+    if args.budget_min is not None and not (0 < args.budget_min < math.inf):
+        raise UsageError(f"--budget-min {args.budget_min:g}: expected a finite number of minutes > 0")
+    if args.threshold_pct is not None and not (0 < args.threshold_pct < math.inf):
+        raise UsageError(f"--threshold-pct {args.threshold_pct:g}: expected a finite percentage > 0")
+    if args.trend_nights is not None and not 1 <= args.trend_nights <= MAX_TREND_NIGHTS:
+        raise UsageError(f"--trend-nights {args.trend_nights}: expected an integer from 1 to {MAX_TREND_NIGHTS}")
     budget = args.budget_min or sweep.budget_min
     threshold = args.threshold_pct if args.threshold_pct is not None else sweep.threshold_pct
     trend = args.trend_nights or sweep.trend_nights

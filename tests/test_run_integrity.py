@@ -68,10 +68,10 @@ def alive(pid: int) -> bool:
 
 # ---------------------------------------------------------------- A. finished work lost or mixed
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_stop_signal_as_the_last_request_finishes_keeps_the_mode(tmp_path, sig):
     """The signal lands between a mode's last request and its saving: the finished mode is kept, the run says
-    interrupted with the shell's exit code, for Ctrl-C and plain `kill` alike."""
+    interrupted with the shell's exit code, for Ctrl-C, plain `kill` and a closed terminal alike."""
     proc = start_benchmark(tmp_path, NUM_PROMPTS=4)
     requests = tmp_path / "run" / "requests_hf_target.jsonl"
     wait_for(lambda: requests.is_file() and requests.read_text().count("\n") >= 4, what="the 4th request line")
@@ -213,6 +213,7 @@ def test_every_number_in_the_table_is_bounded():
     ({"NUM_PROMPTS": "10000000000"}, "NUM_PROMPTS='10000000000' (from the environment): expected an integer >= 0 "
                                      "and <= 1000000"),
     ({"GENERATION_LENGTH": "10000000"}, "GENERATION_LENGTH='10000000'"),
+    ({"NUM_PROMPTS": "1000000", "GENERATION_LENGTH": "1000"}, "new tokens per mode; at most 100000000"),
     ({"SEED": str(2**70)}, f"SEED='{2**70}' (from the environment): expected an integer >= 0 and <= 4294967294"),
     ({"GPU_MONITOR_INTERVAL": "inf"}, "GPU_MONITOR_INTERVAL='inf'"),
 ])
@@ -237,6 +238,17 @@ def test_bounds_hold_in_dry_run_and_in_sweeps(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lib.sweep", str(sweep), "--dry-run"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     one_line_error(proc, "GENERATION_LENGTH='10000000'", f"<= {131072}")
+    names = ("SEED", "GAMMA_VALUE", "BATCH_SIZE", "NUM_PROMPTS", "GENERATION_LENGTH", "MAX_BATCH_LENGTH",
+             "TEMPERATURE", "LLAMACPP_N_THREADS")
+    sweep.write_text(f"matrix: {json.dumps(dict.fromkeys(names, list(range(1, 11))))}\n")  # 10**8 combinations
+    proc = subprocess.run([sys.executable, "-m", "lib.sweep", str(sweep), "--dry-run"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    one_line_error(proc, "100000000 combinations; at most 10000")
+    sweep.write_text("fixed: {NUM_PROMPTS: 2}\n")
+    for flag, value in (("--budget-min", "nan"), ("--threshold-pct", "inf"), ("--trend-nights", "100000000")):
+        proc = subprocess.run([sys.executable, "-m", "lib.sweep", str(sweep), flag, value, "--report-only"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        one_line_error(proc, f"{flag} ")
     assert time.monotonic() - start < 60
 
 
