@@ -197,38 +197,46 @@ def main(argv=None) -> int:
             return exc.exit_code
 
 
+def prepare(cfg, pairs, plan):
+    """Models, tokenizer, prompts and requests (plan gets the workload and models); (models, requests)."""
+    from lib.models import load_tokenizer, resolve_models
+    from lib.workload import build_requests, describe_workload, load_prompts
+
+    need_draft = any(C.mode_needs_draft(cfg, e, m) for e, m in pairs)
+    models = resolve_models(cfg, need_draft=need_draft)
+    tokenizer = load_tokenizer(models.target)
+    prompts, stats = load_prompts(cfg, tokenizer)
+    requests = build_requests(cfg, prompts, tokenizer)
+    if not requests:
+        raise UsageError(f"AUTO_RATE={cfg.auto_rate:g} x AUTO_DURATION={cfg.auto_duration:g}: no request arrives "
+                         "in that window; raise the rate or the duration")
+    plan["workload"] = describe_workload(cfg, requests, stats)
+    plan["models"] = models.describe()
+    return models, requests
+
+
 def run(cfg, pairs, plan, stop: StopSignals) -> int:
-    """The modes one after another into one run folder; returns the exit code (0 ok, 1 a mode failed, 130/143
-    interrupted by SIGINT/SIGTERM). run.json and the result files say the same."""
+    """The modes one after another into one run folder; returns the exit code (0 ok, 1 a mode failed, 130/143/129
+    stopped by SIGINT/SIGTERM/SIGHUP). run.json and the result files say the same."""
     from rich.console import Console
 
     from lib.gpu_monitor import GPUMonitor
-    from lib.models import load_tokenizer, resolve_models
     from lib.results import RunFolder, RunWriter, default_run_id, print_summary
     from lib.types import Clock
-    from lib.workload import build_requests, describe_workload, load_prompts
 
     folder = RunFolder(cfg, cfg.run_id or default_run_id(cfg))  # refused at once if in use or holding a run
     try:
         console = Console() if sys.stdout.isatty() else Console(width=170)
-        need_draft = any(C.mode_needs_draft(cfg, e, m) for e, m in pairs)
-        models = resolve_models(cfg, need_draft=need_draft)
-        tokenizer = load_tokenizer(models.target)
-        prompts, stats = load_prompts(cfg, tokenizer)
-        requests = build_requests(cfg, prompts, tokenizer)
-        if not requests:
-            raise UsageError(f"AUTO_RATE={cfg.auto_rate:g} x AUTO_DURATION={cfg.auto_duration:g}: no request "
-                             "arrives in that window; raise the rate or the duration")
-        plan["workload"] = describe_workload(cfg, requests, stats)
-        plan["models"] = models.describe()
+        models, requests = prepare(cfg, pairs, plan)
         run_clock = Clock()
         monitor = GPUMonitor(cfg.gpu_monitor_interval, run_clock.now, enabled=cfg.enable_gpu_monitor)
-        writer = RunWriter(folder, cfg, plan)
     except BaseException:
         folder.release()
         raise
-    exit_code, status, error = 0, "ok", None
+    exit_code, status, error, writer = 0, "ok", None, None
     try:
+        with stop.held():  # a signal now is raised once the first files are written
+            writer = RunWriter(folder, cfg, plan)
         console.print(f"SpecLab: {len(requests)} requests, modes {', '.join(plan['modes'])}; results in "
                       f"{writer.dir}")
         writer.gpu_info = {"available": monitor.available, "reason": monitor.reason or None,
@@ -249,10 +257,13 @@ def run(cfg, pairs, plan, stop: StopSignals) -> int:
     finally:
         stop.hold_for_good()  # the last save is not cut short by a second signal
         monitor.stop()
-        writer.comparisons = comparisons_of(writer.modes)
-        writer.finish(status, exit_code, error,
-                      engines={mode: res["engine"] for mode, res in writer.modes.items()})  # placement included
-        writer.close()
+        if writer is None:  # RunWriter itself failed (e.g. a full disk): its error follows
+            folder.release()
+        else:
+            writer.comparisons = comparisons_of(writer.modes)
+            writer.finish(status, exit_code, error,
+                          engines={mode: res["engine"] for mode, res in writer.modes.items()})  # placement too
+            writer.close()
     print_summary(writer.modes, writer.comparisons, writer.dir, console)
     return exit_code
 

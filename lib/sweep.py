@@ -348,6 +348,9 @@ def run_sweep(sweep: Sweep, night: Path, resume: bool, budget_min: float | None,
         save_state(night, sweep, results, finished=None)  # a kill of the sweep leaves "running", never "ok"
         try:
             results[combo.id] = res = run_combo(sweep, combo, night, left, lock_fd)
+        except BaseException:  # stopped before its benchmark started or after it ended
+            results[combo.id].status, results[combo.id].error = "interrupted", "the sweep was stopped"
+            raise
         finally:
             save_state(night, sweep, results, finished=None)
         first_error = (res.error or "").splitlines()[-1:] or [""]

@@ -164,7 +164,12 @@ def test_sweep_child_dies_with_the_sweep_and_resume_waits_for_it(tmp_path):
     resume reruns it cleanly."""
     import yaml
     sweep = tmp_path / "killtest.yaml"
-    sweep.write_text(yaml.safe_dump({"fixed": {**TINY, "INFERENCE_METHOD": "target"}, "matrix": {"SEED": [1]}}))
+
+    def write_sweep(num_prompts):
+        fixed = {**TINY, "INFERENCE_METHOD": "target", "NUM_PROMPTS": num_prompts}
+        sweep.write_text(yaml.safe_dump({"fixed": fixed, "matrix": {"SEED": [1]}}))
+
+    write_sweep(400)  # surely still running when it is stopped
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root"),
            **{k: os.environ[k] for k in ("SPECLAB_VENV",) if k in os.environ}}
     cmd = [str(ROOT / "run_sweep.sh"), str(sweep), "--output-root", str(tmp_path / "out"), "--date", "2026-02-01"]
@@ -185,8 +190,10 @@ def test_sweep_child_dies_with_the_sweep_and_resume_waits_for_it(tmp_path):
         os.kill(child, signal.SIGCONT)
     wait_for(lambda: not alive(child), 60, "the orphaned benchmark to end", poll=0.1)
     stopped = read_json(run_json)
-    assert (stopped["status"], stopped["exit_code"]) == ("interrupted", 143)  # SIGTERM, handled like Ctrl-C
+    assert (stopped["status"], stopped["exit_code"]) == ("interrupted", 143), \
+        (night / "seed-1" / "stderr.log").read_text()[-3000:]  # SIGTERM, handled like Ctrl-C
 
+    write_sweep(2)  # the rerun: short
     resumed = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert read_json(night / "sweep.json")["combos"][0]["status"] == "ok"
