@@ -29,6 +29,7 @@ from lib import config as C
 from lib.config_models import Accepts, ConfigModel, choice, read_config, shown
 from lib.errors import UsageError, exit_on_usage_error
 from lib.files import FolderLock, LockHeld, write_json
+from lib.interrupts import STOP_SIGNALS
 from lib.log import get_logger, setup_logging
 from lib.sweep_report import REGRESSION_METRICS, write_report
 
@@ -253,7 +254,7 @@ def unfinished_run(run_dir: Path) -> str | None:
 
 
 class Stop(Exception):
-    """SIGTERM/SIGINT while a combination runs."""
+    """SIGTERM/SIGINT/SIGHUP while a combination runs."""
 
 
 def die_with_parent(parent: int):
@@ -320,8 +321,8 @@ def stop_group(proc: subprocess.Popen):
 
 
 def raise_stop(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop is enough; the cleanup must not be cut short
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in STOP_SIGNALS:  # one stop is enough; the cleanup must not be cut short
+        signal.signal(sig, signal.SIG_IGN)
     raise Stop(signal.Signals(signum).name)
 
 
@@ -450,8 +451,9 @@ def main(argv=None) -> int:
                              "every combination (or pick another --date)")
         night.mkdir(parents=True, exist_ok=True)
         log = Log(night / "sweep.log")
-        signal.signal(signal.SIGTERM, raise_stop)
-        signal.signal(signal.SIGINT, raise_stop)
+        for sig in STOP_SIGNALS:
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+                signal.signal(sig, raise_stop)
         log(f"sweep {sweep.name} ({sweep.path}) -> {night}; {len(combos_of(sweep))} combinations"
             + (f"; budget {budget:g} min" if budget else "") + ("; resuming" if args.resume else ""))
         try:
