@@ -24,6 +24,7 @@ FALSE_WORDS = {"0", "false", "no", "off"}
 MAX_REQUESTS = 100_000  # requests per run (NUM_PROMPTS, AUTO_RATE x AUTO_DURATION): building 100000 takes seconds
 MAX_NEW_TOKENS = 100_000_000  # requests x GENERATION_LENGTH: a mode keeps every token (id and time) in memory
 MAX_GENERATION_LENGTH = 131_072
+MAX_BATCH_TOKENS = 1 << 22  # BATCH_SIZE x MAX_BATCH_LENGTH: the token slots a batch's KV caches are sized for
 MAX_SEQUENCE_TOKENS = 1 << 24
 MAX_SEED = 2**32 - 2  # llama.cpp's seed is 32-bit and 2**32 - 1 means "random" there
 MAX_GPUS = 1024  # also caps thread counts
@@ -160,7 +161,8 @@ VARS: list[Var] = [
     Var("ENABLE_BATCH", "bool", False, "decode BATCH_SIZE requests together", G_WORK),
     Var("BATCH_SIZE", "int", 4, "requests per batch when ENABLE_BATCH=true", G_WORK, min=1, max=4096),
     Var("MAX_BATCH_LENGTH", "int", 512, "batching: prompt + generation tokens per row; longer prompts keep "
-        "their last MAX_BATCH_LENGTH - GENERATION_LENGTH tokens", G_WORK, min=2, max=MAX_SEQUENCE_TOKENS),
+        "their last MAX_BATCH_LENGTH - GENERATION_LENGTH tokens; BATCH_SIZE x MAX_BATCH_LENGTH at most "
+        f"{MAX_BATCH_TOKENS}", G_WORK, min=2, max=2 * MAX_GENERATION_LENGTH),
     Var("SHAREGPT_DIR", "path", "", "folder with sharegpt_gpt4.jsonl / sharegpt_V3_format.jsonl / "
         "sharegpt_zh_38K_format.jsonl (or JSON arrays); empty = PROMPT_FILE", G_WORK),
     Var("PROMPT_FILE", "path", "prompts/benchmark_prompts.txt", "prompt file, one prompt per line "
@@ -306,6 +308,9 @@ def _check_workload_size(cfg: Config):
         raise UsageError(f"{which} x GENERATION_LENGTH={cfg.generation_length}: "
                          f"{requests * cfg.generation_length:.3g} new tokens per mode; at most {MAX_NEW_TOKENS} "
                          "(a mode keeps every token in memory)")
+    if cfg.enable_batch and cfg.batch_size * cfg.max_batch_length > MAX_BATCH_TOKENS:
+        raise UsageError(f"BATCH_SIZE={cfg.batch_size} x MAX_BATCH_LENGTH={cfg.max_batch_length}: "
+                         f"{cfg.batch_size * cfg.max_batch_length} token slots per batch; at most {MAX_BATCH_TOKENS}")
 
 
 def modes(cfg: Config) -> list[tuple[str, str]]:

@@ -96,7 +96,7 @@ def test_one_run_per_folder_kill_leaves_files_and_rerun_needs_overwrite(tmp_path
     requests = run_dir / "requests_hf_target.jsonl"
     try:
         wait_for(lambda: requests.is_file() and requests.read_text().count("\n") >= 1, what="a request line")
-        second = run_benchmark(tmp_path, INFERENCE_METHOD="target", timeout=120)
+        second = run_benchmark(tmp_path, INFERENCE_METHOD="target", OVERWRITE="true", timeout=120)
         one_line_error(second, "RUN_ID='run'", "is being written by another run", f"pid {first.pid}")
         assert first.poll() is None  # the refused run touched nothing of the first one
     finally:
@@ -221,6 +221,7 @@ def test_every_number_in_the_table_is_bounded():
                                      "and <= 100000"),
     ({"GENERATION_LENGTH": "10000000"}, "GENERATION_LENGTH='10000000'"),
     ({"NUM_PROMPTS": "100000", "GENERATION_LENGTH": "2000"}, "2e+08 new tokens per mode; at most 100000000"),
+    ({"ENABLE_BATCH": "true", "BATCH_SIZE": "4096", "MAX_BATCH_LENGTH": "4096"}, "16777216 token slots per batch"),
     ({"SEED": str(2**70)}, f"SEED='{2**70}' (from the environment): expected an integer >= 0 and <= 4294967294"),
     ({"GPU_MONITOR_INTERVAL": "inf"}, "GPU_MONITOR_INTERVAL='inf'"),
 ])
