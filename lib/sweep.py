@@ -261,7 +261,9 @@ def die_with_parent(parent: int):
     """preexec_fn of a benchmark child: SIGTERM when the sweep dies, however it dies (SIGKILL included), so no
     benchmark goes on writing into a folder a later --resume reuses. SIGTERM lets the benchmark save what finished."""
     PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    prctl = getattr(ctypes.CDLL(None), "prctl", None)  # Linux only
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # the sweep died before prctl: the signal will never come
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -277,11 +279,12 @@ def run_combo(sweep: Sweep, combo: Combo, night: Path, timeout_s: float | None, 
                          started=datetime.now().isoformat(timespec="seconds"))
     t0 = time.monotonic()
     with open(run_dir / "benchmark.log", "wb") as out, open(run_dir / "stderr.log", "wb") as err:
-        # Own session: stop_group reaches the benchmark's own children (vLLM workers) too.
+        # Own session: stop_group reaches the benchmark's own children (vLLM workers) too. preexec_fn is safe
+        # here: the sweep runs no threads.
         parent = os.getpid()
         proc = subprocess.Popen([str(ROOT / "run_benchmark.sh")], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=err, start_new_session=True, pass_fds=(lock_fd,),
-                                preexec_fn=lambda: die_with_parent(parent))  # noqa: PLW1509 - the sweep has no threads
+                                preexec_fn=lambda: die_with_parent(parent))
         try:
             result.exit_code = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
