@@ -3,7 +3,8 @@ run the same way. A signal the run was started with ignored (nohup, a background
 
 While `StopSignals` is active, any of them raises `Interrupted` where the program is, except inside a `held()`
 block (aggregating and saving finished work): there the signal is only noted and raised when the block ends, so
-nothing finished is dropped half-saved. After `hold_for_good()` (the final save) signals are only noted.
+nothing finished is dropped half-saved. One stop is enough: once raised, later signals are only noted (a second
+Ctrl-C cannot cut the saving short), and so are all after `hold_for_good()` (the final save).
 """
 from __future__ import annotations
 
@@ -45,17 +46,14 @@ class StopSignals:
             signal.signal(sig, handler)
         return False
 
-    @property
-    def exit_code(self) -> int | None:
-        return None if self.signum is None else 128 + self.signum
-
     def _handle(self, signum, frame):
-        if self.signum is None:
-            self.signum = signum
+        if self.signum is not None:
+            return  # the stop is under way
+        self.signum = signum
         if self._held:
-            self._pending = True  # a second signal during the save changes nothing: one stop is enough
+            self._pending = True
             return
-        raise Interrupted(self.signum)
+        raise Interrupted(signum)
 
     @contextmanager
     def held(self):

@@ -68,6 +68,20 @@ def alive(pid: int) -> bool:
 
 # ---------------------------------------------------------------- A. finished work lost or mixed
 
+def test_stop_signals_wait_for_held_work_and_stop_once():
+    from lib.interrupts import Interrupted, StopSignals
+    with StopSignals() as stop:
+        with pytest.raises(Interrupted) as exc, stop.held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            saved = True  # the held work ran to its end
+        assert saved and exc.value.exit_code == 143 and isinstance(exc.value, KeyboardInterrupt)
+        os.kill(os.getpid(), signal.SIGINT)  # a second stop signal: only noted
+        time.sleep(0.05)
+        assert stop.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the previous handlers are back
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_stop_signal_as_the_last_request_finishes_keeps_the_mode(tmp_path, sig):
     """The signal lands between a mode's last request and its saving: the finished mode is kept, the run says
