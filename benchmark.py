@@ -107,7 +107,7 @@ def run_mode(engine_name, method, cfg, models, requests, writer, monitor, stop, 
                 progress.advance(task)
 
             engine.run(requests, clock, on_done)
-    except Interrupted:
+    except KeyboardInterrupt:  # Interrupted, or a plain one from a library that took over SIGINT
         status = "interrupted"
     except UsageError as exc:
         status, error = "failed", str(exc)
@@ -125,7 +125,7 @@ def run_mode(engine_name, method, cfg, models, requests, writer, monitor, stop, 
             if engine is not None:
                 engine.stop()
     if status == "interrupted":
-        raise Interrupted(stop.signum)
+        raise Interrupted(stop.signum or signal.SIGINT)
     return result
 
 
