@@ -7,13 +7,18 @@ through ./run_benchmark.sh, which sets up the environment first.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-import time
 import traceback
+from dataclasses import dataclass, field
 
 from lib import config as C
 from lib.errors import UsageError, exit_on_usage_error
-from lib.log import setup_logging
+from lib.interrupts import Interrupted, StopSignals
+from lib.log import get_logger, setup_logging
+from lib.types import Clock
+
+logger = get_logger(__name__)
 
 REQUIREMENT_SETS_FLAG = "--print-requirement-sets"  # run_benchmark.sh's question before it installs anything
 
@@ -75,86 +80,126 @@ def print_dry_run(cfg, plan):
 COPY_BANDWIDTH: dict[str, float] = {}  # device -> measured copy bytes/s, once per run
 
 
-def timed_run(mode, engine, requests, writer, monitor, console, run_index: int | None):
-    """One timed pass of the workload: (records, status, error, duration, monitor window)."""
+@dataclass
+class TimedPass:
+    """One timed pass of the workload so far: what finished, its clock, where the GPU monitor's window starts."""
+    t_start: float
+    records: list = field(default_factory=list)
+    clock: Clock = field(default_factory=Clock)
+
+
+def timed_pass(mode, engine, requests, writer, stop, console, current: TimedPass, run_index: int | None):
+    """Run the workload once into current (a failure propagates; what finished is in current)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from lib.metrics import request_metrics
-    from lib.types import Clock
 
-    records, status, error = [], "complete", None
-    clock = Clock()
-    t_start = monitor.mark()
     label = mode if run_index is None else f"{mode} run {run_index + 1}"
     with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False, disable=not console.is_terminal) as progress:
         task = progress.add_task(mode, total=len(requests))
 
         def on_done(record):
-            records.append(record)
-            m = request_metrics(record)
-            line = {"ttft_ms": m.ttft_ms, "tpot_ms": m.tpot_ms, "e2el_ms": m.e2el_ms}
-            writer.append_request(mode, record, line if run_index is None else {**line, "run": run_index})
+            with stop.held():  # the record counted and its line written, or neither
+                current.records.append(record)
+                m = request_metrics(record)
+                line = {"ttft_ms": m.ttft_ms, "tpot_ms": m.tpot_ms, "e2el_ms": m.e2el_ms}
+                writer.append_request(mode, record, line if run_index is None else {**line, "run": run_index})
             progress.advance(task)
 
-        try:
-            engine.run(requests, clock, on_done)
-        except KeyboardInterrupt:
-            status = "interrupted"
-        except UsageError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - an engine crash is recorded; finished requests are kept
-            status, error = "failed", f"{exc.__class__.__name__}: {exc}"
-            console.print(f"[red]{mode} failed:[/red] {error}")
-            traceback.print_exc(file=sys.stderr)
-    return records, status, error, clock.now(), (t_start, monitor.mark())
+        engine.run(requests, current.clock, on_done)
 
 
-def run_mode(engine_name, method, cfg, models, requests, writer, monitor, run_clock, console):
-    """Start one engine, run the workload (NUM_RUNS times), save its results. Returns the mode's result dict."""
-    from lib import bench_serve
+def run_mode(engine_name, method, cfg, models, requests, writer, monitor, stop, console):
+    """Start one engine, run the workload (NUM_RUNS times), save its results. Returns the mode's result dict. A
+    mode that fails to start or warm up is saved too (status failed, its error); a stop signal ends the run once
+    the mode is saved."""
     from lib.engines import create_engine
-    from lib.files import write_json
-    from lib.metrics import aggregate
-    from lib.results import mode_slug
 
     mode = f"{engine_name}:{method}"
-    engine = create_engine(engine_name, cfg, method, models)
-    console.print(f"[bold]== {mode}[/bold]: starting engine")
-    engine.start()
-    if cfg.warmup:
-        console.print(f"{mode}: warm-up (one short untimed batch)")
-        engine.warmup(requests)
+    writer.mode_started(mode)
+    engine, started, status, error = None, False, "complete", None
+    current, earlier = TimedPass(monitor.mark()), []  # earlier: metrics of the finished passes before current
     categories = {r.request_id: r.category for r in requests if r.category is not None}
-    runs = []
-    for i in range(cfg.num_runs):
-        if i:
-            engine.reset_counters()
-        records, status, error, duration, (t_start, t_end) = timed_run(
-            mode, engine, requests, writer, monitor, console, i if cfg.num_runs > 1 else None)
-        metrics = aggregate(mode, records, duration, engine.run_spec_counters, C.goodput_slos(cfg), categories)
-        runs.append(metrics.to_json())
-        if status != "complete":
-            break
-    result = {"status": status, "error": error, "engine": engine.describe(), "weight_bytes": engine.weight_bytes(),
-              "window": {"start_s": t_start, "end_s": t_end}, "metrics": runs[-1],
-              "energy": monitor.window(t_start, t_end, metrics.total_output_tokens)}
+    try:
+        engine = create_engine(engine_name, cfg, method, models)
+        console.print(f"[bold]== {mode}[/bold]: starting engine")
+        engine.start()
+        started = True
+        if cfg.warmup:
+            console.print(f"{mode}: warm-up (one short untimed batch)")
+            engine.warmup(requests)
+        for i in range(cfg.num_runs):
+            if i:
+                earlier.append(pass_metrics(cfg, mode, engine, current, categories).to_json())
+                engine.reset_counters()
+            current = TimedPass(monitor.mark())
+            timed_pass(mode, engine, requests, writer, stop, console, current, i if cfg.num_runs > 1 else None)
+    except KeyboardInterrupt:  # Interrupted, or a plain one from a library that took over SIGINT
+        status = "interrupted"
+    except UsageError as exc:
+        status, error = "failed", str(exc)
+        raise  # ends the run with its one line, once the mode is saved (below)
+    except Exception as exc:  # noqa: BLE001 - a crash is recorded; finished requests are kept
+        status, error = "failed", f"{exc.__class__.__name__}: {exc}"
+        console.print(f"[red]{mode} failed:[/red] {error}")
+        traceback.print_exc(file=sys.stderr)
+    finally:
+        try:
+            with stop.held():
+                result = save_mode(cfg, mode, engine, started, models, requests, current, earlier, categories,
+                                   writer, monitor, status, error)
+        finally:
+            if engine is not None:
+                engine.stop()
+    if status == "interrupted":
+        raise Interrupted(stop.signum or signal.SIGINT)
+    return result
+
+
+def pass_metrics(cfg, mode, engine, current: TimedPass, categories):
+    from lib.metrics import aggregate
+    return aggregate(mode, current.records, current.clock.now(), engine.run_spec_counters if engine else None,
+                     C.goodput_slos(cfg), categories)
+
+
+def save_mode(cfg, mode, engine, started, models, requests, current: TimedPass, earlier, categories, writer,
+              monitor, status, error) -> dict:
+    """The mode's result (the last pass; NUM_RUNS > 1 adds the passes' means and intervals), written with its
+    bench_serve_<mode>.json."""
+    from lib import bench_serve
+    from lib.files import write_json
+    from lib.results import mode_slug
+
+    duration, t_end = current.clock.now(), monitor.mark()
+    metrics = pass_metrics(cfg, mode, engine, current, categories)
+    result = {"status": status, "error": error, "engine": _describe(engine, mode),
+              "weight_bytes": engine.weight_bytes() if started else None,
+              "window": {"start_s": current.t_start, "end_s": t_end}, "metrics": metrics.to_json(),
+              "energy": monitor.window(current.t_start, t_end, metrics.total_output_tokens)}
     if cfg.num_runs > 1:
-        result["repeats"] = bench_serve.repeats_summary(runs)
-    if engine.weight_bytes_read:
+        result["repeats"] = bench_serve.repeats_summary(earlier + [result["metrics"]])
+    if engine is not None and engine.weight_bytes_read:
         from lib.bandwidth import bandwidth_report, copy_bandwidth
         device = result["engine"].get("device", "cpu")
         if device not in COPY_BANDWIDTH:
             COPY_BANDWIDTH[device] = copy_bandwidth(device)
         result["bandwidth"] = bandwidth_report(engine.weight_bytes_read, duration, COPY_BANDWIDTH[device])
-    result.update(engine.extra_results())
+    if started:
+        result.update(engine.extra_results())
     writer.save_mode(mode, result)
-    write_json(writer.dir / f"bench_serve_{mode_slug(mode)}.json",
-               bench_serve.result(cfg, mode, models, requests, records, metrics))
-    engine.stop()
-    if status == "interrupted":
-        raise KeyboardInterrupt
+    if started:
+        write_json(writer.dir / f"bench_serve_{mode_slug(mode)}.json",
+                   bench_serve.result(cfg, mode, models, requests, current.records, metrics))
     return result
+
+
+def _describe(engine, mode: str) -> dict:
+    engine_name, _, method = mode.partition(":")
+    try:
+        return engine.describe() if engine is not None else {"engine": engine_name, "method": method}
+    except Exception:  # noqa: BLE001 - an engine that failed to start may not know its devices yet
+        return {"engine": engine_name, "method": method}
 
 
 def comparisons_of(modes: dict) -> list[dict]:
@@ -190,15 +235,19 @@ def main(argv=None) -> int:
         print_dry_run(cfg, plan)
         return 0
 
-    from rich.console import Console
+    with StopSignals() as stop:
+        try:
+            return run(cfg, pairs, plan, stop)
+        except Interrupted as exc:
+            logger.warning(f"Interrupted ({signal.Signals(exc.signum).name}) before the first mode: nothing ran")
+            return exc.exit_code
 
-    from lib.gpu_monitor import GPUMonitor
+
+def prepare(cfg, pairs, plan):
+    """Models, tokenizer, prompts and requests (plan gets the workload and models); (models, requests)."""
     from lib.models import load_tokenizer, resolve_models
-    from lib.results import RunWriter, default_run_id, print_summary
-    from lib.types import Clock
     from lib.workload import build_requests, describe_workload, load_prompts
 
-    console = Console() if sys.stdout.isatty() else Console(width=170)
     need_draft = any(C.mode_needs_draft(cfg, e, m) for e, m in pairs)
     models = resolve_models(cfg, need_draft=need_draft)
     tokenizer = load_tokenizer(models.target)
@@ -209,28 +258,57 @@ def main(argv=None) -> int:
                          "in that window; raise the rate or the duration")
     plan["workload"] = describe_workload(cfg, requests, stats)
     plan["models"] = models.describe()
-    writer = RunWriter(cfg.results_dir, cfg.run_id or default_run_id(cfg), cfg, plan)
-    console.print(f"SpecLab: {len(requests)} requests, modes {', '.join(plan['modes'])}; results in {writer.dir}")
-    run_clock = Clock()
-    monitor = GPUMonitor(cfg.gpu_monitor_interval, run_clock.now, enabled=cfg.enable_gpu_monitor)
-    writer.gpu_info = {"available": monitor.available, "reason": monitor.reason or None,
-                       "gpus": {str(i): n for i, n in monitor.names.items()}}
-    monitor.start()
-    exit_code = 0
+    return models, requests
+
+
+def run(cfg, pairs, plan, stop: StopSignals) -> int:
+    """The modes one after another into one run folder; returns the exit code (0 ok, 1 a mode failed, 130/143/129
+    stopped by SIGINT/SIGTERM/SIGHUP). run.json and the result files say the same."""
+    from rich.console import Console
+
+    from lib.gpu_monitor import GPUMonitor
+    from lib.results import RunFolder, RunWriter, default_run_id, print_summary
+
+    folder = RunFolder(cfg, cfg.run_id or default_run_id(cfg))  # refused at once if in use or holding a run
     try:
+        console = Console() if sys.stdout.isatty() else Console(width=170)
+        models, requests = prepare(cfg, pairs, plan)
+        run_clock = Clock()
+        monitor = GPUMonitor(cfg.gpu_monitor_interval, run_clock.now, enabled=cfg.enable_gpu_monitor)
+    except BaseException:
+        folder.release()
+        raise
+    exit_code, status, error, writer = 0, "ok", None, None
+    try:
+        with stop.held():  # a signal now is raised once the first files are written
+            writer = RunWriter(folder, cfg, plan)
+        console.print(f"SpecLab: {len(requests)} requests, modes {', '.join(plan['modes'])}; results in "
+                      f"{writer.dir}")
+        writer.gpu_info = {"available": monitor.available, "reason": monitor.reason or None,
+                           "gpus": {str(i): n for i, n in monitor.names.items()}}
+        monitor.start()
         for engine_name, method in pairs:
-            result = run_mode(engine_name, method, cfg, models, requests, writer, monitor, run_clock, console)
-            exit_code = exit_code or (1 if result["status"] == "failed" else 0)
-    except KeyboardInterrupt:
-        console.print("[yellow]Interrupted: results of finished requests are saved.[/yellow]")
-        exit_code = 130
+            result = run_mode(engine_name, method, cfg, models, requests, writer, monitor, stop, console)
+            if result["status"] == "failed":
+                exit_code, status = 1, "failed"
+    except Interrupted as exc:
+        console.print(f"[yellow]Interrupted ({signal.Signals(exc.signum).name}): results of finished requests are "
+                      "saved.[/yellow]")
+        exit_code, status = exc.exit_code, "interrupted"
+    except BaseException as exc:
+        exit_code, status = (2 if isinstance(exc, UsageError) else 1), "failed"
+        error = str(exc) if isinstance(exc, UsageError) else f"{exc.__class__.__name__}: {exc}"
+        raise
     finally:
+        stop.hold_for_good()  # the last save is not cut short by a second signal
         monitor.stop()
-        writer.comparisons = comparisons_of(writer.modes)
-        writer.save_results()
-        writer.save_run(finished=time.strftime("%Y-%m-%dT%H:%M:%S"), exit_code=exit_code,
-                        engines={mode: res["engine"] for mode, res in writer.modes.items()})  # placement included
-        writer.close()
+        if writer is None:  # RunWriter itself failed (e.g. a full disk): its error follows
+            folder.release()
+        else:
+            writer.comparisons = comparisons_of(writer.modes)
+            writer.finish(status, exit_code, error,
+                          engines={mode: res["engine"] for mode, res in writer.modes.items()})  # placement too
+            writer.close()
     print_summary(writer.modes, writer.comparisons, writer.dir, console)
     return exit_code
 

@@ -73,6 +73,8 @@ class ComparisonConfig:
                 raise UsageError(f"--{name.replace('_', '-')}={value}: expected an integer from {low} to {high}")
         if not 0 < self.memory_limit <= 1:
             raise UsageError(f"--memory-limit={self.memory_limit}: expected a fraction in (0, 1]")
+        if self.config_name:  # names the capture files
+            files.path_component(self.config_name, f"--config-name={self.config_name!r}")
         if self.draft_type not in DRAFT_TYPES:
             raise UsageError(f"--draft-type={self.draft_type}: expected one of {', '.join(DRAFT_TYPES)}")
         files.read_prompt_file(self.prompt_file, f"--prompt-file={self.prompt_file}")
@@ -92,7 +94,7 @@ Preset = _preset_model()
 
 
 def load_preset(name: str) -> dict:
-    path = PRESET_DIR / f"{name}.yaml"
+    path = PRESET_DIR / f"{files.path_component(name, f'--config-name={name!r}')}.yaml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("config*.yaml")))
         raise UsageError(f"--config-name={name}: no preset configs/{name}.yaml (presets: {known})")

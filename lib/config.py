@@ -8,16 +8,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from lib import engines as E
 from lib.errors import UsageError
-from lib.files import shipped
+from lib.files import path_component, shipped
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off"}
+# Upper bounds of the variables that size work or memory: far above any real run, low enough that a typo
+# (NUM_PROMPTS=10000000000, GENERATION_LENGTH=10000000) is refused up front instead of exhausting memory.
+MAX_REQUESTS = 100_000  # requests per run (NUM_PROMPTS, AUTO_RATE x AUTO_DURATION): building 100000 takes seconds
+MAX_NEW_TOKENS = 100_000_000  # requests x GENERATION_LENGTH: a mode keeps every token (id and time) in memory
+MAX_GENERATION_LENGTH = 131_072
+MAX_BATCH_TOKENS = 1 << 22  # BATCH_SIZE x MAX_BATCH_LENGTH: the token slots a batch's KV caches are sized for
+MAX_SEQUENCE_TOKENS = 1 << 24
+MAX_SEED = 2**32 - 2  # llama.cpp's seed is 32-bit and 2**32 - 1 means "random" there
+MAX_GPUS = 1024  # also caps thread counts
 
 
 @dataclass(frozen=True)
@@ -30,6 +40,7 @@ class Var:
     choices: tuple = ()
     min: float | None = None
     max: float | None = None
+    allow_inf: bool = False  # "inf" accepted besides the bounded finite values (BURSTINESS: constant gaps)
     shipped: bool = False  # the default names a file shipped with the project: resolved against the repository
     aliases: tuple = ()  # (alias, choice) pairs: the alias is accepted and resolves to the choice
 
@@ -47,13 +58,13 @@ class Var:
         if self.kind == "choice":
             return "one of " + ", ".join(self.choices)
         if self.kind in ("int", "float"):
-            noun = "an integer" if self.kind == "int" else "a number"
+            noun = "an integer" if self.kind == "int" else "a finite number"
             bounds = []
             if self.min is not None:
-                bounds.append(f">= {self.min:g}")
+                bounds.append(f">= {_number(self.min)}")
             if self.max is not None:
-                bounds.append(f"<= {self.max:g}")
-            return noun + (" " + " and ".join(bounds) if bounds else "")
+                bounds.append(f"<= {_number(self.max)}")
+            return noun + (" " + " and ".join(bounds) if bounds else "") + (", or inf" if self.allow_inf else "")
         return "a path" if self.kind == "path" else "text"
 
     def parse(self, raw: str, source: str) -> Any:
@@ -79,9 +90,17 @@ class Var:
             value = int(text) if self.kind == "int" else float(text)
         except ValueError:
             raise bad() from None
+        if value == math.inf and self.allow_inf:
+            return value
+        if not math.isfinite(value):  # float("nan"), float("inf"), float("1e400")
+            raise bad()
         if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
             raise bad()
         return value
+
+
+def _number(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
 
 
 G_LAYOUT, G_MODELS, G_ENGINE, G_WORK, G_GEN, G_MON, G_OUT, G_VLLM = (
@@ -107,8 +126,10 @@ VARS: list[Var] = [
         "TARGET_GPU_RATIO GPUs, draft over the next DRAFTER_GPU_RATIO), separate (target GPU 0, draft GPU 1), "
         "same (both on GPU 0), auto (transformers' device_map=auto), shared_all (both spread over all GPUs)",
         G_LAYOUT, choices=("multi_gpu_ratio", "separate", "same", "auto", "shared_all")),
-    Var("TARGET_GPU_RATIO", "int", 6, "GPUs for the target under multi_gpu_ratio", G_LAYOUT, min=1),
-    Var("DRAFTER_GPU_RATIO", "int", 2, "GPUs for the draft under multi_gpu_ratio", G_LAYOUT, min=1),
+    Var("TARGET_GPU_RATIO", "int", 6, "GPUs for the target under multi_gpu_ratio", G_LAYOUT, min=1,
+        max=MAX_GPUS),
+    Var("DRAFTER_GPU_RATIO", "int", 2, "GPUs for the draft under multi_gpu_ratio", G_LAYOUT, min=1,
+        max=MAX_GPUS),
     # models
     Var("TARGET_MODEL", "path", "", "target model folder (Hugging Face format); empty = the tiny local target",
         G_MODELS),
@@ -135,14 +156,16 @@ VARS: list[Var] = [
         "'hf:speculative vllm:target vllm:speculative' (overrides the three variables above)", G_ENGINE),
     # workload
     Var("NUM_PROMPTS", "int", 20, "fixed-count mode: number of requests (ignored when AUTO_RATE > 0)", G_WORK,
-        min=0),
-    Var("AUTO_RATE", "float", 0.0, "rate mode: requests per second, Poisson arrivals (0 = fixed-count mode)",
-        G_WORK, min=0),
-    Var("AUTO_DURATION", "float", 0.0, "rate mode: seconds over which requests arrive", G_WORK, min=0),
+        min=0, max=MAX_REQUESTS),
+    Var("AUTO_RATE", "float", 0.0, "rate mode: requests per second, Poisson arrivals (0 = fixed-count mode); "
+        f"AUTO_RATE x AUTO_DURATION at most {MAX_REQUESTS} requests", G_WORK, min=0, max=MAX_REQUESTS),
+    Var("AUTO_DURATION", "float", 0.0, "rate mode: seconds over which requests arrive", G_WORK, min=0,
+        max=7 * 24 * 3600),
     Var("ENABLE_BATCH", "bool", False, "decode BATCH_SIZE requests together", G_WORK),
-    Var("BATCH_SIZE", "int", 4, "requests per batch when ENABLE_BATCH=true", G_WORK, min=1),
+    Var("BATCH_SIZE", "int", 4, "requests per batch when ENABLE_BATCH=true", G_WORK, min=1, max=4096),
     Var("MAX_BATCH_LENGTH", "int", 512, "batching: prompt + generation tokens per row; longer prompts keep "
-        "their last MAX_BATCH_LENGTH - GENERATION_LENGTH tokens", G_WORK, min=2),
+        "their last MAX_BATCH_LENGTH - GENERATION_LENGTH tokens; BATCH_SIZE x MAX_BATCH_LENGTH at most "
+        f"{MAX_BATCH_TOKENS}", G_WORK, min=2, max=2 * MAX_GENERATION_LENGTH),
     Var("SHAREGPT_DIR", "path", "", "folder with sharegpt_gpt4.jsonl / sharegpt_V3_format.jsonl / "
         "sharegpt_zh_38K_format.jsonl (or JSON arrays); empty = PROMPT_FILE", G_WORK),
     Var("PROMPT_FILE", "path", "prompts/benchmark_prompts.txt", "prompt file, one prompt per line "
@@ -158,46 +181,51 @@ VARS: list[Var] = [
         "answer's length, as vllm bench serve's ShareGPT workload asks) or generation_length (GENERATION_LENGTH "
         "each)", G_WORK, choices=("reference", "generation_length")),
     Var("RANDOM_INPUT_LEN", "int", 128, "DATASET=random: mean prompt tokens (vLLM's --random-input-len, special "
-        "tokens included)", G_WORK, min=1),
+        "tokens included)", G_WORK, min=1, max=MAX_GENERATION_LENGTH),
     Var("RANDOM_OUTPUT_LEN", "int", None, "DATASET=random: mean max tokens per request (empty = GENERATION_LENGTH)",
-        G_WORK, min=1),
+        G_WORK, min=1, max=MAX_GENERATION_LENGTH),
     Var("RANDOM_RANGE_RATIO", "float", 0.0, "DATASET=random: lengths drawn uniformly from [mean x (1 - r), "
         "mean x (1 + r)]", G_WORK, min=0, max=0.999),
     Var("RANDOM_PREFIX_LEN", "int", 0, "DATASET=random: tokens of one random prefix shared by every prompt", G_WORK,
-        min=0),
+        min=0, max=MAX_GENERATION_LENGTH),
     Var("PREFIX_REPETITION_PREFIX_LEN", "int", 64, "DATASET=prefix_repetition: tokens of each shared prefix",
-        G_WORK, min=1),
+        G_WORK, min=1, max=MAX_GENERATION_LENGTH),
     Var("PREFIX_REPETITION_SUFFIX_LEN", "int", 64, "DATASET=prefix_repetition: tokens of each request's own suffix",
-        G_WORK, min=1),
+        G_WORK, min=1, max=MAX_GENERATION_LENGTH),
     Var("PREFIX_REPETITION_NUM_PREFIXES", "int", 4, "DATASET=prefix_repetition: distinct prefixes (NUM_PROMPTS "
-        "must be at least this)", G_WORK, min=1),
+        "must be at least this)", G_WORK, min=1, max=MAX_REQUESTS),
     Var("ARRIVAL_SCHEDULE", "choice", "speclab", "rate mode's schedule: speclab (AUTO_RATE arrivals until "
         "AUTO_DURATION) or vllm (vllm bench serve's own: NUM_PROMPTS requests at AUTO_RATE, rescaled to end at "
         "NUM_PROMPTS / AUTO_RATE; the same times as vLLM for a SEED)", G_WORK, choices=("speclab", "vllm")),
     Var("BURSTINESS", "float", 1.0, "gamma shape of the inter-arrival times (1 = Poisson; < 1 burstier, > 1 more "
-        "even; inf = constant gaps)", G_WORK, min=0.001),
+        "even; inf = constant gaps)", G_WORK, min=0.001, max=1e6, allow_inf=True),
     Var("RAMP_UP_STRATEGY", "choice", "none", "rate ramp from RAMP_UP_START_RPS to RAMP_UP_END_RPS: none, linear or "
         "exponential (speclab schedule: over AUTO_DURATION; vllm: over the requests, as vLLM)", G_WORK,
         choices=("none", "linear", "exponential")),
-    Var("RAMP_UP_START_RPS", "float", 0.0, "ramp-up: requests/s at the start", G_WORK, min=0),
-    Var("RAMP_UP_END_RPS", "float", 0.0, "ramp-up: requests/s at the end", G_WORK, min=0),
+    Var("RAMP_UP_START_RPS", "float", 0.0, "ramp-up: requests/s at the start", G_WORK, min=0, max=MAX_REQUESTS),
+    Var("RAMP_UP_END_RPS", "float", 0.0, "ramp-up: requests/s at the end", G_WORK, min=0, max=MAX_REQUESTS),
     Var("MAX_CONCURRENCY", "int", 0, "at most this many requests in flight (0 = no limit; batch engines also keep "
-        "to BATCH_SIZE)", G_WORK, min=0),
+        "to BATCH_SIZE)", G_WORK, min=0, max=MAX_REQUESTS),
     Var("NUM_RUNS", "int", 1, "run each mode this many times; the result adds mean and 95 % Student-t interval of "
         "output throughput, TPOT and acceptance", G_WORK, min=1, max=100),
     # generation
-    Var("GENERATION_LENGTH", "int", 100, "max new tokens per request", G_GEN, min=1),
+    Var("GENERATION_LENGTH", "int", 100, "max new tokens per request", G_GEN, min=1,
+        max=MAX_GENERATION_LENGTH),
     Var("GAMMA_VALUE", "int", 4, "draft tokens per speculative round", G_GEN, min=1, max=64),
     Var("TEMPERATURE", "float", 0.0, "0 = greedy (SD output equals AR output); > 0 samples, SD keeps the "
-        "target's distribution", G_GEN, min=0),
-    Var("SEED", "int", 42, "seed for sampling, prompt order and arrival times", G_GEN, min=0),
+        "target's distribution", G_GEN, min=0, max=100),
+    Var("SEED", "int", 42, "seed for sampling, prompt order and arrival times", G_GEN, min=0,
+        max=MAX_SEED),
     # GPU monitor
     Var("ENABLE_GPU_MONITOR", "bool", True, "sample power, energy, utilization, memory and temperature with NVML",
         G_MON),
-    Var("GPU_MONITOR_INTERVAL", "float", 1.0, "seconds between NVML samples", G_MON, min=0.01),
+    Var("GPU_MONITOR_INTERVAL", "float", 1.0, "seconds between NVML samples", G_MON, min=0.01, max=3600),
     # output
     Var("RESULTS_DIR", "path", "results", "where run folders (RESULTS_DIR/<run-id>/) are written", G_OUT),
-    Var("RUN_ID", "str", "", "name of the run folder (default: date-time and engine)", G_OUT),
+    Var("RUN_ID", "str", "", "name of the run folder, one folder name (default: date-time and engine); a run "
+        "folder that already holds a run is refused unless OVERWRITE=true", G_OUT),
+    Var("OVERWRITE", "bool", False, "replace the run already in RESULTS_DIR/RUN_ID (its result and request files "
+        "are removed first); false = refuse to write into it", G_OUT),
     Var("GOODPUT", "str", "", "SLOs for request_goodput as vllm bench serve's --goodput, e.g. 'ttft:500 "
         "tpot:50 e2el:2000' (ms; empty = no goodput)", G_OUT),
     Var("PERCENTILE_METRICS", "str", "ttft,tpot,itl", "metrics whose statistics bench_serve_<mode>.json carries "
@@ -216,18 +244,22 @@ VARS: list[Var] = [
     Var("VLLM_SPEC_METHOD", "choice", "draft_model", "vLLM: draft_model (DRAFTER_MODEL), ngram (prompt lookup), "
         "eagle, eagle3, mtp", G_VLLM, choices=("draft_model", "ngram", "eagle", "eagle3", "mtp")),
     Var("VLLM_NGRAM_PROMPT_LOOKUP_MAX", "int", 4, "vLLM ngram: longest n-gram matched in the prompt", G_VLLM,
-        min=1),
+        min=1, max=1024),
     Var("VLLM_NGRAM_PROMPT_LOOKUP_MIN", "int", 2, "vLLM ngram: shortest n-gram matched in the prompt", G_VLLM,
-        min=1),
-    Var("VLLM_TENSOR_PARALLEL_SIZE", "int", 1, "vLLM: GPUs per model (tensor parallel)", G_VLLM, min=1),
+        min=1, max=1024),
+    Var("VLLM_TENSOR_PARALLEL_SIZE", "int", 1, "vLLM: GPUs per model (tensor parallel)", G_VLLM, min=1,
+        max=MAX_GPUS),
     Var("VLLM_GPU_MEMORY_UTILIZATION", "float", 0.9, "vLLM: fraction of GPU memory it may take", G_VLLM,
         min=0.05, max=1.0),
-    Var("VLLM_MAX_MODEL_LEN", "int", 2048, "vLLM: max tokens per sequence", G_VLLM, min=16),
-    Var("VLLM_MAX_NUM_SEQS", "int", 128, "vLLM: max sequences scheduled together", G_VLLM, min=1),
+    Var("VLLM_MAX_MODEL_LEN", "int", 2048, "vLLM: max tokens per sequence", G_VLLM, min=16,
+        max=MAX_SEQUENCE_TOKENS),
+    Var("VLLM_MAX_NUM_SEQS", "int", 128, "vLLM: max sequences scheduled together", G_VLLM, min=1,
+        max=65536),
     Var("VLLM_DTYPE", "choice", "auto", "vLLM: weights dtype (auto = float32 on CPU, the model's dtype on GPU)",
         G_VLLM, choices=("auto", "half", "float16", "bfloat16", "float", "float32")),
     Var("LLAMACPP_N_THREADS", "int", 0, "llama.cpp engine: CPU threads for decoding and prompt batches (0 = 1 on "
-        "machines with up to 2 cores, else half the cores)", G_ENGINE, min=0),
+        "machines with up to 2 cores, else half the cores)", G_ENGINE, min=0,
+        max=MAX_GPUS),
 ]
 VAR_BY_NAME = {v.name: v for v in VARS}
 EMPTY_MEANS = {"VLLM_NUM_SPECULATIVE_TOKENS": "GAMMA_VALUE", "RANDOM_OUTPUT_LEN": "GENERATION_LENGTH"}  # None defaults
@@ -297,6 +329,7 @@ def validate(cfg: Config):
     if rate_mode(cfg) and cfg.arrival_schedule == "speclab" and cfg.auto_duration <= 0:
         raise UsageError(f"AUTO_DURATION={cfg.auto_duration:g}: rate mode (AUTO_RATE={cfg.auto_rate:g}) needs "
                          "AUTO_DURATION > 0 seconds")
+    _check_workload_size(cfg)
     if counted(cfg) and cfg.num_prompts <= 0:
         if rate_mode(cfg):
             raise UsageError("NUM_PROMPTS=0 with ARRIVAL_SCHEDULE=vllm: vLLM's schedule sends NUM_PROMPTS requests; "
@@ -313,6 +346,8 @@ def validate(cfg: Config):
     goodput_slos(cfg)
     percentile_selection(cfg)
     metadata_pairs(cfg)
+    if cfg.run_id:
+        path_component(cfg.run_id, f"RUN_ID={cfg.run_id!r}")
     modes(cfg)  # raises on a bad COMPARE_MODES
 
 
@@ -383,6 +418,25 @@ def metadata_pairs(cfg: Config) -> dict[str, str]:
             raise UsageError(f"METADATA={cfg.metadata!r}: {item!r} is not KEY=VALUE")
         pairs[key.strip()] = value.strip()
     return pairs
+
+
+def _check_workload_size(cfg: Config):
+    """Requests and new tokens within the bounds, however they multiply."""
+    if counted(cfg):
+        requests, which = cfg.num_prompts, f"NUM_PROMPTS={cfg.num_prompts}"
+    else:  # arrivals until AUTO_DURATION, at AUTO_RATE or a ramp-up's highest rate
+        rate = max(cfg.auto_rate, cfg.ramp_up_start_rps, cfg.ramp_up_end_rps)
+        source = "AUTO_RATE" if rate == cfg.auto_rate else "the ramp-up's top rate"
+        requests, which = rate * cfg.auto_duration, f"{source}={rate:g} x AUTO_DURATION={cfg.auto_duration:g}"
+        if requests > MAX_REQUESTS:
+            raise UsageError(f"{which}: about {requests:.3g} requests; at most {MAX_REQUESTS} per run")
+    if requests * cfg.generation_length > MAX_NEW_TOKENS:
+        raise UsageError(f"{which} x GENERATION_LENGTH={cfg.generation_length}: "
+                         f"{requests * cfg.generation_length:.3g} new tokens per mode; at most {MAX_NEW_TOKENS} "
+                         "(a mode keeps every token in memory)")
+    if cfg.enable_batch and cfg.batch_size * cfg.max_batch_length > MAX_BATCH_TOKENS:
+        raise UsageError(f"BATCH_SIZE={cfg.batch_size} x MAX_BATCH_LENGTH={cfg.max_batch_length}: "
+                         f"{cfg.batch_size * cfg.max_batch_length} token slots per batch; at most {MAX_BATCH_TOKENS}")
 
 
 def modes(cfg: Config) -> list[tuple[str, str]]:

@@ -5,9 +5,10 @@ instead of a traceback.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 from lib.errors import UsageError
@@ -25,17 +26,82 @@ def shipped(path: str | Path) -> Path:
 
 
 def write_json(path: str | Path, data) -> None:
-    """Write JSON atomically: a temporary file of its own in the same folder, then one rename, so a reader (or a
-    second process writing the same file) never sees half a file."""
+    """Write JSON atomically: a temporary file of its own in the same folder (a name no other writer uses), then
+    one rename, so a reader (or a second process writing the same file) never sees half a file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    # O_EXCL: never someone else's file; 0o666 and the umask: the permissions of a file written the plain way
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             json.dump(data, out, indent=2, ensure_ascii=False, default=str)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+class LockHeld(Exception):
+    """Another process holds the lock; the message says who."""
+
+
+class FolderLock:
+    """An flock on one file (e.g. <folder>/.lock): one holder at a time. The holder's line is written into the file
+    so the refused one can say who holds it. The kernel drops the lock when the last process holding the file
+    open ends (however it ends), so a crash never leaves it stale; a child given the fd (pass_fds) keeps it held
+    for its own lifetime."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.fd: int | None = None
+
+    def acquire(self, holder: str):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                who = os.pread(self.fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+                self._close()
+                raise LockHeld(who) from None
+            if self._still_ours():
+                os.ftruncate(self.fd, 0)
+                os.pwrite(self.fd, holder.encode(), 0)
+                return
+            self._close()  # the holder removed the file as it let go: lock the file that is there now
+        raise LockHeld("a process that keeps taking and removing it")
+
+    def _still_ours(self) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self.fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def release(self, remove: bool = False):
+        """Let go; `remove` deletes the lock file first (while still held, so no one locks a file about to go)."""
+        if self.fd is None:
+            return
+        if remove:
+            self.path.unlink(missing_ok=True)
+        else:
+            os.ftruncate(self.fd, 0)
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        self._close()
+
+    def _close(self):
+        os.close(self.fd)
+        self.fd = None
+
+
+def path_component(value: str, label: str) -> str:
+    """`value` if it names one folder or file inside another (no '/', not '.' or '..', not empty), else one line
+    naming `label` (e.g. "RUN_ID='../x'") and what is accepted."""
+    accepted = "one folder name: not empty, not '.' or '..', no '/', '\\' or control characters, at most 200 characters"
+    if (not value or value in (".", "..") or len(value) > 200
+            or any(c in "/\\" or ord(c) < 32 for c in value)):
+        raise UsageError(f"{label}: expected {accepted}")
+    return value
 
 
 def read_text(path: str | Path, label: str, accepted: str, max_bytes: int = MAX_CONFIG_BYTES) -> str:

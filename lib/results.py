@@ -1,11 +1,14 @@
 """Result files of a run (docs/design.md) and the console summary.
 
 RESULTS_DIR/<run-id>/: run.json, requests_<mode>.jsonl (a line per finished request, flushed at once),
-benchmark_results.json and its three slices (_speculative, _target, _gpu). The JSON files are rewritten
-atomically after every mode, so a crash or Ctrl-C leaves valid files for everything that finished.
+benchmark_results.json and its three slices (_speculative, _target, _gpu). The JSON files are written before the
+first mode (status "running", the mode that runs named) and rewritten atomically at each mode's start and end and
+when the run ends (status ok, failed or interrupted, and the exit code), so a crash, a kill or Ctrl-C leaves valid
+files for everything that finished. One run at a time writes into a run folder (RunFolder).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -15,7 +18,8 @@ from datetime import datetime
 from pathlib import Path
 
 from lib.engines import PACKAGES
-from lib.files import ROOT, write_json
+from lib.errors import UsageError
+from lib.files import ROOT, FolderLock, LockHeld, output_dir, write_json
 from lib.metrics import COLUMNS, Column
 from lib.types import RequestRecord
 
@@ -31,7 +35,11 @@ def mode_slug(mode: str) -> str:
 
 
 def default_run_id(cfg) -> str:
-    return datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{cfg.inference_engine}"
+    """date-time-engine, with -2, -3, ... when a run of the same second already has that folder."""
+    base = datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{cfg.inference_engine}"
+    taken = Path(cfg.results_dir).absolute()
+    suffixes = itertools.chain([""], (f"-{n}" for n in itertools.count(2)))
+    return next(base + suffix for suffix in suffixes if not (taken / (base + suffix)).exists())
 
 
 def environment_info() -> dict:
@@ -51,26 +59,72 @@ def environment_info() -> dict:
     return info
 
 
+RUN_FILES = ("run.json", "benchmark_results*.json", "requests_*.jsonl")  # what a run writes into its folder
+
+
+class RunFolder:
+    """RESULTS_DIR/<run-id>/ claimed for one run: locked so that a second run into it at the same time is refused,
+    and refused if it holds an earlier run's files unless OVERWRITE=true (then those files are removed first, so
+    no request line of the old run is mixed with the new ones)."""
+
+    def __init__(self, cfg, run_id: str):
+        base = output_dir(Path(cfg.results_dir).absolute(), f"RESULTS_DIR={cfg.results_dir!r}")
+        self.run_id, self.dir = run_id, base / run_id
+        label = f"RUN_ID={run_id!r}"
+        self.created = not self.dir.exists()
+        output_dir(self.dir, label)
+        self.lock = FolderLock(self.dir / ".lock")
+        try:
+            self.lock.acquire(f"pid {os.getpid()}, since {datetime.now().isoformat(timespec='seconds')}")
+        except LockHeld as exc:
+            raise UsageError(f"{label}: {self.dir} is being written by another run ({exc}); wait for it to end or "
+                             "choose another RUN_ID") from None
+        old = [f for pattern in RUN_FILES for f in sorted(self.dir.glob(pattern))]
+        if old and not cfg.overwrite:
+            self.release()
+            raise UsageError(f"{label}: {self.dir} already holds a run ({', '.join(f.name for f in old[:3])}"
+                             f"{', ...' if len(old) > 3 else ''}); set OVERWRITE=true to replace it, or choose "
+                             "another RUN_ID")
+        for f in old + list(self.dir.glob(".*.tmp")):  # .tmp: half-written by a run that was killed
+            f.unlink()
+
+    def release(self):
+        """Let go of the folder (and remove it if this run made it and wrote nothing into it)."""
+        self.lock.release(remove=True)
+        if self.created and not any(self.dir.iterdir()):
+            self.dir.rmdir()
+
+
 class RunWriter:
-    def __init__(self, results_dir: str | Path, run_id: str, cfg, plan: dict):
-        base = Path(results_dir)
-        if not base.is_absolute():
-            base = Path.cwd() / base
-        self.dir = base / run_id
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.run_id, self.cfg = run_id, cfg
-        self.run = {"schema": schema("run"), "run_id": run_id, "started": datetime.now().isoformat(),
-                    "config": cfg.as_dict(), "config_sources": cfg.sources, "plan": plan, "environment": {}}
+    def __init__(self, folder: RunFolder, cfg, plan: dict):
+        self.folder, self.dir, self.run_id, self.cfg = folder, folder.dir, folder.run_id, cfg
+        self.run = {"schema": schema("run"), "run_id": self.run_id, "pid": os.getpid(),
+                    "started": datetime.now().isoformat(), "finished": None, "status": "running", "exit_code": None,
+                    "error": None, "running_mode": None, "config": cfg.as_dict(), "config_sources": cfg.sources,
+                    "plan": plan, "environment": {}}
         self.modes: dict[str, dict] = {}
         self.comparisons: list[dict] = []
         self.gpu_info: dict = {}
         self._streams = {}
         self.save_run()
+        self.save_results()  # before the first mode: a kill during it still leaves a file saying what ran
 
     def save_run(self, **extra):
         self.run.update(extra)
         self.run["environment"] = environment_info()
         write_json(self.dir / "run.json", self.run)
+
+    def mode_started(self, mode: str):
+        self.run["running_mode"] = mode
+        self.save_results()
+        self.save_run()
+
+    def finish(self, status: str, exit_code: int, error: str | None, **extra):
+        """The run's end: status ok | failed | interrupted, the exit code it ends with, its error line if any."""
+        self.run.update(status=status, exit_code=exit_code, error=error, running_mode=None,
+                        finished=datetime.now().isoformat(timespec="seconds"))
+        self.save_results()
+        self.save_run(**extra)
 
     def append_request(self, mode: str, record: RequestRecord, metrics: dict):
         stream = self._streams.get(mode)
@@ -88,7 +142,8 @@ class RunWriter:
 
     def save_results(self):
         is_target = {m: m.endswith(":target") for m in self.modes}
-        common = {"run_id": self.run_id, "workload": self.run["plan"].get("workload")}
+        common = {"run_id": self.run_id, "status": self.run["status"], "running_mode": self.run["running_mode"],
+                  "workload": self.run["plan"].get("workload")}
         full = {"schema": schema("benchmark_results"), **common, "config": self.cfg.as_dict(), "modes": self.modes,
                 "comparisons": self.comparisons, "gpu": self.gpu_info}
         write_json(self.dir / "benchmark_results.json", full)
@@ -106,6 +161,7 @@ class RunWriter:
         for stream in self._streams.values():
             stream.close()
         self._streams.clear()
+        self.folder.release()
 
 
 def _fmt(value, digits=2):

@@ -7,9 +7,10 @@ night's report (report.md, report.html, plots/). Run through ./run_sweep.sh; `--
 from __future__ import annotations
 
 import argparse
-import fcntl
+import ctypes
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -27,7 +28,8 @@ from pydantic import AfterValidator, Field
 from lib import config as C
 from lib.config_models import Accepts, ConfigModel, choice, read_config, shown
 from lib.errors import UsageError, exit_on_usage_error
-from lib.files import write_json
+from lib.files import FolderLock, LockHeld, write_json
+from lib.interrupts import STOP_SIGNALS
 from lib.log import get_logger, setup_logging
 from lib.sweep_report import REGRESSION_METRICS, write_report
 
@@ -37,6 +39,8 @@ SCHEMA = "speclab.sweep/1"
 RESERVED = {"RESULTS_DIR", "RUN_ID"}  # the sweep sets these per combination
 EXIT_OK, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 75, 130  # the others come from the verdict and UsageError
 ERROR_TAIL_LINES = 15
+MAX_COMBINATIONS = 10_000  # a few lines of matrix multiply fast: refused before they are built
+MAX_TREND_NIGHTS = 3660
 logger = get_logger(__name__)
 
 
@@ -64,7 +68,7 @@ class Combo:
 class ComboResult:
     id: str
     vars: dict
-    status: str  # ok | failed | timeout | interrupted | skipped_budget | pending
+    status: str  # ok | failed | timeout | interrupted | skipped_budget | pending | running
     exit_code: int | None = None
     error: str | None = None
     started: str | None = None
@@ -120,7 +124,7 @@ class SweepFile(ConfigModel):
     include: Annotated[list[Variables], Accepts("a list of mappings of VARIABLE: value (extra combinations)")] = []
     budget_min: Positive | None = None
     regression: RegressionSection = Field(default_factory=RegressionSection)
-    trend_nights: Annotated[int, Field(ge=1)] = 7
+    trend_nights: Annotated[int, Field(ge=1, le=MAX_TREND_NIGHTS)] = 7
 
 
 def check_vars(where: str, values: dict, path: Path):
@@ -155,6 +159,9 @@ def combo_id(values: dict) -> str:
 
 def combos_of(sweep: Sweep) -> list[Combo]:
     names = list(sweep.matrix)
+    count = math.prod(len(values) for values in sweep.matrix.values()) + len(sweep.include)
+    if count > MAX_COMBINATIONS:
+        raise UsageError(f"{sweep.path}: matrix and include make {count} combinations; at most {MAX_COMBINATIONS}")
     combos = [dict(zip(names, values)) for values in itertools.product(*(sweep.matrix[n] for n in names))]
     combos = combos if names else ([] if sweep.include else [{}])
     combos += [dict(extra) for extra in sweep.include]
@@ -187,32 +194,18 @@ class Log:
         logger.info(line)
 
 
-class SweepLock:
-    """An flock on <output root>/.lock: one sweep at a time per results tree."""
+class SweepLock(FolderLock):
+    """An flock on <output root>/.lock: one sweep at a time per results tree. Each benchmark child is given the
+    lock's fd, so the lock stays held while a child lives, even if the sweep itself was killed."""
 
     def __init__(self, root: Path):
-        root.mkdir(parents=True, exist_ok=True)
-        self.path = root / ".lock"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        super().__init__(root / ".lock")
 
     def acquire(self, holder: str):
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            who = os.pread(self.fd, 4096, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self.fd)
-            raise LockHeld(f"another sweep is running ({who}); lock {self.path}; not starting") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, holder.encode(), 0)
-
-    def release(self):
-        os.ftruncate(self.fd, 0)
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
-
-
-class LockHeld(Exception):
-    pass
+            super().acquire(holder)
+        except LockHeld as exc:
+            raise LockHeld(f"another sweep is running ({exc}); lock {self.path}; not starting") from None
 
 
 def load_state(night: Path) -> dict[str, ComboResult]:
@@ -248,11 +241,34 @@ def failed_modes(run_dir: Path) -> list[str]:
     return [f"{m}: {r.get('error') or r.get('status')}" for m, r in modes.items() if r.get("status") != "complete"]
 
 
+def unfinished_run(run_dir: Path) -> str | None:
+    """Why the benchmark's own files do not show a finished run (None if they do)."""
+    path = run_dir / "run.json"
+    try:
+        run = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return f"{path.name} is missing or unreadable"
+    if run.get("status") != "ok" or run.get("exit_code") != 0:
+        return f"{path.name} says status {run.get('status')!r}, exit code {run.get('exit_code')!r}"
+    return None
+
+
 class Stop(Exception):
-    """SIGTERM/SIGINT while a combination runs."""
+    """SIGTERM/SIGINT/SIGHUP while a combination runs."""
 
 
-def run_combo(sweep: Sweep, combo: Combo, night: Path, timeout_s: float | None) -> ComboResult:
+def die_with_parent(parent: int):
+    """preexec_fn of a benchmark child: SIGTERM when the sweep dies, however it dies (SIGKILL included), so no
+    benchmark goes on writing into a folder a later --resume reuses. SIGTERM lets the benchmark save what finished."""
+    PR_SET_PDEATHSIG = 1
+    prctl = getattr(ctypes.CDLL(None), "prctl", None)  # Linux only
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the sweep died before prctl: the signal will never come
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run_combo(sweep: Sweep, combo: Combo, night: Path, timeout_s: float | None, lock_fd: int) -> ComboResult:
     run_dir = night / combo.id
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a rerun starts clean: no mix of two attempts
@@ -263,8 +279,12 @@ def run_combo(sweep: Sweep, combo: Combo, night: Path, timeout_s: float | None) 
                          started=datetime.now().isoformat(timespec="seconds"))
     t0 = time.monotonic()
     with open(run_dir / "benchmark.log", "wb") as out, open(run_dir / "stderr.log", "wb") as err:
+        # Own session: stop_group reaches the benchmark's own children (vLLM workers) too. preexec_fn is safe
+        # here: the sweep runs no threads.
+        parent = os.getpid()
         proc = subprocess.Popen([str(ROOT / "run_benchmark.sh")], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=err, start_new_session=True)
+                                stdout=out, stderr=err, start_new_session=True, pass_fds=(lock_fd,),
+                                preexec_fn=lambda: die_with_parent(parent))
         try:
             result.exit_code = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -277,8 +297,11 @@ def run_combo(sweep: Sweep, combo: Combo, night: Path, timeout_s: float | None) 
             result.error = "the sweep was stopped while this combination ran"
     result.duration_s = round(time.monotonic() - t0, 2)
     if result.status == "failed":
-        if result.exit_code == 0:
+        unfinished = unfinished_run(run_dir)
+        if result.exit_code == 0 and not unfinished:
             result.status = "ok"
+        elif result.exit_code == 0:
+            result.error = f"exit code 0 but {unfinished}"
         else:
             result.failed_modes = failed_modes(run_dir)
             result.error = f"exit code {result.exit_code}; last lines of stderr:\n" + tail(run_dir / "stderr.log")
@@ -301,12 +324,13 @@ def stop_group(proc: subprocess.Popen):
 
 
 def raise_stop(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop is enough; the cleanup must not be cut short
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in STOP_SIGNALS:  # one stop is enough; the cleanup must not be cut short
+        signal.signal(sig, signal.SIG_IGN)
     raise Stop(signal.Signals(signum).name)
 
 
-def run_sweep(sweep: Sweep, night: Path, resume: bool, budget_min: float | None, log: Log) -> dict[str, ComboResult]:
+def run_sweep(sweep: Sweep, night: Path, resume: bool, budget_min: float | None, log: Log,
+              lock_fd: int) -> dict[str, ComboResult]:
     previous = load_state(night) if resume else {}
     combos = combos_of(sweep)
     results = {c.id: previous.get(c.id) or ComboResult(c.id, env_texts(c.vars), "pending") for c in combos}
@@ -323,8 +347,14 @@ def run_sweep(sweep: Sweep, night: Path, resume: bool, budget_min: float | None,
             log(f"[{i}/{len(combos)}] {combo.id}: skipped, time budget spent")
             continue
         log(f"[{i}/{len(combos)}] {combo.id}: running")
+        results[combo.id] = ComboResult(combo.id, results[combo.id].vars, "running",
+                                        started=datetime.now().isoformat(timespec="seconds"))
+        save_state(night, sweep, results, finished=None)  # a kill of the sweep leaves "running", never "ok"
         try:
-            results[combo.id] = res = run_combo(sweep, combo, night, left)
+            results[combo.id] = res = run_combo(sweep, combo, night, left, lock_fd)
+        except BaseException:  # stopped before its benchmark started or after it ended
+            results[combo.id].status, results[combo.id].error = "interrupted", "the sweep was stopped"
+            raise
         finally:
             save_state(night, sweep, results, finished=None)
         first_error = (res.error or "").splitlines()[-1:] or [""]
@@ -381,8 +411,12 @@ def main(argv=None) -> int:
     setup_logging()
     args = build_parser().parse_args(argv)
     sweep = load_sweep(args.sweep)
-    if args.budget_min is not None and args.budget_min <= 0:
-        raise UsageError(f"--budget-min {args.budget_min:g}: expected minutes > 0")
+    if args.budget_min is not None and not (0 < args.budget_min < math.inf):
+        raise UsageError(f"--budget-min {args.budget_min:g}: expected a finite number of minutes > 0")
+    if args.threshold_pct is not None and not (0 < args.threshold_pct < math.inf):
+        raise UsageError(f"--threshold-pct {args.threshold_pct:g}: expected a finite percentage > 0")
+    if args.trend_nights is not None and not 1 <= args.trend_nights <= MAX_TREND_NIGHTS:
+        raise UsageError(f"--trend-nights {args.trend_nights}: expected an integer from 1 to {MAX_TREND_NIGHTS}")
     budget = args.budget_min or sweep.budget_min
     threshold = args.threshold_pct if args.threshold_pct is not None else sweep.threshold_pct
     trend = args.trend_nights or sweep.trend_nights
@@ -420,12 +454,13 @@ def main(argv=None) -> int:
                              "every combination (or pick another --date)")
         night.mkdir(parents=True, exist_ok=True)
         log = Log(night / "sweep.log")
-        signal.signal(signal.SIGTERM, raise_stop)
-        signal.signal(signal.SIGINT, raise_stop)
+        for sig in STOP_SIGNALS:
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+                signal.signal(sig, raise_stop)
         log(f"sweep {sweep.name} ({sweep.path}) -> {night}; {len(combos_of(sweep))} combinations"
             + (f"; budget {budget:g} min" if budget else "") + ("; resuming" if args.resume else ""))
         try:
-            run_sweep(sweep, night, args.resume, budget, log)
+            run_sweep(sweep, night, args.resume, budget, log, lock.fd)
         except (KeyboardInterrupt, Stop):
             log("interrupted: finished combinations are kept; rerun with --resume to finish the night")
             return EXIT_INTERRUPTED

@@ -87,3 +87,27 @@ setup() {
   [[ "$output" == "error: COMPARE_MODES="*"with engine in hf, vllm, sglang, llamacpp and method in"* ]]
   [ "$(echo "$output" | wc -l)" -eq 1 ]
 }
+
+@test "nan, inf and sizes beyond the bounds: one line naming the variable, also in --dry-run" {
+  for item in TEMPERATURE=nan TEMPERATURE=inf AUTO_RATE=inf NUM_PROMPTS=10000000000 GENERATION_LENGTH=10000000 \
+              SEED=1180591620717411303424; do
+    run env "$item" AUTO_DURATION=1 ./run_benchmark.sh --dry-run
+    [ "$status" -eq 2 ] || { echo "$item: status $status"; return 1; }
+    [[ "$output" == "error: ${item%%=*}='${item#*=}' (from the environment): expected "* ]] || { echo "$output"; return 1; }
+    [ "$(echo "$output" | wc -l)" -eq 1 ]
+  done
+  AUTO_RATE=100000 AUTO_DURATION=60 run ./run_benchmark.sh --dry-run
+  [ "$status" -eq 2 ]
+  [[ "$output" == "error: AUTO_RATE=100000 x AUTO_DURATION=60: about 6e+06 requests; at most 100000 per run" ]]
+}
+
+@test "RUN_ID is one folder name; a second run into a finished run's folder needs OVERWRITE=true" {
+  RUN_ID=../../escape run ./run_benchmark.sh --num-prompts 1
+  [ "$status" -eq 2 ]
+  [[ "$output" == "error: RUN_ID='../../escape': expected one folder name"* ]]
+  mkdir -p "$RESULTS_DIR/done" && echo '{}' > "$RESULTS_DIR/done/run.json"
+  RUN_ID=done run ./run_benchmark.sh --num-prompts 1
+  [ "$status" -eq 2 ]
+  [[ "$output" == *"error: RUN_ID='done': "*"already holds a run (run.json); set OVERWRITE=true"* ]]
+  [ "$(cat "$RESULTS_DIR/done/run.json")" = "{}" ]
+}

@@ -28,7 +28,7 @@ def test_defaults_and_precedence():
 
 @pytest.mark.parametrize("name,value,accepted", [
     ("GAMMA_VALUE", "abc", "an integer"), ("GAMMA_VALUE", "0", ">= 1"), ("GPU_STRATEGY", "diagonal", "one of"),
-    ("ENABLE_BATCH", "maybe", "true or false"), ("TEMPERATURE", "-1", ">= 0"), ("AUTO_RATE", "fast", "a number"),
+    ("ENABLE_BATCH", "maybe", "true or false"), ("TEMPERATURE", "-1", ">= 0"), ("AUTO_RATE", "fast", "a finite number"),
     ("INFERENCE_METHOD", "guess", "speculative"), ("VLLM_SPEC_METHOD", "medusa", "ngram"),
     ("VLLM_GPU_MEMORY_UTILIZATION", "1.5", "<= 1"),
 ])

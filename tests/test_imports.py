@@ -9,7 +9,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 LIB = ROOT / "lib"
 SCRIPTS = {p.stem for p in ROOT.glob("*.py")}
-BOTTOM = {"lib.types": set(), "lib.errors": set(), "lib.numerics": set(), "lib.log": set(), "lib.files": {"lib.errors"}}
+BOTTOM = {"lib.types": set(), "lib.errors": set(), "lib.numerics": set(), "lib.log": set(), "lib.interrupts": set(),
+          "lib.files": {"lib.errors"}}
 
 
 def module_name(path: Path) -> str:
