@@ -10,6 +10,8 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
+
 if TYPE_CHECKING:
     from lib.capture import Capture
     from lib.comparison_config import ComparisonConfig
@@ -29,3 +31,14 @@ class LazyRunner:
 
 
 RUNNERS: dict[str, CaptureRunner] = {name: LazyRunner(name) for name in ("reference", "vllm", "sglang")}
+
+
+def top_k_arrays(steps: list[list[tuple[int, float]]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per emitted token, the engine's (token id, logprob) candidates -> [N, k] ids and logprobs, best first
+    (-inf pads a token that came with fewer than k)."""
+    ids = np.zeros((len(steps), k), dtype=np.int64)
+    values = np.full((len(steps), k), -np.inf, dtype=np.float32)
+    for row, candidates in enumerate(steps):
+        for col, (token, logprob) in enumerate(sorted(candidates, key=lambda c: -c[1])[:k]):
+            ids[row, col], values[row, col] = token, logprob
+    return ids, values

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-import numpy as np
-
 from lib.capture import Capture, PromptCapture
+from lib.capture_runs import top_k_arrays
 from lib.comparison_config import read_prompts, resolve_comparison_models
 from lib.errors import UsageError
 from lib.log import get_logger
@@ -41,22 +40,6 @@ def comparison_sampling(cfg) -> dict:
             "return_logprob": True, "top_logprobs_num": cfg.capture_topk}
 
 
-def _top_row(entries, k: int) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.zeros(k, dtype=np.int64)
-    values = np.full(k, -np.inf, dtype=np.float32)
-    ranked = sorted(((float(e[0]), int(e[1])) for e in entries if e[0] is not None), key=lambda e: -e[0])[:k]
-    for col, (logprob, token) in enumerate(ranked):
-        ids[col], values[col] = token, logprob
-    return ids, values
-
-
-def _top_arrays(top: list, k: int) -> tuple[np.ndarray, np.ndarray]:
-    rows = [_top_row(entries or [], k) for entries in top]
-    if not rows:
-        return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.float32)
-    return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
-
-
 def _spec_dict(meta: dict, num_draft_tokens: int, emitted: int) -> dict:
     counters = spec_counters_from_meta(meta, num_draft_tokens, emitted)
     if counters is None:
@@ -80,7 +63,8 @@ def prompt_capture_from_output(prompt: str, prompt_ids: list[int], output: dict,
         raise UsageError("SGLang output: output_ids and output_token_logprobs disagree")
     if len(top) != len(tokens):
         raise UsageError(f"SGLang output: {len(top)} top-logprob rows for {len(tokens)} tokens")
-    ids, values = _top_arrays(top, k)
+    ids, values = top_k_arrays([[(int(e[1]), float(e[0])) for e in entries or [] if e[0] is not None]
+                                for entries in top], k)
     return PromptCapture(prompt, list(prompt_ids), tokens, ids, values, text=output.get("text", ""),
                          spec=_spec_dict(meta, num_draft_tokens, len(tokens)),
                          seconds=float(meta.get("e2e_latency", 0.0) or 0.0))

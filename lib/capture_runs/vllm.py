@@ -8,9 +8,8 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 
-import numpy as np
-
 from lib.capture import Capture, PromptCapture
+from lib.capture_runs import top_k_arrays
 from lib.comparison_config import read_prompts, resolve_comparison_models
 from lib.log import get_logger
 from lib.vllm_support import (
@@ -22,17 +21,6 @@ from lib.vllm_support import (
 )
 
 logger = get_logger(__name__)
-
-
-def topk_arrays(step_logprobs: list[dict], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """vLLM's per-token {token_id: Logprob} (top-k plus the sampled token) -> [N, k] ids and logprobs."""
-    ids = np.zeros((len(step_logprobs), k), dtype=np.int64)
-    values = np.full((len(step_logprobs), k), -np.inf, dtype=np.float32)
-    for row, entry in enumerate(step_logprobs):
-        best = sorted(entry.items(), key=lambda item: -item[1].logprob)[:k]
-        for col, (token, lp) in enumerate(best):
-            ids[row, col], values[row, col] = token, lp.logprob
-    return ids, values
 
 
 def speculative_config(cfg, draft_path) -> dict:
@@ -64,7 +52,8 @@ def run(cfg) -> Capture:
         before, t0 = read_spec_metrics(), time.perf_counter()
         out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0].outputs[0]
         seconds = time.perf_counter() - t0
-        top_ids, top_logprobs = topk_arrays(out.logprobs, cfg.capture_topk)
+        top_ids, top_logprobs = top_k_arrays([[(token, lp.logprob) for token, lp in step.items()]
+                                                  for step in out.logprobs], cfg.capture_topk)
         spec = asdict(spec_counters_from(metrics_difference(before, read_spec_metrics())))
         prompts.append(PromptCapture(prompt, ids, list(out.token_ids), top_ids, top_logprobs, text=out.text,
                                      spec=spec, seconds=seconds))
