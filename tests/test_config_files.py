@@ -90,7 +90,7 @@ CASES = [
      "experiments.ablations[0].config_overrides: found text 'oops'; accepted: a mapping of sections"),
     ("edge_cloud", "experiments:\n  ablations:\n    - {name: x, mode: sideways}\n",
      "experiments.ablations[0].mode: unknown mode 'sideways'; accepted: collaborative, edge_only, cloud_only"),
-    ("sweep", "trend_nights: 0.5\n", "trend_nights: found 0.5; accepted: a whole number >= 1"),
+    ("sweep", "trend_nights: 0.5\n", "trend_nights: found 0.5; accepted: a whole number from 1 to 3660"),
     ("sweep", "budget_min: .inf\n", "budget_min: inf is not a finite number; accepted: a number > 0"),
     ("sweep", "regression:\n  metrics: speedup\n",
      "regression.metrics: found text 'speedup'; accepted: a list of metrics out of "),
@@ -163,4 +163,4 @@ def test_sweep_cli_bad_type_is_one_line_exit_2(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"error: {bad.resolve()}: trend_nights: found 0.5; accepted: a whole number >= 1"]
+        f"error: {bad.resolve()}: trend_nights: found 0.5; accepted: a whole number from 1 to 3660"]
