@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     base = None
     if args.base:
         from lib.models import check_model_dir
-        base = check_model_dir(args.base, "--base")
+        base = check_model_dir(args.base, "--base", tokenizer=True)
     if args.make_sources:
         from lib.models import ensure_tiny_models
         report = make_sources(args, base or ensure_tiny_models().target)

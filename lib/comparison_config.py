@@ -162,13 +162,15 @@ def read_prompts(cfg: ComparisonConfig) -> list[str]:
 
 def resolve_comparison_models(cfg: ComparisonConfig) -> tuple[Path, Path]:
     """(target folder, draft folder): the tiny local ones unless --model-path / --draft-model-path say."""
-    from lib.models import check_model_dir, ensure_tiny_models
+    from lib.models import check_model_dir, check_same_vocab, ensure_tiny_models
     if cfg.model_path:
-        target = check_model_dir(cfg.model_path, "--model-path")
+        target = check_model_dir(cfg.model_path, "--model-path", tokenizer=True)
         if not cfg.draft_model_path:
             raise UsageError("--draft-model-path is empty: with --model-path set, give an EAGLE head or draft "
                              "model folder made for that target")
-        return target, check_model_dir(cfg.draft_model_path, "--draft-model-path")
+        draft = check_model_dir(cfg.draft_model_path, "--draft-model-path")
+        check_same_vocab(target, draft, "--draft-model-path")
+        return target, draft
     if cfg.draft_model_path:
         raise UsageError(f"--draft-model-path={cfg.draft_model_path}: set --model-path too (the tiny target only "
                          "fits the tiny drafts)")

@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lib import files
 from lib.errors import UsageError
 from lib.log import get_logger
 
@@ -80,16 +81,93 @@ class TinyModels:
 
 # ---------------------------------------------------------------------------------------------- loading
 
-def check_model_dir(path: str | Path, what: str) -> Path:
-    """A local Hugging Face model folder, or a UsageError naming `what` (e.g. TARGET_MODEL)."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+SAFETENSORS_ONLY = ("SpecLab loads *.safetensors weights only (a .bin file is a pickle, never unpickled); convert "
+                    "the folder, e.g. AutoModelForCausalLM.from_pretrained(folder).save_pretrained(out)")
+
+
+def check_model_dir(path: str | Path, what: str, tokenizer: bool = False) -> Path:
+    """A local Hugging Face model folder that loads, or a UsageError naming `what` (e.g. TARGET_MODEL): config.json
+    a JSON object, safetensors weights whose headers parse and cover their files, the config's vocab_size equal to
+    the embedding's rows, and (with `tokenizer`) a tokenizer. Reads headers only, so it runs before any mode."""
     p = Path(path).expanduser()
+    label = f"{what}={path}"
     if not p.is_dir():
-        raise UsageError(f"{what}={path}: no such folder (expected a local Hugging Face model folder)")
-    if not (p / "config.json").is_file():
-        raise UsageError(f"{what}={path}: not a Hugging Face model folder (no config.json)")
-    weights = list(p.glob("*.safetensors")) + list(p.glob("*.bin"))
+        raise UsageError(f"{label}: no such folder (expected a local Hugging Face model folder)")
+    config = model_config(p, label)
+    weights = sorted(p.glob("*.safetensors"))
     if not weights:
-        raise UsageError(f"{what}={path}: no weights (*.safetensors or *.bin) in the folder")
+        found = "only PyTorch .bin weights" if any(p.glob("*.bin")) or any(p.glob("*.pt")) else "no weights"
+        raise UsageError(f"{label}: {found} in the folder; {SAFETENSORS_ONLY}")
+    rows = _embedding_rows(weights, label)
+    vocab = config.get("vocab_size")
+    if isinstance(vocab, int) and rows is not None and rows != vocab:
+        raise UsageError(f"{label}: config.json says vocab_size {vocab} but the weights' embedding has {rows} rows; "
+                         "the folder's config and weights do not belong together")
+    if tokenizer and not any((p / name).is_file() for name in TOKENIZER_FILES):
+        raise UsageError(f"{label}: no tokenizer in the folder (expected one of {', '.join(TOKENIZER_FILES)})")
+    return p
+
+
+def model_config(folder: Path, label: str) -> dict:
+    """config.json of a model folder as a dict, or one line naming `label`."""
+    accepted = "a JSON object with model_type (a Hugging Face config)"
+    text = files.read_text(folder / "config.json", f"{label}: config.json", accepted)
+    try:
+        config = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise UsageError(f"{label}: config.json is not valid JSON ({str(exc)[:80]}); expected {accepted}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        found = "has no model_type" if isinstance(config, dict) else f"holds a {type(config).__name__}"
+        raise UsageError(f"{label}: config.json {found}; expected {accepted}")
+    return config
+
+
+def _embedding_rows(weights: list[Path], label: str) -> int | None:
+    """Parse every safetensors header (a truncated or corrupt file fails here, before any weight is read); the rows
+    of the token embedding if one is found."""
+    from safetensors import SafetensorError, safe_open
+    rows = None
+    for file in weights:
+        try:
+            with safe_open(str(file), "np") as fh:
+                for name in fh.keys():
+                    if rows is None and name.endswith(EMBEDDING_NAMES):
+                        rows = fh.get_slice(name).get_shape()[0]
+        except (SafetensorError, OSError, ValueError) as exc:
+            reason = str(exc).splitlines()[0][:120] if str(exc) else exc.__class__.__name__
+            raise UsageError(f"{label}: {file.name} is not a complete safetensors file ({reason}); "
+                             "download or save it again") from None
+    return rows
+
+
+def vocab_size_of(folder: Path) -> int | None:
+    vocab = model_config(folder, str(folder)).get("vocab_size")
+    return vocab if isinstance(vocab, int) else None
+
+
+def check_same_vocab(target: Path, draft: Path, what: str = "DRAFTER_MODEL") -> None:
+    """The draft proposes ids of the target's tokenizer: both vocabularies must have one size."""
+    t, d = vocab_size_of(target), vocab_size_of(draft)
+    if t is not None and d is not None and t != d:
+        raise UsageError(f"{what}={draft}: vocabulary size {d} differs from the target's {t}; the draft must share "
+                         "the target's tokenizer")
+
+
+def check_gguf(path: str | Path, label: str) -> Path:
+    """A file that starts with GGUF's magic, or one line naming `label`."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UsageError(f"{label}: no such GGUF file")
+    try:
+        with open(p, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise UsageError(f"{label}: cannot be read ({exc.strerror}); expected a GGUF file") from None
+    if magic != b"GGUF":
+        raise UsageError(f"{label}: not a GGUF file (it does not start with GGUF's magic); expected a llama.cpp "
+                         "GGUF model file")
     return p
 
 
@@ -269,11 +347,13 @@ class ModelPaths:
 
 def resolve_models(cfg, need_draft: bool = True) -> ModelPaths:
     if cfg.target_model:
-        target = check_model_dir(cfg.target_model, "TARGET_MODEL")
+        target = check_model_dir(cfg.target_model, "TARGET_MODEL", tokenizer=True)
         draft = check_model_dir(cfg.drafter_model, "DRAFTER_MODEL") if cfg.drafter_model else None
         if need_draft and draft is None:
             raise UsageError("DRAFTER_MODEL is empty: with TARGET_MODEL set, speculative modes need a draft "
                              "model folder (or use INFERENCE_METHOD=target)")
+        if need_draft:
+            check_same_vocab(target, draft)
         return ModelPaths(target, draft, tiny=False)
     if cfg.drafter_model:
         raise UsageError(f"DRAFTER_MODEL={cfg.drafter_model}: set TARGET_MODEL too (the tiny target's tokenizer "

@@ -182,18 +182,18 @@ def validate(cfg: dict, source: str) -> dict:
 def cloud_model_dir(cfg: dict) -> Path:
     from lib.models import check_model_dir, ensure_tiny_models
     path = cfg["cloud"]["model"]["path"]
-    return check_model_dir(path, "cloud.model.path") if path else ensure_tiny_models().target
+    return check_model_dir(path, "cloud.model.path", tokenizer=True) if path else ensure_tiny_models().target
 
 
 def edge_gguf_path(cfg: dict) -> Path:
     from lib.gguf_export import ensure_gguf
-    from lib.models import ensure_tiny_models
+    from lib.models import check_gguf, ensure_tiny_models
     model = cfg["edge"]["model"]
     if model["path"]:
-        if not Path(model["path"]).is_file():
-            raise UsageError(f"edge.model.path={model['path']}: no such GGUF file")
-        return Path(model["path"])
-    return ensure_gguf(model["hf_path"] or ensure_tiny_models().draft)
+        return check_gguf(model["path"], f"edge.model.path={model['path']}")
+    if model["hf_path"]:
+        return ensure_gguf(model["hf_path"], "edge.model.hf_path")
+    return ensure_gguf(ensure_tiny_models().draft)
 
 
 def tokenizer_dir(cfg: dict) -> Path:
