@@ -162,6 +162,8 @@ def main(argv=None) -> int:
 
     from rich.console import Console
 
+    from lib.engines import engine_class
+    from lib.engines.base import check_context
     from lib.gpu_monitor import GPUMonitor
     from lib.models import load_tokenizer, resolve_models
     from lib.results import RunWriter, default_run_id, print_summary
@@ -177,6 +179,9 @@ def main(argv=None) -> int:
     if not requests:
         raise UsageError(f"AUTO_RATE={cfg.auto_rate:g} x AUTO_DURATION={cfg.auto_duration:g}: no request arrives "
                          "in that window; raise the rate or the duration")
+    for engine_name, method in pairs:  # every mode's context, before the first one runs
+        limit = engine_class(engine_name).context_length(cfg, method, models)
+        check_context(requests, limit, f"{engine_name}:{method}")
     plan["workload"] = describe_workload(cfg, requests, stats)
     plan["models"] = models.describe()
     writer = RunWriter(cfg.results_dir, cfg.run_id or default_run_id(cfg), cfg, plan)

@@ -79,8 +79,16 @@ def make_counting_draft(drafter, gamma: int):
     return CountingDraftModel()
 
 
+def context_size(cfg) -> int:
+    return max(512, cfg.max_batch_length, 2 * cfg.generation_length + 1024)
+
+
 class LlamaCppEngine(Engine):
     name = "llamacpp"
+
+    @classmethod
+    def context_length(cls, cfg, method: str, models) -> tuple[int, str]:
+        return context_size(cfg), "llama.cpp's n_ctx: the larger of 512, MAX_BATCH_LENGTH, 2 x GENERATION_LENGTH + 1024"
 
     def start(self):
         _draft_model_base()
@@ -93,7 +101,7 @@ class LlamaCppEngine(Engine):
         self.threads = self.cfg.llamacpp_n_threads or default_threads()
         self.tokenizer = load_tokenizer(self.models.target)
         self.eos_id = self.tokenizer.eos_token_id
-        n_ctx = max(512, self.cfg.max_batch_length, 2 * self.cfg.generation_length + 1024)
+        n_ctx = context_size(self.cfg)
         self.target_path = ensure_gguf(self.models.target, "TARGET_MODEL")
         self.draft = None
         if self.method == "speculative":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -21,7 +22,7 @@ from lib.engines import METHOD_BY_NAME
 from lib.engines.base import Engine, record_from_tokens
 from lib.layout import placement_from_config
 from lib.log import get_logger
-from lib.models import eos_ids_of, load_model, load_tokenizer
+from lib.models import eos_ids_of, load_model, load_tokenizer, model_config
 from lib.types import Clock, Generation, Request, RequestRecord, SpecCounters
 
 Decode = Callable[["PyTorchEngine", list[list[int]], int], Generation]
@@ -98,6 +99,16 @@ METHODS: dict[str, Method] = {
 
 class PyTorchEngine(Engine):
     name = "hf"
+
+    @classmethod
+    def context_length(cls, cfg, method: str, models) -> tuple[int, str] | None:
+        """The rope table (max_position_embeddings) of the target, and of the draft where the method uses one."""
+        roles = [("TARGET_MODEL", models.target)]
+        if METHOD_BY_NAME[method].needs_draft and models.draft is not None:
+            roles.append(("DRAFTER_MODEL", models.draft))
+        limits = [(n, f"{role}'s max_position_embeddings") for role, folder in roles
+                  if isinstance(n := model_config(Path(folder), role).get("max_position_embeddings"), int)]
+        return min(limits) if limits else None
 
     def start(self):
         self.decoding = METHODS[self.method]
