@@ -13,6 +13,8 @@ from lib.errors import UsageError
 from lib.types import Request
 
 SHAREGPT_FILES = ("sharegpt_gpt4.jsonl", "sharegpt_V3_format.jsonl", "sharegpt_zh_38K_format.jsonl")
+JSON_NAMES = {dict: "object", str: "string", int: "number", float: "number", bool: "boolean"}
+SHAREGPT_ACCEPTED = "UTF-8 JSON: one conversation object per line (.jsonl) or one array of them (.json)"
 
 
 @dataclass
@@ -37,22 +39,34 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
 
 def _conversation_entries(path: Path, stats: LoadStats):
     """Yield the entries of a .jsonl file (one JSON object per line) or a .json file (one array)."""
-    text = path.read_text(encoding="utf-8", errors="replace")
+    label = f"SHAREGPT_DIR file {path}"
+    text = files.read_text(path, label, SHAREGPT_ACCEPTED, files.MAX_PROMPT_FILE_BYTES)
     if path.suffix == ".json" or text.lstrip().startswith("["):
         try:
-            data = json.loads(text)
+            data = _json(text, label)
         except json.JSONDecodeError:
             stats.malformed += 1
             return
-        yield from (data if isinstance(data, list) else [])
+        if not isinstance(data, list):
+            found = JSON_NAMES.get(type(data), type(data).__name__)
+            raise UsageError(f"{label}: holds a JSON {found}; expected an array of conversations "
+                             '([{"conversations": [{"from": ..., "value": ...}, ...]}, ...])')
+        yield from data
         return
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            yield json.loads(line)
+            yield _json(line, f"{label}, line {number}")
         except json.JSONDecodeError:
             stats.malformed += 1
+
+
+def _json(text: str, label: str):
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise UsageError(f"{label}: JSON nested too deeply; expected {SHAREGPT_ACCEPTED}") from None
 
 
 def _turns(entry) -> list[str] | None:
