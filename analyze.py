@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from lib.errors import UsageError, exit_on_usage_error
+from lib.files import output_file
 from lib.log import setup_logging
 from lib.sweep_report import ROW_KEYS, SHORT_KEYS, md_table, run_rows, varying_config
 
@@ -81,6 +82,9 @@ def csv_value(value):
 def main(argv=None) -> int:
     setup_logging()
     args = build_parser().parse_args(argv)
+    for flag, path in (("--csv", args.csv), ("--md", args.md)):
+        if path and path != "-":
+            output_file(path, f"{flag} {path}")
     rows = load_rows(find_runs(args.paths))
     if args.csv:
         headers, body = table(rows, ROW_KEYS)

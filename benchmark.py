@@ -164,6 +164,7 @@ def main(argv=None) -> int:
 
     from lib.engines import engine_class
     from lib.engines.base import check_context
+    from lib.files import output_dir
     from lib.gpu_monitor import GPUMonitor
     from lib.models import load_tokenizer, resolve_models
     from lib.results import RunWriter, default_run_id, print_summary
@@ -171,6 +172,7 @@ def main(argv=None) -> int:
     from lib.workload import build_requests, describe_workload, load_prompts
 
     console = Console() if sys.stdout.isatty() else Console(width=170)
+    output_dir(cfg.results_dir, f"RESULTS_DIR={cfg.results_dir}")  # before any work
     need_draft = any(C.mode_needs_draft(cfg, e, m) for e, m in pairs)
     models = resolve_models(cfg, need_draft=need_draft)
     tokenizer = load_tokenizer(models.target)

@@ -13,9 +13,9 @@ import argparse
 import asyncio
 import json
 import sys
-from pathlib import Path
 
 from lib.errors import UsageError, exit_on_usage_error
+from lib.files import output_dir
 from lib.log import setup_logging
 
 
@@ -143,7 +143,8 @@ async def ablation_mode(cfg, args) -> int:
     prompts = read_prompts(args.prompts or exp_cfg["prompts_file"], args.num_prompts or exp_cfg["num_prompts"])
     if args.max_tokens:
         cfg = apply_overrides(cfg, {"inference": {"max_tokens": args.max_tokens}}, "command line")
-    out_dir = Path(args.output_dir or exp_cfg["output_dir"])
+    out = args.output_dir or exp_cfg["output_dir"]
+    out_dir = output_dir(out, f"--output-dir={out}" if args.output_dir else f"experiments.output_dir={out}")
     threads = []
     if not args.external_servers:
         from lib.edgecloud.launch import start_in_threads

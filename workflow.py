@@ -17,7 +17,7 @@ from lib.capture import capture_stem, save_capture
 from lib.capture_runs import RUNNERS
 from lib.comparison_config import DRAFT_TYPES, ComparisonConfig
 from lib.errors import exit_on_usage_error
-from lib.files import shipped, write_json
+from lib.files import output_dir, shipped, write_json
 from lib.log import setup_logging
 
 
@@ -67,8 +67,8 @@ def configs_from_args(args) -> tuple[ComparisonConfig, ComparisonConfig]:
 def run_workflow(args) -> Path:
     from analyze_saved_data import analyze
     cfg1, cfg2 = configs_from_args(args)
-    out = Path(args.results_dir) / (args.run_id or time.strftime("logits_comparison_%Y%m%d-%H%M%S"))
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(Path(args.results_dir) / (args.run_id or time.strftime("logits_comparison_%Y%m%d-%H%M%S")),
+                     f"--results-dir={args.results_dir}" + (f" --run-id={args.run_id}" if args.run_id else ""))
     files = []
     for engine, cfg in ((args.engine1, cfg1), (args.engine2, cfg2)):
         print(f"== {engine} {cfg.name}: spec_num_iter {cfg.spec_num_iter}, spec_tree_size {cfg.spec_tree_size}, "

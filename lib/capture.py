@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lib.errors import UsageError
-from lib.files import write_json
+from lib.files import output_dir, write_json
 from lib.types import SpecCounters
 
 SCHEMA = "speclab.capture/1"
@@ -82,8 +82,7 @@ def capture_stem(engine: str, config_name: str) -> str:
 def save_capture(capture: Capture, out_dir: str | Path, stem: str | None = None) -> Path:
     """Write <stem>.safetensors and <stem>.json (the JSON last, so a present JSON means a complete capture)."""
     from safetensors.numpy import save_file
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(out_dir, f"capture folder {out_dir}")
     stem = stem or capture_stem(capture.engine, capture.config_name)
     tensors, prompts = {}, []
     for i, p in enumerate(capture.prompts):

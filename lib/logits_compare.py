@@ -18,7 +18,7 @@ import numpy as np
 
 from lib.capture import Capture
 from lib.errors import UsageError
-from lib.files import write_json
+from lib.files import output_dir, write_json
 
 RESULT_SCHEMA = "speclab.logits_comparison/1"
 
@@ -175,8 +175,7 @@ def _json_safe(value):
 
 
 def write_results(results: dict, out_dir: str | Path) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(out_dir, f"--output-dir={out_dir}")
     path = out / "detailed_logits_comparison_results.json"
     write_json(path, _json_safe(results))
     return path
