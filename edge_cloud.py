@@ -106,11 +106,8 @@ async def interactive_mode(cfg, args) -> int:
             if not line:
                 continue
             if line == "stats":
-                for side in ("edge", "cloud"):
-                    try:
-                        print(side, json.dumps(await client.get_json(side, "/stats"), indent=2))
-                    except Exception as exc:  # a server down is reported, the session goes on
-                        print(f"{side}: unreachable ({type(exc).__name__})")
+                for side, stats in (await client.server_stats()).items():
+                    print(side, stats.get("error") or json.dumps(stats, indent=2))
                 continue
             if line == "config":
                 print(json.dumps({k: cfg[k] for k in ("edge", "cloud", "communication", "inference")}, indent=2))
@@ -153,7 +150,7 @@ async def ablation_mode(cfg, args) -> int:
 
     async def stats():
         async with EdgeCloudHTTPClient(cfg, tokenizer) as c:
-            return {side: await c.get_json(side, "/stats") for side in ("edge", "cloud")}
+            return await c.server_stats()
     try:
         report = await run_ablations(cfg, prompts, tokenizer, out_dir, only, stats)
     finally:
@@ -161,7 +158,10 @@ async def ablation_mode(cfg, args) -> int:
             t.stop()
     Console(width=120).print(table(report))
     print(f"report: {out_dir / 'ablation_report.json'}, plot: {out_dir / 'ablation_report.png'}")
-    return 0
+    down = [s["error"] for s in report["server_stats"].values() if "error" in s]
+    if down:
+        print(f"error: at the end of the ablations {down[0]}", file=sys.stderr)
+    return 1 if down else 0
 
 
 def server_mode(cfg) -> int:

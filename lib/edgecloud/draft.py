@@ -27,6 +27,7 @@ class EdgeDrafter:
         self.calculator, self.eos_ids = calculator, set(eos_ids)
         self.cache = EdgeStateCache(cache_size)
         self.vocab = self.llm.n_vocab()
+        self.context = self.llm.n_ctx()
         self.rng = np.random.default_rng(seed)
         self.lock = threading.Lock()
         self.counters = {"requests": 0, "drafted_tokens": 0, "evaluated_tokens": 0, "reused_tokens": 0,
