@@ -160,7 +160,7 @@ async def ablation_mode(cfg, args) -> int:
     print(f"report: {out_dir / 'ablation_report.json'}, plot: {out_dir / 'ablation_report.png'}")
     down = [s["error"] for s in report["server_stats"].values() if "error" in s]
     if down:
-        print(f"error: at the end of the ablations {down[0]}", file=sys.stderr)
+        print(f"error: {down[0]} (the report holds the experiments that ran)", file=sys.stderr)
     return 1 if down else 0
 
 

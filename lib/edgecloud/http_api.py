@@ -71,7 +71,7 @@ def _base_app(title: str, role: str, auth_token: str, max_body_bytes: int, descr
         """FastAPI's own answers (a body it cannot parse, e.g. nested too deeply; 404; 405) in the one shape."""
         message = exc.detail
         if exc.status_code == 400:
-            message = f"request body could not be parsed as JSON ({exc.detail}; nested too deeply?)"
+            message = "request body could not be parsed as JSON (not JSON, or nested too deeply)"
         return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
 
     @app.get("/health")
