@@ -57,10 +57,10 @@ def configs_from_args(args) -> tuple[ComparisonConfig, ComparisonConfig]:
                             capture_topk=args.capture_topk,
                             memory_limit=args.memory_limit, chunk_length=args.chunk_length,
                             cuda_graph=args.cuda_graph, verbose=args.verbose, save_results=True)
-    one = replace(base, spec_num_iter=args.config1_iter, spec_tree_size=args.config1_tree_size,
-                  config_name="config1").validate()
-    two = replace(base, spec_num_iter=args.config2_iter, spec_tree_size=args.config2_tree_size,
-                  config_name="config2").validate()
+    one, two = (replace(base, spec_num_iter=getattr(args, f"config{n}_iter"),
+                        spec_tree_size=getattr(args, f"config{n}_tree_size"), config_name=f"config{n}")
+                .validate({"spec_num_iter": f"--config{n}-iter", "spec_tree_size": f"--config{n}-tree-size"})
+                for n in (1, 2))
     return one, two
 
 

@@ -66,11 +66,14 @@ class ComparisonConfig:
     def to_dict(self) -> dict:
         return {**asdict(self), "topk_per_iter": self.get_topk_per_iter(), "name": self.name}
 
-    def validate(self) -> ComparisonConfig:
+    def validate(self, flags: dict[str, str] | None = None) -> ComparisonConfig:
+        """`flags` names the option a setting came from where it is not --<setting> (workflow.py's --config1-iter)."""
+        flags = flags or {}
         for name, (low, high) in INT_LIMITS.items():
             value = getattr(self, name)
             if not low <= value <= high:
-                raise UsageError(f"--{name.replace('_', '-')}={value}: expected an integer from {low} to {high}")
+                flag = flags.get(name, f"--{name.replace('_', '-')}")
+                raise UsageError(f"{flag}={value}: expected an integer from {low} to {high}")
         if not 0 < self.memory_limit <= 1:
             raise UsageError(f"--memory-limit={self.memory_limit}: expected a fraction in (0, 1]")
         if self.draft_type not in DRAFT_TYPES:

@@ -141,7 +141,10 @@ def load_sweep(name_or_path: str) -> Sweep:
                   include=data.include, budget_min=data.budget_min, threshold_pct=data.regression.threshold_pct,
                   regression_metrics=data.regression.metrics, trend_nights=data.trend_nights)
     for combo in combos_of(sweep):  # every combination must resolve before anything runs
-        C.resolve(None, environ=combo_env(sweep, combo, {}))
+        try:
+            C.resolve(None, environ=combo_env(sweep, combo, {}), env_source=f"in combination {combo.id}")
+        except UsageError as exc:
+            raise UsageError(f"{path}: {exc}") from None
     return sweep
 
 

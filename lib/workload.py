@@ -44,7 +44,8 @@ def _conversation_entries(path: Path, stats: LoadStats):
     if path.suffix == ".json" or text.lstrip().startswith("["):
         try:
             data = _json(text, label)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError:  # one entry, malformed: entries = malformed + filtered + kept
+            stats.entries += 1
             stats.malformed += 1
             return
         if not isinstance(data, list):
@@ -59,6 +60,7 @@ def _conversation_entries(path: Path, stats: LoadStats):
         try:
             yield _json(line, f"{label}, line {number}")
         except json.JSONDecodeError:
+            stats.entries += 1
             stats.malformed += 1
 
 
