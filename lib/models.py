@@ -113,6 +113,8 @@ def check_model_dir(path: str | Path, what: str, tokenizer: bool = False) -> Pat
 def model_config(folder: Path, label: str) -> dict:
     """config.json of a model folder as a dict, or one line naming `label`."""
     accepted = "a JSON object with model_type (a Hugging Face config)"
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"{label}: not a Hugging Face model folder (no config.json)")
     text = files.read_text(folder / "config.json", f"{label}: config.json", accepted)
     try:
         config = json.loads(text)

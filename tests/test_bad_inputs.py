@@ -98,7 +98,7 @@ def test_broken_model_folders_are_one_line_before_any_mode(tiny_models, broken_f
                     "--base=", "safetensors weights only")
 
 
-def test_gguf_inputs_are_one_line(broken_folders, tmp_path):
+def test_gguf_inputs_are_one_line(tiny_models, broken_folders, tmp_path):
     edge = tmp_path / "edge.yaml"
     edge.write_text("edge:\n  model:\n    path: /bin/ls\n")
     assert_one_line(run([sys.executable, "start_edge.py", "--config", str(edge)]), "edge.model.path=/bin/ls",
@@ -106,6 +106,24 @@ def test_gguf_inputs_are_one_line(broken_folders, tmp_path):
     edge.write_text(f"edge:\n  model:\n    hf_path: {broken_folders['bin only']}\n")  # the GGUF export's input
     assert_one_line(run([sys.executable, "start_edge.py", "--config", str(edge)]), "edge.model.hf_path=",
                     "safetensors weights only")
+    from lib.gguf_export import ensure_gguf
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(ensure_gguf(tiny_models.draft).read_bytes()[:50_000])  # GGUF's magic, half a file
+    edge.write_text(f"edge:\n  model:\n    path: {truncated}\n")
+    assert_one_line(run([sys.executable, "start_edge.py", "--config", str(edge)]), f"edge model {truncated}: ",
+                    "llama.cpp cannot load this GGUF file")
+
+
+def test_cached_gguf_that_fails_to_load_is_one_line(tiny_models, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_models.root, cache / tiny_models.root.name)
+    env = {"SPECLAB_CACHE_DIR": cache, "INFERENCE_ENGINE": "llamacpp", "INFERENCE_METHOD": "target",
+           "NUM_PROMPTS": 1, "GENERATION_LENGTH": 4, "RESULTS_DIR": tmp_path / "r"}
+    assert benchmark(**env).returncode == 0  # writes the cached export
+    export, = cache.glob("gguf-*/model-f32.gguf")
+    export.write_bytes(export.read_bytes()[:50_000])
+    assert_one_line(benchmark(**env), f"TARGET_MODEL's GGUF export {export}: llama.cpp cannot load this GGUF file",
+                    "delete its folder")
 
 
 # ------------------------------------------------------------------------------ prompts longer than the context
