@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     output_dir(cfg.results_dir, f"RESULTS_DIR={cfg.results_dir}")  # before any work
     need_draft = any(C.mode_needs_draft(cfg, e, m) for e, m in pairs)
     models = resolve_models(cfg, need_draft=need_draft)
-    tokenizer = load_tokenizer(models.target)
+    tokenizer = load_tokenizer(models.target, "TARGET_MODEL")
     prompts, stats = load_prompts(cfg, tokenizer)
     requests = build_requests(cfg, prompts, tokenizer)
     if not requests:

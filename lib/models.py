@@ -87,10 +87,11 @@ SAFETENSORS_ONLY = ("SpecLab loads *.safetensors weights only (a .bin file is a 
                     "the folder, e.g. AutoModelForCausalLM.from_pretrained(folder).save_pretrained(out)")
 
 
-def check_model_dir(path: str | Path, what: str, tokenizer: bool = False) -> Path:
+def check_model_dir(path: str | Path, what: str, tokenizer: bool = False, known_type: bool = True) -> Path:
     """A local Hugging Face model folder that loads, or a UsageError naming `what` (e.g. TARGET_MODEL): config.json
     a JSON object, safetensors weights whose headers parse and cover their files, the config's vocab_size equal to
-    the embedding's rows, and (with `tokenizer`) a tokenizer. Reads headers only, so it runs before any mode."""
+    the embedding's rows, (with `tokenizer`) a tokenizer, and (with `known_type`) a model_type transformers knows.
+    Reads headers only, so it runs before any mode."""
     p = Path(path).expanduser()
     label = f"{what}={path}"
     if not p.is_dir():
@@ -107,6 +108,8 @@ def check_model_dir(path: str | Path, what: str, tokenizer: bool = False) -> Pat
                          "the folder's config and weights do not belong together")
     if tokenizer and not any((p / name).is_file() for name in TOKENIZER_FILES):
         raise UsageError(f"{label}: no tokenizer in the folder (expected one of {', '.join(TOKENIZER_FILES)})")
+    if known_type:
+        check_model_type(p, what)
     return p
 
 
@@ -124,6 +127,17 @@ def model_config(folder: Path, label: str) -> dict:
         found = "has no model_type" if isinstance(config, dict) else f"holds a {type(config).__name__}"
         raise UsageError(f"{label}: config.json {found}; expected {accepted}")
     return config
+
+
+def check_model_type(folder: Path, what: str) -> None:
+    """config.json's model_type is one transformers knows (it imports transformers: the check that comes last)."""
+    config = model_config(folder, f"{what}={folder}")
+    if "auto_map" in config:  # a model with its own code is left to transformers
+        return
+    from transformers import CONFIG_MAPPING
+    if config["model_type"] not in CONFIG_MAPPING:
+        raise UsageError(f"{what}={folder}: config.json's model_type {config['model_type']!r} is not one this "
+                         "transformers version knows")
 
 
 def _embedding_rows(weights: list[Path], label: str) -> int | None:
@@ -173,9 +187,15 @@ def check_gguf(path: str | Path, label: str) -> Path:
     return p
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path, what: str = ""):
+    """The folder's tokenizer, or one line naming `what` (e.g. TARGET_MODEL) and the folder."""
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # noqa: BLE001 - transformers and tokenizers raise many types for a broken file
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else exc.__class__.__name__
+        label = f"{what}={path}" if what else str(path)
+        raise UsageError(f"{label}: the tokenizer cannot be loaded ({exc.__class__.__name__}: {reason})") from None
 
 
 def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", device_map=None):
@@ -349,13 +369,17 @@ class ModelPaths:
 
 def resolve_models(cfg, need_draft: bool = True) -> ModelPaths:
     if cfg.target_model:
-        target = check_model_dir(cfg.target_model, "TARGET_MODEL", tokenizer=True)
-        draft = check_model_dir(cfg.drafter_model, "DRAFTER_MODEL") if cfg.drafter_model else None
+        # both folders' own checks first, then the one that imports transformers
+        target = check_model_dir(cfg.target_model, "TARGET_MODEL", tokenizer=True, known_type=False)
+        draft = check_model_dir(cfg.drafter_model, "DRAFTER_MODEL", known_type=False) if cfg.drafter_model else None
         if need_draft and draft is None:
             raise UsageError("DRAFTER_MODEL is empty: with TARGET_MODEL set, speculative modes need a draft "
                              "model folder (or use INFERENCE_METHOD=target)")
         if need_draft:
             check_same_vocab(target, draft)
+        for folder, what in ((target, "TARGET_MODEL"), (draft, "DRAFTER_MODEL")):
+            if folder is not None:
+                check_model_type(folder, what)
         return ModelPaths(target, draft, tiny=False)
     if cfg.drafter_model:
         raise UsageError(f"DRAFTER_MODEL={cfg.drafter_model}: set TARGET_MODEL too (the tiny target's tokenizer "

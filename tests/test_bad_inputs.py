@@ -54,6 +54,10 @@ def _break(folder: Path, how: str):
         weights.unlink()
     elif how == "no tokenizer":
         (folder / "tokenizer.json").unlink()
+    elif how == "broken tokenizer":
+        (folder / "tokenizer.json").write_text('{"model": ')
+    elif how == "unknown model_type":
+        config.write_text(json.dumps({**json.loads(config.read_text()), "model_type": "no_such_model"}))
 
 
 BROKEN = {"config not JSON": "config.json is not valid JSON", "config a list": "config.json holds a list",
@@ -61,7 +65,9 @@ BROKEN = {"config not JSON": "config.json is not valid JSON", "config a list": "
           "truncated weights": "model.safetensors is not a complete safetensors file",
           "5-byte weights": "model.safetensors is not a complete safetensors file",
           "vocab_size not the weights'": "config.json says vocab_size 999 but the weights' embedding has 732",
-          "bin only": "safetensors weights only", "no weights": "no weights in the folder"}
+          "bin only": "safetensors weights only", "no weights": "no weights in the folder",
+          "unknown model_type": "model_type 'no_such_model' is not one this transformers version knows"}
+TARGETS = {"no tokenizer": "no tokenizer in the folder", "broken tokenizer": "the tokenizer cannot be loaded"}
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +75,9 @@ def broken_folders(tiny_models, tmp_path_factory):
     """Copies of the tiny draft and target, each broken one way."""
     root = tmp_path_factory.mktemp("broken")
     out = {}
-    for how in [*BROKEN, "no tokenizer"]:
+    for how in [*BROKEN, *TARGETS]:
         folder = root / how.replace(" ", "_").replace("'", "")
-        shutil.copytree(tiny_models.target if how == "no tokenizer" else tiny_models.draft, folder)
+        shutil.copytree(tiny_models.target if how in TARGETS else tiny_models.draft, folder)
         _break(folder, how)
         out[how] = folder
     return out
@@ -83,9 +89,10 @@ def test_broken_model_folders_are_one_line_before_any_mode(tiny_models, broken_f
         assert_one_line(benchmark(TARGET_MODEL=tiny_models.target, DRAFTER_MODEL=folder, RESULTS_DIR=tmp_path),
                         f"DRAFTER_MODEL={folder}: ", words)
     assert not list(tmp_path.iterdir()), "refused before a run folder was made"
-    folder = broken_folders["no tokenizer"]
-    assert_one_line(benchmark(TARGET_MODEL=folder, DRAFTER_MODEL=tiny_models.draft), f"TARGET_MODEL={folder}",
-                    "no tokenizer")
+    for how, words in TARGETS.items():
+        folder = broken_folders[how]
+        assert_one_line(benchmark(TARGET_MODEL=folder, DRAFTER_MODEL=tiny_models.draft), f"TARGET_MODEL={folder}: ",
+                        words)
     # the same check in every script that takes a model folder
     folder = broken_folders["truncated weights"]
     assert_one_line(run([sys.executable, "run_single_config.py", "--model-path", str(folder), "--draft-model-path",
