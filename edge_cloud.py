@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
 
 from lib.errors import UsageError, exit_on_usage_error
@@ -46,10 +47,10 @@ def parse_args(argv=None):
     for name in ("max_tokens", "num_prompts"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.temperature is not None and args.temperature < 0:
-        p.error("--temperature must be >= 0")
-    if args.network_delay_ms is not None and args.network_delay_ms < 0:
-        p.error("--network-delay-ms must be >= 0")
+    for name in ("temperature", "network_delay_ms"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            p.error(f"--{name.replace('_', '-')}={value}: expected a finite number >= 0")
     return args
 
 

@@ -101,6 +101,7 @@ def check_model_dir(path: str | Path, what: str, tokenizer: bool = False, known_
     if not weights:
         found = "only PyTorch .bin weights" if any(p.glob("*.bin")) or any(p.glob("*.pt")) else "no weights"
         raise UsageError(f"{label}: {found} in the folder; {SAFETENSORS_ONLY}")
+    _check_shards(p, label)
     rows = _embedding_rows(weights, label)
     vocab = config.get("vocab_size")
     if isinstance(vocab, int) and rows is not None and rows != vocab:
@@ -138,6 +139,22 @@ def check_model_type(folder: Path, what: str) -> None:
     if config["model_type"] not in CONFIG_MAPPING:
         raise UsageError(f"{what}={folder}: config.json's model_type {config['model_type']!r} is not one this "
                          "transformers version knows")
+
+
+def _check_shards(folder: Path, label: str) -> None:
+    """A sharded checkpoint's index names files that are all there."""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        shards = set(weight_map.values())
+    except (ValueError, AttributeError, TypeError, RecursionError):
+        raise UsageError(f"{label}: {index.name} is not a safetensors index (a JSON object with a weight_map of "
+                         "tensor name to file)") from None
+    missing = sorted(str(s) for s in shards if not (folder / str(s)).is_file())
+    if missing:
+        raise UsageError(f"{label}: {index.name} names {len(missing)} shard(s) not in the folder, e.g. {missing[0]}")
 
 
 def _embedding_rows(weights: list[Path], label: str) -> int | None:

@@ -52,6 +52,9 @@ def _break(folder: Path, how: str):
         (folder / "pytorch_model.bin").write_bytes(b"\x80\x04junk")
     elif how == "no weights":
         weights.unlink()
+    elif how == "missing shard":
+        index = '{"weight_map": {"lm_head.weight": "model-2.safetensors"}}'
+        (folder / "model.safetensors.index.json").write_text(index)
     elif how == "no tokenizer":
         (folder / "tokenizer.json").unlink()
     elif how == "broken tokenizer":
@@ -66,6 +69,7 @@ BROKEN = {"config not JSON": "config.json is not valid JSON", "config a list": "
           "5-byte weights": "model.safetensors is not a complete safetensors file",
           "vocab_size not the weights'": "config.json says vocab_size 999 but the weights' embedding has 732",
           "bin only": "safetensors weights only", "no weights": "no weights in the folder",
+          "missing shard": "names 1 shard(s) not in the folder, e.g. model-2.safetensors",
           "unknown model_type": "model_type 'no_such_model' is not one this transformers version knows"}
 TARGETS = {"no tokenizer": "no tokenizer in the folder", "broken tokenizer": "the tokenizer cannot be loaded"}
 
