@@ -196,6 +196,9 @@ def test_wrong_values_are_refused_with_the_option_the_user_typed(tmp_path):
         config.write_text(f"edge:\n  server:\n    port: {port}\n")
         assert_one_line(run([sys.executable, "start_edge.py", "--config", str(config)]), "edge.server.port",
                         "from 1 to 65535")
+    config.write_text("communication:\n  cloud_endpoint: http://127.0.0.1:99999\n")
+    assert_one_line(run([sys.executable, "edge_cloud.py", "--prompt", "hi", "--config", str(config)]),
+                    "communication.cloud_endpoint: 'http://127.0.0.1:99999'", "port 1 to 65535")
     assert_one_line(run([sys.executable, "workflow.py", "--config1-iter", "0"]), "--config1-iter=0")
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("matrix:\n  GAMMA_VALUE: [2, 0]\n")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from lib.config_models import Accepts, ConfigModel, choice, validate_model
 from lib.errors import UsageError
@@ -21,6 +21,21 @@ Positive = Annotated[int, Field(ge=1)]
 Amount = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+def _endpoint(url: str) -> str:
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{url!r}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or (port is not None and port < 1):
+        raise ValueError(f"{url!r} is not an http(s)://host:port URL")
+    return url
+
+
+Endpoint = Annotated[str, AfterValidator(_endpoint), Accepts("an http(s)://host:port URL, port 1 to 65535")]
 
 
 class Server(ConfigModel):
@@ -96,8 +111,8 @@ class HttpClient(ConfigModel):
 
 
 class Communication(ConfigModel):
-    edge_endpoint: str
-    cloud_endpoint: str
+    edge_endpoint: Endpoint
+    cloud_endpoint: Endpoint
     auth_token: str
     max_body_bytes: Positive
     network_delay_ms: Amount
