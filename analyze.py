@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
-import json
 import os
 import sys
 from pathlib import Path
@@ -55,7 +54,7 @@ def load_rows(runs: list[Path]) -> list[dict]:
     for run in runs:
         try:
             loaded = run_rows(run)
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:  # not JSON, not UTF-8, ...
             raise UsageError(f"{run}/benchmark_results.json: not a SpecLab result file ({exc.__class__.__name__})") \
                 from None
         for row in loaded:

@@ -166,6 +166,12 @@ def test_unreadable_prompt_and_sharegpt_files_are_one_line(tmp_path):
     assert_one_line(benchmark(SHAREGPT_DIR=array_expected), "sharegpt_gpt4.json: holds a JSON object; expected an "
                     "array of conversations")
     assert_one_line(benchmark(SHAREGPT_DIR=binary), "sharegpt_gpt4.jsonl: not UTF-8 text")
+    for name, data in (("deep", ("[" * 100_000 + "]" * 100_000).encode()), ("binary", b"\xd0\xff\x00")):
+        run_folder = tmp_path / "results" / name
+        run_folder.mkdir(parents=True)
+        (run_folder / "benchmark_results.json").write_bytes(data)
+        assert_one_line(run([sys.executable, "analyze.py", str(run_folder)]),
+                        f"{run_folder / 'benchmark_results.json'}: not a SpecLab result file")
 
 
 # ------------------------------------------------------------------------------- output paths under a file
