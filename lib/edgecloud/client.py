@@ -51,6 +51,18 @@ def check_status(side: str, url: str, resp: httpx.Response) -> None:
         raise RequestRejected(f"{url}: HTTP {resp.status_code}: {error_of(resp)}")
 
 
+def json_of(side: str, url: str, resp: httpx.Response) -> dict:
+    """The JSON object a SpecLab server answers; anything else means the endpoint is not one."""
+    try:
+        data = resp.json()
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise ServerFailed(f"{side} server at {url} answered {resp.status_code} with no JSON object (is the "
+                           f"endpoint a SpecLab {side} server?): {resp.text[:80]!r}")
+    return data
+
+
 @dataclass
 class InferenceResult:
     text: str
@@ -143,7 +155,7 @@ class EdgeCloudHTTPClient:
                 last = f"answered {resp.status_code}: {error_of(resp)}"
                 continue
             check_status(side, url, resp)
-            data = resp.json()
+            data = json_of(side, url, resp)
             compute = data.get("compute_ms", 0.0)
             res.network_latency_ms += max(wall_ms - compute, 0.0)
             if side == "cloud":
@@ -163,7 +175,7 @@ class EdgeCloudHTTPClient:
         except httpx.TransportError as exc:
             raise ServiceUnavailable(f"{side} server at {url} unreachable ({type(exc).__name__}: {exc})") from None
         check_status(side, url, resp)
-        return resp.json()
+        return json_of(side, url, resp)
 
     async def server_stats(self) -> dict:
         """Each server's /stats, or {"error": ...} for one that does not answer (a server down is reported)."""
