@@ -27,7 +27,7 @@ from pydantic import AfterValidator, Field
 from lib import config as C
 from lib.config_models import Accepts, ConfigModel, choice, read_config, shown
 from lib.errors import UsageError, exit_on_usage_error
-from lib.files import write_json
+from lib.files import output_dir, write_json
 from lib.log import get_logger, setup_logging
 from lib.sweep_report import REGRESSION_METRICS, write_report
 
@@ -396,6 +396,7 @@ def main(argv=None) -> int:
             logger.info(f"{combo.id}: " + " ".join(f"{k}={v}" for k, v in combo_env(sweep, combo, {}).items()))
         logger.info(f"results: {night}")
         return EXIT_OK
+    output_dir(out_root, f"--output-root {args.output_root}" if args.output_root else "results/sweeps")
 
     if args.report_only:
         if not (night / "sweep.json").is_file():

@@ -192,6 +192,10 @@ def test_output_paths_under_a_file_are_refused_before_work(tmp_path):
     assert_one_line(run([sys.executable, "analyze.py", str(tmp_path / "runs"), "--csv", str(under / "t.csv")]),
                     f"--csv {under / 't.csv'}")
     assert_one_line(run([sys.executable, "run_mixed_precision.py", "--output", str(under / "r.json")]), "--output=")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("matrix:\n  GAMMA_VALUE: [2]\n")
+    assert_one_line(run([str(ROOT / "run_sweep.sh"), str(sweep), "--output-root", str(under)]),
+                    f"--output-root {under}")
 
 
 # ------------------------------------------------------------------------ values accepted silently, messages
