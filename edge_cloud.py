@@ -57,9 +57,14 @@ def parse_args(argv=None):
 def load(args) -> dict:
     from lib.edgecloud.settings import apply_overrides, load_config
     cfg = load_config(args.config)
-    if args.network_delay_ms is not None:
-        cfg = apply_overrides(cfg, {"communication": {"network_delay_ms": args.network_delay_ms}}, "command line")
-    return cfg
+    given = {("communication", "network_delay_ms"): args.network_delay_ms,  # checked like the file's values
+             ("inference", "max_tokens"): args.max_tokens, ("inference", "temperature"): args.temperature}
+    over, flags = {}, []
+    for (section, key), value in given.items():
+        if value is not None:
+            over.setdefault(section, {})[key] = value
+            flags.append(f"--{key.replace('_', '-')} {value}")
+    return apply_overrides(cfg, over, ", ".join(flags)) if over else cfg
 
 
 def print_result(res, as_json: bool):

@@ -209,6 +209,10 @@ def test_wrong_values_are_refused_with_the_option_the_user_typed(tmp_path):
     config.write_text("communication:\n  cloud_endpoint: http://127.0.0.1:99999\n")
     assert_one_line(run([sys.executable, "edge_cloud.py", "--prompt", "hi", "--config", str(config)]),
                     "communication.cloud_endpoint: 'http://127.0.0.1:99999'", "port 1 to 65535")
+    for setting in ("max_tokens: 99999", "temperature: 50", "seed: -1"):  # the bounds the servers hold the client to
+        config.write_text(f"inference:\n  {setting}\n")
+        assert_one_line(run([sys.executable, "edge_cloud.py", "--prompt", "hi", "--config", str(config)]),
+                        f"inference.{setting.split(':')[0]}: ", "out of range")
     assert_one_line(run([sys.executable, "workflow.py", "--config1-iter", "0"]), "--config1-iter=0")
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("matrix:\n  GAMMA_VALUE: [2, 0]\n")

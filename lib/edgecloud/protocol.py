@@ -9,10 +9,13 @@ from lib.errors import UsageError
 
 MAX_CONTEXT = 8192  # token ids per request
 MAX_DRAFT = 64
+MAX_TOKENS = 4096  # per /v1/generate request
+MAX_TEMPERATURE = 10.0
+MAX_SEED = 2**32 - 1
 TokenId = Annotated[StrictInt, Field(ge=0)]  # strict: true and "5" are not ids
 TokenIds = Annotated[list[TokenId], Field(max_length=MAX_CONTEXT)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
-Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
 def check_vocab(ids, vocab: int, what: str, side: str = "target"):
@@ -36,7 +39,7 @@ class _Strict(BaseModel):
 class DraftRequest(_Strict):
     context_ids: Annotated[TokenIds, Field(min_length=1)]
     max_draft: int = Field(4, ge=0, le=MAX_DRAFT)
-    temperature: float = Field(0.0, ge=0.0, le=10.0)
+    temperature: float = Field(0.0, ge=0.0, le=MAX_TEMPERATURE)
     confidence_threshold: float | None = Field(None, ge=0.0, le=1.0)  # None: no early stop
     use_cache: bool = True
     return_dists: bool = False  # full draft distributions, needed by the cloud's rejection sampling at T > 0
@@ -55,8 +58,8 @@ class DraftResponse(BaseModel):
 
 class GenerateRequest(_Strict):
     context_ids: Annotated[TokenIds, Field(min_length=1)]
-    max_tokens: int = Field(64, ge=1, le=4096)
-    temperature: float = Field(0.0, ge=0.0, le=10.0)
+    max_tokens: int = Field(64, ge=1, le=MAX_TOKENS)
+    temperature: float = Field(0.0, ge=0.0, le=MAX_TEMPERATURE)
     seed: Seed | None = None
 
 
@@ -71,7 +74,7 @@ class VerifyRequest(_Strict):
     draft_ids: Annotated[list[TokenId], Field(max_length=MAX_DRAFT)] = []
     draft_probs: Annotated[list[Probability], Field(max_length=MAX_DRAFT)] = []
     draft_dists: list[list[Probability]] | None = Field(None, max_length=MAX_DRAFT)
-    temperature: float = Field(0.0, ge=0.0, le=10.0)
+    temperature: float = Field(0.0, ge=0.0, le=MAX_TEMPERATURE)
     use_cache: bool = True
 
 

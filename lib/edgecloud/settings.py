@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, Field, field_validator
 
 from lib.config_models import Accepts, ConfigModel, choice, validate_model
+from lib.edgecloud.protocol import MAX_SEED, MAX_TEMPERATURE, MAX_TOKENS
 from lib.errors import UsageError
 from lib.files import ROOT, load_yaml, shipped
 
@@ -16,7 +17,7 @@ DEFAULT_CONFIG = ROOT / "configs" / "edge_cloud.yaml"
 STRATEGIES = ("max_prob", "entropy", "temperature", "top_k_agg", "ensemble")
 MODES = ("collaborative", "edge_only", "cloud_only")
 
-Count = Annotated[int, Field(ge=0)]
+Threads = Annotated[int, Field(ge=0, le=1024)]  # 0 = the library's default
 Positive = Annotated[int, Field(ge=1)]
 Amount = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
@@ -46,8 +47,8 @@ class Server(ConfigModel):
 class EdgeModel(ConfigModel):
     path: str
     hf_path: str
-    context_length: Count
-    n_threads: Count
+    context_length: Annotated[int, Field(ge=0, le=1 << 20)]  # 0 = the model's own
+    n_threads: Threads
 
 
 class Confidence(ConfigModel):
@@ -72,7 +73,7 @@ class Draft(ConfigModel):
 
 class EdgeCache(ConfigModel):
     enabled: bool
-    max_size: Count
+    max_size: Annotated[int, Field(ge=0, le=4096)]
 
 
 class Edge(ConfigModel):
@@ -88,13 +89,13 @@ class CloudModel(ConfigModel):
     engine: Annotated[choice("engine", ("hf", "vllm")),
                       Accepts("hf (PyTorch/transformers), vllm (greedy verification only)")]
     dtype: choice("dtype", ("float32", "float16", "bfloat16"))
-    n_threads: Count
+    n_threads: Threads
 
 
 class CloudCache(ConfigModel):
     enabled: bool
-    block_size: Positive
-    max_blocks: Positive
+    block_size: Annotated[int, Field(ge=1, le=4096)]
+    max_blocks: Annotated[int, Field(ge=1, le=1 << 24)]
 
 
 class Cloud(ConfigModel):
@@ -105,17 +106,17 @@ class Cloud(ConfigModel):
 
 class HttpClient(ConfigModel):
     timeout: Annotated[float, Field(gt=0)]
-    max_retries: Count
-    backoff_s: Amount
-    connection_pool_size: Positive
+    max_retries: Annotated[int, Field(ge=0, le=100)]
+    backoff_s: Annotated[float, Field(ge=0, le=600)]
+    connection_pool_size: Annotated[int, Field(ge=1, le=1024)]
 
 
 class Communication(ConfigModel):
     edge_endpoint: Endpoint
     cloud_endpoint: Endpoint
     auth_token: str
-    max_body_bytes: Positive
-    network_delay_ms: Amount
+    max_body_bytes: Annotated[int, Field(ge=1, le=1 << 30)]
+    network_delay_ms: Annotated[float, Field(ge=0, le=600_000)]
     fallback_to_edge: bool
     http_client: HttpClient
 
@@ -128,9 +129,9 @@ class Features(ConfigModel):
 
 
 class Inference(ConfigModel):
-    max_tokens: Positive
-    temperature: Amount
-    seed: Count
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)]  # what the servers' /v1/generate accepts
+    temperature: Annotated[float, Field(ge=0, le=MAX_TEMPERATURE)]
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)]
     features: Features
 
 
