@@ -118,6 +118,16 @@ class _CaptureModel(ConfigModel):
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
+Count = Annotated[int, Field(ge=0)]
+
+
+class SpecMeta(_CaptureModel):
+    num_drafts: Count = 0
+    draft_tokens: Count = 0
+    accepted_tokens: Count = 0
+    accepted_per_position: list[Count] = []
+
+
 class PromptMeta(_CaptureModel):
     prompt: str
     prompt_ids: list[TokenId]
@@ -128,7 +138,7 @@ class PromptMeta(_CaptureModel):
     accept_lengths: Annotated[list[Annotated[int, Field(ge=1, le=MAX_ACCEPT_LENGTH)]],
                               Accepts(f"a list of whole numbers from 1 to {MAX_ACCEPT_LENGTH} (tokens emitted per "
                                       "verification round, bonus included)")] = []
-    spec: dict[str, Any] = {}
+    spec: SpecMeta = SpecMeta()
     seconds: Annotated[float, Field(ge=0)] = 0.0
 
 
@@ -200,7 +210,8 @@ def _prompt_from(entry: PromptMeta, i: int, tensors: dict, tensor_path: Path) ->
                              "its full_logits; the files do not match")
     return PromptCapture(entry.prompt, entry.prompt_ids, entry.token_ids, arrays["topk_ids"],
                          arrays["topk_logprobs"], arrays.get("topk_logits"), arrays.get("full_logits"),
-                         entry.text, entry.step_round, entry.rounds, entry.accept_lengths, entry.spec, entry.seconds)
+                         entry.text, entry.step_round, entry.rounds, entry.accept_lengths,
+                         entry.spec.model_dump(exclude_unset=True), entry.seconds)
 
 
 # ---------------------------------------------------------------------------------------------- legacy pickle

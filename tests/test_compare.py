@@ -98,6 +98,7 @@ def test_different_prompts_are_refused():
     ("token_ids", "567", "prompts[0].token_ids: found text '567'"),
     ("token_ids", [[5, 6], [7]], "prompts[0].token_ids[0]: found a list [5, 6]"),
     ("seconds", "fast", "prompts[0].seconds"),
+    ("spec", {"num_drafts": "4"}, "prompts[0].spec.num_drafts: found text '4'"),
 ])
 def test_capture_fields_of_the_wrong_type_are_named(tmp_path, field, value, words):
     from lib.capture import save_capture
