@@ -3,7 +3,8 @@
 Both have /health and /stats, an optional bearer token, a request-body size limit, and answer bad input with a
 4xx JSON body {"error": ...}: malformed JSON or wrong fields (strict JSON types, no NaN) 422, token ids outside
 the vocabulary or a context longer than the model's 422, a body over the limit 413, a missing or wrong token 401
-(checked before the body is read), a body that cannot be parsed 400, an unknown path 404.
+(checked before the body is read), a body that cannot be parsed 400, an unknown path 404; a failure of the server
+itself 500 with the same shape.
 """
 from __future__ import annotations
 
@@ -73,6 +74,11 @@ def _base_app(title: str, role: str, auth_token: str, max_body_bytes: int, descr
         if exc.status_code == 400:
             message = "request body could not be parsed as JSON (not JSON, or nested too deeply)"
         return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception):
+        """A failure of the server itself: still the one shape, so the client can say what went wrong."""
+        return JSONResponse({"error": f"{role} server failed: {exc.__class__.__name__}: {exc}"}, status_code=500)
 
     @app.get("/health")
     def health():
