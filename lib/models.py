@@ -83,6 +83,7 @@ class TinyModels:
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+EMBEDDING_WIDTH_KEYS = {"word_embed_proj_dim", "embedding_size"}  # models whose embedding is narrower (OPT, ALBERT)
 SAFETENSORS_ONLY = ("SpecLab loads *.safetensors weights only (a .bin file is a pickle, never unpickled); convert "
                     "the folder, e.g. AutoModelForCausalLM.from_pretrained(folder).save_pretrained(out)")
 
@@ -102,11 +103,13 @@ def check_model_dir(path: str | Path, what: str, tokenizer: bool = False, known_
         found = "only PyTorch .bin weights" if any(p.glob("*.bin")) or any(p.glob("*.pt")) else "no weights"
         raise UsageError(f"{label}: {found} in the folder; {SAFETENSORS_ONLY}")
     _check_shards(p, label)
-    rows = _embedding_rows(weights, label)
-    vocab = config.get("vocab_size")
-    if isinstance(vocab, int) and rows is not None and rows != vocab:
-        raise UsageError(f"{label}: config.json says vocab_size {vocab} but the weights' embedding has {rows} rows; "
-                         "the folder's config and weights do not belong together")
+    shape = _embedding_shape(weights, label)
+    width = shape[1] if shape and len(shape) == 2 and not EMBEDDING_WIDTH_KEYS & set(config) else None
+    for key, size, what_of in (("vocab_size", shape[0] if shape else None, "rows"), ("hidden_size", width, "columns")):
+        value = config.get(key)
+        if isinstance(value, int) and size is not None and size != value:
+            raise UsageError(f"{label}: config.json says {key} {value} but the weights' embedding has {size} "
+                             f"{what_of}; the folder's config and weights do not belong together")
     if tokenizer and not any((p / name).is_file() for name in TOKENIZER_FILES):
         raise UsageError(f"{label}: no tokenizer in the folder (expected one of {', '.join(TOKENIZER_FILES)})")
     if known_type:
@@ -157,22 +160,22 @@ def _check_shards(folder: Path, label: str) -> None:
         raise UsageError(f"{label}: {index.name} names {len(missing)} shard(s) not in the folder, e.g. {missing[0]}")
 
 
-def _embedding_rows(weights: list[Path], label: str) -> int | None:
-    """Parse every safetensors header (a truncated or corrupt file fails here, before any weight is read); the rows
+def _embedding_shape(weights: list[Path], label: str) -> list[int] | None:
+    """Parse every safetensors header (a truncated or corrupt file fails here, before any weight is read); the shape
     of the token embedding if one is found."""
     from safetensors import SafetensorError, safe_open
-    rows = None
+    shape = None
     for file in weights:
         try:
             with safe_open(str(file), "np") as fh:
                 for name in fh.keys():
-                    if rows is None and name.endswith(EMBEDDING_NAMES):
-                        rows = fh.get_slice(name).get_shape()[0]
+                    if shape is None and name.endswith(EMBEDDING_NAMES):
+                        shape = list(fh.get_slice(name).get_shape())
         except (SafetensorError, OSError, ValueError) as exc:
             reason = str(exc).splitlines()[0][:120] if str(exc) else exc.__class__.__name__
             raise UsageError(f"{label}: {file.name} is not a complete safetensors file ({reason}); "
                              "download or save it again") from None
-    return rows
+    return shape
 
 
 def vocab_size_of(folder: Path) -> int | None:
