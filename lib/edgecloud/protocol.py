@@ -10,7 +10,7 @@ from lib.errors import UsageError
 MAX_CONTEXT = 8192  # token ids per request
 MAX_DRAFT = 64
 MAX_TOKENS = 4096  # per /v1/generate request
-MAX_TEMPERATURE = 10.0
+MAX_TEMPERATURE = 10
 MAX_SEED = 2**32 - 1
 TokenId = Annotated[StrictInt, Field(ge=0)]  # strict: true and "5" are not ids
 TokenIds = Annotated[list[TokenId], Field(max_length=MAX_CONTEXT)]
