@@ -134,7 +134,8 @@ def model_config(folder: Path, label: str) -> dict:
 
 
 def check_model_type(folder: Path, what: str) -> None:
-    """config.json's model_type is one transformers knows (it imports transformers: the check that comes last)."""
+    """config.json is one transformers reads: a model_type it knows, fields of the types it expects (it imports
+    transformers: the check that comes last)."""
     config = model_config(folder, f"{what}={folder}")
     if "auto_map" in config:  # a model with its own code is left to transformers
         return
@@ -142,6 +143,12 @@ def check_model_type(folder: Path, what: str) -> None:
     if config["model_type"] not in CONFIG_MAPPING:
         raise UsageError(f"{what}={folder}: config.json's model_type {config['model_type']!r} is not one this "
                          "transformers version knows")
+    try:
+        CONFIG_MAPPING[config["model_type"]].from_dict(config)
+    except Exception as exc:  # noqa: BLE001 - transformers' config classes raise many types for a bad field
+        reason = " ".join(str(exc).split())[:200] or exc.__class__.__name__
+        raise UsageError(f"{what}={folder}: config.json is not a {config['model_type']} config transformers reads "
+                         f"({reason})") from None
 
 
 def _check_shards(folder: Path, label: str) -> None:

@@ -47,6 +47,8 @@ def _break(folder: Path, how: str):
         weights.write_bytes(b"\x00" * 5)
     elif how == "vocab_size not the weights'":
         config.write_text(json.dumps({**json.loads(config.read_text()), "vocab_size": 999}))
+    elif how == "vocab_size as text":
+        config.write_text(json.dumps({**json.loads(config.read_text()), "vocab_size": "732"}))
     elif how == "hidden_size not the weights'":
         config.write_text(json.dumps({**json.loads(config.read_text()), "hidden_size": 96}))
     elif how == "bin only":
@@ -70,6 +72,7 @@ BROKEN = {"config not JSON": "config.json is not valid JSON", "config a list": "
           "truncated weights": "model.safetensors is not a complete safetensors file",
           "5-byte weights": "model.safetensors is not a complete safetensors file",
           "vocab_size not the weights'": "config.json says vocab_size 999 but the weights' embedding has 732",
+          "vocab_size as text": "config.json is not a llama config transformers reads",
           "hidden_size not the weights'": "config.json says hidden_size 96 but the weights' embedding has 64",
           "bin only": "safetensors weights only", "no weights": "no weights in the folder",
           "missing shard": "names 1 shard(s) not in the folder, e.g. model-2.safetensors",
