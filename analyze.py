@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
-import json
 import os
 import sys
 from pathlib import Path
 
 from lib.errors import UsageError, exit_on_usage_error
+from lib.files import output_file
 from lib.log import setup_logging
 from lib.sweep_report import ROW_KEYS, SHORT_KEYS, md_table, run_rows, varying_config
 
@@ -54,7 +54,7 @@ def load_rows(runs: list[Path]) -> list[dict]:
     for run in runs:
         try:
             loaded = run_rows(run)
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:  # not JSON, not UTF-8, ...
             raise UsageError(f"{run}/benchmark_results.json: not a SpecLab result file ({exc.__class__.__name__})") \
                 from None
         for row in loaded:
@@ -81,6 +81,9 @@ def csv_value(value):
 def main(argv=None) -> int:
     setup_logging()
     args = build_parser().parse_args(argv)
+    for flag, path in (("--csv", args.csv), ("--md", args.md)):
+        if path and path != "-":
+            output_file(path, f"{flag} {path}")
     rows = load_rows(find_runs(args.paths))
     if args.csv:
         headers, body = table(rows, ROW_KEYS)

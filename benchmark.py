@@ -245,17 +245,22 @@ def main(argv=None) -> int:
 
 def prepare(cfg, pairs, plan):
     """Models, tokenizer, prompts and requests (plan gets the workload and models); (models, requests)."""
+    from lib.engines import engine_class
+    from lib.engines.base import check_context
     from lib.models import load_tokenizer, resolve_models
     from lib.workload import build_requests, describe_workload, load_prompts
 
     need_draft = any(C.mode_needs_draft(cfg, e, m) for e, m in pairs)
     models = resolve_models(cfg, need_draft=need_draft)
-    tokenizer = load_tokenizer(models.target)
+    tokenizer = load_tokenizer(models.target, "TARGET_MODEL")
     prompts, stats = load_prompts(cfg, tokenizer)
     requests = build_requests(cfg, prompts, tokenizer)
     if not requests:
         raise UsageError(f"AUTO_RATE={cfg.auto_rate:g} x AUTO_DURATION={cfg.auto_duration:g}: no request arrives "
                          "in that window; raise the rate or the duration")
+    for engine_name, method in pairs:  # every mode's context, before the first one runs
+        limit = engine_class(engine_name).context_length(cfg, method, models)
+        check_context(requests, limit, f"{engine_name}:{method}")
     plan["workload"] = describe_workload(cfg, requests, stats)
     plan["models"] = models.describe()
     return models, requests
@@ -266,9 +271,11 @@ def run(cfg, pairs, plan, stop: StopSignals) -> int:
     stopped by SIGINT/SIGTERM/SIGHUP). run.json and the result files say the same."""
     from rich.console import Console
 
+    from lib.files import output_dir
     from lib.gpu_monitor import GPUMonitor
     from lib.results import RunFolder, RunWriter, default_run_id, print_summary
 
+    output_dir(cfg.results_dir, f"RESULTS_DIR={cfg.results_dir}")  # before any work
     folder = RunFolder(cfg, cfg.run_id or default_run_id(cfg))  # refused at once if in use or holding a run
     try:
         console = Console() if sys.stdout.isatty() else Console(width=170)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
-from pathlib import Path
 
 from lib.errors import UsageError, exit_on_usage_error
+from lib.files import output_dir
 from lib.log import setup_logging
 
 
@@ -46,19 +47,24 @@ def parse_args(argv=None):
     for name in ("max_tokens", "num_prompts"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.temperature is not None and args.temperature < 0:
-        p.error("--temperature must be >= 0")
-    if args.network_delay_ms is not None and args.network_delay_ms < 0:
-        p.error("--network-delay-ms must be >= 0")
+    for name in ("temperature", "network_delay_ms"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            p.error(f"--{name.replace('_', '-')}={value}: expected a finite number >= 0")
     return args
 
 
 def load(args) -> dict:
     from lib.edgecloud.settings import apply_overrides, load_config
     cfg = load_config(args.config)
-    if args.network_delay_ms is not None:
-        cfg = apply_overrides(cfg, {"communication": {"network_delay_ms": args.network_delay_ms}}, "command line")
-    return cfg
+    given = {("communication", "network_delay_ms"): args.network_delay_ms,  # checked like the file's values
+             ("inference", "max_tokens"): args.max_tokens, ("inference", "temperature"): args.temperature}
+    over, flags = {}, []
+    for (section, key), value in given.items():
+        if value is not None:
+            over.setdefault(section, {})[key] = value
+            flags.append(f"--{key.replace('_', '-')} {value}")
+    return apply_overrides(cfg, over, ", ".join(flags)) if over else cfg
 
 
 def print_result(res, as_json: bool):
@@ -106,11 +112,8 @@ async def interactive_mode(cfg, args) -> int:
             if not line:
                 continue
             if line == "stats":
-                for side in ("edge", "cloud"):
-                    try:
-                        print(side, json.dumps(await client.get_json(side, "/stats"), indent=2))
-                    except Exception as exc:  # a server down is reported, the session goes on
-                        print(f"{side}: unreachable ({type(exc).__name__})")
+                for side, stats in (await client.server_stats()).items():
+                    print(side, stats.get("error") or json.dumps(stats, indent=2))
                 continue
             if line == "config":
                 print(json.dumps({k: cfg[k] for k in ("edge", "cloud", "communication", "inference")}, indent=2))
@@ -143,7 +146,8 @@ async def ablation_mode(cfg, args) -> int:
     prompts = read_prompts(args.prompts or exp_cfg["prompts_file"], args.num_prompts or exp_cfg["num_prompts"])
     if args.max_tokens:
         cfg = apply_overrides(cfg, {"inference": {"max_tokens": args.max_tokens}}, "command line")
-    out_dir = Path(args.output_dir or exp_cfg["output_dir"])
+    out = args.output_dir or exp_cfg["output_dir"]
+    out_dir = output_dir(out, f"--output-dir={out}" if args.output_dir else f"experiments.output_dir={out}")
     threads = []
     if not args.external_servers:
         from lib.edgecloud.launch import start_in_threads
@@ -152,7 +156,7 @@ async def ablation_mode(cfg, args) -> int:
 
     async def stats():
         async with EdgeCloudHTTPClient(cfg, tokenizer) as c:
-            return {side: await c.get_json(side, "/stats") for side in ("edge", "cloud")}
+            return await c.server_stats()
     try:
         report = await run_ablations(cfg, prompts, tokenizer, out_dir, only, stats)
     finally:
@@ -160,7 +164,10 @@ async def ablation_mode(cfg, args) -> int:
             t.stop()
     Console(width=120).print(table(report))
     print(f"report: {out_dir / 'ablation_report.json'}, plot: {out_dir / 'ablation_report.png'}")
-    return 0
+    down = [s["error"] for s in report["server_stats"].values() if "error" in s]
+    if down:
+        print(f"error: {down[0]} (the report holds the experiments that ran)", file=sys.stderr)
+    return 1 if down else 0
 
 
 def server_mode(cfg) -> int:

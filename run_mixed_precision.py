@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from lib.errors import UsageError, exit_on_usage_error
-from lib.files import read_prompt_file, shipped
+from lib.files import output_dir, output_file, read_prompt_file, shipped
 from lib.log import setup_logging
 
 DEFAULT_CONFIG = "configs/mixed_precision_config.yaml"  # shipped: resolved against the repository
@@ -212,10 +212,16 @@ def run_moe(args) -> dict:
 def main(argv=None) -> int:
     setup_logging()
     args = parse_args(argv)
+    for flag, path in (("--output", args.output), ("--moe-plot", args.moe_plot)):
+        if path:
+            output_file(path, f"{flag}={path}")
+    for flag, path in (("--export", args.export), ("--make-sources", args.make_sources)):
+        if path:
+            output_dir(path, f"{flag}={path}")
     base = None
     if args.base:
         from lib.models import check_model_dir
-        base = check_model_dir(args.base, "--base")
+        base = check_model_dir(args.base, "--base", tokenizer=True)
     if args.make_sources:
         from lib.models import ensure_tiny_models
         report = make_sources(args, base or ensure_tiny_models().target)

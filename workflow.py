@@ -17,7 +17,7 @@ from lib.capture import capture_stem, save_capture
 from lib.capture_runs import RUNNERS
 from lib.comparison_config import DRAFT_TYPES, ComparisonConfig
 from lib.errors import exit_on_usage_error
-from lib.files import path_component, shipped, write_json
+from lib.files import output_dir, path_component, shipped, write_json
 from lib.log import setup_logging
 
 
@@ -57,10 +57,10 @@ def configs_from_args(args) -> tuple[ComparisonConfig, ComparisonConfig]:
                             capture_topk=args.capture_topk,
                             memory_limit=args.memory_limit, chunk_length=args.chunk_length,
                             cuda_graph=args.cuda_graph, verbose=args.verbose, save_results=True)
-    one = replace(base, spec_num_iter=args.config1_iter, spec_tree_size=args.config1_tree_size,
-                  config_name="config1").validate()
-    two = replace(base, spec_num_iter=args.config2_iter, spec_tree_size=args.config2_tree_size,
-                  config_name="config2").validate()
+    one, two = (replace(base, spec_num_iter=getattr(args, f"config{n}_iter"),
+                        spec_tree_size=getattr(args, f"config{n}_tree_size"), config_name=f"config{n}")
+                .validate({"spec_num_iter": f"--config{n}-iter", "spec_tree_size": f"--config{n}-tree-size"})
+                for n in (1, 2))
     return one, two
 
 
@@ -69,8 +69,8 @@ def run_workflow(args) -> Path:
     if args.run_id:
         path_component(args.run_id, f"--run-id={args.run_id!r}")
     cfg1, cfg2 = configs_from_args(args)
-    out = Path(args.results_dir) / (args.run_id or time.strftime("logits_comparison_%Y%m%d-%H%M%S"))
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(Path(args.results_dir) / (args.run_id or time.strftime("logits_comparison_%Y%m%d-%H%M%S")),
+                     f"--results-dir={args.results_dir}" + (f" --run-id={args.run_id}" if args.run_id else ""))
     files = []
     for engine, cfg in ((args.engine1, cfg1), (args.engine2, cfg2)):
         print(f"== {engine} {cfg.name}: spec_num_iter {cfg.spec_num_iter}, spec_tree_size {cfg.spec_tree_size}, "

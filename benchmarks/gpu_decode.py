@@ -40,7 +40,8 @@ from lib.decoding.fast_path import (  # noqa: E402
     static_speculative_generate,
     weights_from_hf,
 )
-from lib.files import write_json  # noqa: E402
+from lib.errors import exit_on_usage_error  # noqa: E402
+from lib.files import output_file, write_json  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -342,8 +343,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@exit_on_usage_error
 def main(argv=None):
     args = parse_args(argv)
+    if args.out:
+        output_file(args.out, f"--out {args.out}")  # before minutes of GPU work
     if args.repeat > 1:
         return repeat(args, sys.argv[1:] if argv is None else list(argv))
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")

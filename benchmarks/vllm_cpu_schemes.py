@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib.files import write_json  # noqa: E402
+from lib.errors import exit_on_usage_error  # noqa: E402
+from lib.files import output_file, write_json  # noqa: E402
 from lib.quant.vllm_run import MIXED_W8A8_CONFIG, cpu_has_amx, run_vllm_greedy  # noqa: E402
 
 PROMPT = [5, 6, 7, 8, 9, 10]
@@ -86,12 +87,15 @@ def cell(entry: dict) -> str:
     return "loads; output identical" if same else f"loads; {entry['tokens_equal']}/{entry['of']} tokens equal"
 
 
+@exit_on_usage_error
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=("float32", "bfloat16", "float16"))
     p.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     p.add_argument("--json", default="", help="also write the rows as JSON here")
     args = p.parse_args(argv)
+    if args.json:
+        output_file(args.json, f"--json {args.json}")  # before the measurements
     kind = "AMX" if cpu_has_amx() else "no AMX"
     print(f"CPU kind: {kind}", flush=True)
     with tempfile.TemporaryDirectory(prefix="speclab-schemes-") as tmp:

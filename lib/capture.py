@@ -17,11 +17,14 @@ import json
 import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import ConfigDict, Field
 
+from lib.config_models import Accepts, ConfigModel, validate_model
 from lib.errors import UsageError
-from lib.files import write_json
+from lib.files import output_dir, write_json
 from lib.types import SpecCounters
 
 SCHEMA = "speclab.capture/1"
@@ -82,8 +85,7 @@ def capture_stem(engine: str, config_name: str) -> str:
 def save_capture(capture: Capture, out_dir: str | Path, stem: str | None = None) -> Path:
     """Write <stem>.safetensors and <stem>.json (the JSON last, so a present JSON means a complete capture)."""
     from safetensors.numpy import save_file
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(out_dir, f"capture folder {out_dir}")
     stem = stem or capture_stem(capture.engine, capture.config_name)
     tensors, prompts = {}, []
     for i, p in enumerate(capture.prompts):
@@ -106,6 +108,50 @@ def save_capture(capture: Capture, out_dir: str | Path, stem: str | None = None)
 
 # ---------------------------------------------------------------------------------------------- reading
 
+MAX_ACCEPT_LENGTH = 1025  # a round emits at most the tree's nodes (spec_tree_size <= 1024) + the bonus token
+TokenId = Annotated[int, Field(ge=0)]
+
+
+class _CaptureModel(ConfigModel):
+    """The JSON half of a capture, as save_capture writes it: strict types, so a field of the wrong type is one line
+    naming it. Keys added by a later version are ignored (captures are data, not configs)."""
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+Count = Annotated[int, Field(ge=0)]
+
+
+class SpecMeta(_CaptureModel):
+    num_drafts: Count = 0
+    draft_tokens: Count = 0
+    accepted_tokens: Count = 0
+    accepted_per_position: list[Count] = []
+
+
+class PromptMeta(_CaptureModel):
+    prompt: str
+    prompt_ids: list[TokenId]
+    token_ids: list[TokenId]
+    text: str = ""
+    step_round: list[Annotated[int, Field(ge=0)]] = []
+    rounds: list[dict[str, Any]] = []
+    accept_lengths: Annotated[list[Annotated[int, Field(ge=1, le=MAX_ACCEPT_LENGTH)]],
+                              Accepts(f"a list of whole numbers from 1 to {MAX_ACCEPT_LENGTH} (tokens emitted per "
+                                      "verification round, bonus included)")] = []
+    spec: SpecMeta = SpecMeta()
+    seconds: Annotated[float, Field(ge=0)] = 0.0
+
+
+class CaptureMeta(_CaptureModel):
+    schema_: Literal[SCHEMA] = Field(alias="schema")
+    engine: str
+    config_name: str
+    config: dict[str, Any] = {}
+    models: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    tensors: str = ""
+    prompts: list[PromptMeta]
+
 def load_capture(path: str | Path) -> Capture:
     """Read a capture from its .json, its .safetensors, its stem, or a legacy .pkl; bad input -> UsageError."""
     p = Path(path)
@@ -117,22 +163,17 @@ def load_capture(path: str | Path) -> Capture:
     if not json_path.is_file():
         raise UsageError(f"capture {path}: no such file (expected <stem>.json + <stem>.safetensors or a .pkl)")
     try:
-        meta = json.loads(json_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise UsageError(f"capture {json_path}: not valid JSON ({exc.__class__.__name__}: {exc})") from None
-    if not isinstance(meta, dict) or meta.get("schema") != SCHEMA:
-        raise UsageError(f"capture {json_path}: schema {meta.get('schema') if isinstance(meta, dict) else None!r}, "
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise UsageError(f"capture {json_path}: schema {data.get('schema') if isinstance(data, dict) else None!r}, "
                          f"expected {SCHEMA!r}")
-    tensor_path = json_path.parent / str(meta.get("tensors", json_path.stem + ".safetensors"))
+    meta = validate_model(CaptureMeta, data, f"capture {json_path}")
+    tensor_path = json_path.parent / (meta.tensors or json_path.stem + ".safetensors")
     tensors = _read_tensors(tensor_path)
-    prompts = []
-    try:
-        for i, entry in enumerate(meta["prompts"]):
-            prompts.append(_prompt_from(entry, i, tensors, tensor_path))
-        return Capture(meta["engine"], meta["config_name"], meta.get("config", {}), meta.get("models", {}),
-                       prompts, meta.get("extra", {}), str(json_path))
-    except (KeyError, TypeError) as exc:
-        raise UsageError(f"capture {json_path}: missing or malformed field {exc}") from None
+    prompts = [_prompt_from(entry, i, tensors, tensor_path) for i, entry in enumerate(meta.prompts)]
+    return Capture(meta.engine, meta.config_name, meta.config, meta.models, prompts, meta.extra, str(json_path))
 
 
 def _read_tensors(path: Path) -> dict:
@@ -145,8 +186,8 @@ def _read_tensors(path: Path) -> dict:
         raise UsageError(f"capture {path}: unreadable safetensors file (truncated or corrupt: {exc})") from None
 
 
-def _prompt_from(entry: dict, i: int, tensors: dict, tensor_path: Path) -> PromptCapture:
-    n = len(entry["token_ids"])
+def _prompt_from(entry: PromptMeta, i: int, tensors: dict, tensor_path: Path) -> PromptCapture:
+    n = len(entry.token_ids)
     arrays = {}
     for name in ("topk_ids", "topk_logprobs", "topk_logits", "full_logits"):
         key = f"{i}.{name}"
@@ -161,10 +202,16 @@ def _prompt_from(entry: dict, i: int, tensors: dict, tensor_path: Path) -> Promp
         arrays[name] = array
     if arrays["topk_ids"].shape != arrays["topk_logprobs"].shape:
         raise UsageError(f"capture {tensor_path}: prompt {i}: topk_ids and topk_logprobs differ in shape")
-    return PromptCapture(entry["prompt"], entry["prompt_ids"], entry["token_ids"], arrays["topk_ids"],
+    if "full_logits" in arrays:
+        vocab = arrays["full_logits"].shape[1]
+        bad = next((t for t in [*entry.token_ids, *arrays["topk_ids"].ravel().tolist()] if t >= vocab), None)
+        if bad is not None:
+            raise UsageError(f"capture {tensor_path}: prompt {i}: token id {bad} is outside the {vocab} columns of "
+                             "its full_logits; the files do not match")
+    return PromptCapture(entry.prompt, entry.prompt_ids, entry.token_ids, arrays["topk_ids"],
                          arrays["topk_logprobs"], arrays.get("topk_logits"), arrays.get("full_logits"),
-                         entry.get("text", ""), entry.get("step_round", []), entry.get("rounds", []),
-                         entry.get("accept_lengths", []), entry.get("spec", {}), entry.get("seconds", 0.0))
+                         entry.text, entry.step_round, entry.rounds, entry.accept_lengths,
+                         entry.spec.model_dump(exclude_unset=True), entry.seconds)
 
 
 # ---------------------------------------------------------------------------------------------- legacy pickle

@@ -66,11 +66,14 @@ class ComparisonConfig:
     def to_dict(self) -> dict:
         return {**asdict(self), "topk_per_iter": self.get_topk_per_iter(), "name": self.name}
 
-    def validate(self) -> ComparisonConfig:
+    def validate(self, flags: dict[str, str] | None = None) -> ComparisonConfig:
+        """`flags` names the option a setting came from where it is not --<setting> (workflow.py's --config1-iter)."""
+        flags = flags or {}
         for name, (low, high) in INT_LIMITS.items():
             value = getattr(self, name)
             if not low <= value <= high:
-                raise UsageError(f"--{name.replace('_', '-')}={value}: expected an integer from {low} to {high}")
+                flag = flags.get(name, f"--{name.replace('_', '-')}")
+                raise UsageError(f"{flag}={value}: expected an integer from {low} to {high}")
         if not 0 < self.memory_limit <= 1:
             raise UsageError(f"--memory-limit={self.memory_limit}: expected a fraction in (0, 1]")
         if self.config_name:  # names the capture files
@@ -164,13 +167,15 @@ def read_prompts(cfg: ComparisonConfig) -> list[str]:
 
 def resolve_comparison_models(cfg: ComparisonConfig) -> tuple[Path, Path]:
     """(target folder, draft folder): the tiny local ones unless --model-path / --draft-model-path say."""
-    from lib.models import check_model_dir, ensure_tiny_models
+    from lib.models import check_model_dir, check_same_vocab, ensure_tiny_models
     if cfg.model_path:
-        target = check_model_dir(cfg.model_path, "--model-path")
+        target = check_model_dir(cfg.model_path, "--model-path", tokenizer=True)
         if not cfg.draft_model_path:
             raise UsageError("--draft-model-path is empty: with --model-path set, give an EAGLE head or draft "
                              "model folder made for that target")
-        return target, check_model_dir(cfg.draft_model_path, "--draft-model-path")
+        draft = check_model_dir(cfg.draft_model_path, "--draft-model-path")
+        check_same_vocab(target, draft, "--draft-model-path")
+        return target, draft
     if cfg.draft_model_path:
         raise UsageError(f"--draft-model-path={cfg.draft_model_path}: set --model-path too (the tiny target only "
                          "fits the tiny drafts)")

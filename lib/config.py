@@ -306,8 +306,10 @@ def add_arguments(parser: argparse.ArgumentParser, vars_: list[Var] = VARS):
                            help=f"{var.help} [env {var.name}; {var.accepted()}; default: {shown!s}]")
 
 
-def resolve(args: argparse.Namespace | None = None, environ: dict | None = None) -> Config:
-    """Defaults < environment < CLI; then cross-variable checks."""
+def resolve(args: argparse.Namespace | None = None, environ: dict | None = None,
+            env_source: str = "from the environment") -> Config:
+    """Defaults < environment < CLI; then cross-variable checks. `env_source` says where `environ`'s values come
+    from, in errors (a sweep names its file and combination)."""
     environ = os.environ if environ is None else environ
     values, sources = {}, {}
     for var in VARS:
@@ -315,7 +317,7 @@ def resolve(args: argparse.Namespace | None = None, environ: dict | None = None)
         if cli is not None:
             values[var.name], sources[var.name] = var.parse(cli, f"from {var.flag}"), "cli"
         elif environ.get(var.name, "").strip() != "":
-            values[var.name], sources[var.name] = var.parse(environ[var.name], "from the environment"), "env"
+            values[var.name], sources[var.name] = var.parse(environ[var.name], env_source), "env"
         else:
             default = str(shipped(var.default)) if var.shipped else var.default
             values[var.name], sources[var.name] = default, "default"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lib import files
 from lib.config import counted
 from lib.errors import UsageError
 
@@ -38,26 +39,40 @@ class LoadStats:
 
 
 MALFORMED = object()  # an entry that is not JSON
+JSON_NAMES = {dict: "object", str: "string", int: "number", float: "number", bool: "boolean"}
+JSON_ACCEPTED = "UTF-8 JSON: one object per line (.jsonl) or one array of them (.json)"
 
 
-def json_entries(path: Path):
+def json_entries(path: Path, label: str, array_of: str = "objects"):
     """The entries of a .jsonl file (one JSON value per line; MALFORMED for a line that is not JSON) or a .json
-    file (one array; MALFORMED for the whole file when it is not a JSON array)."""
-    text = path.read_text(encoding="utf-8", errors="replace")
+    file (one array; MALFORMED for the whole file when it is not JSON). A file that is not UTF-8, JSON nested too
+    deeply, or a .json holding something other than an array is one UsageError naming the file (label)."""
+    text = files.read_text(path, label, JSON_ACCEPTED, files.MAX_PROMPT_FILE_BYTES)
     if path.suffix == ".json" or text.lstrip().startswith("["):
         try:
-            data = json.loads(text)
+            data = _json(text, label)
         except json.JSONDecodeError:
-            data = None
-        yield from (data if isinstance(data, list) else [MALFORMED])
+            yield MALFORMED
+            return
+        if not isinstance(data, list):
+            found = JSON_NAMES.get(type(data), type(data).__name__)
+            raise UsageError(f"{label}: holds a JSON {found}; expected an array of {array_of}")
+        yield from data
         return
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            yield json.loads(line)
+            yield _json(line, f"{label}, line {number}")
         except json.JSONDecodeError:
             yield MALFORMED
+
+
+def _json(text: str, label: str):
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise UsageError(f"{label}: JSON nested too deeply; expected {JSON_ACCEPTED}") from None
 
 
 def decode_to_length(tokenizer, ids: list[int], target: int, draw_ints) -> tuple[str, list[int]]:
@@ -167,7 +182,7 @@ def load_file(kind: str, path: str) -> tuple[list[Prompt], LoadStats]:
     if not p.is_file():
         raise UsageError(f"DATASET_PATH={path}: no such file (DATASET={kind} reads one JSONL file of {expected})")
     stats, prompts = LoadStats(kind, [p.name]), []
-    for entry in json_entries(p):
+    for entry in json_entries(p, f"DATASET_PATH={path}"):
         stats.entries += 1
         prompt = None if entry is MALFORMED else parse(entry)
         if prompt is None:

@@ -196,3 +196,13 @@ def output_dir(path: str | Path, label: str) -> Path:
     if not os.access(p, os.W_OK):
         raise UsageError(f"{label}: the folder is not writable; expected a writable folder")
     return p
+
+
+def output_file(path: str | Path, label: str) -> Path:
+    """A file results will be written to, checked before any work: its folder created (output_dir's checks) and
+    the path itself not a folder; or one line naming `label` (e.g. '--csv x.csv')."""
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{label}: is a folder; expected the path of a file to write")
+    output_dir(p.parent, label)
+    return p

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lib.errors import EngineUnavailable, UsageError
 from lib.log import get_logger
-from lib.models import cached_build, check_model_dir
+from lib.models import cache_root, cached_build, check_gguf, check_model_dir
 
 logger = get_logger(__name__)
 
@@ -30,9 +30,13 @@ def folder_hash(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def ensure_gguf(model_dir: str | Path) -> Path:
-    """The GGUF file of this HF folder, written once and cached (cache_root()/gguf-<hash>/model-f32.gguf)."""
-    folder = check_model_dir(model_dir, "model folder")
+def ensure_gguf(model_dir: str | Path, what: str = "model folder") -> Path:
+    """The GGUF file of this HF folder, written once and cached (cache_root()/gguf-<hash>/model-f32.gguf). `what`
+    names the input in errors (e.g. DRAFTER_MODEL)."""
+    folder = check_model_dir(model_dir, what, tokenizer=True)
+    if not (folder / "tokenizer.json").is_file():
+        raise UsageError(f"{what}={model_dir}: no tokenizer.json; this exporter reads a byte-level BPE "
+                         "tokenizer.json (use llama.cpp's convert_hf_to_gguf.py for this model)")
     root = cached_build("gguf", folder_hash(folder), lambda out: write_gguf(folder, out / GGUF_NAME))
     return root / GGUF_NAME
 
@@ -60,6 +64,14 @@ def _tokenizer_fields(folder: Path):
     return tokens, types, merges
 
 
+class _LlamaWeights(dict):
+    """A missing tensor is a folder this exporter cannot write, said in one line (not a KeyError)."""
+
+    def __missing__(self, name):
+        raise UsageError(f"model folder {self.folder}: no tensor {name}; this exporter writes Llama checkpoints "
+                         "with Hugging Face's tensor names only")
+
+
 def write_gguf(folder: Path, out: Path):
     import gguf
     import numpy as np
@@ -68,7 +80,8 @@ def write_gguf(folder: Path, out: Path):
     config = json.loads((folder / "config.json").read_text())
     if config.get("model_type") != "llama":
         raise UsageError(f"{folder}: model_type {config.get('model_type')!r}; this exporter writes Llama only")
-    weights = {}
+    weights = _LlamaWeights()
+    weights.folder = folder
     for file in sorted(folder.glob("*.safetensors")):
         weights.update(load_file(str(file)))
     n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
@@ -127,7 +140,8 @@ def write_gguf(folder: Path, out: Path):
     writer.close()
 
 
-def load_llama(gguf_path: str | Path, n_ctx: int = 2048, n_threads: int = 1, logits_all: bool = True, **kwargs):
+def load_llama(gguf_path: str | Path, n_ctx: int = 2048, n_threads: int = 1, logits_all: bool = True,
+               label: str = "", **kwargs):
     """A llama_cpp.Llama over the file with an f32 KV cache (its logits then match transformers to ~1e-5)."""
     try:
         import llama_cpp
@@ -135,9 +149,11 @@ def load_llama(gguf_path: str | Path, n_ctx: int = 2048, n_threads: int = 1, log
         raise EngineUnavailable("llama-cpp-python is not installed: scripts/ensure_env.sh edge (builds it from "
                                 "source the first time, 7-9 min; export CMAKE_ARGS=-DGGML_NATIVE=OFF for a "
                                 "portable build)") from None
-    path = Path(gguf_path)
-    if not path.is_file():
-        raise UsageError(f"{gguf_path}: no such GGUF file")
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                           logits_all=logits_all, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
-                           verbose=False, **kwargs)
+    path = check_gguf(gguf_path, label or str(gguf_path))
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                               logits_all=logits_all, type_k=llama_cpp.GGML_TYPE_F32,
+                               type_v=llama_cpp.GGML_TYPE_F32, verbose=False, **kwargs)
+    except ValueError as exc:  # llama.cpp's one word on a file it cannot load: "Failed to load model from file"
+        cached = " (a cached export: delete its folder to write it again)" if path.is_relative_to(cache_root()) else ""
+        raise UsageError(f"{label or gguf_path}: llama.cpp cannot load this GGUF file ({exc}){cached}") from None

@@ -18,7 +18,7 @@ import numpy as np
 
 from lib.capture import Capture
 from lib.errors import UsageError
-from lib.files import write_json
+from lib.files import output_dir, write_json
 
 RESULT_SCHEMA = "speclab.logits_comparison/1"
 
@@ -139,10 +139,22 @@ def _aggregate(steps: list[StepStats]) -> dict:
             "rank_b_in_a_top1_rate": _mean([float(s.rank_b_in_a == 0) for s in steps])}
 
 
+def full_vocab(capture: Capture) -> int | None:
+    """The width of the capture's full logits (its vocabulary), None without them."""
+    widths = {p.full_logits.shape[1] for p in capture.prompts if p.full_logits is not None}
+    if len(widths) > 1:
+        raise UsageError(f"capture {capture.source}: full logits of different widths {sorted(widths)} across prompts")
+    return widths.pop() if widths else None
+
+
 def compare_captures(a: Capture, b: Capture) -> dict:
     if len(a.prompts) != len(b.prompts):
         raise UsageError(f"captures {a.source} and {b.source} hold {len(a.prompts)} and {len(b.prompts)} prompts; "
                          "compare runs over the same prompt file")
+    vocab_a, vocab_b = full_vocab(a), full_vocab(b)
+    if vocab_a and vocab_b and vocab_a != vocab_b:
+        raise UsageError(f"captures {a.source} and {b.source}: full logits over {vocab_a} and {vocab_b} tokens; the "
+                         "captures come from models of different vocabularies (compare captures of one model)")
     prompts = [compare_prompts(i, pa, pb) for i, (pa, pb) in enumerate(zip(a.prompts, b.prompts))]
     every = [s for p in prompts for s in p.steps]
     aligned = [s for p in prompts for s in p.steps
@@ -175,8 +187,7 @@ def _json_safe(value):
 
 
 def write_results(results: dict, out_dir: str | Path) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(out_dir, f"--output-dir={out_dir}")
     path = out / "detailed_logits_comparison_results.json"
     write_json(path, _json_safe(results))
     return path

@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lib import files
 from lib.errors import UsageError
 from lib.log import get_logger
 
@@ -80,22 +81,148 @@ class TinyModels:
 
 # ---------------------------------------------------------------------------------------------- loading
 
-def check_model_dir(path: str | Path, what: str) -> Path:
-    """A local Hugging Face model folder, or a UsageError naming `what` (e.g. TARGET_MODEL)."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+EMBEDDING_WIDTH_KEYS = {"word_embed_proj_dim", "embedding_size"}  # models whose embedding is narrower (OPT, ALBERT)
+SAFETENSORS_ONLY = ("SpecLab loads *.safetensors weights only (a .bin file is a pickle, never unpickled); convert "
+                    "the folder, e.g. AutoModelForCausalLM.from_pretrained(folder).save_pretrained(out)")
+
+
+def check_model_dir(path: str | Path, what: str, tokenizer: bool = False, known_type: bool = True) -> Path:
+    """A local Hugging Face model folder that loads, or a UsageError naming `what` (e.g. TARGET_MODEL): config.json
+    a JSON object, safetensors weights whose headers parse and cover their files, the config's vocab_size equal to
+    the embedding's rows, (with `tokenizer`) a tokenizer, and (with `known_type`) a model_type transformers knows.
+    Reads headers only, so it runs before any mode."""
     p = Path(path).expanduser()
+    label = f"{what}={path}"
     if not p.is_dir():
-        raise UsageError(f"{what}={path}: no such folder (expected a local Hugging Face model folder)")
-    if not (p / "config.json").is_file():
-        raise UsageError(f"{what}={path}: not a Hugging Face model folder (no config.json)")
-    weights = list(p.glob("*.safetensors")) + list(p.glob("*.bin"))
+        raise UsageError(f"{label}: no such folder (expected a local Hugging Face model folder)")
+    config = model_config(p, label)
+    weights = sorted(p.glob("*.safetensors"))
     if not weights:
-        raise UsageError(f"{what}={path}: no weights (*.safetensors or *.bin) in the folder")
+        found = "only PyTorch .bin weights" if any(p.glob("*.bin")) or any(p.glob("*.pt")) else "no weights"
+        raise UsageError(f"{label}: {found} in the folder; {SAFETENSORS_ONLY}")
+    _check_shards(p, label)
+    shape = _embedding_shape(weights, label)
+    width = shape[1] if shape and len(shape) == 2 and not EMBEDDING_WIDTH_KEYS & set(config) else None
+    for key, size, what_of in (("vocab_size", shape[0] if shape else None, "rows"), ("hidden_size", width, "columns")):
+        value = config.get(key)
+        if isinstance(value, int) and size is not None and size != value:
+            raise UsageError(f"{label}: config.json says {key} {value} but the weights' embedding has {size} "
+                             f"{what_of}; the folder's config and weights do not belong together")
+    if tokenizer and not any((p / name).is_file() for name in TOKENIZER_FILES):
+        raise UsageError(f"{label}: no tokenizer in the folder (expected one of {', '.join(TOKENIZER_FILES)})")
+    if known_type:
+        check_model_type(p, what)
     return p
 
 
-def load_tokenizer(path: str | Path):
+def model_config(folder: Path, label: str) -> dict:
+    """config.json of a model folder as a dict, or one line naming `label`."""
+    accepted = "a JSON object with model_type (a Hugging Face config)"
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"{label}: not a Hugging Face model folder (no config.json)")
+    text = files.read_text(folder / "config.json", f"{label}: config.json", accepted)
+    try:
+        config = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise UsageError(f"{label}: config.json is not valid JSON ({str(exc)[:80]}); expected {accepted}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        found = "has no model_type" if isinstance(config, dict) else f"holds a {type(config).__name__}"
+        raise UsageError(f"{label}: config.json {found}; expected {accepted}")
+    return config
+
+
+def check_model_type(folder: Path, what: str) -> None:
+    """config.json is one transformers reads: a model_type it knows, fields of the types it expects (it imports
+    transformers: the check that comes last)."""
+    config = model_config(folder, f"{what}={folder}")
+    if "auto_map" in config:  # a model with its own code is left to transformers
+        return
+    from transformers import CONFIG_MAPPING
+    if config["model_type"] not in CONFIG_MAPPING:
+        raise UsageError(f"{what}={folder}: config.json's model_type {config['model_type']!r} is not one this "
+                         "transformers version knows")
+    try:
+        CONFIG_MAPPING[config["model_type"]].from_dict(config)
+    except Exception as exc:  # noqa: BLE001 - transformers' config classes raise many types for a bad field
+        reason = " ".join(str(exc).split())[:200] or exc.__class__.__name__
+        raise UsageError(f"{what}={folder}: config.json is not a {config['model_type']} config transformers reads "
+                         f"({reason})") from None
+
+
+def _check_shards(folder: Path, label: str) -> None:
+    """A sharded checkpoint's index names files that are all there."""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        shards = set(weight_map.values())
+    except (ValueError, AttributeError, TypeError, RecursionError):
+        raise UsageError(f"{label}: {index.name} is not a safetensors index (a JSON object with a weight_map of "
+                         "tensor name to file)") from None
+    missing = sorted(str(s) for s in shards if not (folder / str(s)).is_file())
+    if missing:
+        raise UsageError(f"{label}: {index.name} names {len(missing)} shard(s) not in the folder, e.g. {missing[0]}")
+
+
+def _embedding_shape(weights: list[Path], label: str) -> list[int] | None:
+    """Parse every safetensors header (a truncated or corrupt file fails here, before any weight is read); the shape
+    of the token embedding if one is found."""
+    from safetensors import SafetensorError, safe_open
+    shape = None
+    for file in weights:
+        try:
+            with safe_open(str(file), "np") as fh:
+                for name in fh.keys():
+                    if shape is None and name.endswith(EMBEDDING_NAMES):
+                        shape = list(fh.get_slice(name).get_shape())
+        except (SafetensorError, OSError, ValueError) as exc:
+            reason = str(exc).splitlines()[0][:120] if str(exc) else exc.__class__.__name__
+            raise UsageError(f"{label}: {file.name} is not a complete safetensors file ({reason}); "
+                             "download or save it again") from None
+    return shape
+
+
+def vocab_size_of(folder: Path) -> int | None:
+    vocab = model_config(folder, str(folder)).get("vocab_size")
+    return vocab if isinstance(vocab, int) else None
+
+
+def check_same_vocab(target: Path, draft: Path, what: str = "DRAFTER_MODEL") -> None:
+    """The draft proposes ids of the target's tokenizer: both vocabularies must have one size."""
+    t, d = vocab_size_of(target), vocab_size_of(draft)
+    if t is not None and d is not None and t != d:
+        raise UsageError(f"{what}={draft}: vocabulary size {d} differs from the target's {t}; the draft must share "
+                         "the target's tokenizer")
+
+
+def check_gguf(path: str | Path, label: str) -> Path:
+    """A file that starts with GGUF's magic, or one line naming `label`."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UsageError(f"{label}: no such GGUF file")
+    try:
+        with open(p, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise UsageError(f"{label}: cannot be read ({exc.strerror}); expected a GGUF file") from None
+    if magic != b"GGUF":
+        raise UsageError(f"{label}: not a GGUF file (it does not start with GGUF's magic); expected a llama.cpp "
+                         "GGUF model file")
+    return p
+
+
+def load_tokenizer(path: str | Path, what: str = ""):
+    """The folder's tokenizer, or one line naming `what` (e.g. TARGET_MODEL) and the folder."""
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # noqa: BLE001 - transformers and tokenizers raise many types for a broken file
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else exc.__class__.__name__
+        label = f"{what}={path}" if what else str(path)
+        raise UsageError(f"{label}: the tokenizer cannot be loaded ({exc.__class__.__name__}: {reason})") from None
 
 
 def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", device_map=None):
@@ -269,11 +396,17 @@ class ModelPaths:
 
 def resolve_models(cfg, need_draft: bool = True) -> ModelPaths:
     if cfg.target_model:
-        target = check_model_dir(cfg.target_model, "TARGET_MODEL")
-        draft = check_model_dir(cfg.drafter_model, "DRAFTER_MODEL") if cfg.drafter_model else None
+        # both folders' own checks first, then the one that imports transformers
+        target = check_model_dir(cfg.target_model, "TARGET_MODEL", tokenizer=True, known_type=False)
+        draft = check_model_dir(cfg.drafter_model, "DRAFTER_MODEL", known_type=False) if cfg.drafter_model else None
         if need_draft and draft is None:
             raise UsageError("DRAFTER_MODEL is empty: with TARGET_MODEL set, speculative modes need a draft "
                              "model folder (or use INFERENCE_METHOD=target)")
+        if need_draft:
+            check_same_vocab(target, draft)
+        for folder, what in ((target, "TARGET_MODEL"), (draft, "DRAFTER_MODEL")):
+            if folder is not None:
+                check_model_type(folder, what)
         return ModelPaths(target, draft, tiny=False)
     if cfg.drafter_model:
         raise UsageError(f"DRAFTER_MODEL={cfg.drafter_model}: set TARGET_MODEL too (the tiny target's tokenizer "

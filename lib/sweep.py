@@ -28,7 +28,7 @@ from pydantic import AfterValidator, Field
 from lib import config as C
 from lib.config_models import Accepts, ConfigModel, choice, read_config, shown
 from lib.errors import UsageError, exit_on_usage_error
-from lib.files import FolderLock, LockHeld, write_json
+from lib.files import FolderLock, LockHeld, output_dir, write_json
 from lib.interrupts import STOP_SIGNALS
 from lib.log import get_logger, setup_logging
 from lib.sweep_report import REGRESSION_METRICS, write_report
@@ -145,7 +145,10 @@ def load_sweep(name_or_path: str) -> Sweep:
                   include=data.include, budget_min=data.budget_min, threshold_pct=data.regression.threshold_pct,
                   regression_metrics=data.regression.metrics, trend_nights=data.trend_nights)
     for combo in combos_of(sweep):  # every combination must resolve before anything runs
-        C.resolve(None, environ=combo_env(sweep, combo, {}))
+        try:
+            C.resolve(None, environ=combo_env(sweep, combo, {}), env_source=f"in combination {combo.id}")
+        except UsageError as exc:
+            raise UsageError(f"{path}: {exc}") from None
     return sweep
 
 
@@ -427,6 +430,7 @@ def main(argv=None) -> int:
             logger.info(f"{combo.id}: " + " ".join(f"{k}={v}" for k, v in combo_env(sweep, combo, {}).items()))
         logger.info(f"results: {night}")
         return EXIT_OK
+    output_dir(out_root, f"--output-root {args.output_root}" if args.output_root else "results/sweeps")
 
     if args.report_only:
         if not (night / "sweep.json").is_file():

@@ -15,6 +15,7 @@ from lib.errors import UsageError
 from lib.types import Request
 
 SHAREGPT_FILES = ("sharegpt_gpt4.jsonl", "sharegpt_V3_format.jsonl", "sharegpt_zh_38K_format.jsonl")
+CONVERSATIONS = 'conversations ([{"conversations": [{"from": ..., "value": ...}, ...]}, ...])'
 
 
 def read_prompt_file(path: str | Path) -> list[Prompt]:
@@ -60,7 +61,7 @@ def load_sharegpt(folder: str | Path, tokenizer, fixed_output_len: int | None = 
                          "is in the folder")
     stats, prompts = LoadStats("sharegpt", [f.name for f in files]), []
     for f in files:
-        for entry in json_entries(f):
+        for entry in json_entries(f, f"SHAREGPT_DIR file {f}", CONVERSATIONS):
             stats.entries += 1
             turns = None if entry is MALFORMED else _turns(entry)
             if turns is None:

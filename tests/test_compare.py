@@ -89,3 +89,44 @@ def test_different_prompts_are_refused():
     b.prompts = b.prompts * 2
     with pytest.raises(UsageError, match="same prompt file"):
         compare_captures(a, b)
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("accept_lengths", "xyz", "prompts[0].accept_lengths: found text 'xyz'"),
+    ("accept_lengths", [-5, 1e9], "prompts[0].accept_lengths[0]: -5 is out of range"),
+    ("accept_lengths", [1e9], "prompts[0].accept_lengths[0]: found 1000000000.0"),
+    ("token_ids", "567", "prompts[0].token_ids: found text '567'"),
+    ("token_ids", [[5, 6], [7]], "prompts[0].token_ids[0]: found a list [5, 6]"),
+    ("seconds", "fast", "prompts[0].seconds"),
+    ("spec", {"num_drafts": "4"}, "prompts[0].spec.num_drafts: found text '4'"),
+])
+def test_capture_fields_of_the_wrong_type_are_named(tmp_path, field, value, words):
+    from lib.capture import save_capture
+    path = save_capture(small_capture(), tmp_path)
+    meta = json.loads(path.read_text())
+    meta["prompts"][0][field] = value
+    path.write_text(json.dumps(meta))
+    with pytest.raises(UsageError, match=f"^capture {path}: " + words.replace("[", r"\[").replace("(", r"\(")):
+        load_capture(path)
+
+
+def test_full_logits_of_different_vocabularies_are_one_line(tmp_path):
+    import numpy as np
+
+    from lib.capture import save_capture
+    a, b = small_capture(), small_capture()
+    a.prompts[0].full_logits = np.zeros((3, 200), dtype=np.float32)
+    b.prompts[0].full_logits = np.zeros((3, 150), dtype=np.float32)
+    b.prompts[0].topk_ids[:, 1:] -= 90  # every id inside b's 150 columns
+    paths = [save_capture(c, tmp_path / name) for c, name in ((a, "a"), (b, "b"))]
+    proc = subprocess.run([sys.executable, "analyze_saved_data.py", "--data1", str(paths[0]), "--data2",
+                           str(paths[1]), "--output-dir", str(tmp_path / "out"), "--no-plots"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: captures {paths[0]} and {paths[1]}: full logits over 200 and 150 tokens; the captures come from "
+        "models of different vocabularies (compare captures of one model)"]
+    b.prompts[0].token_ids = [5, 6, 170]  # an id past its own full logits: the files do not match
+    save_capture(b, tmp_path / "b")
+    with pytest.raises(UsageError, match="token id 170 is outside the 150 columns"):
+        load_capture(paths[1])

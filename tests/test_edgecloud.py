@@ -21,6 +21,7 @@ from lib.edgecloud.kv_cache import BlockPrefixCache, EdgeStateCache
 from lib.edgecloud.settings import apply_overrides, load_config
 
 TOKEN = "test-secret"
+DEEP = b'{"context_ids": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"  # 100 kB, under the test servers' body limit
 pytestmark = pytest.mark.timeout(300)
 
 
@@ -42,7 +43,7 @@ def config(edge_port, cloud_port, **comm):
 @pytest.fixture(scope="module")
 def apps(tiny_models):
     from lib.edgecloud.launch import build_cloud_app, build_edge_app
-    cfg = config(0, 0)
+    cfg = config(free_port(), free_port())
     edge_app, drafter = build_edge_app(cfg)
     cloud_app, verifier = build_cloud_app(cfg)
     return edge_app, cloud_app, drafter, verifier
@@ -192,7 +193,19 @@ def test_bad_requests_get_4xx_json(servers, side, path):
         (json.dumps({"context_ids": []}).encode(), 422, "context_ids"),
         (json.dumps({"context_ids": [1], "surprise": 1}).encode(), 422, "surprise"),
         (json.dumps({"context_ids": [1] * 100_000}).encode(), 413, "over the limit"),
+        (json.dumps({"context_ids": [True, False]}).encode(), 422, "context_ids.0"),  # strict: no bool ids
+        (json.dumps({"context_ids": ["5"]}).encode(), 422, "context_ids.0"),  # ... and no text ids
+        (b'{"context_ids": [1], "temperature": NaN}', 422, "temperature"),
+        (json.dumps({"context_ids": [1], "use_cache": "no"}).encode(), 422, "use_cache"),
+        (json.dumps({"context_ids": [1] * 3000}).encode(), 422, "context of 2048 tokens"),  # longer than n_ctx
+        (DEEP, 400, "could not be parsed"),
     ]
+    if side == "edge":
+        cases.append((json.dumps({"context_ids": [1], "seed": -1}).encode(), 422, "seed"))
+    else:
+        cases += [(b'{"context_ids": [1], "draft_ids": [2], "draft_probs": [NaN]}', 422, "draft_probs"),
+                  (b'{"context_ids": [1], "draft_ids": [2], "draft_probs": [0.5], "draft_dists": [[Infinity]], '
+                   b'"temperature": 1.0}', 422, "draft_dists")]
     for body, status, words in cases:
         resp = httpx.post(url, content=body, headers=auth)
         assert resp.status_code == status, (body[:40], resp.text)
@@ -200,7 +213,53 @@ def test_bad_requests_get_4xx_json(servers, side, path):
     for headers in ({}, {"authorization": "Bearer wrong"}):
         resp = httpx.post(url, json={"context_ids": [1]}, headers=headers)
         assert resp.status_code == 401 and "bearer" in resp.json()["error"]
+        resp = httpx.post(url, content=DEEP, headers={**headers, "content-type": "application/json"})
+        assert resp.status_code == 401, "the token is checked before the body is parsed"
+    generate = servers["communication"][f"{side}_endpoint"] + "/v1/generate"
+    resp = httpx.post(generate, json={"context_ids": [1], "max_tokens": 2, "seed": -1}, headers=auth)
+    assert resp.status_code == 422 and "seed" in resp.json()["error"]
+    resp = httpx.get(servers["communication"][f"{side}_endpoint"] + "/nowhere", headers=auth)
+    assert resp.status_code == 404 and "error" in resp.json()
     assert httpx.get(servers["communication"][f"{side}_endpoint"] + "/health").json()["status"] == "ok"
+
+
+def test_server_answering_500_is_reported_not_retried(servers, tiny_tokenizer):
+    """A server that is up and fails is not 'unreachable', and asking it again would not help."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+    hits = []
+    failing = FastAPI()
+
+    @failing.post("/v1/verify")
+    def verify():
+        hits.append(1)
+        return JSONResponse({"error": "verifier crashed"}, status_code=500)
+
+    port = free_port()
+    cloud = ServerThread(failing, "127.0.0.1", port).start()
+    edge_port = int(servers["communication"]["edge_endpoint"].rsplit(":", 1)[1])
+    cfg = config(edge_port, port, http_client={"max_retries": 3, "backoff_s": 0.01, "timeout": 5.0,
+                                               "connection_pool_size": 4})
+    try:
+        failed = run(cfg, tiny_tokenizer, "One day, Lily went to the hill")
+    finally:
+        cloud.stop()
+    assert "answered 500: verifier crashed" in failed.error and "unreachable" not in failed.error
+    assert len(hits) == 1
+
+
+def test_ablation_with_servers_gone_is_one_line(tmp_path):
+    cfg = tmp_path / "dead.yaml"
+    cfg.write_text(f"communication:\n  edge_endpoint: http://127.0.0.1:{free_port()}\n"
+                   f"  cloud_endpoint: http://127.0.0.1:{free_port()}\n"
+                   "  http_client: {max_retries: 0, backoff_s: 0.0, timeout: 2.0, connection_pool_size: 2}\n"
+                   "experiments: {num_prompts: 1}\ninference: {max_tokens: 4}\n")
+    proc = subprocess.run([sys.executable, "edge_cloud.py", "--mode", "ablation", "--external-servers", "--config",
+                           str(cfg), "--output-dir", str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: edge server at http://127.0.0.1:")
+    assert (tmp_path / "out" / "ablation_report.json").is_file()
 
 
 def test_cloud_stopped_mid_session_retries_then_fails_or_falls_back(apps, servers, tiny_tokenizer):

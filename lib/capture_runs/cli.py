@@ -6,6 +6,7 @@ import argparse
 from lib.capture import Capture, capture_stem, save_capture
 from lib.capture_runs import CaptureRunner
 from lib.comparison_config import add_comparison_arguments, config_from_args
+from lib.files import output_dir
 from lib.log import get_logger
 
 logger = get_logger(__name__)
@@ -32,6 +33,8 @@ def save_if_asked(capture: Capture, cfg):
 def capture_cli(run: CaptureRunner, description: str, argv=None):
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     cfg = config_from_args(add_comparison_arguments(parser).parse_args(argv))
+    if cfg.save_results:  # before the run, so a capture is never computed and then lost
+        output_dir(cfg.output_dir, f"--output-dir={cfg.output_dir}")
     capture = run(cfg)
     logger.info(summarize(capture))
     save_if_asked(capture, cfg)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lib.edgecloud.client import EdgeCloudHTTPClient
 from lib.edgecloud.settings import apply_overrides
-from lib.files import write_json
+from lib.files import output_dir, write_json
 
 SCHEMA = "speclab.edge_cloud_ablation/1"
 BUILT_IN = [
@@ -83,7 +83,7 @@ async def run_ablations(cfg: dict, prompts: list[str], tokenizer, out_dir: Path,
     if only:
         wanted = set(only) | {"cloud_only"}
         exps = [e for e in exps if e["name"] in wanted]
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_dir(out_dir, f"experiments.output_dir={out_dir}")
     report = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "prompts": prompts,
               "max_tokens": cfg["inference"]["max_tokens"], "temperature": cfg["inference"]["temperature"],
               "experiments": []}

@@ -3,7 +3,8 @@
 One round: the edge drafts up to max_draft_tokens (stopping early below the confidence threshold), the cloud
 verifies the whole draft in one pass and answers with the accepted count and its next token. Modes:
 collaborative (the default), edge_only, cloud_only. Retries with exponential backoff on connection errors,
-timeouts and 5xx; 4xx answers are not retried.
+timeouts and 502/503/504 (a server not there yet, or overloaded); other answers are not retried: 4xx
+(RequestRejected) and 500 (ServerFailed: the server is up and failed on this request, its error is reported).
 """
 from __future__ import annotations
 
@@ -21,8 +22,45 @@ class ServiceUnavailable(Exception):
     """A server could not be reached after every retry."""
 
 
+class ServerFailed(ServiceUnavailable):
+    """A server is up and answered 500 (or another 5xx that waiting does not cure): reported with its error, never
+    retried; like ServiceUnavailable, a failed cloud lets the edge finish (fallback_to_edge)."""
+
+
 class RequestRejected(Exception):
     """A server answered 4xx (bad request, auth)."""
+
+
+RETRIED_STATUS = (502, 503, 504)
+
+
+def error_of(resp: httpx.Response) -> str:
+    """The server's {"error": ...} message, or the start of its body."""
+    try:
+        data = resp.json()
+    except ValueError:
+        data = None
+    detail = data.get("error") if isinstance(data, dict) else None
+    return str(detail) if detail is not None else resp.text[:200]
+
+
+def check_status(side: str, url: str, resp: httpx.Response) -> None:
+    if resp.status_code >= 500:
+        raise ServerFailed(f"{side} server at {url} answered {resp.status_code}: {error_of(resp)}")
+    if resp.status_code >= 400:
+        raise RequestRejected(f"{url}: HTTP {resp.status_code}: {error_of(resp)}")
+
+
+def json_of(side: str, url: str, resp: httpx.Response) -> dict:
+    """The JSON object a SpecLab server answers; anything else means the endpoint is not one."""
+    try:
+        data = resp.json()
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise ServerFailed(f"{side} server at {url} answered {resp.status_code} with no JSON object (is the "
+                           f"endpoint a SpecLab {side} server?): {resp.text[:80]!r}")
+    return data
 
 
 @dataclass
@@ -113,16 +151,11 @@ class EdgeCloudHTTPClient:
             wall_ms = (time.perf_counter() - t0) * 1000
             res.bytes_sent += len(payload)
             res.bytes_received += len(resp.content)
-            if resp.status_code >= 500:
-                last = f"HTTP {resp.status_code}"
+            if resp.status_code in RETRIED_STATUS:
+                last = f"answered {resp.status_code}: {error_of(resp)}"
                 continue
-            if resp.status_code >= 400:
-                try:
-                    detail = resp.json().get("error", resp.text)
-                except ValueError:
-                    detail = resp.text
-                raise RequestRejected(f"{url}: HTTP {resp.status_code}: {detail}")
-            data = resp.json()
+            check_status(side, url, resp)
+            data = json_of(side, url, resp)
             compute = data.get("compute_ms", 0.0)
             res.network_latency_ms += max(wall_ms - compute, 0.0)
             if side == "cloud":
@@ -135,9 +168,24 @@ class EdgeCloudHTTPClient:
         raise ServiceUnavailable(f"{side} server at {url} unreachable after {self.max_retries} retries ({last})")
 
     async def get_json(self, side: str, path: str) -> dict:
-        resp = await self.http.get(self._url(side, path))
-        resp.raise_for_status()
-        return resp.json()
+        """One GET (no retries); failures raise this module's errors, with the server's answer, not httpx's."""
+        url = self._url(side, path)
+        try:
+            resp = await self.http.get(url)
+        except httpx.TransportError as exc:
+            raise ServiceUnavailable(f"{side} server at {url} unreachable ({type(exc).__name__}: {exc})") from None
+        check_status(side, url, resp)
+        return json_of(side, url, resp)
+
+    async def server_stats(self) -> dict:
+        """Each server's /stats, or {"error": ...} for one that does not answer (a server down is reported)."""
+        out = {}
+        for side in ("edge", "cloud"):
+            try:
+                out[side] = await self.get_json(side, "/stats")
+            except (ServiceUnavailable, RequestRejected) as exc:
+                out[side] = {"error": str(exc)}
+        return out
 
     # ------------------------------------------------------------------------------------------- pipeline
     async def full_inference_pipeline(self, prompt: str, max_tokens: int | None = None,

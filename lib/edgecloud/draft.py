@@ -22,11 +22,12 @@ class EdgeDrafter:
     """One llama.cpp context; requests are served one at a time (llama.cpp contexts are not thread-safe)."""
 
     def __init__(self, gguf_path, calculator: ConfidenceCalculator, eos_ids=(), n_ctx: int = 2048,
-                 n_threads: int = 1, cache_size: int = 16, seed: int = 0):
-        self.llm = load_llama(gguf_path, n_ctx=n_ctx, n_threads=n_threads)
+                 n_threads: int = 1, cache_size: int = 16, seed: int = 0, label: str = ""):
+        self.llm = load_llama(gguf_path, n_ctx=n_ctx, n_threads=n_threads, label=label)
         self.calculator, self.eos_ids = calculator, set(eos_ids)
         self.cache = EdgeStateCache(cache_size)
         self.vocab = self.llm.n_vocab()
+        self.context = self.llm.n_ctx()
         self.rng = np.random.default_rng(seed)
         self.lock = threading.Lock()
         self.counters = {"requests": 0, "drafted_tokens": 0, "evaluated_tokens": 0, "reused_tokens": 0,

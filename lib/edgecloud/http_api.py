@@ -1,8 +1,10 @@
 """The edge and cloud HTTP servers (FastAPI on uvicorn).
 
 Both have /health and /stats, an optional bearer token, a request-body size limit, and answer bad input with a
-4xx JSON body {"error": ...}: malformed JSON or wrong fields 422, token ids outside the vocabulary 422, a body
-over the limit 413, a missing or wrong token 401.
+4xx JSON body {"error": ...}: malformed JSON or wrong fields (strict JSON types, no NaN) 422, token ids outside
+the vocabulary or a context longer than the model's 422, a body over the limit 413, a missing or wrong token 401
+(checked before the body is read), a body that cannot be parsed 400, an unknown path 404; a failure of the server
+itself 500 with the same shape.
 """
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ import hmac
 import threading
 import time
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from lib.edgecloud.protocol import (
     DraftRequest,
@@ -21,18 +24,25 @@ from lib.edgecloud.protocol import (
     GenerateResponse,
     VerifyRequest,
     VerifyResponse,
+    check_length,
     check_vocab,
 )
 from lib.errors import UsageError
 
+PUBLIC_PATHS = ("/health",)  # every other path needs the bearer token, when one is set
 
-def _base_app(title: str, role: str, auth_token: str, max_body_bytes: int, describe: dict) -> tuple[FastAPI, list]:
-    """The app with what both servers share, and the bearer-token dependency for its protected routes."""
+
+def _base_app(title: str, role: str, auth_token: str, max_body_bytes: int, describe: dict) -> FastAPI:
+    """The app with what both servers share: the bearer token and the body limit (checked before any body is
+    read), {"error": ...} answers, /health."""
     app = FastAPI(title=title, docs_url=None, redoc_url=None)
     started = time.time()
 
     @app.middleware("http")
-    async def limit_body(request: Request, call_next):
+    async def guard(request: Request, call_next):
+        if request.url.path not in PUBLIC_PATHS and not _authorized(request, auth_token):
+            return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
         length = request.headers.get("content-length")
         if request.method == "POST":
             if length is None:
@@ -57,48 +67,52 @@ def _base_app(title: str, role: str, auth_token: str, max_body_bytes: int, descr
     async def usage(request: Request, exc: UsageError):
         return JSONResponse({"error": str(exc)}, status_code=422)
 
-    @app.exception_handler(_Unauthorized)
-    async def unauthorized(request: Request, exc: _Unauthorized):
-        return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401,
-                            headers={"WWW-Authenticate": "Bearer"})
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        """FastAPI's own answers (a body it cannot parse, e.g. nested too deeply; 404; 405) in the one shape."""
+        message = exc.detail
+        if exc.status_code == 400:
+            message = "request body could not be parsed as JSON (not JSON, or nested too deeply)"
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception):
+        """A failure of the server itself: still the one shape, so the client can say what went wrong."""
+        return JSONResponse({"error": f"{role} server failed: {exc.__class__.__name__}: {exc}"}, status_code=500)
 
     @app.get("/health")
     def health():
         return {"status": "ok", "role": role, "uptime_s": round(time.time() - started, 1), **describe}
 
-    return app, [Depends(_auth_dependency(auth_token))]
+    return app
 
 
-def _auth_dependency(token: str):
-    def check(request: Request):
-        if not token:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            raise _Unauthorized()
-    return check
-
-
-class _Unauthorized(Exception):
-    pass
+def _authorized(request: Request, token: str) -> bool:
+    if not token:
+        return True
+    given = request.headers.get("authorization", "")
+    return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
 
 
 def create_edge_app(drafter, auth_token: str = "", max_body_bytes: int = 1 << 20, describe: dict | None = None):
-    app, auth = _base_app("SpecLab edge", "edge", auth_token, max_body_bytes, describe or {})
+    app = _base_app("SpecLab edge", "edge", auth_token, max_body_bytes, describe or {})
+    context = getattr(drafter, "context", None)
 
-    @app.post("/v1/draft", response_model=DraftResponse, dependencies=auth)
+    @app.post("/v1/draft", response_model=DraftResponse)
     def draft(req: DraftRequest):
         check_vocab(req.context_ids, drafter.vocab, "context_ids", "edge")
+        check_length(len(req.context_ids) + req.max_draft, context, "context_ids + max_draft", "edge")
         return drafter.draft(req)
 
-    @app.post("/v1/generate", response_model=GenerateResponse, dependencies=auth)
+    @app.post("/v1/generate", response_model=GenerateResponse)
     def generate(req: GenerateRequest):
         check_vocab(req.context_ids, drafter.vocab, "context_ids", "edge")
+        check_length(len(req.context_ids) + req.max_tokens, context, "context_ids + max_tokens", "edge")
         out = drafter.draft(DraftRequest.model_construct(context_ids=req.context_ids, max_draft=req.max_tokens,
                                                          temperature=req.temperature, seed=req.seed))
         return GenerateResponse(token_ids=out.draft_ids, confidences=out.confidences, compute_ms=out.compute_ms)
 
-    @app.get("/stats", dependencies=auth)
+    @app.get("/stats")
     def stats():
         return drafter.stats()
 
@@ -106,17 +120,20 @@ def create_edge_app(drafter, auth_token: str = "", max_body_bytes: int = 1 << 20
 
 
 def create_cloud_app(verifier, auth_token: str = "", max_body_bytes: int = 4 << 20, describe: dict | None = None):
-    app, auth = _base_app("SpecLab cloud", "cloud", auth_token, max_body_bytes, describe or {})
+    app = _base_app("SpecLab cloud", "cloud", auth_token, max_body_bytes, describe or {})
+    context = getattr(verifier, "context", None)
 
-    @app.post("/v1/verify", response_model=VerifyResponse, dependencies=auth)
+    @app.post("/v1/verify", response_model=VerifyResponse)
     def verify(req: VerifyRequest):
+        check_length(len(req.context_ids) + len(req.draft_ids) + 1, context, "context_ids + draft_ids + 1", "cloud")
         return verifier.verify(req)
 
-    @app.post("/v1/generate", response_model=GenerateResponse, dependencies=auth)
+    @app.post("/v1/generate", response_model=GenerateResponse)
     def generate(req: GenerateRequest):
+        check_length(len(req.context_ids) + req.max_tokens, context, "context_ids + max_tokens", "cloud")
         return verifier.generate(req)
 
-    @app.get("/stats", dependencies=auth)
+    @app.get("/stats")
     def stats():
         return verifier.stats()
 

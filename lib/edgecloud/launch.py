@@ -16,7 +16,7 @@ def build_edge_app(cfg: dict):
     eos = load_tokenizer(tokenizer_dir(cfg)).eos_token_id
     drafter = EdgeDrafter(gguf_path, calculator, eos_ids={eos}, n_ctx=int(edge["model"]["context_length"]),
                           n_threads=int(edge["model"]["n_threads"]), cache_size=int(edge["kv_cache"]["max_size"]),
-                          seed=int(cfg["inference"]["seed"]))
+                          seed=int(cfg["inference"]["seed"]), label=f"edge model {gguf_path}")
     import llama_cpp
     describe = {"model": gguf_path.name, "engine": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})",
                 "confidence": conf["strategy"]}

@@ -3,13 +3,19 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from lib.errors import UsageError
 
 MAX_CONTEXT = 8192  # token ids per request
 MAX_DRAFT = 64
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_CONTEXT)]
+MAX_TOKENS = 4096  # per /v1/generate request
+MAX_TEMPERATURE = 10
+MAX_SEED = 2**32 - 1
+TokenId = Annotated[StrictInt, Field(ge=0)]  # strict: true and "5" are not ids
+TokenIds = Annotated[list[TokenId], Field(max_length=MAX_CONTEXT)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
 def check_vocab(ids, vocab: int, what: str, side: str = "target"):
@@ -19,18 +25,25 @@ def check_vocab(ids, vocab: int, what: str, side: str = "target"):
         raise UsageError(f"{what}: token id {bad} is outside the {side} vocabulary (0..{vocab - 1})")
 
 
+def check_length(tokens: int, limit: int | None, what: str, side: str):
+    """A request that would not fit the model's context is a UsageError (HTTP 422), not the engine's crash."""
+    if limit is not None and tokens > limit:
+        raise UsageError(f"{what}: {tokens} tokens is more than the {side} context of {limit} tokens")
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Requests take JSON's types as sent: no true for 1, no "5" for 5, no NaN or Infinity, no unknown fields."""
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class DraftRequest(_Strict):
     context_ids: Annotated[TokenIds, Field(min_length=1)]
     max_draft: int = Field(4, ge=0, le=MAX_DRAFT)
-    temperature: float = Field(0.0, ge=0.0, le=10.0)
+    temperature: float = Field(0.0, ge=0.0, le=MAX_TEMPERATURE)
     confidence_threshold: float | None = Field(None, ge=0.0, le=1.0)  # None: no early stop
     use_cache: bool = True
     return_dists: bool = False  # full draft distributions, needed by the cloud's rejection sampling at T > 0
-    seed: int | None = None
+    seed: Seed | None = None
 
 
 class DraftResponse(BaseModel):
@@ -45,9 +58,9 @@ class DraftResponse(BaseModel):
 
 class GenerateRequest(_Strict):
     context_ids: Annotated[TokenIds, Field(min_length=1)]
-    max_tokens: int = Field(64, ge=1, le=4096)
-    temperature: float = Field(0.0, ge=0.0, le=10.0)
-    seed: int | None = None
+    max_tokens: int = Field(64, ge=1, le=MAX_TOKENS)
+    temperature: float = Field(0.0, ge=0.0, le=MAX_TEMPERATURE)
+    seed: Seed | None = None
 
 
 class GenerateResponse(BaseModel):
@@ -58,10 +71,10 @@ class GenerateResponse(BaseModel):
 
 class VerifyRequest(_Strict):
     context_ids: Annotated[TokenIds, Field(min_length=1)]  # committed tokens (prompt + output so far)
-    draft_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_DRAFT)] = []
-    draft_probs: Annotated[list[float], Field(max_length=MAX_DRAFT)] = []
-    draft_dists: list[list[float]] | None = Field(None, max_length=MAX_DRAFT)
-    temperature: float = Field(0.0, ge=0.0, le=10.0)
+    draft_ids: Annotated[list[TokenId], Field(max_length=MAX_DRAFT)] = []
+    draft_probs: Annotated[list[Probability], Field(max_length=MAX_DRAFT)] = []
+    draft_dists: list[list[Probability]] | None = Field(None, max_length=MAX_DRAFT)
+    temperature: float = Field(0.0, ge=0.0, le=MAX_TEMPERATURE)
     use_cache: bool = True
 
 

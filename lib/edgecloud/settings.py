@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from lib.config_models import Accepts, ConfigModel, choice, validate_model
+from lib.edgecloud.protocol import MAX_SEED, MAX_TEMPERATURE, MAX_TOKENS
 from lib.errors import UsageError
 from lib.files import ROOT, load_yaml, shipped
 
@@ -16,11 +17,26 @@ DEFAULT_CONFIG = ROOT / "configs" / "edge_cloud.yaml"
 STRATEGIES = ("max_prob", "entropy", "temperature", "top_k_agg", "ensemble")
 MODES = ("collaborative", "edge_only", "cloud_only")
 
-Count = Annotated[int, Field(ge=0)]
+Threads = Annotated[int, Field(ge=0, le=1024)]  # 0 = the library's default
 Positive = Annotated[int, Field(ge=1)]
 Amount = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
-Port = Annotated[int, Field(ge=0, le=65535)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+def _endpoint(url: str) -> str:
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{url!r}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or (port is not None and port < 1):
+        raise ValueError(f"{url!r} is not an http(s)://host:port URL")
+    return url
+
+
+Endpoint = Annotated[str, AfterValidator(_endpoint), Accepts("an http(s)://host:port URL, port 1 to 65535")]
 
 
 class Server(ConfigModel):
@@ -31,8 +47,8 @@ class Server(ConfigModel):
 class EdgeModel(ConfigModel):
     path: str
     hf_path: str
-    context_length: Count
-    n_threads: Count
+    context_length: Annotated[int, Field(ge=0, le=1 << 20)]  # 0 = the model's own
+    n_threads: Threads
 
 
 class Confidence(ConfigModel):
@@ -57,7 +73,7 @@ class Draft(ConfigModel):
 
 class EdgeCache(ConfigModel):
     enabled: bool
-    max_size: Count
+    max_size: Annotated[int, Field(ge=0, le=4096)]
 
 
 class Edge(ConfigModel):
@@ -73,13 +89,13 @@ class CloudModel(ConfigModel):
     engine: Annotated[choice("engine", ("hf", "vllm")),
                       Accepts("hf (PyTorch/transformers), vllm (greedy verification only)")]
     dtype: choice("dtype", ("float32", "float16", "bfloat16"))
-    n_threads: Count
+    n_threads: Threads
 
 
 class CloudCache(ConfigModel):
     enabled: bool
-    block_size: Positive
-    max_blocks: Positive
+    block_size: Annotated[int, Field(ge=1, le=4096)]
+    max_blocks: Annotated[int, Field(ge=1, le=1 << 24)]
 
 
 class Cloud(ConfigModel):
@@ -90,17 +106,17 @@ class Cloud(ConfigModel):
 
 class HttpClient(ConfigModel):
     timeout: Annotated[float, Field(gt=0)]
-    max_retries: Count
-    backoff_s: Amount
-    connection_pool_size: Positive
+    max_retries: Annotated[int, Field(ge=0, le=100)]
+    backoff_s: Annotated[float, Field(ge=0, le=600)]
+    connection_pool_size: Annotated[int, Field(ge=1, le=1024)]
 
 
 class Communication(ConfigModel):
-    edge_endpoint: str
-    cloud_endpoint: str
+    edge_endpoint: Endpoint
+    cloud_endpoint: Endpoint
     auth_token: str
-    max_body_bytes: Positive
-    network_delay_ms: Amount
+    max_body_bytes: Annotated[int, Field(ge=1, le=1 << 30)]
+    network_delay_ms: Annotated[float, Field(ge=0, le=600_000)]
     fallback_to_edge: bool
     http_client: HttpClient
 
@@ -113,9 +129,9 @@ class Features(ConfigModel):
 
 
 class Inference(ConfigModel):
-    max_tokens: Positive
-    temperature: Amount
-    seed: Count
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)]  # what the servers' /v1/generate accepts
+    temperature: Annotated[float, Field(ge=0, le=MAX_TEMPERATURE)]
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)]
     features: Features
 
 
@@ -182,18 +198,18 @@ def validate(cfg: dict, source: str) -> dict:
 def cloud_model_dir(cfg: dict) -> Path:
     from lib.models import check_model_dir, ensure_tiny_models
     path = cfg["cloud"]["model"]["path"]
-    return check_model_dir(path, "cloud.model.path") if path else ensure_tiny_models().target
+    return check_model_dir(path, "cloud.model.path", tokenizer=True) if path else ensure_tiny_models().target
 
 
 def edge_gguf_path(cfg: dict) -> Path:
     from lib.gguf_export import ensure_gguf
-    from lib.models import ensure_tiny_models
+    from lib.models import check_gguf, ensure_tiny_models
     model = cfg["edge"]["model"]
     if model["path"]:
-        if not Path(model["path"]).is_file():
-            raise UsageError(f"edge.model.path={model['path']}: no such GGUF file")
-        return Path(model["path"])
-    return ensure_gguf(model["hf_path"] or ensure_tiny_models().draft)
+        return check_gguf(model["path"], f"edge.model.path={model['path']}")
+    if model["hf_path"]:
+        return ensure_gguf(model["hf_path"], "edge.model.hf_path")
+    return ensure_gguf(ensure_tiny_models().draft)
 
 
 def tokenizer_dir(cfg: dict) -> Path:

@@ -37,8 +37,9 @@ def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, genera
 class BaseVerifier:
     """What the HF and vLLM cloud verifiers share: the vocabulary check, one lock, the counters behind /stats."""
 
-    def __init__(self, vocab: int):
+    def __init__(self, vocab: int, context: int | None):
         self.vocab = vocab
+        self.context = context  # tokens a sequence may hold (the HTTP layer refuses longer requests with a 422)
         self.lock = threading.Lock()
         self.counters = {"verify_requests": 0, "generate_requests": 0, "draft_tokens": 0, "accepted_tokens": 0,
                          "fed_tokens": 0}
@@ -64,7 +65,7 @@ class CloudVerifier(BaseVerifier):
     def __init__(self, target_dir, device: str = "cpu", dtype: str = "float32", block_size: int = 16,
                  max_blocks: int = 4096, seed: int = 0):
         self.model = load_model(target_dir, dtype, device)
-        super().__init__(self.model.config.vocab_size)
+        super().__init__(self.model.config.vocab_size, getattr(self.model.config, "max_position_embeddings", None))
         self.device = device
         self.eos_ids = eos_ids_of(self.model)
         self.cache = BlockPrefixCache(block_size, max_blocks)

@@ -40,7 +40,8 @@ class VLLMCloudVerifier(BaseVerifier):
         except ValueError as exc:  # vLLM's config validation
             raise UsageError(f"cloud.model: vLLM rejected the configuration: {str(exc).strip().splitlines()[0]}") \
                 from None
-        super().__init__(self.llm.llm_engine.model_config.get_vocab_size())
+        model_config = self.llm.llm_engine.model_config
+        super().__init__(model_config.get_vocab_size(), model_config.max_model_len)
         self.counters["prefix_cached_tokens"] = 0
         self.device = "cpu" if on_cpu else "cuda"
 

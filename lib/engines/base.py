@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import replace
 
+from lib.errors import UsageError
 from lib.types import Clock, Request, RequestRecord, SpecCounters
 
 
@@ -39,6 +40,12 @@ class Engine(ABC):
         return {"engine": self.name, "method": self.method}
 
     def weight_bytes(self) -> int | None:
+        return None
+
+    @classmethod
+    def context_length(cls, cfg, method: str, models) -> tuple[int, str] | None:
+        """(tokens one sequence may hold, prompt and generation together; what sets that limit), known before the
+        engine starts; None where the engine does not say."""
         return None
 
     def stop(self) -> None:
@@ -75,6 +82,20 @@ class Engine(ABC):
             for record in self.generate_batch(batch, clock):
                 on_done(record)
             queue = queue[len(batch):]
+
+
+def check_context(requests: list[Request], limit: tuple[int, str] | None, mode: str) -> None:
+    """Every request fits the engine's context, or one line naming the first that does not (before any runs)."""
+    if limit is None:
+        return
+    tokens, source = limit
+    for r in requests:
+        need = len(r.prompt_ids) + r.max_new_tokens
+        if need > tokens:
+            raise UsageError(f"request {r.request_id}: its prompt of {len(r.prompt_ids)} tokens + GENERATION_LENGTH="
+                             f"{r.max_new_tokens} is {need} tokens, more than {mode}'s context of {tokens} ({source});"
+                             " use shorter prompts, a smaller GENERATION_LENGTH, or ENABLE_BATCH=true with "
+                             "MAX_BATCH_LENGTH (prompts keep their last tokens)")
 
 
 def record_from_tokens(request: Request, output_ids: list[int], token_times: list[float], start: float,

@@ -79,8 +79,16 @@ def make_counting_draft(drafter, gamma: int):
     return CountingDraftModel()
 
 
+def context_size(cfg) -> int:
+    return max(512, cfg.max_batch_length, 2 * cfg.generation_length + 1024)
+
+
 class LlamaCppEngine(Engine):
     name = "llamacpp"
+
+    @classmethod
+    def context_length(cls, cfg, method: str, models) -> tuple[int, str]:
+        return context_size(cfg), "llama.cpp's n_ctx: the larger of 512, MAX_BATCH_LENGTH, 2 x GENERATION_LENGTH + 1024"
 
     def start(self):
         _draft_model_base()
@@ -93,16 +101,18 @@ class LlamaCppEngine(Engine):
         self.threads = self.cfg.llamacpp_n_threads or default_threads()
         self.tokenizer = load_tokenizer(self.models.target)
         self.eos_id = self.tokenizer.eos_token_id
-        n_ctx = max(512, self.cfg.max_batch_length, 2 * self.cfg.generation_length + 1024)
-        self.target_path = ensure_gguf(self.models.target)
+        n_ctx = context_size(self.cfg)
+        self.target_path = ensure_gguf(self.models.target, "TARGET_MODEL")
         self.draft = None
         if self.method == "speculative":
-            self.draft_path = ensure_gguf(self.models.draft)
+            self.draft_path = ensure_gguf(self.models.draft, "DRAFTER_MODEL")
             drafter = EdgeDrafter(self.draft_path, AblatedConfidenceCalculator(), eos_ids={self.eos_id},
-                                  n_ctx=n_ctx, n_threads=self.threads, cache_size=0)
+                                  n_ctx=n_ctx, n_threads=self.threads, cache_size=0,
+                                  label=f"DRAFTER_MODEL's GGUF export {self.draft_path}")
             self.draft = make_counting_draft(drafter, self.cfg.gamma_value)
         self.llm = load_llama(self.target_path, n_ctx=n_ctx, n_threads=self.threads, logits_all=False,
-                              draft_model=self.draft, seed=self.cfg.seed)
+                              label=f"TARGET_MODEL's GGUF export {self.target_path}", draft_model=self.draft,
+                              seed=self.cfg.seed)
         if self.draft is not None and drafter.vocab != self.llm.n_vocab():
             raise UsageError(f"DRAFTER_MODEL={self.models.draft}: vocabulary {drafter.vocab} differs from the "
                              f"target's {self.llm.n_vocab()}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -21,9 +22,10 @@ from lib.engines import METHOD_BY_NAME
 from lib.engines.base import Engine, record_from_tokens
 from lib.layout import placement_from_config
 from lib.log import get_logger
-from lib.models import eos_ids_of, load_model, load_tokenizer
+from lib.models import eos_ids_of, load_model, load_tokenizer, model_config
 from lib.types import Clock, Generation, Request, RequestRecord, SpecCounters
 
+POSITION_KEYS = ("max_position_embeddings", "n_positions")  # where HF configs keep the context length
 Decode = Callable[["PyTorchEngine", list[list[int]], int], Generation]
 logger = get_logger(__name__)
 
@@ -98,6 +100,21 @@ METHODS: dict[str, Method] = {
 
 class PyTorchEngine(Engine):
     name = "hf"
+
+    @classmethod
+    def context_length(cls, cfg, method: str, models) -> tuple[int, str] | None:
+        """The positions (max_position_embeddings, or GPT-2's n_positions) of the target, and of the draft where
+        the method uses one."""
+        roles = [("TARGET_MODEL", models.target)]
+        if METHOD_BY_NAME[method].needs_draft and models.draft is not None:
+            roles.append(("DRAFTER_MODEL", models.draft))
+        limits = []
+        for role, folder in roles:
+            config = model_config(Path(folder), role)
+            key = next((k for k in POSITION_KEYS if isinstance(config.get(k), int)), None)
+            if key:
+                limits.append((config[key], f"{role}'s {key}"))
+        return min(limits) if limits else None
 
     def start(self):
         self.decoding = METHODS[self.method]

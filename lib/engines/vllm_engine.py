@@ -102,6 +102,10 @@ class VLLMEngine(Engine):
             kwargs["speculative_config"] = dict(self.speculative_config)
         return kwargs
 
+    @classmethod
+    def context_length(cls, cfg, method: str, models) -> tuple[int, str]:
+        return cfg.vllm_max_model_len, "VLLM_MAX_MODEL_LEN"
+
     # ------------------------------------------------------------------------------------------------ start-up
 
     def start(self):

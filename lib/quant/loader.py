@@ -315,7 +315,7 @@ def load_mixed_model(config_path: str | Path, base_path: str | Path | None = Non
     if not base:
         tiny = ensure_tiny_models()
         base = str(tiny.target)
-    base_dir = check_model_dir(base, "mixed_precision.base_path")
+    base_dir = check_model_dir(base, "mixed_precision.base_path", tokenizer=True)
     model = load_model(base_dir, dtype, "cpu")
     sources = dict(cfg.paths)
     if not any(sources.values()):
