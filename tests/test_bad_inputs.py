@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from lib.files import ROOT
+
 pytestmark = pytest.mark.timeout(300)
 
 

@@ -5,11 +5,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from lib.files import ROOT
 
 
 def run_benchmark(tmp_path, timeout=600, **env):

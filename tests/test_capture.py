@@ -11,8 +11,7 @@ import pytest
 from lib.capture import SCHEMA, Capture, PromptCapture, load_capture, save_capture
 from lib.comparison_config import ComparisonConfig, add_comparison_arguments, config_from_args
 from lib.errors import UsageError
-
-ROOT = Path(__file__).resolve().parent.parent
+from lib.files import ROOT
 
 
 def small_capture(engine="reference", tokens=(5, 6, 7)):

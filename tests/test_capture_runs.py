@@ -14,11 +14,11 @@ from lib.capture_runs.cli import capture_cli
 from lib.capture_runs.sglang import prompt_capture_from_output
 from lib.config import resolve
 from lib.engines.sglang_engine import SGLangEngine
+from lib.files import ROOT
 from lib.models import ModelPaths
 from lib.sglang_support import spec_counters_from_meta
 from lib.types import SpecCounters
 
-ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {p.stem for p in ROOT.glob("*.py")}
 
 

@@ -3,16 +3,14 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from test_capture import small_capture
 
 from lib.capture import load_capture
 from lib.errors import UsageError
+from lib.files import ROOT
 from lib.logits_compare import acceptance_distribution, compare_captures
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,13 @@
 """Reference tree SD vs vLLM (EAGLE, fp32, CPU) on the tiny models: every greedy token agrees, logprobs match."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from lib.capture import load_capture
+from lib.files import ROOT
 from lib.logits_compare import compare_captures
 
-ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["--config-name", "config1", "--num-prompts", "2", "--comparison-steps", "12", "--save-results"]
 
 

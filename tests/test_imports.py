@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from lib.files import ROOT
+
 LIB = ROOT / "lib"
 SCRIPTS = {p.stem for p in ROOT.glob("*.py")}
 BOTTOM = {"lib.types": set(), "lib.errors": set(), "lib.numerics": set(), "lib.log": set(), "lib.interrupts": set(),

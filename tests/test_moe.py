@@ -2,16 +2,14 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from lib.files import ROOT
 from lib.models import load_model
 from lib.quant.moe_model import ensure_tiny_moe
 from lib.quant.moe_tracker import track_experts
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from lib.errors import UsageError
+from lib.files import ROOT
 from lib.quant.formats import FP8_MAX, QuantOptions, quantize_fp8, quantize_int8
 from lib.quant.gptq import GPTQWeight, hessian_from_inputs, quantize_gptq, quantize_rtn
 from lib.quant.linear import MixedPrecisionLinear, model_memory
 from lib.quant.loader import check_placement, load_config, load_mixed_model, write_sources
 
-ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "configs" / "mixed_precision_config.yaml"
 
 

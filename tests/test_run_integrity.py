@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from lib.files import ROOT
+
 TINY = {"ENABLE_GPU_MONITOR": "false", "PROMPT_FILE": "prompts/prompt_small.txt", "GENERATION_LENGTH": "8",
         "NUM_PROMPTS": "2"}
 # Nested aliases: about 300 bytes of YAML that expand to 9**7 strings

@@ -2,7 +2,6 @@
 SGLang cannot run on CPU machines, so its output is built here in the shape its meta_info has (sglang 0.5.x)."""
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +10,8 @@ from lib.capture_runs.sglang import comparison_engine_args, comparison_sampling,
 from lib.comparison_config import ComparisonConfig
 from lib.engines.sglang_engine import SGLangEngine
 from lib.errors import UsageError
+from lib.files import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 SERVER_ARGS = {"model_path", "speculative_algorithm", "speculative_draft_model_path", "speculative_num_steps",
                "speculative_eagle_topk", "speculative_num_draft_tokens", "mem_fraction_static",
                "chunked_prefill_size", "disable_cuda_graph", "random_seed"}

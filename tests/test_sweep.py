@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from lib.files import ROOT
+
 CRON_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root")}
 TINY_FIXED = {"NUM_PROMPTS": 2, "GENERATION_LENGTH": 8, "PROMPT_FILE": "prompts/prompt_small.txt",
               "ENABLE_BATCH": True, "BATCH_SIZE": 2, "TEMPERATURE": 0}
