@@ -303,7 +303,7 @@ def add_arguments(parser: argparse.ArgumentParser, vars_: list[Var] = VARS):
         shown = {True: "true", False: "false"}.get(default, default) if not isinstance(default, (int, float)) \
             or isinstance(default, bool) else default
         group.add_argument(var.flag, dest=var.attr, metavar=var.name, default=None,
-                           help=f"{var.help} [env {var.name}; {var.accepted()}; default: {shown!s}]")
+                           help=f"{var.help} [env {var.name}; {var.accepted()}; default: {shown!s}]".replace("%", "%%"))
 
 
 def resolve(args: argparse.Namespace | None = None, environ: dict | None = None,
