@@ -341,8 +341,9 @@ class StaticDecoder:
 
     `step(tokens)` feeds tokens [B, n] at each row's `lengths` and returns logits [B, n, V] without committing
     them; the caller moves `lengths` (a device tensor, changed in place, so graphs see it). On CUDA each step
-    width is captured once as a CUDA graph, and (compile_layers, default on CUDA) each layer's small ops are
-    fused by torch.compile first. On CPU the same code runs eagerly.
+    width is captured once as a CUDA graph, (compile_layers, default on CUDA) each layer's small ops are fused by
+    torch.compile first, and batch-1 products run lib/decoding/gemv.py's kernel (`project`). On CPU the same code
+    runs eagerly. The cache is rounded up to CACHE_ALIGN columns.
     """
 
     def __init__(self, weights: DecoderWeights, batch: int, max_len: int, use_graphs: bool | None = None,
