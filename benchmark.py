@@ -271,7 +271,7 @@ def run(cfg, pairs, plan, stop: StopSignals) -> int:
     stopped by SIGINT/SIGTERM/SIGHUP). run.json and the result files say the same."""
     from rich.console import Console
 
-    from lib.files import output_dir
+    from lib.files import for_display, output_dir
     from lib.gpu_monitor import GPUMonitor
     from lib.results import RunFolder, RunWriter, default_run_id, print_summary
 
@@ -290,7 +290,7 @@ def run(cfg, pairs, plan, stop: StopSignals) -> int:
         with stop.held():  # a signal now is raised once the first files are written
             writer = RunWriter(folder, cfg, plan)
         console.print(f"SpecLab: {len(requests)} requests, modes {', '.join(plan['modes'])}; results in "
-                      f"{writer.dir}")
+                      f"{for_display(writer.dir)}")
         writer.gpu_info = {"available": monitor.available, "reason": monitor.reason or None,
                            "gpus": {str(i): n for i, n in monitor.names.items()}}
         monitor.start()

@@ -206,3 +206,12 @@ def output_file(path: str | Path, label: str) -> Path:
         raise UsageError(f"{label}: is a folder; expected the path of a file to write")
     output_dir(p.parent, label)
     return p
+
+
+def for_display(path: str | Path) -> str:
+    """A path as the user would type it: relative when it lies under the working folder."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)

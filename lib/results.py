@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lib.engines import PACKAGES
 from lib.errors import UsageError
-from lib.files import ROOT, FolderLock, LockHeld, output_dir, write_json
+from lib.files import ROOT, FolderLock, LockHeld, for_display, output_dir, write_json
 from lib.metrics import COLUMNS, Column
 from lib.types import RequestRecord
 
@@ -252,4 +252,4 @@ def print_summary(modes: dict, comparisons: list[dict], run_dir: Path, console=N
     energies = [r.get("energy") for r in modes.values() if r.get("energy")]
     if energies and not energies[0].get("available"):
         console.print(f"GPU monitor: unavailable ({energies[0].get('reason')})")
-    console.print(f"Results: {run_dir}")
+    console.print(f"Results: {for_display(run_dir)}")
