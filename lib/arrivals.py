@@ -45,10 +45,10 @@ def speclab_arrivals(rate: float, duration: float, seed: int, burstiness: float 
 
 def vllm_arrivals(num_requests: int, rate: float, seed: int, burstiness: float = 1.0,
                   ramp: tuple[str, float, float] | None = None) -> list[float]:
-    """vLLM's `get_request` schedule (vllm/benchmarks/serve.py) for `vllm bench serve --seed SEED`: vLLM seeds
-    numpy's global generator with the seed and draws one gap per request at the request's rate (a ramp goes over
-    the request index); without a ramp the cumulative times are rescaled so the last one is num_requests / rate.
-    A rate of 0 means vLLM's inf: every request at 0."""
+    """vLLM's `get_request` schedule (vllm/benchmarks/serve.py) for `vllm bench serve --seed SEED`: vLLM calls
+    np.random.seed(SEED), then draws from numpy's global generator one gap per request at the request's rate (a
+    ramp goes over the request index); without a ramp the cumulative times are rescaled so the last one is
+    num_requests / rate. A rate of 0 means vLLM's inf: every request at 0."""
     rate = math.inf if rate <= 0 else rate
     draw = np.random.RandomState(seed)  # the legacy generator np.random.seed(seed) seeds
     delays = []
