@@ -8,6 +8,7 @@ files for everything that finished. One run at a time writes into a run folder (
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -51,15 +52,22 @@ def environment_info() -> dict:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                            text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        info["git_commit"] = None
+    info["git_commit"] = git_commit()
     return info
 
 
-RUN_FILES = ("run.json", "benchmark_results*.json", "requests_*.jsonl")  # what a run writes into its folder
+@functools.cache
+def git_commit() -> str | None:
+    """The checkout's commit, asked once per process (environment_info runs at every mode's start and end)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# what a run writes into its folder
+RUN_FILES = ("run.json", "benchmark_results*.json", "bench_serve_*.json", "requests_*.jsonl")
 
 
 class RunFolder:
@@ -68,7 +76,7 @@ class RunFolder:
     no request line of the old run is mixed with the new ones)."""
 
     def __init__(self, cfg, run_id: str):
-        base = output_dir(Path(cfg.results_dir).absolute(), f"RESULTS_DIR={cfg.results_dir!r}")
+        base = output_dir(Path(cfg.results_dir).absolute(), f"RESULTS_DIR={cfg.results_dir}")
         self.run_id, self.dir = run_id, base / run_id
         label = f"RUN_ID={run_id!r}"
         self.created = not self.dir.exists()

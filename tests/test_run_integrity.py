@@ -127,9 +127,12 @@ def test_one_run_per_folder_kill_leaves_files_and_rerun_needs_overwrite(tmp_path
     one_line_error(again, "RUN_ID='run'", "already holds a run (run.json", "OVERWRITE=true")
     assert lines(requests) == done  # nothing appended
 
+    stale = run_dir / "bench_serve_hf_speculative.json"  # a mode of an older run that this one does not run
+    stale.write_text("{}")
     fresh = run_benchmark(tmp_path, INFERENCE_METHOD="target", OVERWRITE="true")
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert sorted(r["request_id"] for r in lines(requests)) == [0, 1]  # 2 new lines, none of the old run
+    assert not stale.exists() and (run_dir / "bench_serve_hf_target.json").is_file()
     run = read_json(run_dir / "run.json")
     assert (run["status"], run["exit_code"]) == ("ok", 0) and run["pid"] != first.pid
     assert read_json(run_dir / "benchmark_results.json")["status"] == "ok"
