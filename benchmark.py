@@ -271,11 +271,10 @@ def run(cfg, pairs, plan, stop: StopSignals) -> int:
     stopped by SIGINT/SIGTERM/SIGHUP). run.json and the result files say the same."""
     from rich.console import Console
 
-    from lib.files import for_display, output_dir
+    from lib.files import for_display
     from lib.gpu_monitor import GPUMonitor
     from lib.results import RunFolder, RunWriter, default_run_id, print_summary
 
-    output_dir(cfg.results_dir, f"RESULTS_DIR={cfg.results_dir}")  # before any work
     folder = RunFolder(cfg, cfg.run_id or default_run_id(cfg))  # refused at once if in use or holding a run
     try:
         console = Console() if sys.stdout.isatty() else Console(width=170)

@@ -55,12 +55,13 @@ class FolderLock:
         self.path = Path(path)
         self.fd: int | None = None
 
-    def acquire(self, holder: str):
+    def acquire(self, holder: str, wait: bool = False):
+        """Take the lock, or raise LockHeld naming its holder (wait: block until it is free instead)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(self.fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 who = os.pread(self.fd, 4096, 0).decode(errors="replace").strip() or "unknown"
                 self._close()

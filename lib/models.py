@@ -6,8 +6,6 @@ downloading anything. They are cached outside the repository under a key made of
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -248,23 +246,14 @@ def eos_ids_of(model) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos]) - {None}
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def cached_build(name: str, key: str, build) -> Path:
     """Return cache_root()/name-key, calling build(tmp_dir) once to fill it (atomic, locked across processes)."""
     final = cache_root() / f"{name}-{key}"
     if (final / "DONE").exists():
         return final
-    with _file_lock(cache_root() / f".{name}-{key}.lock"):
+    lock = files.FolderLock(cache_root() / f".{name}-{key}.lock")
+    lock.acquire(f"pid {os.getpid()} building {final}", wait=True)  # another process may be building it
+    try:
         if (final / "DONE").exists():
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_root()))
@@ -277,6 +266,8 @@ def cached_build(name: str, key: str, build) -> Path:
             tmp.rename(final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        lock.release()
     return final
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
+from lib.decoding import gemv
 from lib.decoding.chain import _Rows, accept_drafts, probabilities, sample
 from lib.types import Generation
 
@@ -306,10 +307,8 @@ def set_options(gemv: bool, tune: bool):
 
 
 def project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    if _Options.gemv:
-        from lib.decoding import gemv
-        if gemv.supports(x, w):
-            return gemv.linear(x, w, b)
+    if _Options.gemv and gemv.supports(x, w):
+        return gemv.linear(x, w, b)
     return F.linear(x, w, b)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from lib.engines.base import Engine, record_from_tokens
 from lib.errors import UsageError
 from lib.log import get_logger
-from lib.models import check_model_dir, load_tokenizer
+from lib.models import load_tokenizer
 from lib.types import Clock, Request, RequestRecord, SpecCounters
 from lib.vllm_support import (
     import_vllm,
@@ -69,10 +69,11 @@ class VLLMEngine(Engine):
     # ------------------------------------------------------------------------------------------ configuration
 
     def _drafter_folder(self, what: str) -> Path:
+        """The draft or head folder (resolve_models checked it before the first mode)."""
         if self.cfg.drafter_model:
-            return check_model_dir(self.cfg.drafter_model, "DRAFTER_MODEL")
+            return Path(self.cfg.drafter_model).expanduser()
         if what == "draft_model" and self.models.draft is not None:
-            return check_model_dir(self.models.draft, "DRAFTER_MODEL")
+            return Path(self.models.draft)
         needed = "a draft model folder" if what == "draft_model" else f"an {what.upper()} head folder"
         raise UsageError(f"VLLM_SPEC_METHOD={what} needs DRAFTER_MODEL set to {needed}")
 
@@ -109,7 +110,6 @@ class VLLMEngine(Engine):
     # ------------------------------------------------------------------------------------------------ start-up
 
     def start(self):
-        check_model_dir(self.models.target, "TARGET_MODEL")
         self.on_cpu = prepare_cpu_environment()
         self.vllm = import_vllm()
         self.dtype = self.cfg.vllm_dtype
