@@ -32,8 +32,10 @@ def _stats(values_ms: list[float], name: str, percentiles: list[float]) -> dict:
     return out
 
 
-def selected_statistics(records: list[RequestRecord], metrics: list[str], percentiles: list[float]) -> dict:
-    done = [request_metrics(r) for r in records if r.finish_reason in ("stop", "length")]
+def selected_statistics(records: list[RequestRecord], per: list, metrics: list[str], percentiles: list[float]
+                        ) -> dict:
+    """per: request_metrics() of each record."""
+    done = [m for r, m in zip(records, per) if r.finish_reason in ("stop", "length")]
     values = {"ttft": [m.ttft_ms for m in done if m.ttft_ms is not None],
               "tpot": [m.tpot_ms for m in done if m.tpot_ms is not None],
               "itl": [x for m in done for x in m.itl_ms],
@@ -45,8 +47,7 @@ def selected_statistics(records: list[RequestRecord], metrics: list[str], percen
     return out
 
 
-def _per_request(records: list[RequestRecord]) -> dict:
-    per = [request_metrics(r) for r in records]
+def _per_request(records: list[RequestRecord], per: list) -> dict:
     ok = [r.finish_reason in ("stop", "length") for r in records]
     return {"input_lens": [r.prompt_tokens for r in records],
             "output_lens": [m.output_tokens if good else 0 for m, good in zip(per, ok)],
@@ -71,10 +72,11 @@ def result(cfg, mode: str, models, requests: list[Request], records: list[Reques
         out.update(ramp_up_strategy=cfg.ramp_up_strategy, ramp_up_start_rps=cfg.ramp_up_start_rps,
                    ramp_up_end_rps=cfg.ramp_up_end_rps)
     out.update({k: getattr(metrics, k) for k in TOP_KEYS}, rtfx=0.0)  # rtfx: vLLM's audio figure, none here
-    out.update(_per_request(records))
+    per = [request_metrics(r) for r in records]
+    out.update(_per_request(records, per))
     if metrics.spec_decode_draft_tokens:
         out.update({k: getattr(metrics, k) for k in VLLM_ACCEPTANCE_KEYS})
-    out.update(selected_statistics(records, *C.percentile_selection(cfg)))
+    out.update(selected_statistics(records, per, *C.percentile_selection(cfg)))
     return out
 
 

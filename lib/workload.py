@@ -54,13 +54,13 @@ def load_sharegpt(folder: str | Path, tokenizer, fixed_output_len: int | None = 
     if not d.is_dir():
         raise UsageError(f"SHAREGPT_DIR={folder}: no such folder (expected a folder with "
                          f"{', '.join(SHAREGPT_FILES)} or *.json arrays)")
-    files = [d / f for f in SHAREGPT_FILES if (d / f).is_file()] or sorted(d.glob("*.json")) + sorted(
+    paths = [d / f for f in SHAREGPT_FILES if (d / f).is_file()] or sorted(d.glob("*.json")) + sorted(
         d.glob("*.jsonl"))
-    if not files:
+    if not paths:
         raise UsageError(f"SHAREGPT_DIR={folder}: none of {', '.join(SHAREGPT_FILES)} (or any *.json/*.jsonl) "
                          "is in the folder")
-    stats, prompts = LoadStats("sharegpt", [f.name for f in files]), []
-    for f in files:
+    stats, prompts = LoadStats("sharegpt", [f.name for f in paths]), []
+    for f in paths:
         for entry in json_entries(f, f"SHAREGPT_DIR file {f}", CONVERSATIONS):
             stats.entries += 1
             turns = None if entry is MALFORMED else _turns(entry)

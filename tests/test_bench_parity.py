@@ -15,7 +15,7 @@ from lib import config as C
 from lib.arrivals import vllm_arrivals
 from lib.bench_serve import interval, selected_statistics
 from lib.files import ROOT
-from lib.metrics import VLLM_ACCEPTANCE_KEYS, aggregate
+from lib.metrics import VLLM_ACCEPTANCE_KEYS, aggregate, request_metrics
 from lib.types import Clock
 from lib.workload import build_requests, load_prompts, load_sharegpt, token_count
 
@@ -81,7 +81,7 @@ def test_vllm_calculate_metrics_gives_speclabs_figures(sd_run):
                                                                          rel=1e-9), (stat, metric)
         expected = dict(getattr(theirs, f"percentiles_{metric}_ms"))
         assert [getattr(ours, f"p{p}_{metric}_ms") for p in (90, 99)] == pytest.approx([expected[90], expected[99]])
-        picked = selected_statistics(records, [metric], [25.5])
+        picked = selected_statistics(records, [request_metrics(r) for r in records], [metric], [25.5])
         assert picked[f"p25.5_{metric}_ms"] == pytest.approx(expected[25.5], rel=1e-9)
     # the per-token view keeps the zero gaps inside a round, so it differs from vLLM's ITL
     assert ours.median_itl_per_token_ms == 0 and ours.mean_itl_per_token_ms < ours.mean_itl_ms
