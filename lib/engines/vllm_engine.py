@@ -23,7 +23,7 @@ from pathlib import Path
 from lib.engines.base import Engine, record_from_tokens
 from lib.errors import UsageError
 from lib.log import get_logger
-from lib.models import load_tokenizer
+from lib.models import check_model_dir, load_tokenizer
 from lib.types import Clock, Request, RequestRecord, SpecCounters
 from lib.vllm_support import (
     import_vllm,
@@ -69,9 +69,9 @@ class VLLMEngine(Engine):
     # ------------------------------------------------------------------------------------------ configuration
 
     def _drafter_folder(self, what: str) -> Path:
-        """The draft or head folder (resolve_models checked it before the first mode)."""
+        """The draft or head folder, checked here too: the engine is also built on its own, without resolve_models."""
         if self.cfg.drafter_model:
-            return Path(self.cfg.drafter_model).expanduser()
+            return check_model_dir(self.cfg.drafter_model, "DRAFTER_MODEL")
         if what == "draft_model" and self.models.draft is not None:
             return Path(self.models.draft)
         needed = "a draft model folder" if what == "draft_model" else f"an {what.upper()} head folder"
