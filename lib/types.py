@@ -51,6 +51,9 @@ class RequestRecord:
     finish_reason: str  # stop | length | error | cancelled
     error: str | None = None
     spec: SpecCounters | None = None
+    # per output token, the target's top-1 minus top-2 log-probability where that token was chosen (equal to the
+    # logit margin); None where the engine does not give it. The losslessness verdict reads it.
+    top2_margin: list[float] | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
