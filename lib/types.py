@@ -54,6 +54,9 @@ class RequestRecord:
     # per output token, the target's top-1 minus top-2 log-probability where that token was chosen (equal to the
     # logit margin); None where the engine does not give it. The losslessness verdict reads it.
     top2_margin: list[float] | None = None
+    # per output token, the target's largest logit there: the scale of the rounding bound that tells a tie from a
+    # bug; None where the engine gives log-probabilities only
+    top_logit: list[float] | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -84,6 +87,9 @@ class Generation:
     draft_tokens: list[int] = field(default_factory=list)
     accepted_tokens: list[int] = field(default_factory=list)
     accepted_per_position: list[list[int]] = field(default_factory=list)
+    # per row and output token, the target's top-2 logit margin and top logit where it was emitted (empty: not kept)
+    top2_margins: list[list[float]] = field(default_factory=list)
+    top_logits: list[list[float]] = field(default_factory=list)
 
     @classmethod
     def for_speculation(cls, batch: int, gamma: int) -> Generation:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from lib.decoding import fast_path
-from lib.decoding.chain import autoregressive_generate, speculative_generate
+from lib.decoding.chain import autoregressive_generate, speculative_generate, top2
 from lib.engines import METHOD_BY_NAME
 from lib.engines.base import Engine, record_from_tokens
 from lib.layout import placement_from_config
@@ -80,8 +80,11 @@ def _assisted(engine: PyTorchEngine, prompts: list[list[int]], max_new: int) -> 
                 torch.tensor([prompt], device=engine.target.device), assistant_model=engine.draft,
                 max_new_tokens=max_new, do_sample=sampled, temperature=cfg.temperature if sampled else None,
                 top_k=0 if sampled else None, streamer=streamer, pad_token_id=engine.pad_id,
-                eos_token_id=sorted(engine.eos_ids) or None)
-        ids = out[0, len(prompt):].tolist()
+                eos_token_id=sorted(engine.eos_ids) or None, return_dict_in_generate=True, output_logits=True)
+        ids = out.sequences[0, len(prompt):].tolist()
+        tops = top2(torch.stack(out.logits)[:, 0]).tolist()  # the target's logits of each new token, one copy
+        gen.top2_margins.append([t[0] for t in tops])
+        gen.top_logits.append([t[1] for t in tops])
         stop = bool(ids) and ids[-1] in engine.eos_ids
         gen.tokens.append(ids)
         gen.token_times.append(streamer.times[: len(ids)])
@@ -258,7 +261,11 @@ class PyTorchEngine(Engine):
             if gen.num_drafts:
                 spec = SpecCounters(gen.num_drafts[row], gen.draft_tokens[row], gen.accepted_tokens[row],
                                     gen.accepted_per_position[row])
-            records.append(record_from_tokens(request, ids, times, start, reason, self.tokenizer, spec))
+            record = record_from_tokens(request, ids, times, start, reason, self.tokenizer, spec)
+            if gen.top2_margins:
+                record.top2_margin = gen.top2_margins[row][: len(ids)]
+                record.top_logit = gen.top_logits[row][: len(ids)]
+            records.append(record)
         return records
 
     def _count_weight_reads(self, gen: Generation):

@@ -6,6 +6,9 @@ Two ways in, chosen by the workload:
   new token gets its own timestamp (LLM.generate only returns finished requests).
 - rate runs (some arrival > 0) go through the async engine (`AsyncLLM`, vLLM's serving engine): each request is
   submitted at its arrival and streamed, one timestamp per new token.
+Greedy runs with LOSSLESS_CHECK on ask vLLM for the top-2 logits of every sampled token (logprobs=2 with
+logprobs_mode raw_logits; in SD mode vLLM's rejection sampler gives the target's), which the losslessness verdict
+reads (RequestRecord.top2_margin and .top_logit).
 Acceptance comes from vLLM's own Prometheus counters (per engine, not per request): the difference over one run
 is left in `run_spec_counters` (records keep spec=None so nothing is counted twice) and the raw difference in
 `raw_spec_metrics`.
@@ -50,6 +53,18 @@ def shield_llvmlite_from_kernel_scan():
     table = getattr(getattr(ffi, "lib", None), "_fntab", None)
     if isinstance(table, dict) and not isinstance(table.get("__dict__"), dict):
         table["__dict__"] = {}
+
+
+def top2_of(logprobs, count: int) -> list[tuple[float, float] | None]:
+    """(top-1 minus top-2, top-1) per new token from vLLM's entries ({token: Logprob} per position: the top 2, and
+    the sampled token when it is not among them); None per token where vLLM gave none."""
+    if not logprobs:
+        return [None] * count
+    out = []
+    for entry in logprobs:
+        values = sorted((lp.logprob for lp in (entry or {}).values()), reverse=True)
+        out.append((values[0] - values[1], values[0]) if len(values) >= 2 else None)
+    return out
 
 
 class VLLMEngine(Engine):
@@ -101,7 +116,13 @@ class VLLMEngine(Engine):
             kwargs["enforce_eager"] = True  # compiled/bf16 CPU attention paths crash on some CPUs
         if self.speculative_config:
             kwargs["speculative_config"] = dict(self.speculative_config)
+        if self.wants_top2():
+            kwargs["logprobs_mode"] = "raw_logits"  # the logits themselves: their magnitude sets the tie bound
         return kwargs
+
+    def wants_top2(self) -> bool:
+        """The losslessness verdict's top-2 logits per token: greedy runs with LOSSLESS_CHECK on."""
+        return self.cfg.temperature <= 0 and self.cfg.lossless_check != "off"
 
     @classmethod
     def context_length(cls, cfg, method: str, models) -> tuple[int, str]:
@@ -209,7 +230,8 @@ class VLLMEngine(Engine):
         from vllm.sampling_params import RequestOutputKind
         seed = self.cfg.seed + request.request_id if self.cfg.temperature > 0 else None
         return self.vllm.SamplingParams(temperature=self.cfg.temperature, max_tokens=request.max_new_tokens,
-                                        seed=seed, detokenize=False, output_kind=RequestOutputKind.DELTA)
+                                        seed=seed, detokenize=False, output_kind=RequestOutputKind.DELTA,
+                                        logprobs=2 if self.wants_top2() else None)
 
     def _prompt(self, request: Request) -> dict:
         return {"prompt_token_ids": list(request.prompt_ids)}
@@ -238,20 +260,24 @@ class VLLMEngine(Engine):
     def _vllm_id(self, request: Request) -> str:
         return f"speclab-{self._runs}-{request.request_id}"
 
-    def _finish(self, request: Request, ids: list[int], times: list[float], start: float, reason) -> RequestRecord:
-        return record_from_tokens(request, ids, times, start, FINISH_REASONS.get(reason, str(reason)),
-                                  self.tokenizer)
+    def _finish(self, request: Request, ids: list[int], times: list[float], start: float, reason,
+                tops: list[tuple]) -> RequestRecord:
+        record = record_from_tokens(request, ids, times, start, FINISH_REASONS.get(reason, str(reason)),
+                                    self.tokenizer)
+        if self.wants_top2() and len(tops) == len(ids) and all(t is not None for t in tops):
+            record.top2_margin, record.top_logit = [t[0] for t in tops], [t[1] for t in tops]
+        return record
 
     def _run_offline(self, requests, clock: Clock, on_done, should_stop):
         engine = self.llm.llm_engine
-        by_id, ids, times, starts = {}, {}, {}, {}
+        by_id, ids, times, starts, tops = {}, {}, {}, {}, {}
         waiting = list(requests)
 
         def admit():  # MAX_CONCURRENCY: a request enters when one in flight has finished
             while waiting and (not self.cfg.max_concurrency or len(ids) < self.cfg.max_concurrency):
                 request = waiting.pop(0)
                 rid = self._vllm_id(request)
-                by_id[rid], ids[rid], times[rid], starts[rid] = request, [], [], clock.now()
+                by_id[rid], ids[rid], times[rid], starts[rid], tops[rid] = request, [], [], clock.now(), []
                 engine.add_request(rid, self._prompt(request), self._sampling_params(request))
 
         admit()
@@ -268,9 +294,10 @@ class VLLMEngine(Engine):
                 new = list(out.outputs[0].token_ids)
                 ids[rid] += new
                 times[rid] += [now] * len(new)
+                tops[rid] += top2_of(out.outputs[0].logprobs, len(new))
                 if out.finished:
                     on_done(self._finish(by_id[rid], ids.pop(rid), times[rid], starts[rid],
-                                         out.outputs[0].finish_reason))
+                                         out.outputs[0].finish_reason, tops[rid]))
             admit()
 
     async def _run_async(self, requests, clock: Clock, on_done, should_stop):
@@ -285,7 +312,7 @@ class VLLMEngine(Engine):
         async def admitted(request: Request):
             if should_stop():
                 return
-            start, ids, times, reason = clock.now(), [], [], None
+            start, ids, times, tops, reason = clock.now(), [], [], [], None
             stream = self.async_engine.generate(self._prompt(request), self._sampling_params(request),
                                                 self._vllm_id(request))
             async for out in stream:
@@ -293,8 +320,9 @@ class VLLMEngine(Engine):
                 now = clock.now()
                 ids += new
                 times += [now] * len(new)
+                tops += top2_of(out.outputs[0].logprobs, len(new))
                 if out.finished:
                     reason = out.outputs[0].finish_reason
-            on_done(self._finish(request, ids, times, start, reason))
+            on_done(self._finish(request, ids, times, start, reason, tops))
 
         await asyncio.gather(*(one(r) for r in sorted(requests, key=lambda r: r.arrival)))
