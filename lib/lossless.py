@@ -10,9 +10,12 @@ Greedy runs (TEMPERATURE=0), request by request:
   separates them). A difference is a `numerical tie` when every margin known there is within the bound, a
   `MISMATCH` when one is above it, and `unexplained` when the engine gave no margins (the tokens differ and
   nothing says why). The mode's verdict is the worst of its requests: MISMATCH > unexplained > numerical tie.
-- The bound is lib/numerics.tie_bound: TIE_ULPS units in the last place of the dtype at the magnitude of the
-  target's top logit there (float32 at a logit of 10: 4 x 2**-20 ~ 3.8e-6; bfloat16: 4 x 2**-4 = 0.25). Where the
-  engine gives log-probabilities only, the magnitude is taken as ASSUMED_LOGIT_SCALE, and the verdict says so.
+- The bound is lib/numerics.tie_bound: u units in the last place of the dtype at the magnitude of the target's top
+  logit there, u the larger of TIE_ULPS and DRIFT_FACTOR x the drift measured in this run: the largest difference
+  between the AR and the SD run's margin, in ulps, over the positions where they agree (the same context computed
+  two ways, so what rounding alone does here; the tiny float32 pair drifts by up to 8 ulps between a 5-token
+  verify and a 1-token step). Float32 at a top logit of 10 and 4 ulps: 4 x 2**-20 ~ 3.8e-6; bfloat16: 0.25. Where
+  the engine gives log-probabilities only, the magnitude is taken as ASSUMED_LOGIT_SCALE, and the verdict says so.
 Requests that did not finish on both sides are `not_compared` (a count).
 
 Sampled runs (TEMPERATURE > 0) cannot be compared token by token; the check is distributional, the idea of the
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lib.numerics import EPSILON, TIE_ULPS, tie_bound
+from lib.numerics import EPSILON, TIE_ULPS, tie_bound, ulp
 from lib.types import RequestRecord
 
 EXIT_CODE = 3  # LOSSLESS_CHECK=fail and a MISMATCH or DIFFERENT verdict (only when the run would exit 0)
@@ -37,6 +40,7 @@ ASSUMED_LOGIT_SCALE = 32.0  # an LLM's top logits are mostly 10-30; the scale wh
 ASSUMED_DTYPE = "bfloat16"  # the coarsest dtype logits are served in: the bound where the engine's dtype is unknown
 DTYPE_NAMES = {"float32": "float32", "float": "float32", "fp32": "float32", "float16": "float16",
                "half": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+DRIFT_FACTOR = 2.0  # the bound's ulps: at least twice the margin drift measured where the two runs agree
 ALPHA = 1e-3  # sampled runs: p below this is DIFFERENT
 PERMUTATIONS = 4000
 MIN_TOKEN_COUNT = 10  # a token is its own category of the chi-square when both runs emitted it this often together
@@ -74,12 +78,37 @@ def _at(values: list[float] | None, position: int) -> float | None:
     return values[position] if values is not None and position < len(values) else None
 
 
-def classify(ar: RequestRecord, sd: RequestRecord, position: int, dtype: str | None) -> dict:
+def agreed_length(a: list[int], b: list[int]) -> int:
+    position = first_difference(a, b)
+    return len(a) if position is None else position
+
+
+def margin_drift(pairs: list[tuple], dtype: str | None) -> tuple[float | None, int]:
+    """(the largest |AR margin - SD margin| in ulps of the top logit, over the positions where the two runs have
+    the same context and both gave margins; how many positions that is)."""
+    worst, count = None, 0
+    for a, b in pairs:
+        for i in range(agreed_length(a.output_ids, b.output_ids)):
+            m_ar, m_sd = _at(a.top2_margin, i), _at(b.top2_margin, i)
+            if m_ar is None or m_sd is None:
+                continue
+            top = _at(a.top_logit, i)
+            spacing = ulp(max(abs(top) if top is not None else ASSUMED_LOGIT_SCALE, 1.0), dtype or ASSUMED_DTYPE)
+            drift = abs(m_ar - m_sd) / spacing
+            worst, count = drift if worst is None else max(worst, drift), count + 1
+    return worst, count
+
+
+def bound_ulps(drift_ulps: float | None) -> float:
+    return max(float(TIE_ULPS), DRIFT_FACTOR * (drift_ulps or 0.0))
+
+
+def classify(ar: RequestRecord, sd: RequestRecord, position: int, dtype: str | None, ulps: float) -> dict:
     """One differing request: its first difference, the margins there and what they say."""
     margins = {"ar": _at(ar.top2_margin, position), "sd": _at(sd.top2_margin, position)}
     tops = [t for t in (_at(ar.top_logit, position), _at(sd.top_logit, position)) if t is not None]
     scale = max(abs(t) for t in tops) if tops else ASSUMED_LOGIT_SCALE
-    bound = tie_bound(scale, dtype or ASSUMED_DTYPE)
+    bound = tie_bound(scale, dtype or ASSUMED_DTYPE, ulps)
     known = [m for m in margins.values() if m is not None]
     kind = "unexplained" if not known else "numerical tie" if max(known) <= bound else "MISMATCH"
     return {"request_id": ar.request_id, "position": position, "ar_token": _at(ar.output_ids, position),
@@ -87,27 +116,30 @@ def classify(ar: RequestRecord, sd: RequestRecord, position: int, dtype: str | N
             "top_logit": max(tops, key=abs) if tops else None, "bound": bound, "class": kind}
 
 
-def bound_rule(dtype: str | None, scale_known: bool) -> dict:
-    return {"dtype": dtype or f"unknown ({ASSUMED_DTYPE} assumed)", "ulps": TIE_ULPS,
+def bound_rule(dtype: str | None, scale_known: bool, drift: tuple[float | None, int]) -> dict:
+    return {"dtype": dtype or f"unknown ({ASSUMED_DTYPE} assumed)", "ulps": bound_ulps(drift[0]),
+            "floor_ulps": TIE_ULPS, "measured_drift_ulps": drift[0], "positions_measured": drift[1],
             "epsilon": EPSILON[dtype or ASSUMED_DTYPE],
             "scale": "the target's top logit at the difference" if scale_known else
                      f"{ASSUMED_LOGIT_SCALE:g} (assumed: the engine gives log-probabilities, not logits)",
-            "rule": "tie when every known top-2 margin there is <= ulps x epsilon x 2**floor(log2(max(|scale|, 1)))"}
+            "rule": "tie when every known top-2 margin there is <= ulps x epsilon x 2**floor(log2(max(|scale|, 1))), "
+                    f"ulps = max(floor_ulps, {DRIFT_FACTOR:g} x measured_drift_ulps)"}
 
 
 def greedy_verdict(ar: list[RequestRecord], sd: list[RequestRecord], dtype: str | None) -> dict:
     pairs, not_compared = paired(ar, sd)
+    drift = margin_drift(pairs, dtype)
     differences = []
     for a, b in pairs:
         position = first_difference(a.output_ids, b.output_ids)
         if position is not None:
-            differences.append(classify(a, b, position, dtype))
+            differences.append(classify(a, b, position, dtype, bound_ulps(drift[0])))
     verdict = max((d["class"] for d in differences), key=SEVERITY.index, default="exact")
     scale_known = all(d["top_logit"] is not None for d in differences)
     return {"check": "greedy", "verdict": verdict if pairs else "not compared", "compared": len(pairs),
             "equal": len(pairs) - len(differences), "not_compared": not_compared,
             "margins": "known" if any(r.top2_margin is not None for pair in pairs for r in pair) else "unknown",
-            "bound": bound_rule(dtype, scale_known), "differences": differences}
+            "bound": bound_rule(dtype, scale_known, drift), "differences": differences}
 
 
 def token_categories(pairs: list[tuple]) -> list[int]:

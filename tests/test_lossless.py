@@ -75,6 +75,22 @@ def test_near_tie_is_a_numerical_tie_and_a_confident_difference_a_mismatch():
     assert lossless.greedy_verdict(ar[:1], sd[:1], "float32")["verdict"] == "MISMATCH"  # 0.125 is no float32 tie
 
 
+def test_the_drift_measured_where_the_runs_agree_widens_the_bound():
+    """float32, top logit 12 (one ulp 2**-20): margins of the agreeing positions differ by up to 3 ulps, so the
+    bound is 2 x 3 = 6 ulps; a flip with margins of 5 ulps is a tie then, and would not be at the floor of 4."""
+    u = 2.0 ** -20
+    ar = [record(0, [1, 2, 3], [1.0, 0.5, 5 * u], [12.0] * 3), record(1, [4, 5], [2.0, 1.0], [12.0] * 2)]
+    sd = [record(0, [1, 2, 7], [1.0 + 3 * u, 0.5 - u, 4 * u], [12.0] * 3), record(1, [4, 5], [2.0, 1.0], [12.0] * 2)]
+    out = lossless.greedy_verdict(ar, sd, "float32")
+    bound = out["bound"]
+    assert bound["measured_drift_ulps"] == pytest.approx(3.0) and bound["positions_measured"] == 4
+    assert bound["ulps"] == pytest.approx(6.0) and bound["floor_ulps"] == 4
+    (diff,) = out["differences"]
+    assert diff["bound"] == pytest.approx(6 * u) and out["verdict"] == "numerical tie"
+    assert lossless.greedy_verdict(ar[:1], [record(0, [1, 2, 7], [1.0, 0.5, 4 * u], [12.0] * 3)],
+                                   "float32")["verdict"] == "MISMATCH"  # no drift: 5 ulps is over the floor of 4
+
+
 def test_one_margin_over_the_bound_makes_it_a_mismatch():
     ar = [record(0, [1, 2], [1.0, 0.1], [10.0, 10.0])]
     sd = [record(0, [1, 3], [1.0, 0.9], [10.0, 10.0])]  # the SD run's target was sure of another token
@@ -136,11 +152,11 @@ def test_sd_sampling_of_the_tiny_pair_is_consistent_with_ar(tiny_models, tiny_to
     from lib.models import load_model
     torch.set_num_threads(2)
     target, draft = load_model(tiny_models.target), load_model(tiny_models.draft)
-    prompts = [tiny_tokenizer.encode(p) for p in shipped_prompts[:4]] * 15
+    prompts = [tiny_tokenizer.encode(p) for p in shipped_prompts[:4]] * 30  # 120 requests of 12 tokens
     kw = dict(temperature=1.0, eos_ids=set(), pad_id=0)
-    ar = autoregressive_generate(target, prompts, 8, generator=torch.Generator().manual_seed(1), **kw)
-    sd = speculative_generate(target, draft, prompts, 8, 3, generator=torch.Generator().manual_seed(2), **kw)
-    other = autoregressive_generate(draft, prompts, 8, generator=torch.Generator().manual_seed(3), **kw)
+    ar = autoregressive_generate(target, prompts, 12, generator=torch.Generator().manual_seed(1), **kw)
+    sd = speculative_generate(target, draft, prompts, 12, 3, generator=torch.Generator().manual_seed(2), **kw)
+    other = autoregressive_generate(draft, prompts, 12, generator=torch.Generator().manual_seed(3), **kw)
 
     def records(gen):
         return [record(i, tokens) for i, tokens in enumerate(gen.tokens)]
@@ -204,7 +220,9 @@ def test_float32_cpu_run_is_exact_with_margins_in_the_request_lines(monkeypatch,
     for mode in ("hf:speculative", "hf:assisted"):
         verdict = results["modes"][mode]["lossless"]
         assert verdict["verdict"] == "exact" and verdict["compared"] == 3 and verdict["not_compared"] == 0
-        assert verdict["margins"] == "known"
+        assert verdict["margins"] == "known" and verdict["bound"]["dtype"] == "float32"
+        # the margins of two computations of the same logits: a few ulps apart, and measured
+        assert verdict["bound"]["positions_measured"] > 0 and verdict["bound"]["measured_drift_ulps"] < 16
     lines = {m: {json.loads(line)["request_id"]: json.loads(line) for line in
                  (run_dir / f"requests_hf_{m}.jsonl").read_text().splitlines()} for m in ("target", "speculative")}
     for rid, ar in lines["target"].items():
