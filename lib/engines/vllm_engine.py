@@ -204,11 +204,17 @@ class VLLMEngine(Engine):
     def describe(self) -> dict:
         return {"engine": self.name, "method": self.method,
                 "effective_method": "speculative" if self.use_speculative else "target",
-                "vllm": self.vllm.__version__, "device": "cpu" if self.on_cpu else "cuda", "dtype": self.dtype,
+                "vllm": self.vllm.__version__, "device": "cpu" if self.on_cpu else "cuda", "dtype": self._dtype_run(),
                 "speculative_config": self.speculative_config,
                 "tensor_parallel_size": self.cfg.vllm_tensor_parallel_size,
                 "gpu_memory_utilization": self.cfg.vllm_gpu_memory_utilization,
                 "max_model_len": self.cfg.vllm_max_model_len, "max_num_seqs": self.cfg.vllm_max_num_seqs}
+
+    def _dtype_run(self) -> str:
+        """The dtype vLLM runs (VLLM_DTYPE=auto resolved by vLLM from the model; the losslessness bound needs it)."""
+        engine = self.llm.llm_engine if self.llm is not None else self.async_engine
+        dtype = getattr(getattr(engine, "model_config", None), "dtype", None)
+        return str(dtype).removeprefix("torch.") if dtype is not None else self.dtype
 
     def weight_bytes(self) -> int:
         """Parameters x bytes per element at the dtype vLLM runs (headers only; no tensor is read)."""
