@@ -1,4 +1,5 @@
-"""The losslessness verdict: does each SD mode emit what the target-only AR mode of the same engine and run emits?
+"""The losslessness verdict: does each SD mode emit what the target-only AR mode of the same run emits (the same
+engine's, else the run's first)?
 
 It reads only RequestRecords, so every engine whose records carry output_ids gets it; the top-2 figures
 (RequestRecord.top2_margin, .top_logit) tell a rounding tie from a bug where the engine gives them.
@@ -191,9 +192,10 @@ def sampled_verdict(ar: list[RequestRecord], sd: list[RequestRecord], seed: int 
 
 
 def baseline_of(mode: str, modes: dict) -> str | None:
-    """The target-only mode of the same engine, if the run has it."""
-    engine = mode.partition(":")[0]
-    return f"{engine}:target" if f"{engine}:target" in modes and mode != f"{engine}:target" else None
+    """The target-only mode of the same engine, else the run's first target-only mode (COMPARE_MODES may pair
+    engines), or None."""
+    own = f"{mode.partition(':')[0]}:target"
+    return own if own in modes else next((m for m in modes if m.endswith(":target")), None)
 
 
 def attach(modes: dict, records: dict[str, list[RequestRecord]], temperature: float, seed: int = 0) -> list[str]:
@@ -204,7 +206,7 @@ def attach(modes: dict, records: dict[str, list[RequestRecord]], temperature: fl
             continue
         base = baseline_of(mode, modes)
         if base is None or mode not in records or base not in records:
-            result["lossless"] = {"verdict": "not compared", "reason": "no target-only mode of this engine ran"}
+            result["lossless"] = {"verdict": "not compared", "reason": "no target-only mode ran"}
             continue
         block = (greedy_verdict(records[base], records[mode], logits_dtype(result)) if temperature <= 0
                  else sampled_verdict(records[base], records[mode], seed))

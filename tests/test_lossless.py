@@ -115,14 +115,20 @@ def test_a_prefix_differs_where_the_shorter_output_ends():
     assert lossless.first_difference([4, 2], [1, 2]) == 0
 
 
-def test_attach_uses_the_same_engines_target_mode():
-    modes = {"hf:target": {}, "hf:speculative": {"engine": {"dtype": "float32"}}, "vllm:speculative": {}}
+def test_attach_prefers_the_same_engines_target_mode():
+    modes = {"hf:target": {}, "vllm:target": {}, "hf:speculative": {"engine": {"dtype": "float32"}},
+             "vllm:speculative": {}, "llamacpp:speculative": {}}
     records = {m: [record(0, [1, 2])] for m in modes}
-    assert lossless.attach(modes, records, 0.0) == []
+    records["vllm:speculative"] = [record(0, [1, 3], [1.0, 5.0], [10.0, 10.0])]
+    assert lossless.attach(modes, records, 0.0) == ["vllm:speculative"]
     assert modes["hf:speculative"]["lossless"]["verdict"] == "exact"
     assert modes["hf:speculative"]["lossless"]["baseline"] == "hf:target"
-    assert modes["vllm:speculative"]["lossless"]["verdict"] == "not compared"
-    assert "lossless" not in modes["hf:target"]
+    assert modes["vllm:speculative"]["lossless"]["baseline"] == "vllm:target"
+    assert modes["llamacpp:speculative"]["lossless"]["baseline"] == "hf:target"  # the run's first
+    assert "lossless" not in modes["hf:target"] and "lossless" not in modes["vllm:target"]
+    alone = {"hf:speculative": {}}
+    lossless.attach(alone, {"hf:speculative": [record(0, [1])]}, 0.0)
+    assert alone["hf:speculative"]["lossless"]["verdict"] == "not compared"
 
 
 # ---------------------------------------------------------------- temperature > 0
@@ -233,6 +239,15 @@ def test_float32_cpu_run_is_exact_with_margins_in_the_request_lines(monkeypatch,
         assert np.allclose(ar["top2_margin"], sd["top2_margin"], atol=1e-4)
         assert np.allclose(ar["top_logit"], sd["top_logit"], atol=1e-4)
     assert "exact" in capsys.readouterr().out
+
+
+def test_sampled_run_gets_the_distribution_check_and_says_how_little_it_tells(monkeypatch, tmp_path, capsys):
+    code, results, _ = run_main(monkeypatch, tmp_path, TEMPERATURE=1.0)
+    verdict = results["modes"]["hf:speculative"]["lossless"]
+    assert code == 0 and verdict["check"] == "distribution" and verdict["compared"] == 3
+    assert verdict["verdict"] == "inconclusive" and "smallest p-value they can give is 0.12" in verdict["note"]
+    assert 0 < verdict["p_value"] <= 1 and verdict["tokens"]["ar"] > 0
+    assert "lossless (inconclusive)" in capsys.readouterr().out
 
 
 def test_lossless_check_off_writes_no_verdict(monkeypatch, tmp_path):
