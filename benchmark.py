@@ -27,7 +27,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run_benchmark.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Precedence: defaults < environment variables < flags.\nExit codes: 0 ok, 1 a mode failed, 2 bad input, "
-        "3 a losslessness verdict MISMATCH (greedy) or DIFFERENT (sampled) with LOSSLESS_CHECK=fail (the result "
+        "3 a losslessness verdict MISMATCH (greedy) or DIFFERENT (sampled)\nunder LOSSLESS_CHECK=fail (the result "
         "files hold it), 130/143/129 stopped by SIGINT/SIGTERM/SIGHUP.", add_help=add_help)
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved configuration and the plan, then exit (loads nothing)")

@@ -232,11 +232,11 @@ VARS: list[Var] = [
         "(vLLM's --percentile-metrics): comma-separated ttft, tpot, itl, e2el", G_OUT),
     Var("METRIC_PERCENTILES", "str", "99", "percentiles of those metrics (vLLM's --metric-percentiles), e.g. "
         "'25,50,99'", G_OUT),
-    Var("LOSSLESS_CHECK", "choice", "fail", "the losslessness verdict of each SD mode against its engine's "
-        "target-only mode (README, Losslessness verdict): fail (a MISMATCH, or at TEMPERATURE > 0 a DIFFERENT token "
-        "distribution, ends the run with exit code 3 once the result files hold the verdict), warn (the verdict is "
-        "written and shown; the exit code is unchanged), off (no verdict; engines skip the top-2 logprobs it reads)",
-        G_OUT, choices=("fail", "warn", "off")),
+    Var("LOSSLESS_CHECK", "choice", "fail", "the losslessness verdict of each SD mode against the target-only "
+        "mode (its engine's, else the run's first; README, Losslessness verdict): fail (a MISMATCH, or at "
+        "TEMPERATURE > 0 a DIFFERENT token distribution, ends the run with exit code 3 once the result files hold "
+        "the verdict), warn (the verdict is written and shown; the exit code is unchanged), off (no verdict; engines "
+        "skip the top-2 logprobs it reads)", G_OUT, choices=("fail", "warn", "off")),
     Var("METADATA", "str", "", "space-separated KEY=VALUE pairs written into bench_serve_<mode>.json (vLLM's "
         "--metadata)", G_OUT),
     # vLLM
