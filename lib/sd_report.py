@@ -14,7 +14,7 @@ MEASURED_AS = "mean TPOT of the baseline / mean TPOT of this mode"
 
 
 def _tpot(result: dict | None) -> float | None:
-    return ((result or {}).get("metrics") or {}).get("latency", {}).get("mean_tpot_ms")
+    return (((result or {}).get("metrics") or {}).get("latency") or {}).get("mean_tpot_ms")
 
 
 def _energy_per_token(result: dict | None) -> float | None:

@@ -120,7 +120,7 @@ class LlamaCppEngine(Engine):
 
     def describe(self) -> dict:
         return {"engine": self.name, "method": self.method, "llama_cpp_python": self.version,
-                "n_threads": self.threads, "target_gguf": self.target_path.name,
+                "n_threads": self.threads, "model": str(self.target_folder), "target_gguf": self.target_path.name,
                 "gamma": self.cfg.gamma_value if self.draft is not None else None, "kv_cache_type": "f32"}
 
     def weight_bytes(self) -> int:
