@@ -255,7 +255,7 @@ def print_summary(modes: dict, comparisons: list[dict], run_dir: Path, console=N
         console.print(comparison_line(c))
     from lib.sd_report import summary_lines
     for line in summary_lines(modes):
-        console.print(line, markup=False)
+        console.print(line, markup=False, soft_wrap=True)  # one line per mode, for logs and greps
     for mode, res in modes.items():
         for line in (repeats_line(mode, res), category_line(mode, res)):
             if line:
