@@ -183,3 +183,38 @@ def test_plan_adds_the_draft_as_target_mode(env, expected):
 def test_draft_method_is_not_a_choice_and_bad_values_are_refused(env, needle):
     with pytest.raises(UsageError, match=needle):
         resolve(None, env)
+
+
+# ---------------------------------------------------------------- the loops' step timing (lib/decoding/timing.py)
+
+@pytest.fixture(scope="module")
+def random_pair():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    target = LlamaForCausalLM(config).eval()
+    draft = LlamaForCausalLM(LlamaConfig(**{**config.to_dict(), "num_hidden_layers": 1})).eval()
+    return target, draft
+
+
+def test_both_sd_loops_time_every_round(random_pair):
+    from lib.decoding import fast_path
+    from lib.decoding.chain import speculative_generate
+    from lib.decoding.timing import plain_step_seconds, step_seconds
+    target, draft = random_pair
+    prompts, gamma = [[1, 2, 3, 4, 5]], 3
+    plain = speculative_generate(target, draft, prompts, 20, gamma)
+    decoders = [fast_path.StaticDecoder(fast_path.weights_from_hf(m, 256), 1, 64) for m in (target, draft)]
+    fast = fast_path.static_speculative_generate(*decoders, prompts, 20, gamma)
+    for gen in (plain, fast):
+        times = gen.step_times
+        assert times.verify_rounds == gen.num_drafts[0] > 0  # batch 1: one verify step per counted round
+        assert times.draft_steps == gamma * times.verify_rounds
+        assert times.draft_s > 0 and times.verify_s > 0
+    assert plain_step_seconds(target, prompts, repeats=3) > 0
+    assert plain_step_seconds(target, [[1, 2, 3], [4, 5]], repeats=2) > 0  # a batch, left-padded
+    assert step_seconds(decoders[0], 1, repeats=3) > 0
+    # the measurement writes only uncommitted cache columns: the next generation is unchanged
+    assert fast_path.static_speculative_generate(*decoders, prompts, 20, gamma).tokens == fast.tokens == plain.tokens
