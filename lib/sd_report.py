@@ -9,8 +9,9 @@ token, and TPOT leaves out TTFT's queueing and prefill.
 from __future__ import annotations
 
 from lib import sd_model
+from lib.metrics import compare
 
-MEASURED_AS = "mean TPOT of the baseline / mean TPOT of this mode"
+MEASURED_AS = "tpot_speedup: mean TPOT of the baseline / mean TPOT of this mode (lib/metrics.compare)"
 
 
 def _tpot(result: dict | None) -> float | None:
@@ -61,10 +62,11 @@ def mode_model(mode: str, modes: dict) -> dict | None:
     if c is None and inputs.get("draft_mode"):
         c, c_source = draft_cost(mode, inputs["draft_mode"], modes)
     baseline = baseline_of(mode, modes)
-    base = modes.get(baseline) if baseline else None
+    base = modes[baseline] if baseline else None
+    measured = compare(base, result)["tpot_speedup"] if base else None
     model = sd_model.analyse(acceptance["per_position_acceptance_rate"], c, c_source, inputs["verify_cost"],
-                             inputs["verify_cost_source"], _ratio(_tpot(base), _tpot(result)),
-                             _energy_per_token(base), _energy_per_token(result))
+                             inputs["verify_cost_source"], measured, _energy_per_token(base),
+                             _energy_per_token(result))
     model.update(baseline=baseline, measured_speedup_is=MEASURED_AS)
     if inputs.get("timing"):
         model["timing"] = inputs["timing"]

@@ -117,7 +117,7 @@ def test_analyse_with_unknown_c_or_no_payoff():
 
 def _result(tpot_ms, per_position=None, cost_inputs=None, status="complete"):
     acceptance = {"num_drafts": 10 if per_position else 0, "per_position_acceptance_rate": per_position or []}
-    out = {"status": status, "metrics": {"latency": {"mean_tpot_ms": tpot_ms}, "acceptance": acceptance},
+    out = {"status": status, "metrics": {"mode": "m", "latency": {"mean_tpot_ms": tpot_ms}, "acceptance": acceptance},
            "energy": {"available": False}}
     if cost_inputs is not None:
         out["cost_inputs"] = cost_inputs
