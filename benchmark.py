@@ -190,6 +190,8 @@ def save_mode(cfg, mode, engine, started, models, requests, current: TimedPass, 
         result["bandwidth"] = bandwidth_report(engine.weight_bytes_read, duration, COPY_BANDWIDTH[device])
     if started:
         result.update(engine.extra_results())
+    if started and status == "complete":
+        result["cost_inputs"] = engine.cost_inputs()  # the SD cost model's inputs (lib/sd_report.py)
     writer.save_mode(mode, result)
     if started:
         write_json(writer.dir / f"bench_serve_{mode_slug(mode)}.json",
@@ -327,6 +329,8 @@ def run(cfg, pairs, plan, stop: StopSignals) -> int:
             folder.release()
         else:
             writer.comparisons = comparisons_of(writer.modes)
+            from lib.sd_report import attach
+            attach(writer.modes)  # each SD mode's cost model, once every mode it reads has run
             if cfg.lossless_check != "off":
                 exit_code, error = lossless_outcome(cfg, writer.modes, records, exit_code, error)
             writer.finish(status, exit_code, error,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from lib.engines import METHOD_BY_NAME
 from lib.numerics import EPSILON, TIE_ULPS, tie_bound, ulp
 from lib.types import RequestRecord
 
@@ -202,8 +203,9 @@ def attach(modes: dict, records: dict[str, list[RequestRecord]], temperature: fl
     """Put a "lossless" block into each SD mode's result; returns the modes whose verdict fails the run."""
     failing = []
     for mode, result in modes.items():
-        if mode.endswith(":target"):
-            continue
+        method = METHOD_BY_NAME.get(mode.partition(":")[2])
+        if mode.endswith(":target") or (method is not None and method.measurement):
+            continue  # the baseline, or a measurement mode that runs another model (the draft) as its target
         base = baseline_of(mode, modes)
         if base is None or mode not in records or base not in records:
             result["lossless"] = {"verdict": "not compared", "reason": "no target-only mode ran"}

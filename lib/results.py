@@ -254,6 +254,9 @@ def print_summary(modes: dict, comparisons: list[dict], run_dir: Path, console=N
         console.print(warning, markup=False)
     for c in comparisons:
         console.print(comparison_line(c))
+    from lib.sd_report import summary_lines
+    for line in summary_lines(modes):
+        console.print(line, markup=False, soft_wrap=True)  # one line per mode, for logs and greps
     for mode, res in modes.items():
         for line in (repeats_line(mode, res), category_line(mode, res), *difference_lines(mode, res)):
             if line:

@@ -78,6 +78,20 @@ class Clock:
 
 
 @dataclass
+class StepTimes:
+    """Seconds an SD loop spent in its draft steps and its target verify steps, and how many it ran: the inputs of
+    the SD cost model's cost ratio c and verify cost v (lib/sd_model.py)."""
+    draft_s: float = 0.0
+    draft_steps: int = 0
+    verify_s: float = 0.0
+    verify_rounds: int = 0
+
+    def add(self, other: StepTimes) -> StepTimes:
+        return StepTimes(self.draft_s + other.draft_s, self.draft_steps + other.draft_steps,
+                         self.verify_s + other.verify_s, self.verify_rounds + other.verify_rounds)
+
+
+@dataclass
 class Generation:
     """What a batch decode returns: tokens per row and, for SD, acceptance counters per row."""
     tokens: list[list[int]]
@@ -90,6 +104,7 @@ class Generation:
     # per row and output token, the target's top-2 logit margin and top logit where it was emitted (empty: not kept)
     top2_margins: list[list[float]] = field(default_factory=list)
     top_logits: list[list[float]] = field(default_factory=list)
+    step_times: StepTimes | None = None  # SD loops: time in draft and verify steps
 
     @classmethod
     def for_speculation(cls, batch: int, gamma: int) -> Generation:

@@ -244,3 +244,15 @@ def test_weight_bytes_counts_target_and_draft_parameters_from_the_headers(tiny_m
     params = sum(p.numel() for m in (target, draft) for p in m.state_dict().values() if p.dtype.is_floating_point)
     engine.dtype = "float32"  # what start() sets on CPU; weight_bytes reads only headers, no engine needed
     assert engine.weight_bytes() == 4 * params
+
+
+def test_draft_method_runs_the_draft_folder_as_target_with_the_targets_tokenizer(tiny_models):
+    """vllm:draft, the SD cost model's draft-as-target mode: the draft model, no speculation."""
+    engine = make_engine(tiny_models, "draft")
+    engine.dtype, engine.on_cpu = "float32", True  # what start() sets on CPU
+    kwargs = engine._engine_kwargs()
+    assert kwargs["model"] == str(tiny_models.draft) and kwargs["tokenizer"] == str(tiny_models.target)
+    assert "speculative_config" not in kwargs and not engine.use_speculative
+    draft = load_model(tiny_models.draft, "float32", "cpu")
+    assert engine.weight_bytes() == 4 * sum(p.numel() for p in draft.state_dict().values()
+                                            if p.dtype.is_floating_point)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lib.decoding.timing import RoundClock, mark
 from lib.types import Generation
 
 
@@ -198,12 +199,14 @@ def speculative_generate(target, draft, prompts: list[list[int]], max_new: int, 
     draft_state, _ = _prefill(draft, prompts, pad_id, draft.device)
     rows, tops = _Rows(batch, max_new, set(eos_ids)), _DeviceTops()
     out = Generation.for_speculation(batch, gamma)
+    clock = RoundClock()
 
     pending = sample(probabilities(target_logits, temperature), generator)  # [B]: emitted, not yet in caches
     base, _ = tops.add(target_logits)
     rows.add_each(pending.tolist(), time.perf_counter(), [base + row for row in range(batch)])
     while not rows.done():
         # 1. draft gamma tokens autoregressively
+        draft_start = mark(draft.device)
         draft_tokens, draft_probs, token = [], [], pending.to(draft.device)
         for _ in range(gamma):
             q = probabilities(forward(draft, draft_state, token[:, None])[:, -1], temperature)
@@ -212,14 +215,18 @@ def speculative_generate(target, draft, prompts: list[list[int]], max_new: int, 
             draft_probs.append(q)
         drafts = torch.stack(draft_tokens, 1).to(device)  # [B, gamma]
         q = torch.stack(draft_probs, 1).to(device)  # [B, gamma, V]
+        draft_end = mark(draft.device)
 
         # 2. verify all drafts in one target pass (logits for gamma + 1 positions); 3-4. accept, pick the next token
+        verify_start = mark(device)
         target_logits = forward(target, target_state, torch.cat([pending[:, None], drafts], 1))
         n_accepted, next_token = accept_drafts(target_logits, drafts, q, temperature, generator)
         base, width = tops.add(target_logits)
+        verify_end = mark(device)
 
         # 5. roll back both caches to the accepted prefix (one host sync reads the counts)
         counts = n_accepted.tolist()
+        clock.add_round((draft_start, draft_end, verify_start, verify_end), gamma)
         commit(target_state, gamma + 1, n_accepted + 1)
         commit(draft_state, gamma, (n_accepted + 1).clamp(max=gamma).to(draft.device))
         if max(counts) == gamma:  # rows that took every draft still need the last one in the draft cache
@@ -237,4 +244,5 @@ def speculative_generate(target, draft, prompts: list[list[int]], max_new: int, 
                      [base + row * width + i for i in range(n + 1)])
         pending = next_token
     out.tokens, out.token_times, out.finish_reasons = rows.tokens, rows.times, rows.reasons
+    out.step_times = clock.times
     return split_tops(tops.read(rows.tops), out)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from lib.decoding import gemv
 from lib.decoding.chain import _Rows, accept_drafts, probabilities, sample, split_tops, top2
+from lib.decoding.timing import RoundClock, mark
 from lib.types import Generation
 
 
@@ -494,6 +495,7 @@ class _Round:
     def __init__(self, target: StaticDecoder, draft: StaticDecoder, last, pending, gamma: int, temperature: float,
                  active, generator, pinned):
         device, batch = target.device, target.batch
+        draft_start = mark(draft.device)
         token_in, fed, drafted, probs = torch.stack([last, pending], 1), 2, [], []
         for _ in range(gamma):
             draft_logits = draft.step(token_in.to(draft.device))[:, -1].to(device)
@@ -504,10 +506,12 @@ class _Round:
             probs.append(q)
             token_in, fed = token[:, None], 1
         drafts = torch.stack(drafted, 1)
+        draft_end, verify_start = mark(draft.device), mark(device)
         fed_target = torch.cat([pending[:, None], drafts], 1)  # [B, gamma + 1]
         verify = target.step(fed_target)
         n_accepted, next_token = accept_drafts(verify, drafts, torch.stack(probs, 1) if temperature > 0 else None,
                                                temperature, generator)
+        self.marks = (draft_start, draft_end, verify_start, mark(device))  # read after read(): the SD cost model
         target.lengths.add_((n_accepted + 1) * active)
         draft.lengths.copy_(target.lengths - 1)  # (a cross-device copy when the draft has its own GPU)
         self.last = fed_target[torch.arange(batch, device=device), n_accepted]
@@ -539,6 +543,7 @@ def static_speculative_generate(target: StaticDecoder, draft: StaticDecoder, pro
     draft.lengths.sub_(1)  # the last prompt token is fed again with the pending one
     host = _HostReader(batch, max_new, eos_ids, device)
     out = Generation.for_speculation(batch, gamma)
+    clock = RoundClock()
     pending = sample(probabilities(logits.float(), temperature), generator)
     last = torch.tensor([p[-1] for p in prompts], device=device)
     host.rows.add_each(pending.tolist(), time.perf_counter(), top2(logits).tolist())
@@ -555,6 +560,7 @@ def static_speculative_generate(target: StaticDecoder, draft: StaticDecoder, pro
                             generator, pinned[1] if current.pinned is pinned[0] else pinned[0])
         counts, tops = current.read()  # the one host sync of the round
         now = time.perf_counter()
+        clock.add_round(current.marks, gamma)
         for row, values in enumerate(counts):
             if host.rows.reasons[row]:
                 continue
@@ -570,4 +576,5 @@ def static_speculative_generate(target: StaticDecoder, draft: StaticDecoder, pro
     if queued is not None and queued.ready is not None:
         queued.ready.synchronize()  # a round queued past the end: let it finish before the caches are reused
     out.tokens, out.token_times, out.finish_reasons = host.rows.tokens, host.rows.times, host.rows.reasons
+    out.step_times = clock.times
     return split_tops(host.rows.tops, out)

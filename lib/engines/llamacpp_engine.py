@@ -107,7 +107,8 @@ class LlamaCppEngine(Engine):
         self.eos_id = self.tokenizer.eos_token_id
         n_ctx = context_size(self.cfg)
         self.wants_top2 = self.cfg.temperature <= 0 and self.cfg.lossless_check != "off"
-        self.target_path = ensure_gguf(self.models.target, "TARGET_MODEL")
+        role = "DRAFTER_MODEL" if self.method == "draft" else "TARGET_MODEL"  # draft: the draft run as a target
+        self.target_path = ensure_gguf(self.target_folder, role)
         self.draft = None
         if self.method == "speculative":
             self.draft_path = ensure_gguf(self.models.draft, "DRAFTER_MODEL")
@@ -116,7 +117,7 @@ class LlamaCppEngine(Engine):
                                   label=f"DRAFTER_MODEL's GGUF export {self.draft_path}")
             self.draft = make_counting_draft(drafter, self.cfg.gamma_value)
         self.llm = load_llama(self.target_path, n_ctx=n_ctx, n_threads=self.threads, logits_all=False,
-                              label=f"TARGET_MODEL's GGUF export {self.target_path}", draft_model=self.draft,
+                              label=f"{role}'s GGUF export {self.target_path}", draft_model=self.draft,
                               seed=self.cfg.seed)
         if self.draft is not None and drafter.vocab != self.llm.n_vocab():
             raise UsageError(f"DRAFTER_MODEL={self.models.draft}: vocabulary {drafter.vocab} differs from the "
@@ -124,7 +125,7 @@ class LlamaCppEngine(Engine):
 
     def describe(self) -> dict:
         return {"engine": self.name, "method": self.method, "llama_cpp_python": self.version,
-                "n_threads": self.threads, "target_gguf": self.target_path.name,
+                "n_threads": self.threads, "model": str(self.target_folder), "target_gguf": self.target_path.name,
                 "gamma": self.cfg.gamma_value if self.draft is not None else None, "kv_cache_type": "f32"}
 
     def weight_bytes(self) -> int:

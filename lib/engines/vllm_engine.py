@@ -79,6 +79,8 @@ class VLLMEngine(Engine):
         self.use_speculative = method == "speculative" and cfg.vllm_enable_speculative
         self.num_speculative_tokens = cfg.vllm_num_speculative_tokens or cfg.gamma_value
         self.speculative_config = self._speculative_config() if self.use_speculative else None
+        if method == "draft":
+            self.target_folder = self._drafter_folder("draft_model")
         self._runs = 0
 
     # ------------------------------------------------------------------------------------------ configuration
@@ -107,7 +109,7 @@ class VLLMEngine(Engine):
         raise UsageError(f"VLLM_SPEC_METHOD={method}: expected one of draft_model, ngram, eagle, eagle3, mtp")
 
     def _engine_kwargs(self) -> dict:
-        kwargs = dict(model=str(self.models.target), tokenizer=str(self.models.target),
+        kwargs = dict(model=str(self.target_folder), tokenizer=str(self.models.target),
                       tensor_parallel_size=self.cfg.vllm_tensor_parallel_size,
                       gpu_memory_utilization=self.cfg.vllm_gpu_memory_utilization,
                       max_model_len=self.cfg.vllm_max_model_len, max_num_seqs=self.cfg.vllm_max_num_seqs,
@@ -149,7 +151,7 @@ class VLLMEngine(Engine):
 
     def _print_startup(self):
         mode = "speculative decoding" if self.use_speculative else "target only"
-        logger.info(f"Starting the vLLM engine ({mode}): target {self.models.target}")
+        logger.info(f"Starting the vLLM engine ({mode}): target {self.target_folder}")
 
     def _print_configuration(self):
         spec = self.use_speculative
@@ -205,6 +207,7 @@ class VLLMEngine(Engine):
         return {"engine": self.name, "method": self.method,
                 "effective_method": "speculative" if self.use_speculative else "target",
                 "vllm": self.vllm.__version__, "device": "cpu" if self.on_cpu else "cuda", "dtype": self._dtype_run(),
+                "model": str(self.target_folder),
                 "speculative_config": self.speculative_config,
                 "tensor_parallel_size": self.cfg.vllm_tensor_parallel_size,
                 "gpu_memory_utilization": self.cfg.vllm_gpu_memory_utilization,
@@ -219,7 +222,7 @@ class VLLMEngine(Engine):
     def weight_bytes(self) -> int:
         """Parameters x bytes per element at the dtype vLLM runs (headers only; no tensor is read)."""
         from safetensors import safe_open
-        folders = [self.models.target]
+        folders = [self.target_folder]
         if self.speculative_config and "model" in self.speculative_config:
             folders.append(Path(self.speculative_config["model"]))
         size = {"float32": 4}.get(self.dtype, 2)
