@@ -150,9 +150,12 @@ def grid_of(args) -> Grid:
     return grid
 
 
-def check_cells(grid: Grid, folder: Path) -> None:
-    """Every cell through the variable table (environment included) before anything runs."""
-    configs = check_combos(sweep_of(grid, folder, None), dict(os.environ), "payoff map")
+def check_cells(grid: Grid, folder: Path) -> list:
+    """Every cell through the variable table (environment included) before anything runs; their Configs."""
+    return check_combos(sweep_of(grid, folder, None), dict(os.environ), "payoff map")
+
+
+def warn_if_load_changes_nothing(grid: Grid, configs: list):
     if grid.load == "concurrency" and grid.engine == "hf" and not any(cfg.enable_batch for cfg in configs):
         logger.warning("warning: the hf engine decodes one request at a time unless ENABLE_BATCH=true, so "
                        "MAX_CONCURRENCY changes nothing; add --batch-sizes")
@@ -191,7 +194,7 @@ def main(argv=None) -> int:
         logger.info(f"{summary}\nreport: {for_display(folder / 'payoff.html')}")
         return exit_code
     grid = grid_for_run(args, folder)
-    check_cells(grid, folder)
+    configs = check_cells(grid, folder)
     sweep = sweep_of(grid, folder, args.budget_min)
     if args.dry_run:
         for cell in cells_of(grid):
@@ -199,6 +202,7 @@ def main(argv=None) -> int:
         logger.info(f"results: {for_display(folder)}")
         return EXIT_OK
     output_dir(folder, f"--out {args.out}" if args.out else "results/payoff")
+    warn_if_load_changes_nothing(grid, configs)
 
     def report(where: Path) -> tuple[int, str]:
         exit_code, summary = write_report(where, args.metric)
