@@ -120,10 +120,14 @@ def fixed_of(args, grid_vars: set[str]) -> dict:
     return fixed
 
 
+def engine_of(args) -> str:
+    return canonical(args.engine or os.environ.get("INFERENCE_ENGINE", "").strip() or "hf")
+
+
 def grid_of(args) -> Grid:
     if not (args.rates or args.concurrency) or not args.k:
         raise UsageError("the grid needs --rates or --concurrency, and --k (see --help)")
-    engine = canonical(args.engine or os.environ.get("INFERENCE_ENGINE", "").strip() or "hf")
+    engine = engine_of(args)
     if engine not in ENGINE_BY_NAME:
         raise UsageError(f"INFERENCE_ENGINE={engine!r}: expected one of {', '.join(engine_choices())}")
     load = "rate" if args.rates else "concurrency"
@@ -138,6 +142,8 @@ def grid_of(args) -> Grid:
     if args.duration is not None:
         if args.concurrency:
             raise UsageError("--duration: only with --rates (concurrency cells send NUM_PROMPTS requests)")
+        if "AUTO_DURATION" in fixed:
+            raise UsageError("--duration and --set AUTO_DURATION: give one")
         fixed["AUTO_DURATION"] = C.VAR_BY_NAME["AUTO_DURATION"].parse(str(args.duration), "from --duration")
     if args.seed is not None:
         fixed["SEED"] = C.VAR_BY_NAME["SEED"].parse(str(args.seed), "from --seed")
@@ -174,8 +180,7 @@ def grid_for_run(args, folder: Path) -> Grid:
 
 
 def default_out(args) -> Path:
-    engine = canonical(args.engine or os.environ.get("INFERENCE_ENGINE", "").strip() or "hf")
-    return ROOT / "results" / "payoff" / f"{engine}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return ROOT / "results" / "payoff" / f"{engine_of(args)}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 # ---------------------------------------------------------------- main

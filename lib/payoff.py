@@ -19,6 +19,7 @@ from pathlib import Path
 from lib.errors import UsageError
 from lib.files import atomic_path, write_json, write_text
 from lib.metrics import COLUMNS
+from lib.results import mode_slug
 from lib.sweep import Combo, Sweep, env_text, unfinished_run
 from lib.sweep_report import Doc
 
@@ -121,7 +122,7 @@ def sweep_of(grid: Grid, folder: Path, budget_min: float | None) -> Sweep:
 
 @dataclass
 class ModeRun:
-    """One cell's mode as its result files give it (None when the cell did not finish)."""
+    """One finished cell's mode as its result files give it."""
     figures: dict
     acceptance_rate: float | None
     acceptance_length: float | None
@@ -137,8 +138,9 @@ def read_mode(run_dir: Path, mode: str) -> tuple[ModeRun | None, str]:
         return None, why
     try:
         result = json.loads((run_dir / "benchmark_results.json").read_text())["modes"][mode]
-        lines = (run_dir / f"requests_{mode.replace(':', '_')}.jsonl").read_text().splitlines()
-        arrivals = sorted((line["request_id"], line["arrival"]) for line in map(json.loads, lines))
+        lines = (run_dir / f"requests_{mode_slug(mode)}.jsonl").read_text().splitlines()
+        # one line per request and run (NUM_RUNS repeats the same requests)
+        arrivals = sorted({(line["request_id"], line["arrival"]) for line in map(json.loads, lines)})
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return None, f"result files unreadable ({exc.__class__.__name__}: {exc})"
     if result.get("status") != "complete":

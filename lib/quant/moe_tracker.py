@@ -113,7 +113,7 @@ class ExpertTracker:
         """indices [tokens, top_k]: the experts each token was routed to."""
         step = self.step
         if step is not None and step.cached and indices.shape[0] == step.rows * step.tokens:
-            self._record_prefixes(layer, indices.reshape(step.rows, step.tokens, -1), step.rows)
+            self._record_prefixes(layer, indices.reshape(step.rows, step.tokens, -1))
         counts = torch.bincount(indices.reshape(-1).cpu(), minlength=self.num_experts[layer]).tolist()
         now = time.time()
         self.tokens_per_layer[layer] += indices.shape[0]
@@ -127,7 +127,7 @@ class ExpertTracker:
                 if req is not None:
                     req[(layer, expert)] = req.get((layer, expert), 0) + n
 
-    def _record_prefixes(self, layer: int, indices: torch.Tensor, rows: int):
+    def _record_prefixes(self, layer: int, indices: torch.Tensor):
         """indices [rows, tokens, top_k] of one step: distinct experts of the first j tokens, j = 1..tokens."""
         hit = torch.zeros(*indices.shape[:2], self.num_experts[layer], dtype=torch.int8)
         hit.scatter_(2, indices.cpu().long(), 1)
@@ -137,7 +137,7 @@ class ExpertTracker:
             c.distinct_sum += n
             c.distinct_max = max(c.distinct_max, n)
             c.steps += 1
-            c.rows += rows
+            c.rows += indices.shape[0]
 
     @contextlib.contextmanager
     def request(self, request_id: str):
