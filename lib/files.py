@@ -5,10 +5,12 @@ instead of a traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 from lib.errors import UsageError
@@ -39,6 +41,25 @@ def write_json(path: str | Path, data) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path of its own next to `path` for a writer that wants a file name (matplotlib's savefig),
+    renamed over `path` when the block ends; on an error the temporary file is removed and `path` is untouched."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{path.suffix}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file (Markdown, HTML) atomically, as write_json does."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 class LockHeld(Exception):

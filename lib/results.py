@@ -222,6 +222,18 @@ def category_line(mode: str, result: dict) -> str | None:
     return f"{mode} acceptance rate/length per category: " + ", ".join(parts) if parts else None
 
 
+def moe_verify_line(mode: str, result: dict) -> str | None:
+    """MoE targets under SD: per k drafts verified, distinct experts per layer per step and tokens per round."""
+    table = result.get("moe_verify") or {}
+    rows = table.get("rows") or []
+    if len(rows) < 2:
+        return None
+    parts = [f"k={r['k']} {_fmt(r['mean_distinct_experts'])}/{_fmt(r['tokens_per_round'])}" for r in rows]
+    return (f"{mode} MoE target ({table['num_experts']} experts, top-{table['top_k']}), distinct experts per layer "
+            f"per verify step / tokens per round: {', '.join(parts)}; fewest expert reads per emitted token at "
+            f"k={table['cheapest_k']}")
+
+
 OVERHEAD_BOUND = 0.2  # bandwidth efficiency under which a GPU run is bound by the engine's overhead
 
 
@@ -258,7 +270,8 @@ def print_summary(modes: dict, comparisons: list[dict], run_dir: Path, console=N
     for line in summary_lines(modes):
         console.print(line, markup=False, soft_wrap=True)  # one line per mode, for logs and greps
     for mode, res in modes.items():
-        for line in (repeats_line(mode, res), category_line(mode, res), *difference_lines(mode, res)):
+        for line in (repeats_line(mode, res), category_line(mode, res), moe_verify_line(mode, res),
+                     *difference_lines(mode, res)):
             if line:
                 console.print(line, markup=False)
     energies = [r.get("energy") for r in modes.values() if r.get("energy")]

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -56,6 +57,7 @@ class Sweep:
     threshold_pct: float
     regression_metrics: list
     trend_nights: int
+    cells: list[Combo] | None = None  # combinations built by a script (payoff_map.py) instead of a matrix
 
 
 @dataclass
@@ -144,12 +146,21 @@ def load_sweep(name_or_path: str) -> Sweep:
     sweep = Sweep(name=path.stem, path=path, description=data.description, fixed=data.fixed, matrix=data.matrix,
                   include=data.include, budget_min=data.budget_min, threshold_pct=data.regression.threshold_pct,
                   regression_metrics=data.regression.metrics, trend_nights=data.trend_nights)
-    for combo in combos_of(sweep):  # every combination must resolve before anything runs
-        try:
-            C.resolve(None, environ=combo_env(sweep, combo, {}), env_source=f"in combination {combo.id}")
-        except UsageError as exc:
-            raise UsageError(f"{path}: {exc}") from None
+    check_combos(sweep, {}, str(path))
     return sweep
+
+
+def check_combos(sweep: Sweep, base: dict, label: str) -> list:
+    """Every combination resolved through the variable table before anything runs (their Configs, in order);
+    an error names `label` and the combination."""
+    configs = []
+    for combo in combos_of(sweep):
+        try:
+            configs.append(C.resolve(None, environ=combo_env(sweep, combo, base),
+                                     env_source=f"in combination {combo.id}"))
+        except UsageError as exc:
+            raise UsageError(f"{label}: {exc}") from None
+    return configs
 
 
 def combo_id(values: dict) -> str:
@@ -161,6 +172,8 @@ def combo_id(values: dict) -> str:
 
 
 def combos_of(sweep: Sweep) -> list[Combo]:
+    if sweep.cells is not None:
+        return sweep.cells
     names = list(sweep.matrix)
     count = math.prod(len(values) for values in sweep.matrix.values()) + len(sweep.include)
     if count > MAX_COMBINATIONS:
@@ -443,36 +456,57 @@ def main(argv=None) -> int:
         logger.info(verdict.summary())
         return verdict.exit_code
 
-    if args.resume and args.fresh:
+    holder = (f"pid {os.getpid()}, sweep {sweep.name}, night {night.name}, since "
+              f"{datetime.now().isoformat(timespec='seconds')}")
+
+    def report(folder: Path) -> tuple[int, str]:
+        verdict = write_report(folder, threshold, trend, sweep.regression_metrics)
+        return verdict.exit_code, verdict.summary()
+    return run_locked(sweep, night, out_root, holder, args.resume, args.fresh, budget, report,
+                      refused=f"{night} already holds this night's sweep: --resume finishes it, --fresh reruns "
+                              "every combination (or pick another --date)")
+
+
+def run_locked(sweep: Sweep, folder: Path, lock_root: Path, holder: str, resume: bool, fresh: bool,
+               budget: float | None, report: Callable[[Path], tuple[int, str]], refused: str,
+               report_when_stopped: bool = False, on_start: Callable[[], None] | None = None) -> int:
+    """Take the lock on lock_root, run every combination into folder (refused, with the line `refused`, when it
+    already holds a sweep and neither resume nor fresh is asked), then report(folder) -> (exit code, summary).
+    on_start runs once the folder is ours (a script writes its own description of the sweep there).
+    SIGINT/SIGTERM/SIGHUP stop the running combination, keep what finished and return 130 (after a report of
+    what finished when report_when_stopped)."""
+    if resume and fresh:
         raise UsageError("--resume and --fresh: choose one")
-    lock = SweepLock(out_root)
+    lock = SweepLock(lock_root)
     try:
-        lock.acquire(f"pid {os.getpid()}, sweep {sweep.name}, night {night.name}, since "
-                     f"{datetime.now().isoformat(timespec='seconds')}")
+        lock.acquire(holder)
     except LockHeld as exc:
         logger.error(f"error: {exc}")
         return EXIT_LOCKED
     try:
-        if (night / "sweep.json").is_file() and not (args.resume or args.fresh):
-            raise UsageError(f"{night} already holds this night's sweep: --resume finishes it, --fresh reruns "
-                             "every combination (or pick another --date)")
-        night.mkdir(parents=True, exist_ok=True)
-        log = Log(night / "sweep.log")
+        if (folder / "sweep.json").is_file() and not (resume or fresh):
+            raise UsageError(refused)
+        folder.mkdir(parents=True, exist_ok=True)
+        if on_start is not None:
+            on_start()
+        log = Log(folder / "sweep.log")
         for sig in STOP_SIGNALS:
             if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
                 signal.signal(sig, raise_stop)
-        log(f"sweep {sweep.name} ({sweep.path}) -> {night}; {len(combos_of(sweep))} combinations"
-            + (f"; budget {budget:g} min" if budget else "") + ("; resuming" if args.resume else ""))
+        log(f"sweep {sweep.name} ({sweep.path}) -> {folder}; {len(combos_of(sweep))} combinations"
+            + (f"; budget {budget:g} min" if budget else "") + ("; resuming" if resume else ""))
         try:
-            run_sweep(sweep, night, args.resume, budget, log, lock.fd)
+            run_sweep(sweep, folder, resume, budget, log, lock.fd)
         except (KeyboardInterrupt, Stop):
-            log("interrupted: finished combinations are kept; rerun with --resume to finish the night")
+            log("interrupted: finished combinations are kept; rerun with --resume to finish")
+            if report_when_stopped:
+                log(report(folder)[1])
             return EXIT_INTERRUPTED
-        verdict = write_report(night, threshold, trend, sweep.regression_metrics)
+        exit_code, summary = report(folder)
     finally:
         lock.release()
-    log(verdict.summary())
-    return verdict.exit_code
+    log(summary)
+    return exit_code
 
 
 if __name__ == "__main__":

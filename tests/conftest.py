@@ -37,5 +37,34 @@ def shipped_prompts():
             if line.strip()]
 
 
+@pytest.fixture
+def chromium_render(tmp_path):
+    """render(html_file) -> (the page's DOM as headless Chromium built it, the inlined PNGs it shows as PIL
+    images, a screenshot as an RGB array). Chromium comes from scripts/ensure_chromium.sh (tests/run.sh runs it)."""
+    import base64
+    import re
+    import shutil
+    import subprocess
+    from io import BytesIO
+
+    import numpy as np
+    from PIL import Image
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert browser, "chromium missing: run scripts/ensure_chromium.sh (tests/run.sh does)"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp_path}/p"]
+
+    def render(html: Path, height: int = 5200):
+        shot = tmp_path / "shot.png"
+        subprocess.run([browser, *flags, f"--screenshot={shot}", f"--window-size=1280,{height}", html.as_uri()],
+                       capture_output=True, timeout=120, check=True)
+        dom = subprocess.run([browser, *flags, "--dump-dom", html.as_uri()], capture_output=True, text=True,
+                             timeout=120, check=True).stdout
+        images = [Image.open(BytesIO(base64.b64decode(b)))
+                  for b in re.findall(r'<img[^>]*src="data:image/png;base64,([^"]+)"', dom)]
+        return dom, images, np.asarray(Image.open(shot).convert("RGB"), dtype=int)
+    return render
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU (run on a GPU machine with `pytest -m gpu`)")

@@ -177,25 +177,11 @@ def test_analyze_reads_folders_into_csv_and_markdown(night1, tmp_path):
     assert md[0].startswith("| run | mode | GAMMA_VALUE |") and len(md) == 2 + len(rows)
 
 
-def test_report_html_renders_with_figures_in_chromium(night1, tmp_path):
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert browser, "chromium missing: run scripts/ensure_chromium.sh (tests/run.sh does)"
-    html = night1["night"] / "report.html"
-    shot = tmp_path / "shot.png"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp_path}/p"]
-    subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1280,5200", html.as_uri()],
-                   capture_output=True, timeout=120, check=True)
-    dom = subprocess.run([browser, *flags, "--dump-dom", html.as_uri()], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
-    import base64
-    from io import BytesIO
-
-    from PIL import Image
-    images = re.findall(r'<img[^>]*src="data:image/png;base64,([^"]+)"', dom)
+def test_report_html_renders_with_figures_in_chromium(night1, chromium_render):
+    dom, images, pixels = chromium_render(night1["night"] / "report.html")
     assert len(images) == 3
-    assert all(min(Image.open(BytesIO(base64.b64decode(b))).size) > 100 for b in images)
+    assert all(min(image.size) > 100 for image in images)
     import numpy as np
-    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=int)
     # matplotlib's first series colour (#1f77b4) only appears where a plot was painted
     blue = (np.abs(pixels - np.array([31, 119, 180])).max(axis=2) < 25).sum()
     assert blue > 500

@@ -154,6 +154,7 @@ class PyTorchEngine(Engine):
         self.weight_bytes_read = 0 if self.decoding.counts_weight_reads else None
         from lib.quant.moe_tracker import track_experts
         self.expert_tracker = track_experts(self.target)  # None unless the target is a MoE model
+        self.expert_spec: SpecCounters | None = None  # the acceptance of the steps the tracker saw
         self.step_times, self.step_prompts = StepTimes(), None  # the SD loop's step times; its largest batch
 
     def _plan(self):
@@ -236,6 +237,7 @@ class PyTorchEngine(Engine):
             self.weight_bytes_read = 0
         if self.expert_tracker is not None:
             self.expert_tracker.reset()
+            self.expert_spec = None
         self.step_times, self.step_prompts = StepTimes(), None
 
     def cost_inputs(self) -> dict | None:
@@ -266,14 +268,22 @@ class PyTorchEngine(Engine):
         return plain_step_seconds(self.target, self.step_prompts, self.pad_id)
 
     def extra_results(self) -> dict:
-        """MoE targets: which experts fired, per layer and per request (lib/quant/moe_tracker.py)."""
-        return {"moe_experts": self.expert_tracker.export_dict()} if self.expert_tracker is not None else {}
+        """MoE targets: which experts fired, per layer and per request, and per k drafts verified the distinct
+        experts per layer per step next to the acceptance at k (lib/quant/moe_tracker.py)."""
+        if self.expert_tracker is None:
+            return {}
+        from lib.quant.moe_tracker import verify_table
+        return {"moe_experts": self.expert_tracker.export_dict(),
+                "moe_verify": verify_table(self.expert_tracker, self.expert_spec)}
 
     def generate_batch(self, requests: list[Request], clock: Clock) -> list[RequestRecord]:
         if self.expert_tracker is None:
             return self._generate_batch(requests, clock)
         with self.expert_tracker.request(",".join(str(r.request_id) for r in requests)):
-            return self._generate_batch(requests, clock)
+            records = self._generate_batch(requests, clock)
+        for spec in (r.spec for r in records if r.spec is not None):
+            self.expert_spec = spec if self.expert_spec is None else self.expert_spec.add(spec)
+        return records
 
     def _generate_batch(self, requests: list[Request], clock: Clock) -> list[RequestRecord]:
         start = clock.now()
