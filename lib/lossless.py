@@ -32,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from lib.engines import METHOD_BY_NAME
+from lib.metrics import baseline_of
 from lib.numerics import EPSILON, TIE_ULPS, tie_bound, ulp
 from lib.types import RequestRecord
 
@@ -190,13 +191,6 @@ def sampled_verdict(ar: list[RequestRecord], sd: list[RequestRecord], seed: int 
             "categories": len(categories) + 1, "tokens": {"ar": int(counts_ar.sum()), "sd": int(counts_sd.sum())},
             "note": f"{len(pairs)} request pairs: the smallest p-value they can give is {best_possible:.2g}; "
                     "'consistent' means no large change of the token distribution was seen, not that there is none"}
-
-
-def baseline_of(mode: str, modes: dict) -> str | None:
-    """The target-only mode of the same engine, else the run's first target-only mode (COMPARE_MODES may pair
-    engines), or None."""
-    own = f"{mode.partition(':')[0]}:target"
-    return own if own in modes else next((m for m in modes if m.endswith(":target")), None)
 
 
 def attach(modes: dict, records: dict[str, list[RequestRecord]], temperature: float, seed: int = 0) -> list[str]:

@@ -366,6 +366,16 @@ def _ratio(a, b):
     return a / b if a is not None and b not in (None, 0) else None
 
 
+def baseline_of(mode: str, modes: dict, complete_only: bool = False) -> str | None:
+    """The AR mode an SD mode is judged against (lossless verdict, SD cost model): the target-only mode of its own
+    engine, else the run's first target-only mode (COMPARE_MODES may pair engines), or None. complete_only: only
+    modes that ran to the end."""
+    usable = [m for m, result in modes.items() if m.endswith(":target")
+              and (not complete_only or result.get("status") == "complete")]
+    own = f"{mode.partition(':')[0]}:target"
+    return own if own in usable else next(iter(usable), None)
+
+
 def compare(baseline: dict, other: dict) -> dict:
     """`other` against `baseline` (both result dicts of one mode: metrics + energy), on every column that has a
     compare key."""

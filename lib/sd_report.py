@@ -9,7 +9,7 @@ token, and TPOT leaves out TTFT's queueing and prefill.
 from __future__ import annotations
 
 from lib import sd_model
-from lib.metrics import compare
+from lib.metrics import baseline_of, compare
 
 MEASURED_AS = "tpot_speedup: mean TPOT of the baseline / mean TPOT of this mode (lib/metrics.compare)"
 
@@ -30,14 +30,6 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def _complete(modes: dict, mode: str) -> dict | None:
     result = modes.get(mode)
     return result if result is not None and result.get("status") == "complete" else None
-
-
-def baseline_of(mode: str, modes: dict) -> str | None:
-    """The AR mode the SD mode is measured against: its engine's, else the run's first."""
-    same = f"{mode.partition(':')[0]}:target"
-    if _complete(modes, same):
-        return same
-    return next((m for m in modes if m.endswith(":target") and _complete(modes, m)), None)
 
 
 def draft_cost(mode: str, draft_mode: str, modes: dict) -> tuple[float | None, str]:
@@ -61,7 +53,7 @@ def mode_model(mode: str, modes: dict) -> dict | None:
     c, c_source = inputs["cost_ratio"], inputs["cost_ratio_source"]
     if c is None and inputs.get("draft_mode"):
         c, c_source = draft_cost(mode, inputs["draft_mode"], modes)
-    baseline = baseline_of(mode, modes)
+    baseline = baseline_of(mode, modes, complete_only=True)
     base = modes[baseline] if baseline else None
     measured = compare(base, result)["tpot_speedup"] if base else None
     model = sd_model.analyse(acceptance["per_position_acceptance_rate"], c, c_source, inputs["verify_cost"],
