@@ -1,4 +1,5 @@
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,13 @@ def chromium_render(tmp_path):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU (run on a GPU machine with `pytest -m gpu`)")
+
+
+def wait_for(predicate, timeout: float = 300, what: str = "condition", poll: float = 0.2):
+    """Poll until predicate() is true (the tests that watch a child process's files), else fail naming what."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -8,10 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 
 from lib.files import ROOT
 from lib.payoff import FIGURE_BY_KEY, Grid, analyse, best_k, break_even, break_even_text, cell_id
@@ -90,13 +90,6 @@ def statuses(folder: Path) -> dict:
         return {}
 
 
-def wait_for(predicate, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import conftest
 import pytest
 
 from lib.files import ROOT
@@ -36,13 +37,11 @@ def run_benchmark(results: Path, *args, timeout=300, **env) -> subprocess.Comple
                           capture_output=True, text=True, timeout=timeout)
 
 
+
+
 def wait_for(predicate, timeout=180, what="condition", poll=0.002):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(poll)
-    raise AssertionError(f"timed out waiting for {what}")
+    """conftest's, polling fast: these tests signal a run between two of its requests."""
+    conftest.wait_for(predicate, timeout, what, poll)
 
 
 def lines(path: Path) -> list[dict]:
