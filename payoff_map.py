@@ -27,7 +27,7 @@ from lib.errors import UsageError, exit_on_usage_error
 from lib.files import ROOT, for_display, output_dir, write_json
 from lib.log import get_logger, setup_logging
 from lib.payoff import FIGURES, GRID_FILE, Grid, cells_of, load_grid, sweep_of, write_report
-from lib.sweep import EXIT_OK, MAX_COMBINATIONS, RESERVED, check_combos, combo_env, run_locked
+from lib.sweep import MAX_COMBINATIONS, RESERVED, check_combos, print_plan, run_locked
 
 # set per cell by the map itself: a value given for them would be overwritten in every cell
 PER_CELL = {"COMPARE_MODES", "GAMMA_VALUE", "VLLM_NUM_SPECULATIVE_TOKENS", "VLLM_ENABLE_SPECULATIVE",
@@ -202,10 +202,7 @@ def main(argv=None) -> int:
     configs = check_cells(grid, folder)
     sweep = sweep_of(grid, folder, args.budget_min)
     if args.dry_run:
-        for cell in cells_of(grid):
-            logger.info(f"{cell.id}: " + " ".join(f"{k}={v}" for k, v in combo_env(sweep, cell, {}).items()))
-        logger.info(f"results: {for_display(folder)}")
-        return EXIT_OK
+        return print_plan(sweep, cells_of(grid), for_display(folder))
     output_dir(folder, f"--out {args.out}" if args.out else "results/payoff")
     warn_if_load_changes_nothing(grid, configs)
 

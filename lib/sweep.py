@@ -423,6 +423,14 @@ def night_name(text: str | None) -> str:
 
 
 @exit_on_usage_error
+def print_plan(sweep, combos, results) -> int:
+    """--dry-run: each combination's variables and where the results would go."""
+    for combo in combos:
+        logger.info(f"{combo.id}: " + " ".join(f"{k}={v}" for k, v in combo_env(sweep, combo, {}).items()))
+    logger.info(f"results: {results}")
+    return EXIT_OK
+
+
 def main(argv=None) -> int:
     setup_logging()
     args = build_parser().parse_args(argv)
@@ -439,10 +447,7 @@ def main(argv=None) -> int:
     out_root = Path(args.output_root).resolve() if args.output_root else ROOT / "results" / "sweeps"
     night = out_root / sweep.name / night_name(args.date)
     if args.dry_run:
-        for combo in combos_of(sweep):
-            logger.info(f"{combo.id}: " + " ".join(f"{k}={v}" for k, v in combo_env(sweep, combo, {}).items()))
-        logger.info(f"results: {night}")
-        return EXIT_OK
+        return print_plan(sweep, combos_of(sweep), night)
     output_dir(out_root, f"--output-root {args.output_root}" if args.output_root else "results/sweeps")
 
     if args.report_only:
