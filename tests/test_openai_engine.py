@@ -6,6 +6,7 @@ Each server starts once per module (vLLM's CPU start is slow); every prompt set 
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -310,7 +311,18 @@ def test_a_server_that_never_becomes_ready_is_one_line_and_stopped(tmp_path, tin
     line = err.strip().splitlines()[-1]
     assert line.startswith("error: ENDPOINT_LAUNCH=vllm: vllm.entrypoints.openai.api_server on http://127.0.0.1:")
     assert "did not answer /health within ENDPOINT_STARTUP_TIMEOUT=8 s; last log lines: " in line
-    assert not line.endswith("(empty)")
+    nothing_left(mark)
+
+
+def test_a_server_that_exits_at_start_is_one_line_with_its_log_tail(tmp_path, tiny_models):
+    mark = uuid.uuid4().hex
+    bench = benchmark(tmp_path, mark, COMPARE_MODES="openai:target", ENDPOINT_LAUNCH="vllm",
+                      VLLM_MAX_MODEL_LEN="100000")  # past the tiny target's 2048 positions: vLLM refuses it
+    _, err = bench.communicate(timeout=600)
+    assert bench.returncode == 2 and "Traceback" not in err.split("error: ")[-1]
+    line = err.strip().splitlines()[-1]
+    assert re.match(r"error: ENDPOINT_LAUNCH=vllm: .* exited with code 1 before it was ready; last log lines: ", line)
+    assert "max_model_len" in line.split("last log lines: ")[1]  # vLLM's own reason, from its log
     nothing_left(mark)
 
 

@@ -67,7 +67,8 @@ def llamacpp_command(cfg, method: str, models, port: int) -> tuple[list[str], di
     threads = cfg.llamacpp_n_threads or default_threads()
     argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port",
             str(port), "--n_ctx", str(context_size(cfg)), "--n_threads", str(threads), "--n_threads_batch",
-            str(threads), "--seed", str(cfg.seed), "--logits_all", "true"]
+            str(threads), "--seed", str(cfg.seed), "--logits_all", "true",
+            "--interrupt_requests", "false"]  # its default cuts a stream short when the next request comes
     if method == "speculative":
         argv += ["--draft_model", "prompt-lookup-decoding", "--draft_model_num_pred_tokens", str(cfg.gamma_value)]
     if cfg.endpoint_api_key:
