@@ -10,11 +10,11 @@ import argparse
 import dataclasses
 import math
 import os
-import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
 from lib import engines as E
+from lib.engines.endpoints import endpoint_url
 from lib.errors import UsageError
 from lib.files import path_component, shipped
 
@@ -280,7 +280,7 @@ VARS: list[Var] = [
     Var("ENDPOINT_MODEL", "str", "", "model name sent with each request (empty = the first of the server's "
         "/v1/models)", G_ENDPOINT),
     Var("ENDPOINT_API_KEY", "str", "", "bearer token sent to the endpoints (and given to a launched server); "
-        "run.json shows ***", G_ENDPOINT, secret=True),
+        "run.json and --dry-run show it masked", G_ENDPOINT, secret=True),
     Var("ENDPOINT_TIMEOUT", "float", 600.0, "seconds one request may take; past it the request is recorded as an "
         "error", G_ENDPOINT, min=0.1, max=7 * 24 * 3600),
     Var("ENDPOINT_STARTUP_TIMEOUT", "float", 900.0, "seconds a launched server may take to become ready (vLLM "
@@ -496,29 +496,7 @@ def modes(cfg: Config) -> list[tuple[str, str]]:
     return pairs
 
 
-ENDPOINT_VARS = {"target": "TARGET_ENDPOINT", "speculative": "SPECULATIVE_ENDPOINT"}
 LAUNCH_SETS = {"vllm": "vllm", "llamacpp": "edge"}  # ENDPOINT_LAUNCH -> the requirement set of its server
-
-
-def endpoint_url(cfg: Config, method: str) -> str | None:
-    """The base URL an openai mode talks to (no trailing / or /v1); None when ENDPOINT_LAUNCH starts the server."""
-    name = ENDPOINT_VARS[method]
-    raw = getattr(cfg, name.lower())
-    if cfg.endpoint_launch != "none":
-        return None
-    accepted = "an http:// or https:// URL with a host, e.g. http://127.0.0.1:8000 (no query, no user:password@)"
-    if not raw:
-        raise UsageError(f"{name} is empty: COMPARE_MODES has openai:{method}; set {name} to its server's URL, e.g. "
-                         f"http://127.0.0.1:8000, or ENDPOINT_LAUNCH=vllm or llamacpp to start one")
-    try:
-        parts = urllib.parse.urlsplit(raw)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        parts = None
-    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query
-            or parts.fragment or parts.username or parts.password):
-        raise UsageError(f"{name}={raw!r}: expected {accepted}")
-    return raw.rstrip("/").removesuffix("/v1").rstrip("/")
 
 
 def mode_needs_draft(cfg: Config, engine: str, method: str) -> bool:

@@ -206,7 +206,7 @@ def test_a_missing_endpoint_names_the_variable():
 
 
 def test_endpoint_urls_drop_a_trailing_v1():
-    from lib.config import endpoint_url
+    from lib.engines.endpoints import endpoint_url
     assert endpoint_url(make_cfg(TARGET_ENDPOINT="https://h.example/v1/"), "target") == "https://h.example"
 
 

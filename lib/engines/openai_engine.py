@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from lib.config import endpoint_url
 from lib.engines.base import Engine
+from lib.engines.endpoints import endpoint_url
 from lib.errors import EngineUnavailable, UsageError
 from lib.log import get_logger
 from lib.models import load_tokenizer
