@@ -136,7 +136,7 @@ def parse_chunk(data: str, api: str) -> Chunk:
             chunk.ids = [int(i) for i in ids]
         chunk.tokens = len(chunk.ids) if chunk.ids is not None else len(tokens) or (1 if chunk.text else 0)
         chunk.finish_reason = choice.get("finish_reason")
-    except (AttributeError, TypeError, ValueError, IndexError):
+    except (AttributeError, TypeError, ValueError, IndexError, KeyError):
         raise ReplyError(f"a stream chunk of another shape than OpenAI's: {data[:200]!r}") from None
     return chunk
 
@@ -262,7 +262,7 @@ class OpenAIEngine(Engine):
         try:
             asyncio.run(self._run_async(requests, clock, done, should_stop))
         finally:
-            self._settle_counters(before, self._scrape(), records)
+            self._settle_counters(before, self._scrape())
         self._check_server(records, len(requests))
 
     async def _run_async(self, requests, clock: Clock, on_done, should_stop):
@@ -372,7 +372,7 @@ class OpenAIEngine(Engine):
             return None, f"/metrics has no {', '.join(SPEC_COUNTERS)} counters (no speculative decoding configured)"
         return counters, ""
 
-    def _settle_counters(self, before: tuple, after: tuple, records: list[RequestRecord]):
+    def _settle_counters(self, before: tuple, after: tuple):
         (old, _), (new, why) = before, after
         self.raw_spec_metrics, self.run_spec_counters = None, None
         if old is not None and new is not None:
