@@ -219,6 +219,21 @@ def test_hostile_stream_lines_are_reply_errors(data, needle):
         parse_chunk(data, "completions")
 
 
+def test_stream_lines_of_each_server_kind_parse_into_tokens_ids_and_margins():
+    vllm = parse_chunk('{"choices": [{"text": " a b", "logprobs": {"tokens": ["token_id:7", "token_id:9"], '
+                       '"top_logprobs": [{"token_id:7": -0.1, "token_id:3": -2.6}, {"token_id:9": -0.5, '
+                       '"token_id:1": -0.75}]}, "finish_reason": null}]}', "completions")
+    assert vllm.ids == [7, 9] and vllm.tokens == 2 and vllm.margins == pytest.approx([2.5, 0.25])
+    chat = parse_chunk('{"choices": [{"delta": {"content": "hi"}, "token_ids": [5], "logprobs": {"content": '
+                       '[{"token": "hi", "logprob": -0.2, "top_logprobs": [{"token": "hi", "logprob": -0.2}, '
+                       '{"token": "ho", "logprob": -1.2}]}]}, "finish_reason": "stop"}]}', "chat")
+    assert (chat.text, chat.ids, chat.finish_reason, chat.margins) == ("hi", [5], "stop", pytest.approx([1.0]))
+    server = parse_chunk('{"choices": [{"text": "x", "finish_reason": "length"}], '
+                         '"timings": {"draft_n": 8, "draft_n_accepted": 5}}', "completions")
+    assert server.ids is None and server.tokens == 1 and server.timings == {"draft_n": 8, "draft_n_accepted": 5}
+    assert parse_chunk('{"choices": [], "usage": {"prompt_tokens": 12}}', "completions").prompt_tokens == 12
+
+
 def test_an_unreachable_endpoint_fails_at_start(tiny_models):
     engine = create_engine("openai", make_cfg(TARGET_ENDPOINT="http://127.0.0.1:9"), "target", paths(tiny_models))
     with pytest.raises(EngineUnavailable, match=r"openai:target \(http://127.0.0.1:9\): GET /v1/models failed"):
