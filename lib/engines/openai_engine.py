@@ -36,6 +36,11 @@ TOKEN_ID_PREFIX = "token_id:"  # vLLM's logprob tokens with return_tokens_as_tok
 LLAMACPP_PYTHON_NONE = "none: llama-cpp-python's server reports no draft counters (no /metrics, no timings)"
 
 
+def one_line(text: str, limit: int = 300) -> str:
+    """A server's text for an error line: whitespace runs (newlines too) as one space, cut to `limit`."""
+    return " ".join(str(text).split())[:limit]
+
+
 class ReplyError(Exception):
     """The server answered, but not with a stream SpecLab can read."""
 
@@ -113,7 +118,7 @@ def parse_chunk(data: str, api: str) -> Chunk:
     if not isinstance(body, dict):
         raise ReplyError(f"a stream line is not a JSON object: {data[:200]!r}")
     if body.get("error"):
-        raise ReplyError(f"the server sent an error: {str(body['error'])[:300]}")
+        raise ReplyError(f"the server sent an error: {one_line(body['error'])}")
     chunk = Chunk(timings=body.get("timings") if isinstance(body.get("timings"), dict) else None)
     usage = body.get("usage")
     if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
@@ -194,18 +199,18 @@ class OpenAIEngine(Engine):
         if response.status_code != 200:
             hint = " (set ENDPOINT_API_KEY)" if response.status_code in (401, 403) else ""
             raise EngineUnavailable(f"{self.label}: GET {path} answered HTTP {response.status_code}{hint}: "
-                                    f"{response.text[:200]}")
+                                    f"{one_line(response.text)}")
         try:
             return response.json()
         except ValueError:
-            raise UsageError(f"{self.label}: GET {path} did not answer JSON: {response.text[:200]!r}") from None
+            raise UsageError(f"{self.label}: GET {path} did not answer JSON: {one_line(response.text)!r}") from None
 
     def _first_model(self) -> str:
         body = self._get_json("/v1/models")
         try:
             return str(body["data"][0]["id"])
         except (KeyError, IndexError, TypeError):
-            raise UsageError(f"{self.label}: /v1/models lists no model ({str(body)[:200]}); set ENDPOINT_MODEL") \
+            raise UsageError(f"{self.label}: /v1/models lists no model ({one_line(body)}); set ENDPOINT_MODEL") \
                 from None
 
     def _takes_token_ids(self) -> bool:
@@ -316,7 +321,7 @@ class OpenAIEngine(Engine):
         async with client.stream("POST", PATHS[self.api], json=self._payload(request)) as response:
             if response.status_code != 200:
                 body = (await response.aread()).decode(errors="replace")
-                raise ReplyError(f"HTTP {response.status_code}: {body[:300]}")
+                raise ReplyError(f"HTTP {response.status_code}: {one_line(body)}")
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
                     continue  # blank separators, SSE comments and event names
