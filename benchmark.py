@@ -26,7 +26,9 @@ REQUIREMENT_SETS_FLAG = "--print-requirement-sets"  # run_benchmark.sh's questio
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run_benchmark.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Precedence: defaults < environment variables < flags.", add_help=add_help)
+        epilog="Precedence: defaults < environment variables < flags.\nExit codes: 0 ok, 1 a mode failed, 2 bad input, "
+        "3 a losslessness verdict MISMATCH (greedy) or DIFFERENT (sampled)\nunder LOSSLESS_CHECK=fail (the result "
+        "files hold it), 130/143/129 stopped by SIGINT/SIGTERM/SIGHUP.", add_help=add_help)
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved configuration and the plan, then exit (loads nothing)")
     C.add_arguments(parser)
@@ -111,10 +113,10 @@ def timed_pass(mode, engine, requests, writer, stop, console, current: TimedPass
         engine.run(requests, current.clock, on_done)
 
 
-def run_mode(engine_name, method, cfg, models, requests, writer, monitor, stop, console):
-    """Start one engine, run the workload (NUM_RUNS times), save its results. Returns the mode's result dict. A
-    mode that fails to start or warm up is saved too (status failed, its error); a stop signal ends the run once
-    the mode is saved."""
+def run_mode(engine_name, method, cfg, models, requests, writer, monitor, stop, console, records: dict):
+    """Start one engine, run the workload (NUM_RUNS times), save its results. Returns the mode's result dict;
+    records[mode] gets the last pass's records (the losslessness verdict reads them). A mode that fails to start or
+    warm up is saved too (status failed, its error); a stop signal ends the run once the mode is saved."""
     from lib.engines import create_engine
 
     mode = f"{engine_name}:{method}"
@@ -146,6 +148,7 @@ def run_mode(engine_name, method, cfg, models, requests, writer, monitor, stop, 
         console.print(f"[red]{mode} failed:[/red] {error}")
         traceback.print_exc(file=sys.stderr)
     finally:
+        records[mode] = current.records
         try:
             with stop.held():
                 result = save_mode(cfg, mode, engine, started, models, requests, current, earlier, categories,
@@ -188,6 +191,8 @@ def save_mode(cfg, mode, engine, started, models, requests, current: TimedPass, 
         result["bandwidth"] = bandwidth_report(engine.weight_bytes_read, duration, COPY_BANDWIDTH[device])
     if started:
         result.update(engine.extra_results())
+    if started and status == "complete":
+        result["cost_inputs"] = engine.cost_inputs()  # the SD cost model's inputs (lib/sd_report.py)
     writer.save_mode(mode, result)
     if started:
         write_json(writer.dir / f"bench_serve_{mode_slug(mode)}.json",
@@ -209,6 +214,17 @@ def comparisons_of(modes: dict) -> list[dict]:
     if baseline is None:
         return []
     return [compare(modes[baseline], res) for m, res in modes.items() if m != baseline]
+
+
+def lossless_outcome(cfg, modes: dict, records: dict, exit_code: int, error: str | None) -> tuple[int, str | None]:
+    """Each SD mode's verdict into its result; (exit code, error line): lossless.EXIT_CODE for a failing verdict
+    under LOSSLESS_CHECK=fail when the run would otherwise exit 0."""
+    from lib import lossless
+    failing = lossless.attach(modes, records, cfg.temperature, cfg.seed)
+    if failing and cfg.lossless_check == "fail" and exit_code == 0:
+        return lossless.EXIT_CODE, (lossless.failure_line(modes, failing)
+                                    + f" (exit {lossless.EXIT_CODE} under LOSSLESS_CHECK=fail; warn keeps exit 0)")
+    return exit_code, error
 
 
 def print_requirement_sets(argv: list[str]) -> int:
@@ -268,8 +284,9 @@ def prepare(cfg, pairs, plan):
 
 
 def run(cfg, pairs, plan, stop: StopSignals) -> int:
-    """The modes one after another into one run folder; returns the exit code (0 ok, 1 a mode failed, 130/143/129
-    stopped by SIGINT/SIGTERM/SIGHUP). run.json and the result files say the same."""
+    """The modes one after another into one run folder; returns the exit code (0 ok, 1 a mode failed, 3 a
+    losslessness verdict failed under LOSSLESS_CHECK=fail, 130/143/129 stopped by SIGINT/SIGTERM/SIGHUP).
+    run.json and the result files say the same."""
     from rich.console import Console
 
     from lib.files import for_display
@@ -285,7 +302,7 @@ def run(cfg, pairs, plan, stop: StopSignals) -> int:
     except BaseException:
         folder.release()
         raise
-    exit_code, status, error, writer = 0, "ok", None, None
+    exit_code, status, error, writer, records = 0, "ok", None, None, {}
     try:
         with stop.held():  # a signal now is raised once the first files are written
             writer = RunWriter(folder, cfg, plan)
@@ -295,7 +312,7 @@ def run(cfg, pairs, plan, stop: StopSignals) -> int:
                            "gpus": {str(i): n for i, n in monitor.names.items()}}
         monitor.start()
         for engine_name, method in pairs:
-            result = run_mode(engine_name, method, cfg, models, requests, writer, monitor, stop, console)
+            result = run_mode(engine_name, method, cfg, models, requests, writer, monitor, stop, console, records)
             if result["status"] == "failed":
                 exit_code, status = 1, "failed"
     except Interrupted as exc:
@@ -313,6 +330,10 @@ def run(cfg, pairs, plan, stop: StopSignals) -> int:
             folder.release()
         else:
             writer.comparisons = comparisons_of(writer.modes)
+            from lib.sd_report import attach
+            attach(writer.modes)  # each SD mode's cost model, once every mode it reads has run
+            if cfg.lossless_check != "off":
+                exit_code, error = lossless_outcome(cfg, writer.modes, records, exit_code, error)
             writer.finish(status, exit_code, error,
                           engines={mode: res["engine"] for mode, res in writer.modes.items()})  # placement too
             writer.close()

@@ -40,8 +40,10 @@ from lib.decoding.fast_path import (  # noqa: E402
     static_speculative_generate,
     weights_from_hf,
 )
+from lib.decoding.timing import step_seconds  # noqa: E402
 from lib.errors import exit_on_usage_error  # noqa: E402
 from lib.files import output_file, write_json  # noqa: E402
+from lib.sd_model import alpha_for, predicted_speedup  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ class Row:
     cost_ratio: float | None = None  # c: draft step time / target step time (one token each), measured
     verify_cost: float | None = None  # target verify step (gamma + 1 tokens) time / target one-token step time
     speedup: float | None = None  # tok/s over fast-path AR at the same batch
-    predicted: float | None = None  # acceptance_length / (gamma c + 1) = Leviathan's formula at alpha
+    predicted: float | None = None  # acceptance_length / (gamma c + 1) = Leviathan's formula at alpha (lib/sd_model.py)
     ratio: float | None = None  # speedup / predicted
     joules_per_token: float | None = None
     note: str = ""
@@ -141,18 +143,6 @@ def timed(device, energy: Energy, fn):
     sync(device)
     seconds, e1 = time.perf_counter() - t0, energy.read_j()
     return result, seconds, (None if e0 is None else e1 - e0)
-
-
-def step_seconds(decoder: StaticDecoder, width: int, repeats: int) -> float:
-    """Mean time of one step of this width (graph replays on CUDA), cache positions left unchanged."""
-    tokens = torch.randint(1, 100, (decoder.batch, width), device=decoder.device)
-    decoder.step(tokens)
-    sync(decoder.device)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        decoder.step(tokens)
-    sync(decoder.device)
-    return (time.perf_counter() - t0) / repeats
 
 
 # ---------------------------------------------------------------- models
@@ -244,7 +234,7 @@ def run_sd(args, shape, weights, draft_weights, draft_name, prompt, ar_row, devi
     tokens, tok_s = len(gen.tokens[0]), decode_rate(gen)
     rate = gen.accepted_tokens[0] / max(gen.draft_tokens[0], 1)
     length = 1 + gen.accepted_tokens[0] / max(gen.num_drafts[0], 1)
-    predicted = length / (gamma * cost + 1)
+    predicted = predicted_speedup(length, gamma, cost)  # Leviathan's: verify cost 1 (verify_cost is beside it)
     speedup = tok_s / ar_row.tok_s
     return Row(shape, "sd", draft=draft_name, gamma=gamma, tokens=tokens, seconds=seconds, tok_s=tok_s,
                acceptance_rate=rate, acceptance_length=length, alpha=alpha_for(length, gamma), cost_ratio=cost,
@@ -279,16 +269,6 @@ def decoder_options(args) -> dict:
 
 def per_token(joules, tokens):
     return None if joules is None else joules / tokens
-
-
-def alpha_for(length: float, gamma: int) -> float:
-    """Solve (1 - a^(gamma+1)) / (1 - a) = length for a in [0, 1] (bisection; the left side grows with a)."""
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        value = gamma + 1 if mid >= 1 else (1 - mid ** (gamma + 1)) / (1 - mid)
-        lo, hi = (mid, hi) if value < length else (lo, mid)
-    return lo
 
 
 # ---------------------------------------------------------------- table

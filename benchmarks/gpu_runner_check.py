@@ -2,8 +2,8 @@
 
 Saves a random-init target of --arch (gpu_decode.py's shapes, bf16, o_proj/down_proj scaled by --eps so that a
 self-draft agrees with it sometimes) and its first --draft-layers layers as a second folder, both with the tokenizer
-given, then runs benchmark.py on them (AR and SD, batch 1) and prints each mode's bandwidth_efficiency, tok/s and
-acceptance from benchmark_results.json.
+given, then runs benchmark.py on them (AR and SD, batch 1) and prints each mode's bandwidth_efficiency, tok/s,
+acceptance, SD cost model and losslessness verdict from benchmark_results.json.
 
     python benchmarks/gpu_runner_check.py --arch llama --tokenizer <folder with a tokenizer> --out check.json
 """
@@ -72,11 +72,13 @@ def main(argv=None):
     env = {**os.environ, "TARGET_MODEL": str(target), "DRAFTER_MODEL": str(draft), "INFERENCE_ENGINE": "hf",
            "DTYPE": "bfloat16", "NUM_PROMPTS": str(args.num_prompts), "GENERATION_LENGTH": str(args.generation_length),
            "ENABLE_BATCH": "false", "RESULTS_DIR": str(work / "results"), "RUN_ID": run_id}
-    subprocess.run([sys.executable, str(ROOT / "benchmark.py")], env=env, check=True)
+    # a losslessness verdict that fails exits 3 with the results written: they are what this check reports
+    code = subprocess.run([sys.executable, str(ROOT / "benchmark.py")], env=env).returncode
     results = json.loads((work / "results" / run_id / "benchmark_results.json").read_text())
-    summary = {"arch": args.arch, "eps": args.eps, "modes": {}}
+    summary = {"arch": args.arch, "eps": args.eps, "exit_code": code, "modes": {}}
     for name, mode in results["modes"].items():
         row = {key: find(mode, key) for key in KEYS}
+        row.update({block: mode.get(block) for block in ("sd_model", "lossless") if mode.get(block)})
         summary["modes"][name] = row
         print(f"{args.arch} {name}: {row}")
     if args.out:

@@ -61,12 +61,13 @@ def replay_ms(fn, repeats: int = 200) -> float:
     return statistics.median(times)
 
 
-def decoder_for(weights, batch: int, prompt_len: int, new_tokens: int, vocab: int):
-    """A decoder sized as whole_call's (the same compiled kernels), prefilled, its step captured."""
+def decoder_for(weights, batch: int, prompt_len: int, new_tokens: int, vocab: int, width: int = 1):
+    """A decoder sized as whole_call's (the same compiled kernels), prefilled, its step of `width` tokens per row
+    (1: AR; k + 1: an SD verify step) captured."""
     prompt = torch.randint(1, vocab, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
     decoder = fast_path.StaticDecoder(weights, batch, fast_path.max_len_for([prompt] * batch, new_tokens, 4))
     decoder.prefill([prompt] * batch)
-    tokens = torch.randint(1, vocab, (batch, 1), device=decoder.device)
+    tokens = torch.randint(1, vocab, (batch, width), device=decoder.device)
     decoder.step(tokens)  # capture
     return decoder, tokens
 
@@ -126,7 +127,8 @@ def product_us(fn, x, copies, blocks, per_graph: int = 24) -> float:
 
 
 def matrix_rows(weights, batch: int, bandwidth: float, l2_bytes: int) -> list[dict]:
-    """Each distinct weight shape's product alone, cuBLAS vs the Triton GEMV."""
+    """Each distinct weight shape's product alone for `batch` rows of x: cuBLAS, and for one row the Triton GEMV
+    with each candidate block shape."""
     from lib.decoding import gemv
     layer = weights.layers[0]
     mats = {"wqkv": layer.wqkv, "wo": layer.wo, "w13": layer.w13, "w2": layer.w2, "lm_head": weights.lm_head}
@@ -138,18 +140,22 @@ def matrix_rows(weights, batch: int, bandwidth: float, l2_bytes: int) -> list[di
         row = {"matrix": name, "shape": list(w.shape), "batch": batch, "MB": w.nbytes / 1e6, "floor_us": floor_us}
         ref = F.linear(x, w).float()
         candidates = [("cublas", F.linear, None)] + [(f"triton{tuple(b)}", gemv.launch, b) for b in
-                                                     gemv_candidates() if w.shape[1] % b.block_k == 0]
+                                                     gemv_candidates() if batch == 1 and w.shape[1] % b.block_k == 0]
         for impl, fn, blocks in candidates:
             us = product_us(fn, x, copies, blocks)
             out = fn(x, w, blocks) if blocks else fn(x, w)
             err = ((out.float() - ref).norm() / ref.norm()).item()
             row[impl] = {"us": us, "pct": 100 * floor_us / us, "err": err}
-        best = max((key for key in row if key.startswith("triton")), key=lambda key: row[key]["pct"])
-        row["cublas_pct"], row["triton_best"], row["triton_pct"] = row["cublas"]["pct"], best, row[best]["pct"]
-        shipped = f"triton{tuple(gemv.blocks_for(w.shape[0], w.shape[1]))}"
-        print(f"  {name:8s} {str(tuple(w.shape)):16s} B={batch:2d} floor {floor_us:7.1f} us | cuBLAS "
-              f"{row['cublas_pct']:5.1f} % | shipped triton {row.get(shipped, {}).get('pct', 0):5.1f} % | best "
-              f"{best} {row['triton_pct']:5.1f} % (rel err {row[best]['err']:.1e})")
+        row["cublas_pct"] = row["cublas"]["pct"]
+        line = (f"  {name:8s} {str(tuple(w.shape)):16s} B={batch:2d} floor {floor_us:7.1f} us | cuBLAS "
+                f"{row['cublas_pct']:5.1f} %")
+        if batch == 1:
+            best = max((key for key in row if key.startswith("triton")), key=lambda key: row[key]["pct"])
+            row["triton_best"], row["triton_pct"] = best, row[best]["pct"]
+            shipped = f"triton{tuple(gemv.blocks_for(w.shape[0], w.shape[1]))}"
+            line += (f" | shipped triton {row.get(shipped, {}).get('pct', 0):5.1f} % | best {best} "
+                     f"{row['triton_pct']:5.1f} % (rel err {row[best]['err']:.1e})")
+        print(line)
         rows.append(row)
     return rows
 
@@ -162,7 +168,10 @@ def main(argv=None):
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--widths", default="1", help="tokens per row of the timed step, comma list (5: a k = 4 verify)")
+    p.add_argument("--matrix-rows", default="1", help="rows of x for the products timed alone, comma list")
     p.add_argument("--no-matrices", action="store_true")
+    p.add_argument("--no-steps", action="store_true", help="time the products alone only")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     device = torch.device("cuda")
@@ -179,31 +188,38 @@ def main(argv=None):
     out = {"schema": "speclab.gpu_step_profile/1", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
            "device": props.name, "torch": torch.__version__, "copy_bandwidth_gb_s": bandwidth / 1e9,
            "arch": args.arch, "shape": shape, "floor_ms": floor_ms, "steps": [], "matrices": []}
-    for batch in [int(b) for b in args.batches.split(",")]:
-        if not args.no_matrices and batch == 1:
-            out["matrices"] += matrix_rows(weights, batch, bandwidth, l2)
+    for rows in [] if args.no_matrices else [int(r) for r in args.matrix_rows.split(",")]:
+        out["matrices"] += matrix_rows(weights, rows, bandwidth, l2)
+        if args.out:
+            write_json(Path(args.out), out)
+    steps = [] if args.no_steps else [(int(b), int(n)) for b in args.batches.split(",")
+                                      for n in args.widths.split(",")]
+    for batch, width in steps:
         for variant in args.variants.split(","):
             fast_path.set_options(**VARIANTS[variant])
             decoder, tokens = decoder_for(weights, batch, args.prompt_len, args.new_tokens,
-                                          model.config.vocab_size)
+                                          model.config.vocab_size, width)
             ms = replay_ms(functools.partial(decoder.step, tokens))
             kernels = kernel_profile(decoder, tokens)
             groups = defaultdict(float)
             for row in kernels:
                 groups[row["group"]] += row["us_per_step"]
             busy = sum(groups.values()) / 1e3
-            print(f"\n{variant} B={batch}: step {ms:.3f} ms = {100 * floor_ms / ms:.1f} % of floor; kernels busy "
-                  f"{busy:.3f} ms ({sum(r['per_step'] for r in kernels):.0f} launches), idle {ms - busy:.3f} ms")
+            print(f"\n{variant} B={batch} width {width}: step {ms:.3f} ms = {100 * floor_ms / ms:.1f} % of floor; "
+                  f"kernels busy {busy:.3f} ms ({sum(r['per_step'] for r in kernels):.0f} launches), "
+                  f"idle {ms - busy:.3f} ms")
             for group, us in sorted(groups.items(), key=lambda g: -g[1]):
                 print(f"  {group:26s} {us:8.1f} us")
             for row in kernels[:10]:
                 print(f"    {row['us_per_step']:8.1f} us x{row['per_step']:5.1f}  {row['kernel'][:100]}")
-            call = whole_call(weights, batch, args.prompt_len, args.new_tokens, model.config.vocab_size, floor_ms)
-            print(f"  whole call ({args.new_tokens} tokens): {call['pct_floor']:.1f} % of floor; gaps between tokens "
-                  f"median "
-                  f"{call['gap_ms_median']:.3f} ms, p90 {call['gap_ms_p90']:.3f}, max {call['gap_ms_max']:.3f}")
-            out["steps"].append({"variant": variant, "batch": batch, "step_ms": ms, "pct_floor": 100 * floor_ms / ms,
-                                 "whole_call": call,
+            call = (whole_call(weights, batch, args.prompt_len, args.new_tokens, model.config.vocab_size, floor_ms)
+                    if width == 1 else None)
+            if call:
+                print(f"  whole call ({args.new_tokens} tokens): {call['pct_floor']:.1f} % of floor; gaps between "
+                      f"tokens median {call['gap_ms_median']:.3f} ms, p90 {call['gap_ms_p90']:.3f}, "
+                      f"max {call['gap_ms_max']:.3f}")
+            out["steps"].append({"variant": variant, "batch": batch, "width": width, "step_ms": ms,
+                                 "pct_floor": 100 * floor_ms / ms, "whole_call": call,
                                  "kernels_busy_ms": busy, "groups_us": dict(groups), "kernels": kernels[:60]})
             del decoder
             torch.cuda.empty_cache()

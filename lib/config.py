@@ -116,7 +116,7 @@ def _or_list(items: list[str]) -> str:
 
 # INFERENCE_ENGINE and INFERENCE_METHOD from the engine table; the method choices list the methods compared against
 # the AR baseline first and the baseline (target) last
-COMPARED_METHODS = [m for m in E.METHODS if m.name != "target"] + [E.METHOD_BY_NAME["target"]]
+COMPARED_METHODS = [m for m in E.METHODS if m.name != "target" and not m.measurement] + [E.METHOD_BY_NAME["target"]]
 ENGINE_HELP = "engine: " + ", ".join(e.name + (f" ({e.help})" if e.help else "") for e in E.ENGINES)
 METHOD_HELP = "the method compared against target-only AR: " + _or_list([f"{m.name} ({m.help})"
                                                                           for m in COMPARED_METHODS])
@@ -155,6 +155,9 @@ VARS: list[Var] = [
         "capture, torch.compile, vLLM's first step)", G_ENGINE),
     Var("ENABLE_SPECULATIVE", "bool", True, "run the INFERENCE_METHOD mode", G_ENGINE),
     Var("ENABLE_TARGET", "bool", True, "run the target-only AR mode (the baseline)", G_ENGINE),
+    Var("SD_DRAFT_COST", "bool", True, "vLLM and llama.cpp: after a speculative mode that drafts with a model, run "
+        "that draft as an AR target on the same requests (mode <engine>:draft), so the SD cost model has the draft's "
+        "cost ratio c (draft TPOT / target TPOT); false = c unknown", G_ENGINE),
     Var("COMPARE_MODES", "str", "", "space-separated engine:method pairs run on the same prompts, e.g. "
         "'hf:speculative vllm:target vllm:speculative' (overrides the three variables above)", G_ENGINE),
     # workload
@@ -235,6 +238,11 @@ VARS: list[Var] = [
         "(vLLM's --percentile-metrics): comma-separated ttft, tpot, itl, e2el", G_OUT),
     Var("METRIC_PERCENTILES", "str", "99", "percentiles of those metrics (vLLM's --metric-percentiles), e.g. "
         "'25,50,99'", G_OUT),
+    Var("LOSSLESS_CHECK", "choice", "fail", "the losslessness verdict of each SD mode against the target-only "
+        "mode (its engine's, else the run's first; README, Losslessness verdict): fail (a MISMATCH, or at "
+        "TEMPERATURE > 0 a DIFFERENT token distribution, ends the run with exit code 3 once the result files hold "
+        "the verdict), warn (the verdict is written and shown; the exit code is unchanged), off (no verdict; engines "
+        "skip the top-2 logprobs it reads)", G_OUT, choices=("fail", "warn", "off")),
     Var("METADATA", "str", "", "space-separated KEY=VALUE pairs written into bench_serve_<mode>.json (vLLM's "
         "--metadata)", G_OUT),
     # vLLM
@@ -483,7 +491,7 @@ def modes(cfg: Config) -> list[tuple[str, str]]:
                 raise UsageError(f"COMPARE_MODES={cfg.compare_modes!r}: {item} is listed twice")
             pairs.append((engine, method))
         _check_methods(pairs)
-        return pairs
+        return with_draft_modes(cfg, pairs)
     pairs = []
     if cfg.enable_target:
         pairs.append((cfg.inference_engine, "target"))
@@ -493,7 +501,26 @@ def modes(cfg: Config) -> list[tuple[str, str]]:
         raise UsageError("ENABLE_TARGET=false and ENABLE_SPECULATIVE=false (or INFERENCE_METHOD=target): "
                          "nothing to run; enable at least one mode")
     _check_methods(pairs)
-    return pairs
+    return with_draft_modes(cfg, pairs)
+
+
+def draft_runs_as_target(cfg: Config, engine: str, method: str) -> bool:
+    """Whether the SD mode engine:method is followed by engine:draft (its draft model run as an AR target, for the
+    SD cost model's c): SD_DRAFT_COST, an engine that runs the draft method, and a draft that is a model (not
+    vLLM's ngram, mtp or EAGLE heads)."""
+    if not cfg.sd_draft_cost or method != "speculative" or "draft" not in E.ENGINE_BY_NAME[engine].methods:
+        return False
+    return engine != "vllm" or (cfg.vllm_enable_speculative and cfg.vllm_spec_method == "draft_model")
+
+
+def with_draft_modes(cfg: Config, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The pairs with engine:draft after each SD mode that draft_runs_as_target (unless already listed)."""
+    out = []
+    for engine, method in pairs:
+        out.append((engine, method))
+        if draft_runs_as_target(cfg, engine, method) and (engine, "draft") not in pairs:
+            out.append((engine, "draft"))
+    return out
 
 
 LAUNCH_SETS = {"vllm": "vllm", "llamacpp": "edge"}  # ENDPOINT_LAUNCH -> the requirement set of its server
@@ -504,7 +531,7 @@ def mode_needs_draft(cfg: Config, engine: str, method: str) -> bool:
     vLLM without VLLM_ENABLE_SPECULATIVE falls back to target-only; an openai mode only when it launches vLLM."""
     if not E.METHOD_BY_NAME[method].needs_draft:
         return False
-    if engine == "vllm":
+    if engine == "vllm" and method != "draft":
         return cfg.vllm_enable_speculative and cfg.vllm_spec_method not in ("ngram", "mtp")
     if engine == "openai":
         return cfg.endpoint_launch == "vllm" and cfg.vllm_spec_method not in ("ngram", "mtp")

@@ -300,6 +300,11 @@ def _decode_path(result: dict, comparison: dict):
     return None if fast is None else "fast" if fast else "plain"
 
 
+def _lossless_verdict(result: dict, comparison: dict):
+    """The SD mode's losslessness verdict against its engine's target-only mode (lib/lossless.py)."""
+    return (result.get("lossless") or {}).get("verdict")
+
+
 EXTRA_COLUMNS = [
     Column("speedup", _compared("output_throughput"), row=True, short=True, higher_is_better=True, regress=True,
            after="output_throughput"),
@@ -309,6 +314,7 @@ EXTRA_COLUMNS = [
            compare_label="energy/token ratio"),
     Column("bandwidth_efficiency", _bandwidth_efficiency, summary="BW eff", digits=3),
     Column("path", _decode_path, summary="path"),
+    Column("lossless", _lossless_verdict, summary="lossless"),
 ]
 
 

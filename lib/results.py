@@ -21,6 +21,7 @@ from pathlib import Path
 from lib.engines import PACKAGES
 from lib.errors import UsageError
 from lib.files import ROOT, FolderLock, LockHeld, for_display, output_dir, write_json
+from lib.lossless import difference_lines
 from lib.metrics import COLUMNS, Column
 from lib.types import RequestRecord
 
@@ -253,8 +254,11 @@ def print_summary(modes: dict, comparisons: list[dict], run_dir: Path, console=N
         console.print(warning, markup=False)
     for c in comparisons:
         console.print(comparison_line(c))
+    from lib.sd_report import summary_lines
+    for line in summary_lines(modes):
+        console.print(line, markup=False, soft_wrap=True)  # one line per mode, for logs and greps
     for mode, res in modes.items():
-        for line in (repeats_line(mode, res), category_line(mode, res)):
+        for line in (repeats_line(mode, res), category_line(mode, res), *difference_lines(mode, res)):
             if line:
                 console.print(line, markup=False)
     energies = [r.get("energy") for r in modes.values() if r.get("energy")]

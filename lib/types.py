@@ -54,6 +54,9 @@ class RequestRecord:
     # per output token, the target's top-1 minus top-2 log-probability where that token was chosen (equal to the
     # logit margin); None where the engine does not give it. The losslessness verdict reads it.
     top2_margin: list[float] | None = None
+    # per output token, the target's largest logit there: the scale of the rounding bound that tells a tie from a
+    # bug; None where the engine gives log-probabilities only
+    top_logit: list[float] | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -75,6 +78,20 @@ class Clock:
 
 
 @dataclass
+class StepTimes:
+    """Seconds an SD loop spent in its draft steps and its target verify steps, and how many it ran: the inputs of
+    the SD cost model's cost ratio c and verify cost v (lib/sd_model.py)."""
+    draft_s: float = 0.0
+    draft_steps: int = 0
+    verify_s: float = 0.0
+    verify_rounds: int = 0
+
+    def add(self, other: StepTimes) -> StepTimes:
+        return StepTimes(self.draft_s + other.draft_s, self.draft_steps + other.draft_steps,
+                         self.verify_s + other.verify_s, self.verify_rounds + other.verify_rounds)
+
+
+@dataclass
 class Generation:
     """What a batch decode returns: tokens per row and, for SD, acceptance counters per row."""
     tokens: list[list[int]]
@@ -84,6 +101,10 @@ class Generation:
     draft_tokens: list[int] = field(default_factory=list)
     accepted_tokens: list[int] = field(default_factory=list)
     accepted_per_position: list[list[int]] = field(default_factory=list)
+    # per row and output token, the target's top-2 logit margin and top logit where it was emitted (empty: not kept)
+    top2_margins: list[list[float]] = field(default_factory=list)
+    top_logits: list[list[float]] = field(default_factory=list)
+    step_times: StepTimes | None = None  # SD loops: time in draft and verify steps
 
     @classmethod
     def for_speculation(cls, batch: int, gamma: int) -> Generation:

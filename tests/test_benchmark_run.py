@@ -60,6 +60,32 @@ def test_default_run_files_lossless_and_acceptance(tmp_path, batch):
     gpu = json.loads((run_dir / "benchmark_results_gpu.json").read_text())
     assert gpu["available"] is False and gpu["reason"]  # this machine has no GPU: recorded, run went on
     assert "SpecLab benchmark summary" in proc.stdout
+    check_sd_model(results, proc.stdout, "hf:speculative", "timed")
+    timing = results["modes"]["hf:speculative"]["sd_model"]["timing"]
+    assert timing["batch_size"] == batch and timing["verify_rounds"] > 0
+    assert timing["draft_steps"] == 4 * timing["verify_rounds"]  # GAMMA_VALUE draft steps a round
+    assert "sd_model" not in results["modes"]["hf:target"]
+
+
+def check_sd_model(results, stdout, mode, c_source):
+    """The SD mode's cost model: c measured, predicted and measured speedup (the TPOT ratio against its engine's AR
+    mode) in the results and on the mode's summary line."""
+    modes = results["modes"]
+    model = modes[mode]["sd_model"]
+    engine = mode.partition(":")[0]
+    tpot = {m: r["metrics"]["latency"]["mean_tpot_ms"] for m, r in modes.items()}
+    assert model["baseline"] == f"{engine}:target"
+    assert model["measured_speedup"] == pytest.approx(tpot[f"{engine}:target"] / tpot[mode])
+    assert model["cost_ratio"] > 0 and model["cost_ratio_source"] == c_source
+    accept = modes[mode]["metrics"]["acceptance"]
+    assert model["tokens_per_round"] == pytest.approx(accept["acceptance_length"])
+    assert model["predicted_speedup"] == pytest.approx(
+        model["tokens_per_round"] / (model["k"] * model["cost_ratio"] + model["verify_cost_used"]))
+    assert model["measured_over_predicted"] == pytest.approx(model["measured_speedup"] / model["predicted_speedup"])
+    assert 1 <= model["best_k"]["k"] <= max(2 * model["k"], 8)
+    line = next(line for line in stdout.splitlines() if line.startswith(f"{mode}: c "))
+    assert f"-> x{model['predicted_speedup']:.2f}, measured x{model['measured_speedup']:.2f}" in line
+    assert "break-even acceptance" in line and "best k" in line
 
 
 def test_rate_mode_sends_poisson_schedule(tmp_path):
@@ -130,3 +156,26 @@ def test_num_runs_max_concurrency_and_bench_serve_file(tmp_path):
     assert vllm["spec_decode_acceptance_rate"] == pytest.approx(100 * metrics["acceptance"]["acceptance_rate"])
     assert {"mean_ttft_ms", "p99_tpot_ms", "median_itl_ms"} <= set(vllm) and "mean_e2el_ms" not in vllm
     assert sorted(vllm["output_lens"]) != [8] * 4  # the custom file's output_tokens set max tokens
+
+
+def test_sd_cost_model_of_vllm_and_llamacpp_from_their_draft_modes(tmp_path, tiny_models):
+    """vLLM's and llama.cpp's c comes from <engine>:draft, the draft run as an AR target, added to the plan."""
+    modes = "vllm:target vllm:speculative llamacpp:target llamacpp:speculative"
+    proc, run_dir = run_benchmark(tmp_path, COMPARE_MODES=modes, VLLM_ENABLE_SPECULATIVE="true", NUM_PROMPTS=3,
+                                  GENERATION_LENGTH=16, WARMUP="false", VLLM_MAX_MODEL_LEN=512, VLLM_MAX_NUM_SEQS=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_dir / "benchmark_results.json").read_text())
+    assert list(results["modes"]) == ["vllm:target", "vllm:speculative", "vllm:draft", "llamacpp:target",
+                                      "llamacpp:speculative", "llamacpp:draft"]
+    for engine in ("vllm", "llamacpp"):
+        check_sd_model(results, proc.stdout, f"{engine}:speculative", "draft-as-target TPOT ratio")
+        model = results["modes"][f"{engine}:speculative"]["sd_model"]
+        tpot = {m: r["metrics"]["latency"]["mean_tpot_ms"] for m, r in results["modes"].items()}
+        assert model["cost_ratio"] == pytest.approx(tpot[f"{engine}:draft"] / tpot[f"{engine}:target"])
+        assert model["verify_cost"] is None and model["verify_cost_used"] == 1.0
+        assert f"{engine}:speculative: c {model['cost_ratio']:.3f} (draft-as-target TPOT ratio), verify unknown" \
+            in proc.stdout
+        assert "sd_model" not in results["modes"][f"{engine}:draft"]
+    for engine in ("vllm", "llamacpp"):  # the draft ran as the target of its mode
+        assert results["modes"][f"{engine}:draft"]["engine"]["model"] == str(tiny_models.draft)
+        assert results["modes"][f"{engine}:target"]["engine"]["model"] == str(tiny_models.target)

@@ -11,7 +11,7 @@ from lib.files import ROOT
 LIB = ROOT / "lib"
 SCRIPTS = {p.stem for p in ROOT.glob("*.py")}
 BOTTOM = {"lib.types": set(), "lib.errors": set(), "lib.numerics": set(), "lib.log": set(), "lib.interrupts": set(),
-          "lib.files": {"lib.errors"}}
+          "lib.files": {"lib.errors"}, "lib.sd_model": set()}
 
 
 def module_name(path: Path) -> str:

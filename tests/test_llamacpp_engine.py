@@ -45,6 +45,22 @@ def test_greedy_target_and_speculative_equal_transformers_ar(tiny_models, tiny_t
         assert eng.describe()["n_threads"] >= 1 and eng.weight_bytes() > 0
 
 
+def test_greedy_records_carry_the_targets_top2_logits(tiny_models, tiny_tokenizer, requests_):
+    """Per token the target's top-2 margin and top logit, as transformers' float32 loop computes them (target-only
+    and speculative); the losslessness verdict of SD against AR is exact."""
+    from lib import lossless
+    hf = load_model(tiny_models.target)
+    expected = [autoregressive_generate(hf, [r.prompt_ids], r.max_new_tokens, eos_ids={tiny_tokenizer.eos_token_id})
+                for r in requests_[:2]]
+    records = {}
+    for method in ("target", "speculative"):
+        records[method] = engine(tiny_models, method).generate_batch(requests_[:2], Clock())
+        for rec, ref in zip(records[method], expected):
+            assert rec.top2_margin == pytest.approx(ref.top2_margins[0], abs=1e-3), method
+            assert rec.top_logit == pytest.approx(ref.top_logits[0], abs=1e-3), method
+    assert lossless.greedy_verdict(records["target"], records["speculative"], "float32")["verdict"] == "exact"
+
+
 def test_sampling_runs_and_respects_the_limit(tiny_models, requests_):
     eng = engine(tiny_models, "speculative", TEMPERATURE="0.8")
     rec = eng.generate_batch(requests_[:1], Clock())[0]

@@ -108,8 +108,9 @@ def test_compare_and_report_rows_of_a_written_run(tmp_path):
 def test_console_summary_columns_and_comparison_line():
     assert list(summary_columns()) == ["done", "out tok/s", "TTFT ms (mean/p99)", "TPOT ms (mean/p99)",
                                        "ITL ms (mean)", "E2EL ms (mean)", "accept rate", "accept len", "J/token",
-                                       "BW eff", "path"]
+                                       "BW eff", "path", "lossless"]
     sd, ar = result(spec_metrics()), result(target_metrics(), 0.5)
+    sd["lossless"] = {"verdict": "exact", "baseline": "hf:target", "differences": [], "not_compared": 0}
     comp = compare(ar, sd)
     assert comparison_line(comp) == ("hf:speculative vs hf:target: output throughput x0.62, TPOT x0.60, "
                                      "energy/token ratio -")
@@ -119,7 +120,7 @@ def test_console_summary_columns_and_comparison_line():
     line = next(ln for ln in buf.getvalue().splitlines() if "hf:speculative" in ln and "│" in ln)
     cells = [c.strip() for c in line.strip("│ ").split("│")]
     assert cells == ["hf:speculative", "complete", "2", "2.5", "187.5 / 248.8", "312.50 / 373.75", "333.33",
-                     "687.5", "0.500", "2.00", "n/a", "-", "-"]
+                     "687.5", "0.500", "2.00", "n/a", "-", "-", "exact"]
 
 
 def test_summary_shows_the_decode_path_and_warns_on_an_overhead_bound_gpu_run():
@@ -131,7 +132,7 @@ def test_summary_shows_the_decode_path_and_warns_on_an_overhead_bound_gpu_run():
     buf = io.StringIO()
     print_summary({"hf:target": ar, "hf:speculative": sd}, [], "out", Console(file=buf, width=250))
     lines = buf.getvalue().splitlines()
-    cells = {ln.split("│")[1].strip(): ln.split("│")[-2].strip() for ln in lines if "│ hf:" in ln}
+    cells = {ln.split("│")[1].strip(): ln.split("│")[-3].strip() for ln in lines if "│ hf:" in ln}
     assert cells == {"hf:target": "fast", "hf:speculative": "plain"}
     warnings = [ln for ln in lines if ln.startswith("warning: BW eff")]
     assert len(warnings) == 1 and "hf:speculative (0.040)" in warnings[0] and "hf:target" not in warnings[0]

@@ -20,7 +20,7 @@ def test_unknown_engine_in_compare_modes_names_the_table():
         resolve(COMPARE_MODES="hf:target tensorrt:target")
     assert str(err.value) == ("COMPARE_MODES='hf:target tensorrt:target': 'tensorrt:target' is not engine:method "
                               "with engine in hf, vllm, sglang, llamacpp, openai and method in target, speculative, "
-                              "assisted")
+                              "assisted, draft")
 
 
 def test_a_method_an_engine_does_not_run_names_the_engines_that_do():
@@ -33,7 +33,9 @@ def test_a_method_an_engine_does_not_run_names_the_engines_that_do():
 def test_choices_and_aliases_come_from_the_table():
     engine = C.VAR_BY_NAME["INFERENCE_ENGINE"]
     assert engine.choices == ("hf", "transformers", "vllm", "sglang", "llamacpp", "openai")
-    assert set(C.VAR_BY_NAME["INFERENCE_METHOD"].choices) == set(E.METHOD_BY_NAME)
+    # the measurement modes (draft: the draft run as an AR target) are added by the plan, not chosen
+    assert set(C.VAR_BY_NAME["INFERENCE_METHOD"].choices) == {m.name for m in E.METHODS if not m.measurement}
+    assert "draft" in E.METHOD_BY_NAME and "draft" not in C.VAR_BY_NAME["INFERENCE_METHOD"].choices
     assert all(set(e.methods) <= set(E.METHOD_BY_NAME) for e in E.ENGINES)
     assert all((ROOT / "requirements" / f"{e.requirements}.txt").is_file() for e in E.ENGINES)
     cfg = resolve(INFERENCE_ENGINE="Transformers", COMPARE_MODES="transformers:assisted")

@@ -88,6 +88,36 @@ def test_offline_greedy_tokens_equal_autoregressive(offline_run, reference, requ
         assert records[rid].finish_reason in ("stop", "length")
 
 
+@pytest.fixture(scope="module")
+def reference_records(tiny_models, requests_):
+    """The project's AR loop's records, with the target's top-2 margins and top logits (float32, one at a time)."""
+    from lib.decoding.chain import autoregressive_generate
+    from lib.types import RequestRecord
+    target = load_model(tiny_models.target, "float32", "cpu")
+    eos = target.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    out = {}
+    for r in requests_:
+        gen = autoregressive_generate(target, [r.prompt_ids], NEW_TOKENS, eos_ids=eos_ids)
+        out[r.request_id] = RequestRecord(r.request_id, len(r.prompt_ids), gen.tokens[0], "", 0.0, 0.0,
+                                          gen.token_times[0], gen.finish_reasons[0],
+                                          top2_margin=gen.top2_margins[0], top_logit=gen.top_logits[0])
+    del target
+    return out
+
+
+def test_offline_records_carry_the_targets_top2_logits(offline_run, reference_records):
+    """logprobs=2 in raw_logits mode: per token the target's top-2 logits (in SD mode too), as the project's own
+    float32 loop computes them; the losslessness verdict against that loop is exact."""
+    from lib import lossless
+    name, _, records, _, _ = offline_run
+    for rid, ref in reference_records.items():
+        assert records[rid].top2_margin == pytest.approx(ref.top2_margin, abs=1e-3), name
+        assert records[rid].top_logit == pytest.approx(ref.top_logit, abs=1e-3), name
+    verdict = lossless.greedy_verdict(list(reference_records.values()), list(records.values()), "float32")
+    assert verdict["verdict"] == "exact" and verdict["compared"] == len(reference_records)
+
+
 def test_acceptance_equals_vllm_counters(offline_run):
     name, engine, _, before, after = offline_run
     if name == "target":
@@ -214,3 +244,15 @@ def test_weight_bytes_counts_target_and_draft_parameters_from_the_headers(tiny_m
     params = sum(p.numel() for m in (target, draft) for p in m.state_dict().values() if p.dtype.is_floating_point)
     engine.dtype = "float32"  # what start() sets on CPU; weight_bytes reads only headers, no engine needed
     assert engine.weight_bytes() == 4 * params
+
+
+def test_draft_method_runs_the_draft_folder_as_target_with_the_targets_tokenizer(tiny_models):
+    """vllm:draft, the SD cost model's draft-as-target mode: the draft model, no speculation."""
+    engine = make_engine(tiny_models, "draft")
+    engine.dtype, engine.on_cpu = "float32", True  # what start() sets on CPU
+    kwargs = engine._engine_kwargs()
+    assert kwargs["model"] == str(tiny_models.draft) and kwargs["tokenizer"] == str(tiny_models.target)
+    assert "speculative_config" not in kwargs and not engine.use_speculative
+    draft = load_model(tiny_models.draft, "float32", "cpu")
+    assert engine.weight_bytes() == 4 * sum(p.numel() for p in draft.state_dict().values()
+                                            if p.dtype.is_floating_point)

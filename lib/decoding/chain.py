@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lib.decoding.timing import RoundClock, mark
 from lib.types import Generation
 
 
@@ -92,30 +93,69 @@ def accept_drafts(target_logits: torch.Tensor, drafts: torch.Tensor, draft_probs
     return n_accepted, sample(residual / residual.sum(-1, keepdim=True), generator)
 
 
+def top2(logits: torch.Tensor) -> torch.Tensor:
+    """[..., 2] float32 on the logits' device from logits [..., V]: (top-1 minus top-2 logit, top-1 logit), what the
+    losslessness verdict (lib/lossless.py) reads at the position where two runs first differ."""
+    values = logits.topk(2, dim=-1).values.float()
+    return torch.stack([values[..., 0] - values[..., 1], values[..., 0]], -1)
+
+
+class _DeviceTops:
+    """top2() of every step's target logits, kept on the device and read in one copy when the batch ends, so the
+    plain loops add no host sync per step. A row's emitted token refers to its entry by index (see `add`)."""
+
+    def __init__(self):
+        self.parts: list[torch.Tensor] = []
+        self.size = 0
+
+    def add(self, logits: torch.Tensor) -> tuple[int, int]:
+        """Keep top2 of logits [B, P, V] (or [B, V]); (base, P): row b's position p is entry base + b * P + p."""
+        tops = top2(logits if logits.dim() == 3 else logits[:, None])
+        self.parts.append(tops.reshape(-1, 2))
+        base, self.size = self.size, self.size + tops.shape[0] * tops.shape[1]
+        return base, tops.shape[1]
+
+    def read(self, handles: list[list[int]]) -> list[list[list[float]]]:
+        flat = torch.cat(self.parts).tolist() if self.parts else []
+        return [[flat[i] for i in row] for row in handles]
+
+
+def split_tops(per_row: list[list], gen: Generation) -> Generation:
+    """Per-row [margin, top logit] pairs into gen.top2_margins and gen.top_logits."""
+    gen.top2_margins = [[float(t[0]) for t in row] for row in per_row]
+    gen.top_logits = [[float(t[1]) for t in row] for row in per_row]
+    return gen
+
+
 class _Rows:
-    """Per-row output bookkeeping shared by AR and SD: append tokens, stop at EOS or the length limit."""
+    """Per-row output bookkeeping shared by AR and SD: append tokens, stop at EOS or the length limit. Each token
+    may bring a handle to the target's top-2 figures where it was emitted (a [margin, top] pair, or an index that
+    _DeviceTops resolves), kept in `tops` alongside the tokens."""
 
     def __init__(self, batch: int, max_new: int, eos_ids: set[int]):
         self.max_new, self.eos_ids = max_new, eos_ids
         self.tokens = [[] for _ in range(batch)]
         self.times = [[] for _ in range(batch)]
+        self.tops = [[] for _ in range(batch)]
         self.reasons = [""] * batch
 
-    def add(self, row: int, new: list[int], now: float):
-        for token in new:
+    def add(self, row: int, new: list[int], now: float, tops: list | None = None):
+        for i, token in enumerate(new):
             if self.reasons[row]:
                 return
             self.tokens[row].append(token)
             self.times[row].append(now)
+            if tops is not None:
+                self.tops[row].append(tops[i])
             if token in self.eos_ids:
                 self.reasons[row] = "stop"
             elif len(self.tokens[row]) >= self.max_new:
                 self.reasons[row] = "length"
 
-    def add_each(self, tokens: list[int], now: float):
-        """One new token per row."""
+    def add_each(self, tokens: list[int], now: float, tops: list | None = None):
+        """One new token per row (tops: one handle per row)."""
         for row, token in enumerate(tokens):
-            self.add(row, [token], now)
+            self.add(row, [token], now, None if tops is None else [tops[row]])
 
     def done(self) -> bool:
         return all(self.reasons)
@@ -138,14 +178,15 @@ def autoregressive_generate(target, prompts: list[list[int]], max_new: int, temp
                             eos_ids: set[int] = frozenset(), pad_id: int = 0, generator=None) -> Generation:
     device = target.device
     state, logits = _prefill(target, prompts, pad_id, device)
-    rows = _Rows(len(prompts), max_new, set(eos_ids))
+    rows, tops = _Rows(len(prompts), max_new, set(eos_ids)), _DeviceTops()
     while True:
         token = sample(probabilities(logits, temperature), generator)
-        rows.add_each(token.tolist(), time.perf_counter())
+        base, _ = tops.add(logits)
+        rows.add_each(token.tolist(), time.perf_counter(), [base + row for row in range(len(prompts))])
         if rows.done():
             break
         logits = forward(target, state, token[:, None])[:, -1]
-    return Generation(rows.tokens, rows.times, rows.reasons)
+    return split_tops(tops.read(rows.tops), Generation(rows.tokens, rows.times, rows.reasons))
 
 
 @torch.inference_mode()
@@ -156,13 +197,16 @@ def speculative_generate(target, draft, prompts: list[list[int]], max_new: int, 
     batch, device = len(prompts), target.device
     target_state, target_logits = _prefill(target, prompts, pad_id, device)
     draft_state, _ = _prefill(draft, prompts, pad_id, draft.device)
-    rows = _Rows(batch, max_new, set(eos_ids))
+    rows, tops = _Rows(batch, max_new, set(eos_ids)), _DeviceTops()
     out = Generation.for_speculation(batch, gamma)
+    clock = RoundClock()
 
     pending = sample(probabilities(target_logits, temperature), generator)  # [B]: emitted, not yet in caches
-    rows.add_each(pending.tolist(), time.perf_counter())
+    base, _ = tops.add(target_logits)
+    rows.add_each(pending.tolist(), time.perf_counter(), [base + row for row in range(batch)])
     while not rows.done():
         # 1. draft gamma tokens autoregressively
+        draft_start = mark(draft.device)
         draft_tokens, draft_probs, token = [], [], pending.to(draft.device)
         for _ in range(gamma):
             q = probabilities(forward(draft, draft_state, token[:, None])[:, -1], temperature)
@@ -171,13 +215,18 @@ def speculative_generate(target, draft, prompts: list[list[int]], max_new: int, 
             draft_probs.append(q)
         drafts = torch.stack(draft_tokens, 1).to(device)  # [B, gamma]
         q = torch.stack(draft_probs, 1).to(device)  # [B, gamma, V]
+        draft_end = mark(draft.device)
 
         # 2. verify all drafts in one target pass (logits for gamma + 1 positions); 3-4. accept, pick the next token
+        verify_start = mark(device)
         target_logits = forward(target, target_state, torch.cat([pending[:, None], drafts], 1))
         n_accepted, next_token = accept_drafts(target_logits, drafts, q, temperature, generator)
+        base, width = tops.add(target_logits)
+        verify_end = mark(device)
 
         # 5. roll back both caches to the accepted prefix (one host sync reads the counts)
         counts = n_accepted.tolist()
+        clock.add_round((draft_start, draft_end, verify_start, verify_end), gamma)
         commit(target_state, gamma + 1, n_accepted + 1)
         commit(draft_state, gamma, (n_accepted + 1).clamp(max=gamma).to(draft.device))
         if max(counts) == gamma:  # rows that took every draft still need the last one in the draft cache
@@ -191,7 +240,9 @@ def speculative_generate(target, draft, prompts: list[list[int]], max_new: int, 
                 continue
             n = counts[row]
             out.count_round(row, gamma, n)
-            rows.add(row, drafts_list[row][:n] + [next_list[row]], now)
+            rows.add(row, drafts_list[row][:n] + [next_list[row]], now,
+                     [base + row * width + i for i in range(n + 1)])
         pending = next_token
     out.tokens, out.token_times, out.finish_reasons = rows.tokens, rows.times, rows.reasons
-    return out
+    out.step_times = clock.times
+    return split_tops(tops.read(rows.tops), out)

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from lib.decoding import gemv
-from lib.decoding.chain import _Rows, accept_drafts, probabilities, sample
+from lib.decoding.chain import _Rows, accept_drafts, probabilities, sample, split_tops, top2
+from lib.decoding.timing import RoundClock, mark
 from lib.types import Generation
 
 
@@ -469,21 +470,23 @@ def static_autoregressive_generate(target: StaticDecoder, prompts: list[list[int
     logits = target.prefill(prompts, pad_id)
     host = _HostReader(len(prompts), max_new, eos_ids, target.device)
     pinned = torch.empty(len(prompts), dtype=torch.long, pin_memory=target.device.type == "cuda")
+    pinned_tops = torch.empty(len(prompts), 2, pin_memory=target.device.type == "cuda")  # chain.top2, same event
     while True:
         token = logits.argmax(-1) if temperature <= 0 else sample(probabilities(logits.float(), temperature),
                                                                    generator)
         pinned.copy_(token, non_blocking=True)
+        pinned_tops.copy_(top2(logits), non_blocking=True)
         ready = _record_event(target.device)
         if not all(len(t) + 1 >= max_new for t in host.rows.tokens):
             logits = target.step(token[:, None])[:, -1]
             target.lengths.add_(host.active)
         if ready is not None:
             ready.synchronize()
-        host.rows.add_each(pinned.tolist(), time.perf_counter())
+        host.rows.add_each(pinned.tolist(), time.perf_counter(), pinned_tops.tolist())
         if host.rows.done():
             break
         host.refresh_active()
-    return Generation(host.rows.tokens, host.rows.times, host.rows.reasons)
+    return split_tops(host.rows.tops, Generation(host.rows.tokens, host.rows.times, host.rows.reasons))
 
 
 class _Round:
@@ -492,6 +495,7 @@ class _Round:
     def __init__(self, target: StaticDecoder, draft: StaticDecoder, last, pending, gamma: int, temperature: float,
                  active, generator, pinned):
         device, batch = target.device, target.batch
+        draft_start = mark(draft.device)
         token_in, fed, drafted, probs = torch.stack([last, pending], 1), 2, [], []
         for _ in range(gamma):
             draft_logits = draft.step(token_in.to(draft.device))[:, -1].to(device)
@@ -502,22 +506,25 @@ class _Round:
             probs.append(q)
             token_in, fed = token[:, None], 1
         drafts = torch.stack(drafted, 1)
+        draft_end, verify_start = mark(draft.device), mark(device)
         fed_target = torch.cat([pending[:, None], drafts], 1)  # [B, gamma + 1]
-        n_accepted, next_token = accept_drafts(target.step(fed_target), drafts,
-                                               torch.stack(probs, 1) if temperature > 0 else None,
+        verify = target.step(fed_target)
+        n_accepted, next_token = accept_drafts(verify, drafts, torch.stack(probs, 1) if temperature > 0 else None,
                                                temperature, generator)
+        self.marks = (draft_start, draft_end, verify_start, mark(device))  # read after read(): the SD cost model
         target.lengths.add_((n_accepted + 1) * active)
         draft.lengths.copy_(target.lengths - 1)  # (a cross-device copy when the draft has its own GPU)
         self.last = fed_target[torch.arange(batch, device=device), n_accepted]
         self.pending = next_token
-        self.pinned = pinned
-        pinned.copy_(torch.cat([n_accepted[:, None], drafts, next_token[:, None]], 1), non_blocking=True)
+        self.pinned = pinned  # (ids [B, gamma + 2], the verify's chain.top2 [B, gamma + 1, 2]), pinned
+        pinned[0].copy_(torch.cat([n_accepted[:, None], drafts, next_token[:, None]], 1), non_blocking=True)
+        pinned[1].copy_(top2(verify), non_blocking=True)
         self.ready = _record_event(device)
 
-    def read(self) -> list[list[int]]:
+    def read(self) -> tuple[list[list[int]], list[list[list[float]]]]:
         if self.ready is not None:
             self.ready.synchronize()
-        return self.pinned.tolist()
+        return self.pinned[0].tolist(), self.pinned[1].tolist()
 
 
 @torch.inference_mode()
@@ -536,10 +543,13 @@ def static_speculative_generate(target: StaticDecoder, draft: StaticDecoder, pro
     draft.lengths.sub_(1)  # the last prompt token is fed again with the pending one
     host = _HostReader(batch, max_new, eos_ids, device)
     out = Generation.for_speculation(batch, gamma)
+    clock = RoundClock()
     pending = sample(probabilities(logits.float(), temperature), generator)
     last = torch.tensor([p[-1] for p in prompts], device=device)
-    host.rows.add_each(pending.tolist(), time.perf_counter())
-    pinned = [torch.empty(batch, gamma + 2, dtype=torch.long, pin_memory=device.type == "cuda") for _ in range(2)]
+    host.rows.add_each(pending.tolist(), time.perf_counter(), top2(logits).tolist())
+    pin = device.type == "cuda"
+    pinned = [(torch.empty(batch, gamma + 2, dtype=torch.long, pin_memory=pin),
+               torch.empty(batch, gamma + 1, 2, pin_memory=pin)) for _ in range(2)]
     queued = None if host.rows.done() else _Round(target, draft, last, pending, gamma, temperature, host.active,
                                                    generator, pinned[0])
     while queued is not None:
@@ -548,14 +558,15 @@ def static_speculative_generate(target: StaticDecoder, draft: StaticDecoder, pro
                for tokens, reason in zip(host.rows.tokens, host.rows.reasons)):
             queued = _Round(target, draft, current.last, current.pending, gamma, temperature, host.active,
                             generator, pinned[1] if current.pinned is pinned[0] else pinned[0])
-        counts = current.read()  # the one host sync of the round
+        counts, tops = current.read()  # the one host sync of the round
         now = time.perf_counter()
+        clock.add_round(current.marks, gamma)
         for row, values in enumerate(counts):
             if host.rows.reasons[row]:
                 continue
             n = values[0]
             out.count_round(row, gamma, n)
-            host.rows.add(row, values[1:1 + n] + [values[-1]], now)
+            host.rows.add(row, values[1:1 + n] + [values[-1]], now, tops[row][:n + 1])
         if host.rows.done():
             break
         host.refresh_active()
@@ -565,4 +576,5 @@ def static_speculative_generate(target: StaticDecoder, draft: StaticDecoder, pro
     if queued is not None and queued.ready is not None:
         queued.ready.synchronize()  # a round queued past the end: let it finish before the caches are reused
     out.tokens, out.token_times, out.finish_reasons = host.rows.tokens, host.rows.times, host.rows.reasons
-    return out
+    out.step_times = clock.times
+    return split_tops(host.rows.tops, out)

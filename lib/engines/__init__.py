@@ -18,6 +18,7 @@ class MethodSpec:
     help: str  # shown in INFERENCE_METHOD's help
     needs_draft: bool = True  # reads DRAFTER_MODEL (lib/config.py's mode_needs_draft refines this per engine)
     only_because: str = ""  # for a method only some engines run: why, in the error for the others
+    measurement: bool = False  # a mode the plan adds for the SD cost model, not an INFERENCE_METHOD choice
 
 
 @dataclass(frozen=True)
@@ -37,16 +38,18 @@ METHODS = (
     MethodSpec("speculative", "draft + verify"),
     MethodSpec("assisted", "transformers' own assisted generation, hf engine, batch 1",
                only_because="assisted generation is transformers' own"),
+    MethodSpec("draft", "the draft model run as an AR target on the same requests (the SD cost model's c)",
+               only_because="the hf engine times its draft steps inside the SD loop", measurement=True),
 )
 
 ENGINES = (
     EngineSpec("hf", "lib.engines.pytorch_engine", "PyTorchEngine", "core", "transformers",
                ("target", "speculative", "assisted"), help="PyTorch/transformers, the project's own SD loop",
                aliases=("transformers",)),
-    EngineSpec("vllm", "lib.engines.vllm_engine", "VLLMEngine", "vllm", "vllm", ("target", "speculative")),
+    EngineSpec("vllm", "lib.engines.vllm_engine", "VLLMEngine", "vllm", "vllm", ("target", "speculative", "draft")),
     EngineSpec("sglang", "lib.engines.sglang_engine", "SGLangEngine", "sglang", "sglang", ("target", "speculative")),
     EngineSpec("llamacpp", "lib.engines.llamacpp_engine", "LlamaCppEngine", "edge", "llama_cpp",
-               ("target", "speculative")),
+               ("target", "speculative", "draft")),
     EngineSpec("openai", "lib.engines.openai_engine", "OpenAIEngine", "endpoint", "httpx", ("target", "speculative"),
                help="a running OpenAI-compatible server: TARGET_ENDPOINT, SPECULATIVE_ENDPOINT or ENDPOINT_LAUNCH"),
 )

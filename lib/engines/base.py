@@ -24,6 +24,8 @@ class Engine(ABC):
 
     def __init__(self, cfg, method: str, models):
         self.cfg, self.method, self.models = cfg, method, models
+        # the draft method runs the draft model as an AR target (the SD cost model's cost ratio c)
+        self.target_folder = models.draft if method == "draft" else models.target
         batch = cfg.batch_size if cfg.enable_batch else 1
         self.batch_size = min(batch, cfg.max_concurrency) if cfg.max_concurrency else batch  # requests in flight
 
@@ -66,6 +68,15 @@ class Engine(ABC):
 
     def reset_counters(self) -> None:
         """Forget what the warm-up counted (engines that accumulate run statistics override this)."""
+
+    def cost_inputs(self) -> dict | None:
+        """The SD cost model's inputs (lib/sd_report.py), read for SD modes with acceptance counters: the cost ratio
+        c and the verify cost v, each None where not measured, with a source each. This default: c from the
+        <engine>:draft mode of the same run (draft TPOT / target TPOT), v not timed. Engines that time their steps
+        override it."""
+        return {"cost_ratio": None, "cost_ratio_source": "draft-as-target TPOT ratio",
+                "draft_mode": f"{self.name}:draft", "verify_cost": None,
+                "verify_cost_source": f"the {self.name} engine does not time its verify step"}
 
     def extra_results(self) -> dict:
         """Engine-specific additions to the mode's results (e.g. MoE expert statistics)."""

@@ -11,6 +11,10 @@ target's distribution; greedy output equals AR). llama.cpp reports no acceptance
 draft model sees the committed tokens at its next call, and the drafts of the previous call that appear there
 (common prefix) were accepted; the last round is settled against the request's final output, counting only
 the drafts that fit inside it.
+
+Greedy runs with LOSSLESS_CHECK on read the target's top-2 logits of each token as it is yielded (for the
+losslessness verdict): target-only from the context's last logits, speculative from llama-cpp-python's per-position
+scores (a draft model makes it keep every position's logits).
 """
 from __future__ import annotations
 
@@ -102,7 +106,9 @@ class LlamaCppEngine(Engine):
         self.tokenizer = load_tokenizer(self.models.target)
         self.eos_id = self.tokenizer.eos_token_id
         n_ctx = context_size(self.cfg)
-        self.target_path = ensure_gguf(self.models.target, "TARGET_MODEL")
+        self.wants_top2 = self.cfg.temperature <= 0 and self.cfg.lossless_check != "off"
+        role = "DRAFTER_MODEL" if self.method == "draft" else "TARGET_MODEL"  # draft: the draft run as a target
+        self.target_path = ensure_gguf(self.target_folder, role)
         self.draft = None
         if self.method == "speculative":
             self.draft_path = ensure_gguf(self.models.draft, "DRAFTER_MODEL")
@@ -111,7 +117,7 @@ class LlamaCppEngine(Engine):
                                   label=f"DRAFTER_MODEL's GGUF export {self.draft_path}")
             self.draft = make_counting_draft(drafter, self.cfg.gamma_value)
         self.llm = load_llama(self.target_path, n_ctx=n_ctx, n_threads=self.threads, logits_all=False,
-                              label=f"TARGET_MODEL's GGUF export {self.target_path}", draft_model=self.draft,
+                              label=f"{role}'s GGUF export {self.target_path}", draft_model=self.draft,
                               seed=self.cfg.seed)
         if self.draft is not None and drafter.vocab != self.llm.n_vocab():
             raise UsageError(f"DRAFTER_MODEL={self.models.draft}: vocabulary {drafter.vocab} differs from the "
@@ -119,7 +125,7 @@ class LlamaCppEngine(Engine):
 
     def describe(self) -> dict:
         return {"engine": self.name, "method": self.method, "llama_cpp_python": self.version,
-                "n_threads": self.threads, "target_gguf": self.target_path.name,
+                "n_threads": self.threads, "model": str(self.target_folder), "target_gguf": self.target_path.name,
                 "gamma": self.cfg.gamma_value if self.draft is not None else None, "kv_cache_type": "f32"}
 
     def weight_bytes(self) -> int:
@@ -136,9 +142,12 @@ class LlamaCppEngine(Engine):
         out, times, reason = [], [], "length"
         stream = self.llm.generate(request.prompt_ids, temp=self.cfg.temperature, top_k=0, top_p=1.0, min_p=0.0,
                                    repeat_penalty=1.0, reset=True)
+        tops = [] if self.wants_top2 else None
         for token in stream:
             out.append(int(token))
             times.append(clock.now())
+            if tops is not None:  # the token was chosen from the logits at the position before it
+                tops.append(self._top2(len(request.prompt_ids) + len(out) - 2))
             if token == self.eos_id:
                 reason = "stop"
                 break
@@ -149,4 +158,17 @@ class LlamaCppEngine(Engine):
         if self.draft is not None:
             self.draft.settle(list(request.prompt_ids) + out, final=True)
             spec = self.draft.counters
-        return record_from_tokens(request, out, times, start, reason, self.tokenizer, spec)
+        record = record_from_tokens(request, out, times, start, reason, self.tokenizer, spec)
+        if tops:
+            record.top2_margin, record.top_logit = [t[0] for t in tops], [t[1] for t in tops]
+        return record
+
+    def _top2(self, position: int) -> tuple[float, float]:
+        """(top-1 minus top-2, top-1) of the target's logits that chose the token after `position`, read while the
+        generator is paused at that token."""
+        if self.draft is not None:  # every position's logits (llama-cpp-python keeps them with a draft model)
+            logits = self.llm.scores[position]
+        else:  # the last decode's logits: those of the token just sampled
+            logits = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
+        second, first = np.partition(logits, -2)[-2:]
+        return float(first - second), float(first)

@@ -17,13 +17,14 @@ from pathlib import Path
 import torch
 
 from lib.decoding import fast_path
-from lib.decoding.chain import autoregressive_generate, speculative_generate
+from lib.decoding.chain import autoregressive_generate, speculative_generate, top2
+from lib.decoding.timing import STEP_REPEATS, plain_step_seconds, step_seconds
 from lib.engines import METHOD_BY_NAME
 from lib.engines.base import Engine, record_from_tokens
 from lib.layout import placement_from_config
 from lib.log import get_logger
 from lib.models import eos_ids_of, load_model, load_tokenizer, model_config
-from lib.types import Clock, Generation, Request, RequestRecord, SpecCounters
+from lib.types import Clock, Generation, Request, RequestRecord, SpecCounters, StepTimes
 
 POSITION_KEYS = ("max_position_embeddings", "n_positions")  # where HF configs keep the context length
 Decode = Callable[["PyTorchEngine", list[list[int]], int], Generation]
@@ -80,8 +81,11 @@ def _assisted(engine: PyTorchEngine, prompts: list[list[int]], max_new: int) -> 
                 torch.tensor([prompt], device=engine.target.device), assistant_model=engine.draft,
                 max_new_tokens=max_new, do_sample=sampled, temperature=cfg.temperature if sampled else None,
                 top_k=0 if sampled else None, streamer=streamer, pad_token_id=engine.pad_id,
-                eos_token_id=sorted(engine.eos_ids) or None)
-        ids = out[0, len(prompt):].tolist()
+                eos_token_id=sorted(engine.eos_ids) or None, return_dict_in_generate=True, output_logits=True)
+        ids = out.sequences[0, len(prompt):].tolist()
+        tops = top2(torch.stack(out.logits)[:, 0]).tolist()  # the target's logits of each new token, one copy
+        gen.top2_margins.append([t[0] for t in tops])
+        gen.top_logits.append([t[1] for t in tops])
         stop = bool(ids) and ids[-1] in engine.eos_ids
         gen.tokens.append(ids)
         gen.token_times.append(streamer.times[: len(ids)])
@@ -150,6 +154,7 @@ class PyTorchEngine(Engine):
         self.weight_bytes_read = 0 if self.decoding.counts_weight_reads else None
         from lib.quant.moe_tracker import track_experts
         self.expert_tracker = track_experts(self.target)  # None unless the target is a MoE model
+        self.step_times, self.step_prompts = StepTimes(), None  # the SD loop's step times; its largest batch
 
     def _plan(self):
         """GPU_STRATEGY -> placement (lib/layout.py), printed at start and kept for run.json."""
@@ -231,6 +236,34 @@ class PyTorchEngine(Engine):
             self.weight_bytes_read = 0
         if self.expert_tracker is not None:
             self.expert_tracker.reset()
+        self.step_times, self.step_prompts = StepTimes(), None
+
+    def cost_inputs(self) -> dict | None:
+        """SD modes: c = draft step / target 1-token step and v = verify step / target 1-token step. Draft and
+        verify steps are timed inside the SD loop (lib/decoding/timing.py); the target's 1-token step is timed
+        once the run is over, at the batch size of the run's largest batch."""
+        t = self.step_times
+        if not t.verify_rounds:
+            return None
+        target_s = self._target_step_seconds()
+        draft_s, verify_s = t.draft_s / t.draft_steps, t.verify_s / t.verify_rounds
+        timer = "CUDA events" if self.device == "cuda" else "perf_counter"
+        return {"cost_ratio": draft_s / target_s, "cost_ratio_source": "timed",
+                "verify_cost": verify_s / target_s, "verify_cost_source": "timed",
+                "timing": {"draft_step_ms": draft_s * 1e3, "verify_step_ms": verify_s * 1e3,
+                           "target_step_ms": target_s * 1e3, "batch_size": len(self.step_prompts),
+                           "draft_steps": t.draft_steps, "verify_rounds": t.verify_rounds,
+                           "how": f"draft and verify steps timed inside the SD loop ({timer}); the target's 1-token "
+                                  f"step timed after the run, {STEP_REPEATS} steps at the same batch size"}}
+
+    def _target_step_seconds(self) -> float:
+        """The target's 1-token step at the batch size of self.step_prompts: on the fast path with the run's own
+        decoder of that batch size, else a plain forward after those prompts."""
+        batch = len(self.step_prompts)
+        decoder = next((d[0] for (size, _), d in self.decoders.items() if size == batch), None)
+        if self.fast is not None and decoder is not None:
+            return step_seconds(decoder, 1)
+        return plain_step_seconds(self.target, self.step_prompts, self.pad_id)
 
     def extra_results(self) -> dict:
         """MoE targets: which experts fired, per layer and per request (lib/quant/moe_tracker.py)."""
@@ -249,6 +282,10 @@ class PyTorchEngine(Engine):
             self._fit_caches(fast_path.max_len_for(prompts, max_new, self.cfg.gamma_value))
         gen = self.decode(self, prompts, max_new)
         self._count_weight_reads(gen)
+        if gen.step_times is not None:
+            self.step_times = self.step_times.add(gen.step_times)
+            if self.step_prompts is None or len(prompts) > len(self.step_prompts):
+                self.step_prompts = prompts
         records = []
         for row, request in enumerate(requests):
             ids = gen.tokens[row][: request.max_new_tokens]
@@ -258,7 +295,11 @@ class PyTorchEngine(Engine):
             if gen.num_drafts:
                 spec = SpecCounters(gen.num_drafts[row], gen.draft_tokens[row], gen.accepted_tokens[row],
                                     gen.accepted_per_position[row])
-            records.append(record_from_tokens(request, ids, times, start, reason, self.tokenizer, spec))
+            record = record_from_tokens(request, ids, times, start, reason, self.tokenizer, spec)
+            if gen.top2_margins:
+                record.top2_margin = gen.top2_margins[row][: len(ids)]
+                record.top_logit = gen.top_logits[row][: len(ids)]
+            records.append(record)
         return records
 
     def _count_weight_reads(self, gen: Generation):

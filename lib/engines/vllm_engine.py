@@ -6,6 +6,9 @@ Two ways in, chosen by the workload:
   new token gets its own timestamp (LLM.generate only returns finished requests).
 - rate runs (some arrival > 0) go through the async engine (`AsyncLLM`, vLLM's serving engine): each request is
   submitted at its arrival and streamed, one timestamp per new token.
+Greedy runs with LOSSLESS_CHECK on ask vLLM for the top-2 logits of every sampled token (logprobs=2 with
+logprobs_mode raw_logits; in SD mode vLLM's rejection sampler gives the target's), which the losslessness verdict
+reads (RequestRecord.top2_margin and .top_logit).
 Acceptance comes from vLLM's own Prometheus counters (per engine, not per request): the difference over one run
 is left in `run_spec_counters` (records keep spec=None so nothing is counted twice) and the raw difference in
 `raw_spec_metrics`.
@@ -59,6 +62,18 @@ def cpu_safe_dtype(dtype: str, on_cpu: bool) -> str:
     return dtype
 
 
+def top2_of(logprobs, count: int) -> list[tuple[float, float] | None]:
+    """(top-1 minus top-2, top-1) per new token from vLLM's entries ({token: Logprob} per position: the top 2, and
+    the sampled token when it is not among them); None per token where vLLM gave none."""
+    if not logprobs:
+        return [None] * count
+    out = []
+    for entry in logprobs:
+        values = sorted((lp.logprob for lp in (entry or {}).values()), reverse=True)
+        out.append((values[0] - values[1], values[0]) if len(values) >= 2 else None)
+    return out
+
+
 class VLLMEngine(Engine):
     name = "vllm"
 
@@ -71,6 +86,8 @@ class VLLMEngine(Engine):
         self.use_speculative = method == "speculative" and cfg.vllm_enable_speculative
         self.num_speculative_tokens = cfg.vllm_num_speculative_tokens or cfg.gamma_value
         self.speculative_config = self._speculative_config() if self.use_speculative else None
+        if method == "draft":
+            self.target_folder = self._drafter_folder("draft_model")
         self._runs = 0
 
     # ------------------------------------------------------------------------------------------ configuration
@@ -99,7 +116,7 @@ class VLLMEngine(Engine):
         raise UsageError(f"VLLM_SPEC_METHOD={method}: expected one of draft_model, ngram, eagle, eagle3, mtp")
 
     def _engine_kwargs(self) -> dict:
-        kwargs = dict(model=str(self.models.target), tokenizer=str(self.models.target),
+        kwargs = dict(model=str(self.target_folder), tokenizer=str(self.models.target),
                       tensor_parallel_size=self.cfg.vllm_tensor_parallel_size,
                       gpu_memory_utilization=self.cfg.vllm_gpu_memory_utilization,
                       max_model_len=self.cfg.vllm_max_model_len, max_num_seqs=self.cfg.vllm_max_num_seqs,
@@ -108,7 +125,13 @@ class VLLMEngine(Engine):
             kwargs["enforce_eager"] = True  # compiled/bf16 CPU attention paths crash on some CPUs
         if self.speculative_config:
             kwargs["speculative_config"] = dict(self.speculative_config)
+        if self.wants_top2():
+            kwargs["logprobs_mode"] = "raw_logits"  # the logits themselves: their magnitude sets the tie bound
         return kwargs
+
+    def wants_top2(self) -> bool:
+        """The losslessness verdict's top-2 logits per token: greedy runs with LOSSLESS_CHECK on."""
+        return self.cfg.temperature <= 0 and self.cfg.lossless_check != "off"
 
     @classmethod
     def context_length(cls, cfg, method: str, models) -> tuple[int, str]:
@@ -131,7 +154,7 @@ class VLLMEngine(Engine):
 
     def _print_startup(self):
         mode = "speculative decoding" if self.use_speculative else "target only"
-        logger.info(f"Starting the vLLM engine ({mode}): target {self.models.target}")
+        logger.info(f"Starting the vLLM engine ({mode}): target {self.target_folder}")
 
     def _print_configuration(self):
         spec = self.use_speculative
@@ -186,16 +209,23 @@ class VLLMEngine(Engine):
     def describe(self) -> dict:
         return {"engine": self.name, "method": self.method,
                 "effective_method": "speculative" if self.use_speculative else "target",
-                "vllm": self.vllm.__version__, "device": "cpu" if self.on_cpu else "cuda", "dtype": self.dtype,
+                "vllm": self.vllm.__version__, "device": "cpu" if self.on_cpu else "cuda", "dtype": self._dtype_run(),
+                "model": str(self.target_folder),
                 "speculative_config": self.speculative_config,
                 "tensor_parallel_size": self.cfg.vllm_tensor_parallel_size,
                 "gpu_memory_utilization": self.cfg.vllm_gpu_memory_utilization,
                 "max_model_len": self.cfg.vllm_max_model_len, "max_num_seqs": self.cfg.vllm_max_num_seqs}
 
+    def _dtype_run(self) -> str:
+        """The dtype vLLM runs (VLLM_DTYPE=auto resolved by vLLM from the model; the losslessness bound needs it)."""
+        engine = self.llm.llm_engine if self.llm is not None else self.async_engine
+        dtype = getattr(getattr(engine, "model_config", None), "dtype", None)
+        return str(dtype).removeprefix("torch.") if dtype is not None else self.dtype
+
     def weight_bytes(self) -> int:
         """Parameters x bytes per element at the dtype vLLM runs (headers only; no tensor is read)."""
         from safetensors import safe_open
-        folders = [self.models.target]
+        folders = [self.target_folder]
         if self.speculative_config and "model" in self.speculative_config:
             folders.append(Path(self.speculative_config["model"]))
         size = {"float32": 4}.get(self.dtype, 2)
@@ -212,7 +242,8 @@ class VLLMEngine(Engine):
         from vllm.sampling_params import RequestOutputKind
         seed = self.cfg.seed + request.request_id if self.cfg.temperature > 0 else None
         return self.vllm.SamplingParams(temperature=self.cfg.temperature, max_tokens=request.max_new_tokens,
-                                        seed=seed, detokenize=False, output_kind=RequestOutputKind.DELTA)
+                                        seed=seed, detokenize=False, output_kind=RequestOutputKind.DELTA,
+                                        logprobs=2 if self.wants_top2() else None)
 
     def _prompt(self, request: Request) -> dict:
         return {"prompt_token_ids": list(request.prompt_ids)}
@@ -241,20 +272,24 @@ class VLLMEngine(Engine):
     def _vllm_id(self, request: Request) -> str:
         return f"speclab-{self._runs}-{request.request_id}"
 
-    def _finish(self, request: Request, ids: list[int], times: list[float], start: float, reason) -> RequestRecord:
-        return record_from_tokens(request, ids, times, start, FINISH_REASONS.get(reason, str(reason)),
-                                  self.tokenizer)
+    def _finish(self, request: Request, ids: list[int], times: list[float], start: float, reason,
+                tops: list[tuple]) -> RequestRecord:
+        record = record_from_tokens(request, ids, times, start, FINISH_REASONS.get(reason, str(reason)),
+                                    self.tokenizer)
+        if self.wants_top2() and len(tops) == len(ids) and all(t is not None for t in tops):
+            record.top2_margin, record.top_logit = [t[0] for t in tops], [t[1] for t in tops]
+        return record
 
     def _run_offline(self, requests, clock: Clock, on_done, should_stop):
         engine = self.llm.llm_engine
-        by_id, ids, times, starts = {}, {}, {}, {}
+        by_id, ids, times, starts, tops = {}, {}, {}, {}, {}
         waiting = list(requests)
 
         def admit():  # MAX_CONCURRENCY: a request enters when one in flight has finished
             while waiting and (not self.cfg.max_concurrency or len(ids) < self.cfg.max_concurrency):
                 request = waiting.pop(0)
                 rid = self._vllm_id(request)
-                by_id[rid], ids[rid], times[rid], starts[rid] = request, [], [], clock.now()
+                by_id[rid], ids[rid], times[rid], starts[rid], tops[rid] = request, [], [], clock.now(), []
                 engine.add_request(rid, self._prompt(request), self._sampling_params(request))
 
         admit()
@@ -271,9 +306,10 @@ class VLLMEngine(Engine):
                 new = list(out.outputs[0].token_ids)
                 ids[rid] += new
                 times[rid] += [now] * len(new)
+                tops[rid] += top2_of(out.outputs[0].logprobs, len(new))
                 if out.finished:
                     on_done(self._finish(by_id[rid], ids.pop(rid), times[rid], starts[rid],
-                                         out.outputs[0].finish_reason))
+                                         out.outputs[0].finish_reason, tops[rid]))
             admit()
 
     async def _run_async(self, requests, clock: Clock, on_done, should_stop):
@@ -288,7 +324,7 @@ class VLLMEngine(Engine):
         async def admitted(request: Request):
             if should_stop():
                 return
-            start, ids, times, reason = clock.now(), [], [], None
+            start, ids, times, tops, reason = clock.now(), [], [], [], None
             stream = self.async_engine.generate(self._prompt(request), self._sampling_params(request),
                                                 self._vllm_id(request))
             async for out in stream:
@@ -296,8 +332,9 @@ class VLLMEngine(Engine):
                 now = clock.now()
                 ids += new
                 times += [now] * len(new)
+                tops += top2_of(out.outputs[0].logprobs, len(new))
                 if out.finished:
                     reason = out.outputs[0].finish_reason
-            on_done(self._finish(request, ids, times, start, reason))
+            on_done(self._finish(request, ids, times, start, reason, tops))
 
         await asyncio.gather(*(one(r) for r in sorted(requests, key=lambda r: r.arrival)))
