@@ -356,3 +356,18 @@ def test_a_stopped_or_killed_benchmark_leaves_no_server(tmp_path, tiny_models, s
     if sig == signal.SIGTERM:
         run = json.loads((tmp_path / "run" / "run.json").read_text())
         assert run["status"] == "interrupted" and run["exit_code"] == 143
+
+
+def test_greedy_outputs_of_two_endpoints_are_compared_per_request_in_the_results(tmp_path, tiny_models):
+    mark = uuid.uuid4().hex
+    bench = benchmark(tmp_path, mark, COMPARE_MODES="openai:target openai:speculative", ENDPOINT_LAUNCH="llamacpp",
+                      NUM_PROMPTS="3", GENERATION_LENGTH="24")
+    out, err = bench.communicate(timeout=600)
+    assert bench.returncode == 0, err[-2000:]
+    modes = json.loads((tmp_path / "run" / "benchmark_results.json").read_text())["modes"]
+    verdict = modes["openai:speculative"]["lossless"]
+    assert verdict["baseline"] == "openai:target" and verdict["compared"] == 3 and verdict["verdict"] == "exact"
+    assert verdict["margins"] == "known"  # the top-2 logprob margins the server streamed
+    assert modes["openai:speculative"]["spec_counters_source"] == LLAMACPP_PYTHON_NONE
+    assert modes["openai:speculative"]["metrics"]["acceptance"]["acceptance_rate"] is None  # not a zero
+    nothing_left(mark)
