@@ -32,6 +32,9 @@ DIE_WITH_PARENT = ("import ctypes, os, signal, sys\n"
                    "os.execv(sys.argv[2], sys.argv[2:])\n")
 
 
+F32 = "0"  # ggml's GGML_TYPE_F32
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -68,7 +71,8 @@ def llamacpp_command(cfg, method: str, models, port: int) -> tuple[list[str], di
     argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port",
             str(port), "--n_ctx", str(context_size(cfg)), "--n_threads", str(threads), "--n_threads_batch",
             str(threads), "--seed", str(cfg.seed), "--logits_all", "true",
-            "--interrupt_requests", "false"]  # its default cuts a stream short when the next request comes
+            "--interrupt_requests", "false",  # its default cuts a stream short when the next request comes
+            "--type_k", F32, "--type_v", F32]  # an f32 KV cache, as the llamacpp engine's
     if method == "speculative":
         argv += ["--draft_model", "prompt-lookup-decoding", "--draft_model_num_pred_tokens", str(cfg.gamma_value)]
     if cfg.endpoint_api_key:
@@ -89,6 +93,7 @@ class LaunchedServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.argv, env = build(cfg, method, models, self.port)
+        self.dtype = self.argv[self.argv.index("--dtype") + 1] if "--dtype" in self.argv else "float32"  # GGUF: f32
         self.log_dir = Path(tempfile.mkdtemp(prefix="speclab-endpoint-"))
         self.log_path = self.log_dir / "server.log"
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - open while the server runs, closed by stop()

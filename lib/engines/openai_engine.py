@@ -237,6 +237,7 @@ class OpenAIEngine(Engine):
         if self.server is not None:
             key = self.cfg.endpoint_api_key
             facts["server_command"] = ["***" if key and arg == key else arg for arg in self.server.argv]
+            facts["dtype"] = self.server.dtype  # what the losslessness bound reads
         return facts
 
     def extra_results(self) -> dict:
