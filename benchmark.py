@@ -60,8 +60,9 @@ def print_dry_run(cfg, plan):
     table = Table(title="Resolved configuration")
     for col in ("variable", "value", "source"):
         table.add_column(col)
+    shown = cfg.as_dict()
     for var in C.VARS:
-        value = getattr(cfg, var.attr)
+        value = shown[var.name]
         table.add_row(var.name, "" if value is None else str(value), cfg.sources[var.name])
     console.print(table)
     console.print("[bold]Plan[/bold]")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lib import engines as E
+from lib.engines.endpoints import endpoint_url
 from lib.errors import UsageError
 from lib.files import path_component, shipped
 
@@ -43,6 +44,7 @@ class Var:
     allow_inf: bool = False  # "inf" accepted besides the bounded finite values (BURSTINESS: constant gaps)
     shipped: bool = False  # the default names a file shipped with the project: resolved against the repository
     aliases: tuple = ()  # (alias, choice) pairs: the alias is accepted and resolves to the choice
+    secret: bool = False  # a credential: run.json and --dry-run show *** instead of the value
 
     @property
     def flag(self) -> str:
@@ -103,8 +105,9 @@ def _number(bound: float) -> str:
     return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
 
 
-G_LAYOUT, G_MODELS, G_ENGINE, G_WORK, G_GEN, G_MON, G_OUT, G_VLLM = (
-    "GPU layout", "Models", "Engine and modes", "Workload", "Generation", "GPU monitor", "Output", "vLLM")
+G_LAYOUT, G_MODELS, G_ENGINE, G_WORK, G_GEN, G_MON, G_OUT, G_VLLM, G_ENDPOINT = (
+    "GPU layout", "Models", "Engine and modes", "Workload", "Generation", "GPU monitor", "Output", "vLLM",
+    "Endpoint (openai engine)")
 
 
 def _or_list(items: list[str]) -> str:
@@ -268,6 +271,28 @@ VARS: list[Var] = [
     Var("LLAMACPP_N_THREADS", "int", 0, "llama.cpp engine: CPU threads for decoding and prompt batches (0 = 1 on "
         "machines with up to 2 cores, else half the cores)", G_ENGINE, min=0,
         max=MAX_GPUS),
+    # endpoint (openai engine)
+    Var("TARGET_ENDPOINT", "str", "", "base URL of the running server the openai:target mode benchmarks (plain AR), "
+        "e.g. http://10.0.0.5:8000 (a trailing /v1 is dropped); needed unless ENDPOINT_LAUNCH starts one",
+        G_ENDPOINT),
+    Var("SPECULATIVE_ENDPOINT", "str", "", "base URL of the running server the openai:speculative mode benchmarks "
+        "(SD configured at its launch); needed unless ENDPOINT_LAUNCH starts one", G_ENDPOINT),
+    Var("ENDPOINT_API", "choice", "completions", "completions (/v1/completions; the prompt's token ids where the "
+        "server takes them) or chat (/v1/chat/completions; the prompt as one user message through the server's "
+        "chat template)", G_ENDPOINT, choices=("completions", "chat")),
+    Var("ENDPOINT_LAUNCH", "choice", "none", "none (benchmark the endpoints as they run), vllm (start vLLM's OpenAI "
+        "server for each mode from TARGET_MODEL, DRAFTER_MODEL, GAMMA_VALUE and the VLLM_* variables, the "
+        "speculative one with --speculative-config) or llamacpp (llama-cpp-python's server on TARGET_MODEL's GGUF "
+        "export; its speculative draft is prompt lookup); a launched server binds 127.0.0.1 and stops after its "
+        "mode", G_ENDPOINT, choices=("none", "vllm", "llamacpp")),
+    Var("ENDPOINT_MODEL", "str", "", "model name sent with each request (empty = the first of the server's "
+        "/v1/models)", G_ENDPOINT),
+    Var("ENDPOINT_API_KEY", "str", "", "bearer token sent to the endpoints (and given to a launched server); "
+        "run.json and --dry-run show it masked", G_ENDPOINT, secret=True),
+    Var("ENDPOINT_TIMEOUT", "float", 600.0, "seconds one request may take; past it the request is recorded as an "
+        "error", G_ENDPOINT, min=0.1, max=7 * 24 * 3600),
+    Var("ENDPOINT_STARTUP_TIMEOUT", "float", 900.0, "seconds a launched server may take to become ready (vLLM "
+        "loads and profiles its models first)", G_ENDPOINT, min=1, max=7 * 24 * 3600),
 ]
 VAR_BY_NAME = {v.name: v for v in VARS}
 EMPTY_MEANS = {"VLLM_NUM_SPECULATIVE_TOKENS": "GAMMA_VALUE", "RANDOM_OUTPUT_LEN": "GENERATION_LENGTH"}  # None defaults
@@ -282,8 +307,9 @@ class _ConfigMethods:
         return cls(**{VAR_BY_NAME[name].attr: value for name, value in values.items()}, sources=dict(sources))
 
     def as_dict(self) -> dict:
-        """{VAR_NAME: value} in the table's order (run.json's "config")."""
-        return {var.name: getattr(self, var.attr) for var in VARS}
+        """{VAR_NAME: value} in the table's order (run.json's "config"); credentials as ***."""
+        return {var.name: "***" if var.secret and getattr(self, var.attr) else getattr(self, var.attr)
+                for var in VARS}
 
     def replace(self, **changes) -> Config:
         """A new Config with these values (keyword: attribute or variable name), their source "override"."""
@@ -358,7 +384,9 @@ def validate(cfg: Config):
     metadata_pairs(cfg)
     if cfg.run_id:
         path_component(cfg.run_id, f"RUN_ID={cfg.run_id!r}")
-    modes(cfg)  # raises on a bad COMPARE_MODES
+    for engine, method in modes(cfg):  # raises on a bad COMPARE_MODES
+        if engine == "openai":
+            endpoint_url(cfg, method)
 
 
 def rate_mode(cfg: Config) -> bool:
@@ -495,13 +523,18 @@ def with_draft_modes(cfg: Config, pairs: list[tuple[str, str]]) -> list[tuple[st
     return out
 
 
+LAUNCH_SETS = {"vllm": "vllm", "llamacpp": "edge"}  # ENDPOINT_LAUNCH -> the requirement set of its server
+
+
 def mode_needs_draft(cfg: Config, engine: str, method: str) -> bool:
     """Whether a mode reads DRAFTER_MODEL: vLLM's ngram and mtp draft from the prompt or the target itself, and
-    vLLM without VLLM_ENABLE_SPECULATIVE falls back to target-only."""
+    vLLM without VLLM_ENABLE_SPECULATIVE falls back to target-only; an openai mode only when it launches vLLM."""
     if not E.METHOD_BY_NAME[method].needs_draft:
         return False
     if engine == "vllm" and method != "draft":
         return cfg.vllm_enable_speculative and cfg.vllm_spec_method not in ("ngram", "mtp")
+    if engine == "openai":
+        return cfg.endpoint_launch == "vllm" and cfg.vllm_spec_method not in ("ngram", "mtp")
     return True
 
 
@@ -509,6 +542,8 @@ def requirement_sets(cfg: Config) -> list[str]:
     """The requirement sets (requirements/<set>.txt) this run needs: core, each mode's engine's, and quant for
     MIXED_PRECISION_CONFIG."""
     sets = ["core"] + [E.ENGINE_BY_NAME[engine].requirements for engine, _ in modes(cfg)]
+    if "endpoint" in sets and cfg.endpoint_launch != "none":
+        sets.append(LAUNCH_SETS[cfg.endpoint_launch])
     if cfg.mixed_precision_config:
         sets.append("quant")
     return list(dict.fromkeys(sets))

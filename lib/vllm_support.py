@@ -77,3 +77,25 @@ def spec_counters_from(raw: dict) -> SpecCounters:
     fields = {field: raw.get(name, [] if field == "accepted_per_position" else 0)
               for name, field in SPEC_COUNTERS.items()}
     return SpecCounters(**fields)
+
+
+def spec_metrics_from_prometheus(text: str) -> dict:
+    """The same counters from a vLLM server's /metrics text, summed over engines/labels (per position by its
+    `position` label). A body that is not Prometheus text raises ValueError."""
+    from prometheus_client.parser import text_string_to_metric_families
+    totals: dict = {}
+    for family in text_string_to_metric_families(text):
+        if family.name not in SPEC_COUNTERS:  # counter families are named without their samples' _total
+            continue
+        for sample in family.samples:
+            if not sample.name.endswith("_total"):
+                continue  # _created timestamps
+            value = int(sample.value)
+            if "position" in sample.labels:
+                counts = totals.setdefault(family.name, [])
+                pos = int(sample.labels["position"])
+                counts.extend([0] * (pos + 1 - len(counts)))
+                counts[pos] += value
+            else:
+                totals[family.name] = totals.get(family.name, 0) + value
+    return totals

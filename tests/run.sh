@@ -5,7 +5,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 SETS=(dev)
-for extra in vllm edge quant; do [ -f "requirements/$extra.txt" ] && SETS+=("$extra"); done
+for extra in vllm edge quant endpoint; do [ -f "requirements/$extra.txt" ] && SETS+=("$extra"); done
 PY="$(scripts/ensure_env.sh "${SETS[@]}")"
 
 if ! command -v bats >/dev/null 2>&1; then

@@ -19,8 +19,8 @@ def test_unknown_engine_in_compare_modes_names_the_table():
     with pytest.raises(UsageError) as err:
         resolve(COMPARE_MODES="hf:target tensorrt:target")
     assert str(err.value) == ("COMPARE_MODES='hf:target tensorrt:target': 'tensorrt:target' is not engine:method "
-                              "with engine in hf, vllm, sglang, llamacpp and method in target, speculative, assisted, "
-                              "draft")
+                              "with engine in hf, vllm, sglang, llamacpp, openai and method in target, speculative, "
+                              "assisted, draft")
 
 
 def test_a_method_an_engine_does_not_run_names_the_engines_that_do():
@@ -32,7 +32,7 @@ def test_a_method_an_engine_does_not_run_names_the_engines_that_do():
 
 def test_choices_and_aliases_come_from_the_table():
     engine = C.VAR_BY_NAME["INFERENCE_ENGINE"]
-    assert engine.choices == ("hf", "transformers", "vllm", "sglang", "llamacpp")
+    assert engine.choices == ("hf", "transformers", "vllm", "sglang", "llamacpp", "openai")
     # the measurement modes (draft: the draft run as an AR target) are added by the plan, not chosen
     assert set(C.VAR_BY_NAME["INFERENCE_METHOD"].choices) == {m.name for m in E.METHODS if not m.measurement}
     assert "draft" in E.METHOD_BY_NAME and "draft" not in C.VAR_BY_NAME["INFERENCE_METHOD"].choices
@@ -54,6 +54,8 @@ def test_hf_engine_runs_the_methods_the_table_gives_it():
     ({"INFERENCE_ENGINE": "llamacpp"}, ["--mixed-precision-config", "mp.yaml", "--unknown"], "core edge quant"),
     ({"INFERENCE_ENGINE": "vllm", "GAMMA_VALUE": "abc"}, ["--help"], "core"),
     ({"INFERENCE_ENGINE": "vllm"}, ["--compare-modes", "sglang:target hf:speculative"], "core sglang"),
+    ({"COMPARE_MODES": "openai:target", "TARGET_ENDPOINT": "http://127.0.0.1:8000"}, [], "core endpoint"),
+    ({"COMPARE_MODES": "openai:target openai:speculative"}, ["--endpoint-launch", "llamacpp"], "core endpoint edge"),
 ])
 def test_print_requirement_sets(monkeypatch, capsys, env, argv, printed):
     for name in ("COMPARE_MODES", "INFERENCE_ENGINE", "MIXED_PRECISION_CONFIG", "GAMMA_VALUE"):

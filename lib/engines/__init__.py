@@ -50,6 +50,8 @@ ENGINES = (
     EngineSpec("sglang", "lib.engines.sglang_engine", "SGLangEngine", "sglang", "sglang", ("target", "speculative")),
     EngineSpec("llamacpp", "lib.engines.llamacpp_engine", "LlamaCppEngine", "edge", "llama_cpp",
                ("target", "speculative", "draft")),
+    EngineSpec("openai", "lib.engines.openai_engine", "OpenAIEngine", "endpoint", "httpx", ("target", "speculative"),
+               help="a running OpenAI-compatible server: TARGET_ENDPOINT, SPECULATIVE_ENDPOINT or ENDPOINT_LAUNCH"),
 )
 
 ENGINE_BY_NAME = {e.name: e for e in ENGINES}

@@ -55,6 +55,13 @@ def shield_llvmlite_from_kernel_scan():
         table["__dict__"] = {}
 
 
+def cpu_safe_dtype(dtype: str, on_cpu: bool) -> str:
+    """VLLM_DTYPE as vLLM runs it here: fp16/bf16 are slow or crash in the CPU build (the CPU path is for checking)."""
+    if (on_cpu and dtype in ("auto", "half", "float16", "bfloat16")) or dtype == "float":
+        return "float32"
+    return dtype
+
+
 def top2_of(logprobs, count: int) -> list[tuple[float, float] | None]:
     """(top-1 minus top-2, top-1) per new token from vLLM's entries ({token: Logprob} per position: the top 2, and
     the sampled token when it is not among them); None per token where vLLM gave none."""
@@ -135,11 +142,7 @@ class VLLMEngine(Engine):
     def start(self):
         self.on_cpu = prepare_cpu_environment()
         self.vllm = import_vllm()
-        self.dtype = self.cfg.vllm_dtype
-        if self.on_cpu and self.dtype in ("auto", "half", "float16", "bfloat16"):
-            self.dtype = "float32"  # fp16/bf16 are slow or crash in the CPU build; the CPU path is for checking
-        elif self.dtype == "float":
-            self.dtype = "float32"
+        self.dtype = cpu_safe_dtype(self.cfg.vllm_dtype, self.on_cpu)
         self.tokenizer = load_tokenizer(self.models.target)
         if self.method == "speculative" and not self.use_speculative:
             logger.warning("WARNING: INFERENCE_METHOD=speculative but VLLM_ENABLE_SPECULATIVE=false\n"
