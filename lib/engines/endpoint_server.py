@@ -41,6 +41,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def with_api_key(env: dict, name: str, cfg) -> dict:
+    """ENDPOINT_API_KEY for the server through its environment (an argument would show in ps)."""
+    if cfg.endpoint_api_key:
+        env[name] = cfg.endpoint_api_key
+    return env
+
+
 def vllm_command(cfg, method: str, models, port: int) -> tuple[list[str], dict]:
     """vLLM's OpenAI server from the variables the in-process vLLM engine reads; (argv, environment)."""
     from lib.engines.vllm_engine import VLLMEngine, cpu_safe_dtype
@@ -57,9 +64,7 @@ def vllm_command(cfg, method: str, models, port: int) -> tuple[list[str], dict]:
         argv.append("--enforce-eager")  # as the in-process engine: compiled CPU paths crash on some CPUs
     if spec:
         argv += ["--speculative-config", json.dumps(spec)]
-    if cfg.endpoint_api_key:
-        argv += ["--api-key", cfg.endpoint_api_key]
-    return argv, dict(os.environ)
+    return argv, with_api_key(dict(os.environ), "VLLM_API_KEY", cfg)
 
 
 def llamacpp_command(cfg, method: str, models, port: int) -> tuple[list[str], dict]:
@@ -75,9 +80,7 @@ def llamacpp_command(cfg, method: str, models, port: int) -> tuple[list[str], di
             "--type_k", F32, "--type_v", F32]  # an f32 KV cache, as the llamacpp engine's
     if method == "speculative":
         argv += ["--draft_model", "prompt-lookup-decoding", "--draft_model_num_pred_tokens", str(cfg.gamma_value)]
-    if cfg.endpoint_api_key:
-        argv += ["--api_key", cfg.endpoint_api_key]
-    return argv, dict(os.environ)
+    return argv, with_api_key(dict(os.environ), "API_KEY", cfg)  # its pydantic settings read API_KEY
 
 
 LAUNCHERS = {"vllm": (vllm_command, "/health", "vllm.entrypoints.openai.api_server"),
