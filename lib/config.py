@@ -278,8 +278,9 @@ VARS: list[Var] = [
     Var("SPECULATIVE_ENDPOINT", "str", "", "base URL of the running server the openai:speculative mode benchmarks "
         "(SD configured at its launch); needed unless ENDPOINT_LAUNCH starts one", G_ENDPOINT),
     Var("ENDPOINT_API", "choice", "completions", "completions (/v1/completions; the prompt's token ids where the "
-        "server takes them) or chat (/v1/chat/completions; the prompt as one user message through the server's "
-        "chat template)", G_ENDPOINT, choices=("completions", "chat")),
+        "server takes them), chat (/v1/chat/completions; the prompt as one user message through the server's "
+        "chat template) or sglang (SGLang's native /generate: token ids in and out, its per-request SD counters)",
+        G_ENDPOINT, choices=("completions", "chat", "sglang")),
     Var("ENDPOINT_LAUNCH", "choice", "none", "none (benchmark the endpoints as they run), vllm (start vLLM's OpenAI "
         "server for each mode from TARGET_MODEL, DRAFTER_MODEL, GAMMA_VALUE and the VLLM_* variables, the "
         "speculative one with --speculative-config) or llamacpp (llama-cpp-python's server on TARGET_MODEL's GGUF "

@@ -19,7 +19,7 @@ import pytest
 
 from lib.config import resolve
 from lib.engines import create_engine
-from lib.engines.openai_engine import LLAMACPP_PYTHON_NONE, ReplyError, parse_chunk
+from lib.engines.openai_engine import LLAMACPP_PYTHON_NONE, ReplyError, Stream, parse_chunk, parse_sglang_chunk
 from lib.errors import EngineUnavailable, UsageError
 from lib.files import ROOT
 from lib.metrics import chunks
@@ -233,6 +233,44 @@ def test_stream_lines_of_each_server_kind_parse_into_tokens_ids_and_margins():
                          '"timings": {"draft_n": 8, "draft_n_accepted": 5}}', "completions")
     assert server.ids is None and server.tokens == 1 and server.timings == {"draft_n": 8, "draft_n_accepted": 5}
     assert parse_chunk('{"choices": [], "usage": {"prompt_tokens": 12}}', "completions").prompt_tokens == 12
+
+
+def sglang_line(text, ids, total, tops=None, finish=None, verify=None):
+    meta = {"prompt_tokens": 6, "completion_tokens": total, "finish_reason": finish}
+    if tops is not None:
+        meta["output_top_logprobs"] = tops
+    if verify is not None:
+        meta["spec_verify_ct"] = verify
+    return json.dumps({"text": text, "output_ids": ids, "meta_info": meta})
+
+
+@pytest.mark.parametrize("incremental", [False, True])
+def test_sglang_generate_streams_parse_into_new_tokens_margins_and_counters(incremental, tiny_tokenizer):
+    """SGLang's /generate stream (cumulative by default, incremental under --incremental-streaming-output): each
+    chunk adds only its new tokens, margins come from output_top_logprobs ([logprob, id, text] entries), and the
+    final meta_info's spec_verify_ct gives the request's counters (SGLang cannot run here: recorded shapes)."""
+    tops = [[[-0.1, 7, "a"], [-2.1, 3, "b"]], [[-0.2, 9, "c"], [-0.7, 1, "d"]], [[-0.3, 4, "e"], [-0.4, 5, "f"]]]
+    parts = [(" a", [7], tops[:1], None), (" a c e", [7, 9, 4], tops, {"type": "length", "length": 3})]
+    stream = Stream(start=0.0)
+    for n, (text, ids, top, finish) in enumerate(parts):
+        total = len(ids)
+        if incremental and n:
+            text, ids, top = text[len(parts[0][0]):], ids[1:], top[1:]
+        chunk = parse_sglang_chunk(sglang_line(text, ids, total, top, finish, verify=2 if finish else 1), stream)
+        stream.take(chunk, float(n + 1))
+    assert stream.ids == [7, 9, 4] and stream.times == [1.0, 2.0, 2.0] and "".join(stream.text) == " a c e"
+    assert stream.margins == pytest.approx([2.0, 0.5, 0.1]) and stream.finish_reason == "length"
+    engine = create_engine("openai", make_cfg(ENDPOINT_API="sglang", TARGET_ENDPOINT="http://127.0.0.1:9"), "target",
+                           ModelPaths(None, None, tiny=True))
+    engine.tokenizer, engine.sglang_draft_tokens = tiny_tokenizer, 5  # k = 4: 4 drafts checked per verify
+    record = engine._record(Request(0, "p", [1, 2], 3), stream)
+    assert record.output_ids == [7, 9, 4] and record.finish_reason == "length" and record.prompt_tokens == 6
+    assert (record.spec.num_drafts, record.spec.draft_tokens, record.spec.accepted_tokens) == (2, 8, 1)
+    payload = engine._payload(Request(0, "p", [1, 2], 3))
+    assert payload["input_ids"] == [1, 2] and payload["sampling_params"]["max_new_tokens"] == 3
+    assert payload["top_logprobs_num"] == 2
+    with pytest.raises(ReplyError, match="SGLang's /generate"):
+        parse_sglang_chunk('{"text": "x"}', Stream(start=0.0))
 
 
 def test_an_unreachable_endpoint_fails_at_start(tiny_models):

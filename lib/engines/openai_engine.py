@@ -1,16 +1,19 @@
 """openai engine: a running OpenAI-compatible server (vLLM, SGLang, llama.cpp, TGI...) behind the engine interface.
 
 Each request starts at its arrival (at most MAX_CONCURRENCY in flight) and is streamed over SSE from
-/v1/completions or /v1/chat/completions (ENDPOINT_API). Every chunk gets one timestamp, repeated for each token it
+/v1/completions or /v1/chat/completions, or SGLang's native /generate (ENDPOINT_API). Every chunk gets one
+timestamp, repeated for each token it
 carries, so a speculative round that arrives as one chunk shows as one ITL gap. Prompts go as token ids where the
 server takes them (a one-token probe at start); output ids come from vLLM's `return_token_ids` (or its
 `token_id:N` logprob tokens), else the streamed text is tokenized again. Greedy runs ask for two top logprobs per
 token and keep their margin (RequestRecord.top2_margin). A request that fails or times out is a record with
 finish_reason "error"; a server that goes away ends the mode with one line once every request is recorded.
 
-SD counters come from the server, per run: the difference of two scrapes of vLLM's Prometheus /metrics, or the
-`timings.draft_n` / `draft_n_accepted` of llama.cpp's responses; `spec_counters_source` says which, or that the
-server reports none.
+SD counters come from the server: the difference of two scrapes of vLLM's Prometheus /metrics around the run, the
+`timings.draft_n` / `draft_n_accepted` of llama.cpp's responses, or SGLang's per-request `meta_info.spec_verify_ct`
+(sglang 0.5.x, the same reading as the in-process sglang engine's); `spec_counters_source` says which, or that the
+server reports none. SGLang cannot run on CPU-only machines: its path is written against its documented /generate
+stream and tested on recorded chunk shapes only.
 """
 from __future__ import annotations
 
@@ -26,11 +29,13 @@ from lib.engines.endpoints import endpoint_url
 from lib.errors import EngineUnavailable, UsageError
 from lib.log import get_logger
 from lib.models import load_tokenizer
+from lib.sglang_support import spec_counters_from_meta
 from lib.types import Clock, Request, RequestRecord, SpecCounters
 from lib.vllm_support import SPEC_COUNTERS, metrics_difference, spec_counters_from, spec_metrics_from_prometheus
 
 logger = get_logger(__name__)
-PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions", "sglang": "/generate"}
+SGLANG_INFO_PATHS = ("/get_server_info", "/server_info")  # older and newer sglang
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled", "eos": "stop"}
 TOKEN_ID_PREFIX = "token_id:"  # vLLM's logprob tokens with return_tokens_as_token_ids
 LLAMACPP_PYTHON_NONE = "none: llama-cpp-python's server reports no draft counters (no /metrics, no timings)"
@@ -55,6 +60,7 @@ class Chunk:
     finish_reason: str | None = None
     timings: dict | None = None  # llama.cpp server
     prompt_tokens: int | None = None  # usage
+    meta: dict | None = None  # SGLang's meta_info
 
 
 @dataclass
@@ -70,6 +76,7 @@ class Stream:
     error: str | None = None
     timings: dict | None = None
     prompt_tokens: int | None = None
+    meta: dict | None = None
 
     def take(self, chunk: Chunk, now: float):
         self.text.append(chunk.text)
@@ -82,6 +89,7 @@ class Stream:
         self.finish_reason = chunk.finish_reason or self.finish_reason
         self.timings = chunk.timings or self.timings
         self.prompt_tokens = chunk.prompt_tokens or self.prompt_tokens
+        self.meta = chunk.meta or self.meta
 
 
 def _margin(top: list[float]) -> float | None:
@@ -146,6 +154,41 @@ def parse_chunk(data: str, api: str) -> Chunk:
     return chunk
 
 
+def _new_part(values: list, total: int, seen: int) -> list:
+    """The entries of a /generate chunk past the `seen` already taken: the stream is cumulative by default and
+    incremental under sglang's --incremental-streaming-output; `total` (meta_info.completion_tokens) tells which."""
+    return list(values[seen:]) if len(values) == total else list(values)
+
+
+def parse_sglang_chunk(data: str, stream: Stream) -> Chunk:
+    """One /generate stream line as a Chunk of what is new since `stream`; ReplyError for another shape."""
+    import json
+    try:
+        body = json.loads(data)
+    except json.JSONDecodeError:
+        raise ReplyError(f"a stream line is not JSON: {data[:200]!r}") from None
+    if not isinstance(body, dict):
+        raise ReplyError(f"a stream line is not a JSON object: {data[:200]!r}")
+    if body.get("error"):
+        raise ReplyError(f"the server sent an error: {one_line(body['error'])}")
+    meta = body.get("meta_info")
+    try:
+        total, seen = int(meta["completion_tokens"]), len(stream.times)
+        text, before = str(body.get("text") or ""), "".join(stream.text)
+        chunk = Chunk(text=text[len(before):] if text.startswith(before) else text, meta=meta,
+                      prompt_tokens=meta.get("prompt_tokens"))
+        if body.get("output_ids") is not None:
+            chunk.ids = [int(i) for i in _new_part(body["output_ids"], total, seen)]
+        chunk.tokens = max(0, total - seen)
+        tops = _new_part(meta.get("output_top_logprobs") or [], total, seen)
+        chunk.margins = [_margin([entry[0] for entry in top]) for top in tops] if tops else []
+        finish = meta.get("finish_reason")
+        chunk.finish_reason = finish.get("type") if isinstance(finish, dict) else finish
+    except (AttributeError, TypeError, ValueError, IndexError, KeyError):
+        raise ReplyError(f"a stream chunk of another shape than SGLang's /generate: {data[:200]!r}") from None
+    return chunk
+
+
 class OpenAIEngine(Engine):
     name = "openai"
 
@@ -162,6 +205,7 @@ class OpenAIEngine(Engine):
         self.draft_timings: dict | None = None
         self.spec_counters_source = "not run yet"
         self.output_ids_source = "none yet"
+        self.sglang_draft_tokens: int | None = None  # the server's speculative_num_draft_tokens (ENDPOINT_API=sglang)
 
     @classmethod
     def context_length(cls, cfg, method: str, models) -> tuple[int, str] | None:
@@ -186,7 +230,9 @@ class OpenAIEngine(Engine):
             self.server.wait_healthy(self.headers)
             self.url = self.server.url
         self.model = self.model or self._first_model()
-        self.prompt_as_ids = self._takes_token_ids()
+        self.prompt_as_ids = self.api == "sglang" or self._takes_token_ids()
+        if self.api == "sglang":
+            self.sglang_draft_tokens = self._sglang_draft_tokens()
         logger.info(f"{self.label}: model {self.model!r}, {self.api} API, prompts as "
                     f"{'token ids' if self.prompt_as_ids else 'text'}")
 
@@ -212,6 +258,18 @@ class OpenAIEngine(Engine):
         except (KeyError, IndexError, TypeError):
             raise UsageError(f"{self.label}: /v1/models lists no model ({one_line(body)}); set ENDPOINT_MODEL") \
                 from None
+
+    def _sglang_draft_tokens(self) -> int | None:
+        """The tokens SGLang verifies per round (its server args' speculative_num_draft_tokens), or None when it
+        runs no speculative decoding."""
+        for path in SGLANG_INFO_PATHS:
+            with contextlib.suppress(EngineUnavailable, UsageError):
+                info = self._get_json(path)
+                if isinstance(info, dict) and info.get("speculative_algorithm"):
+                    return int(info.get("speculative_num_draft_tokens") or self.cfg.gamma_value + 1)
+                if isinstance(info, dict):
+                    return None
+        return None
 
     def _takes_token_ids(self) -> bool:
         """Whether /v1/completions accepts a prompt of token ids (vLLM, SGLang do; llama-cpp-python does not)."""
@@ -288,6 +346,11 @@ class OpenAIEngine(Engine):
 
     def _payload(self, request: Request) -> dict:
         greedy = self.cfg.temperature == 0
+        if self.api == "sglang":
+            return {"input_ids": list(request.prompt_ids), "stream": True,
+                    "sampling_params": {"max_new_tokens": request.max_new_tokens, "temperature": self.cfg.temperature,
+                                        "top_p": 1.0, "top_k": -1, "min_p": 0.0},
+                    **({"return_logprob": True, "top_logprobs_num": 2, "logprob_start_len": -1} if greedy else {})}
         payload = {"model": self.model, "max_tokens": request.max_new_tokens, "temperature": self.cfg.temperature,
                    "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0, "stream": True,
                    "stream_options": {"include_usage": True}, "return_token_ids": True}
@@ -329,7 +392,7 @@ class OpenAIEngine(Engine):
                 data = line[len("data:"):].strip()
                 if data == "[DONE]":
                     break
-                chunk = parse_chunk(data, self.api)
+                chunk = parse_sglang_chunk(data, stream) if self.api == "sglang" else parse_chunk(data, self.api)
                 stream.take(chunk, clock.now())
 
     def _record(self, request: Request, stream: Stream) -> RequestRecord:
@@ -345,9 +408,13 @@ class OpenAIEngine(Engine):
             self._count_timings(stream.timings)
         reason = "error" if stream.error else FINISH_REASONS.get(stream.finish_reason, str(stream.finish_reason))
         prompt_tokens = stream.prompt_tokens or len(request.prompt_ids)  # usage counts the chat template too
+        spec = None
+        if stream.meta is not None and self.sglang_draft_tokens:
+            spec = spec_counters_from_meta(stream.meta, self.sglang_draft_tokens, len(ids))
         return RequestRecord(request_id=request.request_id, prompt_tokens=prompt_tokens,
                              output_ids=list(ids), text=text, arrival=request.arrival, start=stream.start,
-                             token_times=list(times), finish_reason=reason, error=stream.error, top2_margin=margins)
+                             token_times=list(times), finish_reason=reason, error=stream.error, top2_margin=margins,
+                             spec=spec)
 
     # ----------------------------------------------------------------------------------- counters and health
 
@@ -390,6 +457,11 @@ class OpenAIEngine(Engine):
             elif counters.num_drafts:
                 logger.warning(f"WARNING: {self.label} is the target (AR) mode but its server drafted "
                                f"{counters.num_drafts} times: it runs speculative decoding")
+        elif self.api == "sglang":
+            self.spec_counters_source = (f"sglang meta_info: spec_verify_ct per request, {self.sglang_draft_tokens} "
+                                         "tokens verified per round (its server args)" if self.sglang_draft_tokens
+                                         else "none: the SGLang server runs no speculative decoding (its server "
+                                         "args have no speculative_algorithm)")
         elif self.draft_timings is not None:
             self.spec_counters_source = "llama.cpp server timings: draft_n, draft_n_accepted per response " \
                                         "(no count of drafts, so no acceptance length)"
