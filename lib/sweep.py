@@ -422,7 +422,6 @@ def night_name(text: str | None) -> str:
         raise UsageError(f"--date {text!r}: expected YYYY-MM-DD") from None
 
 
-@exit_on_usage_error
 def print_plan(sweep, combos, results) -> int:
     """--dry-run: each combination's variables and where the results would go."""
     for combo in combos:
@@ -431,6 +430,7 @@ def print_plan(sweep, combos, results) -> int:
     return EXIT_OK
 
 
+@exit_on_usage_error
 def main(argv=None) -> int:
     setup_logging()
     args = build_parser().parse_args(argv)
