@@ -84,7 +84,7 @@ setup() {
   [ "$output" = "core vllm" ]
   COMPARE_MODES='hf:target tensorrt:target' run ./run_benchmark.sh --dry-run
   [ "$status" -eq 2 ]
-  [[ "$output" == "error: COMPARE_MODES="*"with engine in hf, vllm, sglang, llamacpp and method in"* ]]
+  [[ "$output" == "error: COMPARE_MODES="*"with engine in hf, vllm, sglang, llamacpp, openai and method in"* ]]
   [ "$(echo "$output" | wc -l)" -eq 1 ]
 }
 
