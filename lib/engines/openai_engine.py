@@ -116,8 +116,8 @@ def chat_logprobs(logprobs: dict) -> tuple[list, list[float | None]]:
             [_margin([t.get("logprob") for t in e.get("top_logprobs") or []]) for e in entries])
 
 
-def parse_chunk(data: str, api: str) -> Chunk:
-    """One SSE data line's JSON as a Chunk; ReplyError for an error object or a body of another shape."""
+def stream_object(data: str) -> dict:
+    """One SSE data line's JSON object; ReplyError for a line that is not one, or an error object."""
     import json
     try:
         body = json.loads(data)
@@ -127,6 +127,12 @@ def parse_chunk(data: str, api: str) -> Chunk:
         raise ReplyError(f"a stream line is not a JSON object: {data[:200]!r}")
     if body.get("error"):
         raise ReplyError(f"the server sent an error: {one_line(body['error'])}")
+    return body
+
+
+def parse_chunk(data: str, api: str) -> Chunk:
+    """One SSE data line's JSON as a Chunk; ReplyError for an error object or a body of another shape."""
+    body = stream_object(data)
     chunk = Chunk(timings=body.get("timings") if isinstance(body.get("timings"), dict) else None)
     usage = body.get("usage")
     if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
@@ -162,15 +168,7 @@ def _new_part(values: list, total: int, seen: int) -> list:
 
 def parse_sglang_chunk(data: str, stream: Stream) -> Chunk:
     """One /generate stream line as a Chunk of what is new since `stream`; ReplyError for another shape."""
-    import json
-    try:
-        body = json.loads(data)
-    except json.JSONDecodeError:
-        raise ReplyError(f"a stream line is not JSON: {data[:200]!r}") from None
-    if not isinstance(body, dict):
-        raise ReplyError(f"a stream line is not a JSON object: {data[:200]!r}")
-    if body.get("error"):
-        raise ReplyError(f"the server sent an error: {one_line(body['error'])}")
+    body = stream_object(data)
     meta = body.get("meta_info")
     try:
         total, seen = int(meta["completion_tokens"]), len(stream.times)
