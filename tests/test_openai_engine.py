@@ -43,17 +43,23 @@ def requests_(tiny_tokenizer, shipped_prompts):
     return [Request(i, p, tiny_tokenizer.encode(p), NEW_TOKENS) for i, p in enumerate(shipped_prompts[:NUM_PROMPTS])]
 
 
-def served_run(tiny_models, requests_, method, **env):
-    """Launch the server for one mode, run the requests through it, stop it: (engine, {id: record})."""
-    engine = create_engine("openai", make_cfg(**env), method, paths(tiny_models))
+def run_engine(engine, requests_) -> dict:
+    """Start the engine, run the requests, stop it: {request id: record}."""
     engine.start()
     try:
         records = []
         engine.run(requests_, Clock(), records.append)
     finally:
         engine.stop()
+    return {r.request_id: r for r in records}
+
+
+def served_run(tiny_models, requests_, method, **env):
+    """Launch the server for one mode, run the requests through it, stop it: (engine, {id: record})."""
+    engine = create_engine("openai", make_cfg(**env), method, paths(tiny_models))
+    records = run_engine(engine, requests_)
     assert engine.server.exit_code() is not None  # stopped
-    return engine, {r.request_id: r for r in records}
+    return engine, records
 
 
 # ------------------------------------------------------------------------------------------- vLLM's server
@@ -70,13 +76,8 @@ def vllm_in_process(tiny_models, requests_, vllm_served):
     from lib.engines.vllm_engine import VLLMEngine
     cfg = make_cfg(VLLM_ENABLE_SPECULATIVE="true", VLLM_SPEC_METHOD="draft_model")
     engine = VLLMEngine(cfg, "speculative", paths(tiny_models))
-    engine.start()
-    try:
-        records = []
-        engine.run(requests_, Clock(), records.append)
-    finally:
-        engine.stop()
-    return engine.run_spec_counters, {r.request_id: r.output_ids for r in records}
+    records = run_engine(engine, requests_)
+    return engine.run_spec_counters, {i: r.output_ids for i, r in records.items()}
 
 
 def test_vllm_server_acceptance_counters_equal_the_in_process_engine(vllm_served, vllm_in_process):
