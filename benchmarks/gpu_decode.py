@@ -4,7 +4,8 @@ One run: measures device copy bandwidth; builds random-init 8B-class shapes of o
 mistral, qwen2, qwen3; no downloads) and a small draft of the same family; times AR on the
 fast path (lib/decoding/fast_path.py) at several batch sizes (tok/s and % of the bandwidth floor = copy bandwidth /
 weight bytes read per step); times chain SD with drafts of known acceptance and compares the measured speedup
-with Leviathan's prediction from the measured acceptance and draft/target cost ratio; times HF `generate` and
+with Leviathan's prediction from the measured acceptance and draft/target cost ratio (the draft steps timed inside
+the SD loop, as the runner's SD cost model times them; the verify step's cost beside it); times HF `generate` and
 HF assisted generation on the same models; GPU energy per token from NVML's total-energy counter.
 
 tok/s is the decode rate: tokens after each row's first (which prefill gives) over the time from the first token
@@ -104,11 +105,17 @@ class Row:
     acceptance_rate: float | None = None  # accepted / drafted (docs/design.md)
     acceptance_length: float | None = None  # 1 + accepted / rounds
     alpha: float | None = None  # Leviathan's per-token acceptance that gives this acceptance length
-    cost_ratio: float | None = None  # c: draft step time / target step time (one token each), measured
-    verify_cost: float | None = None  # target verify step (gamma + 1 tokens) time / target one-token step time
+    # c: draft step / target 1-token step. The draft steps are timed inside the SD loop (as the runner's SD cost
+    # model times them: its argmax and its first step of 2 tokens included); the target's step alone
+    cost_ratio: float | None = None
+    cost_ratio_alone: float | None = None  # c from the draft's 1-token step alone (graph replays back to back)
+    verify_cost: float | None = None  # verify step (gamma + 1 tokens) inside the loop / target 1-token step
+    verify_cost_alone: float | None = None  # the verify step alone / target 1-token step
     speedup: float | None = None  # tok/s over fast-path AR at the same batch
     predicted: float | None = None  # acceptance_length / (gamma c + 1) = Leviathan's formula at alpha (lib/sd_model.py)
     ratio: float | None = None  # speedup / predicted
+    predicted_with_verify: float | None = None  # acceptance_length / (gamma c + verify_cost)
+    ratio_with_verify: float | None = None
     joules_per_token: float | None = None
     note: str = ""
 
@@ -228,18 +235,21 @@ def run_sd(args, shape, weights, draft_weights, draft_name, prompt, ar_row, devi
     run = lambda: static_speculative_generate(target, draft, prompts, args.new_tokens, gamma)  # noqa: E731
     run()
     gen, seconds, joules = timed(device, energy, run)
-    target_step = step_seconds(target, 1, args.step_repeats)
-    cost = step_seconds(draft, 1, args.step_repeats) / target_step
-    verify_cost = step_seconds(target, gamma + 1, args.step_repeats) / target_step
+    target_step, loop = step_seconds(target, 1, args.step_repeats), gen.step_times
+    cost = loop.draft_s / loop.draft_steps / target_step
+    verify_cost = loop.verify_s / loop.verify_rounds / target_step
     tokens, tok_s = len(gen.tokens[0]), decode_rate(gen)
     rate = gen.accepted_tokens[0] / max(gen.draft_tokens[0], 1)
     length = 1 + gen.accepted_tokens[0] / max(gen.num_drafts[0], 1)
-    predicted = predicted_speedup(length, gamma, cost)  # Leviathan's: verify cost 1 (verify_cost is beside it)
+    predicted = predicted_speedup(length, gamma, cost)  # Leviathan's: verify cost 1
+    with_verify = predicted_speedup(length, gamma, cost, verify_cost)
     speedup = tok_s / ar_row.tok_s
     return Row(shape, "sd", draft=draft_name, gamma=gamma, tokens=tokens, seconds=seconds, tok_s=tok_s,
                acceptance_rate=rate, acceptance_length=length, alpha=alpha_for(length, gamma), cost_ratio=cost,
-               verify_cost=verify_cost, speedup=speedup, predicted=predicted, ratio=speedup / predicted,
-               joules_per_token=per_token(joules, tokens))
+               cost_ratio_alone=step_seconds(draft, 1, args.step_repeats) / target_step, verify_cost=verify_cost,
+               verify_cost_alone=step_seconds(target, gamma + 1, args.step_repeats) / target_step,
+               speedup=speedup, predicted=predicted, ratio=speedup / predicted, predicted_with_verify=with_verify,
+               ratio_with_verify=speedup / with_verify, joules_per_token=per_token(joules, tokens))
 
 
 def run_hf(shape, model, prompt, new_tokens, device, energy, gamma=0, assistant=None, draft_name=""):
@@ -273,16 +283,16 @@ def per_token(joules, tokens):
 
 # ---------------------------------------------------------------- table
 def print_table(rows: list[Row]):
-    header = ("shape", "method", "draft", "B", "k", "tok/s", "%floor", "a", "alpha", "c", "verify", "speedup",
-              "pred", "ratio", "J/tok")
+    header = ("shape", "method", "draft", "B", "k", "tok/s", "%floor", "a", "alpha", "c", "c alone", "verify",
+              "speedup", "pred", "ratio", "ratio (verify)", "J/tok")
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     lines = [header]
     for r in rows:
         lines.append((r.shape, r.method, r.draft or "-", str(r.batch), str(r.gamma or "-"), fmt(r.tok_s, ".1f"),
                       fmt(r.pct_floor, ".1f"), fmt(r.acceptance_rate, ".2f"), fmt(r.alpha, ".2f"),
-                      fmt(r.cost_ratio, ".3f"), fmt(r.verify_cost, ".2f"), fmt(r.speedup, ".2f"),
-                      fmt(r.predicted, ".2f"),
-                      fmt(r.ratio, ".2f"), fmt(r.joules_per_token, ".3f")))
+                      fmt(r.cost_ratio, ".3f"), fmt(r.cost_ratio_alone, ".3f"), fmt(r.verify_cost, ".2f"),
+                      fmt(r.speedup, ".2f"), fmt(r.predicted, ".2f"), fmt(r.ratio, ".2f"),
+                      fmt(r.ratio_with_verify, ".2f"), fmt(r.joules_per_token, ".3f")))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for i, line in enumerate(lines):
         print("| " + " | ".join(c.rjust(w) for c, w in zip(line, widths)) + " |")
@@ -400,7 +410,7 @@ class Results:
                 "args": vars(self.args), "checks": self.checks, "rows": [asdict(r) for r in self.rows]}
 
 
-SPREAD_FIELDS = ("tok_s", "pct_floor", "speedup", "ratio")
+SPREAD_FIELDS = ("tok_s", "pct_floor", "speedup", "ratio", "ratio_with_verify")
 
 
 def child_argv(argv: list[str], out: str) -> list[str]:

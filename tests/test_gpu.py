@@ -86,9 +86,10 @@ def test_separate_placement_puts_target_and_draft_on_two_gpus_and_stays_lossless
     assert tokens["speculative"] == tokens["target"]
 
 
-@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (1000, 512), (37888, 3584)])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (1000, 512), (37888, 3584), (896, 896)])
 def test_batch_one_gemv_kernel_equals_a_float64_product(n, k):
-    """lib/decoding/gemv.py against a float64 reference on fresh random data (a ragged N included)."""
+    """lib/decoding/gemv.py against a float64 reference on fresh random data (a ragged N and a K that is not a
+    multiple of 256 included)."""
     from lib.decoding import gemv
     w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
     x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")

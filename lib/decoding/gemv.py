@@ -24,17 +24,17 @@ class Blocks(NamedTuple):
 def blocks_for(n: int, k: int) -> Blocks:
     """Measured on an H200 (benchmarks/gpu_step_profile.py, docs/performance.md): wide matrices (the MLP's
     gate/up, the head) want more rows per program, narrow ones more columns per load."""
+    block_k = next(b for b in (512, 256, 128, 64) if k % b == 0)
     if n >= 16384:
-        return Blocks(16, 256, 4, 4)
-    block_k = 512 if k % 512 == 0 else 256
+        return Blocks(16, min(block_k, 256), 4, 4)
     return Blocks(8, block_k, 4, 3) if n >= 6144 else Blocks(4, block_k, 4, 4)
 
 
 def supports(x: torch.Tensor, w: torch.Tensor) -> bool:
     """One row of x (batch 1, one token: larger products go to cuBLAS, which wins there), 16-bit, K a multiple
-    of 256 (the kernel does not mask K)."""
+    of 64 (the kernel does not mask K; Qwen2.5-0.5B's 896 takes chunks of 128)."""
     return (x.is_cuda and x.numel() == x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16)
-            and w.dtype == x.dtype and w.is_contiguous() and w.shape[1] % 256 == 0)
+            and w.dtype == x.dtype and w.is_contiguous() and w.shape[1] == x.shape[-1] and w.shape[1] % 64 == 0)
 
 
 @functools.cache
