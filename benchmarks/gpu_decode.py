@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -300,6 +301,20 @@ def print_table(rows: list[Row]):
             print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
 
 
+def number_list(kind=int, example="1,4,16"):
+    """argparse type: a comma list of positive finite numbers, kept as typed (--repeat hands it to its children)."""
+    def check(text: str) -> str:
+        try:
+            ok = all(math.isfinite(kind(value)) and kind(value) > 0 for value in text.split(","))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of positive {kind.__name__} values, "
+                                             f"e.g. {example}")
+        return text
+    return check
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group("what to run")
@@ -308,10 +323,11 @@ def parse_args(argv=None):
     g.add_argument("--arch", default="llama", choices=sorted(ARCHS), help="model family of target and drafts")
     g.add_argument("--shapes", default="", help="comma-separated target shapes of --arch (default: llama 8b,1b; "
                    "mistral 7b; qwen2 7b; qwen3 8b)")
-    g.add_argument("--batches", default="1,4,16", help="AR batch sizes")
+    g.add_argument("--batches", default="1,4,16", type=number_list(), help="AR batch sizes")
     g.add_argument("--sd-shape", default="", help="shape whose SD, HF generate and HF assisted rows are run "
                    "(default: the first of --shapes; none = skip them)")
-    g.add_argument("--eps", default="1e-3,3e-4,1e-4", help="acceptance dial values (low, middle, high acceptance)")
+    g.add_argument("--eps", default="1e-3,3e-4,1e-4", type=number_list(float, "1e-3,3e-4"),
+                   help="acceptance dial values (low, middle, high acceptance)")
     g.add_argument("--draft-layers", type=int, default=4, help="layers of the self-draft")
     g.add_argument("--small-draft", default=None, help="shape of the separate draft of --arch ('' = none; "
                    "default: llama 1b, mistral 1b, qwen2 0.5b, qwen3 0.6b)")

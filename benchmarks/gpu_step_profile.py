@@ -24,15 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.gpu_decode import ARCHS, build_model  # noqa: E402
+from benchmarks.gpu_decode import ARCHS, build_model, number_list  # noqa: E402
 from lib.bandwidth import copy_bandwidth  # noqa: E402
 from lib.decoding import fast_path  # noqa: E402
 from lib.files import write_json  # noqa: E402
 
-VARIANTS = {"inductor": {"gemv": False, "tune": True},  # torch.compile's own products, tuned per process
-            "inductor-untuned": {"gemv": False, "tune": False},
-            "gemv": {"gemv": True, "tune": True},  # lib/decoding/gemv.py for batch-1 products
-            "gemv-untuned": {"gemv": True, "tune": False}}
+VARIANTS = {"inductor": {"gemv": False, "tune": True, "attention": False},  # torch.compile's own, tuned per process
+            "inductor-untuned": {"gemv": False, "tune": False, "attention": False},
+            "gemv": {"gemv": True, "tune": True, "attention": False},  # lib/decoding/gemv.py for batch-1 products
+            "gemv-untuned": {"gemv": True, "tune": False, "attention": False},
+            "attention": {"gemv": True, "tune": False, "attention": True}}  # + lib/decoding/decode_attention.py
 GROUPS = (("gemv/gemm", ("gemv", "gemm", "cutlass", "xmma", "sm90", "splitk", "_gemv_kernel", "cublas")),
           ("attention", ("bmm", "softmax", "attention", "flash")),
           ("fused small ops (triton)", ("triton",)),)
@@ -164,16 +165,24 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="llama", choices=sorted(ARCHS))
     p.add_argument("--shape", default="", help="default: the family's target shape")
-    p.add_argument("--batches", default="1,16")
+    p.add_argument("--batches", default="1,16", type=number_list())
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--widths", default="1", help="tokens per row of the timed step, comma list (5: a k = 4 verify)")
-    p.add_argument("--matrix-rows", default="1", help="rows of x for the products timed alone, comma list")
+    p.add_argument("--widths", default="1", type=number_list(int, "1,5"),
+                   help="tokens per row of the timed step, comma list (5: a k = 4 verify)")
+    p.add_argument("--matrix-rows", default="1", type=number_list(int, "1,5"),
+                   help="rows of x for the products timed alone, comma list")
     p.add_argument("--no-matrices", action="store_true")
     p.add_argument("--no-steps", action="store_true", help="time the products alone only")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: {', '.join(unknown)} unknown; choose from {', '.join(VARIANTS)}")
+    if not torch.cuda.is_available():
+        p.error("needs an NVIDIA GPU (CUDA): it times CUDA-graph replays and CUDA kernels "
+                "(benchmarks/gpu_decode.py --tiny runs on a CPU)")
     device = torch.device("cuda")
     shape = args.shape or ARCHS[args.arch].targets.split(",")[0]
     bandwidth = copy_bandwidth(device, 2 << 30)

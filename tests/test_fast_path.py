@@ -196,3 +196,14 @@ def test_fused_weights_share_storage_with_the_model(tiny_models):
     assert torch.equal(attn.q_proj.weight, q_before)
     mlp = model.model.layers[0].mlp
     assert mlp.up_proj.weight.untyped_storage().data_ptr() == weights.layers[0].w13.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("script,argv,named", [
+    ("gpu_decode", ["--batches", "1,x"], "--batches"), ("gpu_decode", ["--eps", "nan"], "--eps"),
+    ("gpu_step_profile", ["--widths", "0"], "--widths"), ("gpu_step_profile", ["--variants", "fast"], "--variants")])
+def test_benchmark_flags_with_bad_values_stop_with_one_line(script, argv, named, capsys):
+    main = __import__(f"benchmarks.{script}", fromlist=["main"]).main
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert named in capsys.readouterr().err.splitlines()[-1]

@@ -27,7 +27,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from lib.decoding import gemv
+from lib.decoding import decode_attention, gemv
 from lib.decoding.chain import _Rows, accept_drafts, probabilities, sample, split_tops, top2
 from lib.decoding.timing import RoundClock, mark
 from lib.types import Generation
@@ -255,10 +255,14 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
 
-def attention(q, k_cache, v_cache, mask, arch: Arch):
-    """q [B, n, Hq, D] against one layer's cache [B, Hkv, L, D]. The query heads of a kv head are folded into the
-    query length (q [B, Hkv, g * n, D]), so both products are plain batched matmuls over the cache as it lies
-    (no copy of it per query head or per step); softmax in float32 as transformers' eager attention does."""
+def attention(q, k_cache, v_cache, mask, positions, arch: Arch):
+    """q [B, n, Hq, D] against one layer's cache [B, Hkv, L, D]: query t of row b sees the columns <=
+    positions[b, t] (mask [B, n, L]). One-token 16-bit steps on CUDA take lib/decoding/decode_attention.py's
+    kernel. Otherwise the query heads of a kv head are folded into the query length (q [B, Hkv, g * n, D]), so
+    both products are plain batched matmuls over the cache as it lies (no copy of it per query head or per step);
+    softmax in float32 as transformers' eager attention does."""
+    if _Options.attention and decode_attention.supports(q, k_cache):
+        return decode_attention.attend(q, k_cache, v_cache, positions, arch.scale)
     batch, n, n_heads, head_dim = q.shape
     n_kv_heads = arch.n_kv_heads
     group, length = n_heads // n_kv_heads, k_cache.shape[2]
@@ -297,12 +301,13 @@ class _Options:
     and untuned inductor kernels around them give the same kernels in every process; inductor's coordinate-descent
     tuning of its own matrix-vector kernels picked differently per process (75-83 % of the floor)."""
     gemv = True  # batch-1 products through lib/decoding/gemv.py's Triton kernel (CUDA)
+    attention = True  # one-token steps' attention through lib/decoding/decode_attention.py's kernel (CUDA)
     tune = False  # torch.compile's coordinate-descent tuning of its own kernels
 
 
-def set_options(gemv: bool, tune: bool):
-    """Choose the products' kernel and the tuning (benchmarks/gpu_step_profile.py); compiled steps are rebuilt."""
-    _Options.gemv, _Options.tune = gemv, tune
+def set_options(gemv: bool, tune: bool, attention: bool = True):
+    """Choose the kernels and the tuning (benchmarks/gpu_step_profile.py); compiled steps are rebuilt."""
+    _Options.gemv, _Options.tune, _Options.attention = gemv, tune, attention
     compiled_layer_forward.cache_clear()
     torch._dynamo.reset()
 
@@ -313,14 +318,14 @@ def project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.T
     return F.linear(x, w, b)
 
 
-def layer_forward(x, w: LayerWeights, arch: Arch, k_cache, v_cache, cos, sin, cache_index, mask):
-    """One decoder layer over x [B, n, H]; writes this step's keys/values into the cache [B, Hkv, L, D] at
-    cache_index (rows, heads, positions broadcast to [B, n, Hkv])."""
+def layer_forward(x, w: LayerWeights, arch: Arch, k_cache, v_cache, cos, sin, cache_index, mask, positions):
+    """One decoder layer over x [B, n, H] at positions [B, n]; writes this step's keys/values into the cache
+    [B, Hkv, L, D] at cache_index (rows, heads, positions broadcast to [B, n, Hkv])."""
     q, k, v = heads(project(pre_norm(x, w.attn_norm, arch), w.wqkv, w.bqkv), w, arch)
     q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     k_cache.index_put_(cache_index, k)  # an in-place scatter (index_copy_ made compile copy the whole cache)
     v_cache.index_put_(cache_index, v)
-    x = residual(x, project(attention(q, k_cache, v_cache, mask, arch), w.wo, w.bo), w.attn_norm, arch)
+    x = residual(x, project(attention(q, k_cache, v_cache, mask, positions, arch), w.wo, w.bo), w.attn_norm, arch)
     gate, up = project(pre_norm(x, w.mlp_norm, arch), w.w13, w.b13).chunk(2, -1)
     return residual(x, project(arch.act(gate) * up, w.w2, w.b2), w.mlp_norm, arch)
 
@@ -342,7 +347,8 @@ class StaticDecoder:
     `step(tokens)` feeds tokens [B, n] at each row's `lengths` and returns logits [B, n, V] without committing
     them; the caller moves `lengths` (a device tensor, changed in place, so graphs see it). On CUDA each step
     width is captured once as a CUDA graph, (compile_layers, default on CUDA) each layer's small ops are fused by
-    torch.compile first, and batch-1 products run lib/decoding/gemv.py's kernel (`project`). On CPU the same code
+    torch.compile first, batch-1 products run lib/decoding/gemv.py's kernel (`project`) and one-token steps'
+    attention lib/decoding/decode_attention.py's (`attention`). On CPU the same code
     runs eagerly. The cache is rounded up to CACHE_ALIGN columns.
     """
 
@@ -375,7 +381,7 @@ class StaticDecoder:
         mask = self.columns[None, None, :] <= positions[:, :, None]  # [B, n, L]
         cache_index = (self.rows[:, None, None], self.heads[None, None, :], positions[:, :, None])
         for i, layer in enumerate(w.layers):
-            x = layer_fn(x, layer, w.arch, self.k_cache[i], self.v_cache[i], cos, sin, cache_index, mask)
+            x = layer_fn(x, layer, w.arch, self.k_cache[i], self.v_cache[i], cos, sin, cache_index, mask, positions)
         return norm(x, w.norm, w.arch)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:

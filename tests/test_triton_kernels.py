@@ -1,0 +1,86 @@
+"""The fast path's Triton kernels on CPU, through Triton's interpreter (TRITON_INTERPRET=1 runs a kernel's own
+code with NumPy): lib/decoding/gemv.py's product and lib/decoding/decode_attention.py's attention, their masks and
+their block choices. The interpreter must be chosen before Triton is first imported, so each kernel runs
+in a fresh process. float16, because the interpreter rounds bfloat16 by truncation (the GPU rounds to nearest);
+tests/test_gpu.py runs bfloat16 on a GPU."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from lib.decoding import decode_attention, gemv
+
+ROOT = Path(__file__).resolve().parent.parent
+PRODUCTS = """
+import json, sys
+import torch
+from lib.decoding import gemv
+torch.manual_seed(0)
+out = []
+for n, k, blocks in json.loads(sys.argv[1]):
+    x, w = torch.randn(1, k, dtype=torch.float16), torch.randn(n, k, dtype=torch.float16) / k ** 0.5
+    y = gemv.launch(x, w, gemv.Blocks(*blocks) if blocks else None)
+    ref = x.double() @ w.double().T
+    out.append({"shape": list(y.shape), "rel_err": ((y.double() - ref).norm() / ref.norm()).item()})
+print(json.dumps(out))
+"""
+ATTENTION = """
+import json, sys
+import torch
+from lib.decoding import decode_attention
+torch.manual_seed(0)
+out = []
+for batch, n, n_heads, n_kv, head_dim, length in json.loads(sys.argv[1]):
+    q = torch.randn(batch, n, n_heads, head_dim, dtype=torch.float16)
+    k, v = (torch.randn(batch, n_kv, length, head_dim, dtype=torch.float16) for _ in range(2))
+    first = torch.randint(0, length - n, (batch, 1))
+    first[0] = 0  # a row whose first query sees one column only
+    positions = first + torch.arange(n)
+    y = decode_attention.launch(q, k, v, positions, head_dim ** -0.5).flatten(2)
+    group = n_heads // n_kv
+    scores = torch.einsum("bthd,bhld->bhtl", q.double(), k.double().repeat_interleave(group, 1)) * head_dim ** -0.5
+    seen = torch.arange(length)[None, None, None, :] <= positions[:, None, :, None]
+    probs = torch.softmax(scores.masked_fill(~seen, float("-inf")), -1)
+    ref = torch.einsum("bhtl,bhld->bthd", probs, v.double().repeat_interleave(group, 1)).flatten(2)
+    out.append({"shape": list(y.shape), "rel_err": ((y.double() - ref).norm() / ref.norm()).item()})
+print(json.dumps(out))
+"""
+
+
+def interpreted(script: str, cases: list) -> list[dict]:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(cases)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_product_equals_a_float64_one():
+    """A ragged N (the last program's rows masked), several K chunks, and the block that blocks_for picks for a K
+    of 3 chunks of 64."""
+    cases = [(40, 128, (4, 64, 4, 1)), (37, 256, (8, 128, 4, 1)), (24, 192, None)]
+    for (n, _, _), result in zip(cases, interpreted(PRODUCTS, cases)):
+        assert result["shape"] == [1, n]
+        assert result["rel_err"] < 2e-3, result
+
+
+def test_attention_equals_a_float64_one():
+    """GQA ratios 4, 2 and 1, one token and several (each query row masked at its own position), rows at
+    different positions, a cache length that is not a multiple of the tile."""
+    cases = [(1, 1, 8, 2, 64, 192), (2, 5, 8, 4, 32, 256), (3, 2, 6, 3, 16, 100), (2, 1, 4, 4, 64, 320)]
+    for (batch, n, n_heads, _, head_dim, _), result in zip(cases, interpreted(ATTENTION, cases)):
+        assert result["shape"] == [batch, n, n_heads * head_dim]
+        assert result["rel_err"] < 2e-3, result
+
+
+def test_cpu_tensors_keep_the_eager_ops_and_blocks_divide_k():
+    """The fast path's CPU runs stay eager (token-identical to the plain path): the kernels take CUDA tensors only.
+    (tests/test_gpu.py checks which CUDA steps they take.)"""
+    assert not gemv.supports(torch.randn(1, 128, dtype=torch.float16), torch.randn(8, 128, dtype=torch.float16))
+    cache = torch.zeros(1, 2, 64, 64, dtype=torch.float16)
+    assert not decode_attention.supports(torch.zeros(1, 1, 8, 64, dtype=torch.float16), cache)
+    assert gemv.blocks_for(6144, 4096) == gemv.Blocks(8, 512, 4, 3)
+    assert gemv.blocks_for(896, 896).block_k == 128 and gemv.blocks_for(64, 192).block_k == 64
