@@ -305,7 +305,7 @@ def number_list(kind=int, example="1,4,16"):
     """argparse type: a comma list of positive finite numbers, kept as typed (--repeat hands it to its children)."""
     def check(text: str) -> str:
         try:
-            ok = all(math.isfinite(kind(value)) and kind(value) > 0 for value in text.split(","))
+            ok = all(math.isfinite(number) and number > 0 for number in map(kind, text.split(",")))
         except ValueError:
             ok = False
         if not ok:

@@ -1,5 +1,6 @@
 """The fast decode path (lib/decoding/fast_path.py) against the plain path (lib/decoding/chain.py), on CPU, tiny
 models."""
+import importlib
 import json
 
 import pytest
@@ -202,8 +203,7 @@ def test_fused_weights_share_storage_with_the_model(tiny_models):
     ("gpu_decode", ["--batches", "1,x"], "--batches"), ("gpu_decode", ["--eps", "nan"], "--eps"),
     ("gpu_step_profile", ["--widths", "0"], "--widths"), ("gpu_step_profile", ["--variants", "fast"], "--variants")])
 def test_benchmark_flags_with_bad_values_stop_with_one_line(script, argv, named, capsys):
-    main = __import__(f"benchmarks.{script}", fromlist=["main"]).main
     with pytest.raises(SystemExit) as stop:
-        main(argv)
+        importlib.import_module(f"benchmarks.{script}").main(argv)
     assert stop.value.code == 2
     assert named in capsys.readouterr().err.splitlines()[-1]

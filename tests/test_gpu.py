@@ -101,18 +101,19 @@ def test_batch_one_gemv_kernel_equals_a_float64_product(n, k):
 
 
 @pytest.mark.parametrize("batch,n", [(1, 1), (4, 1), (16, 1), (2, 5)])
-def test_decode_attention_kernel_equals_a_float64_one(batch, n):
+def test_decode_attention_kernel_equals_the_eager_one_in_float64(batch, n):
     """lib/decoding/decode_attention.py in bfloat16 on an 8B layer's shape (32 query heads, 8 kv heads, head_dim
-    128, a 448-column cache), rows at different positions; the fast path sends it one-token steps only."""
+    128, a 448-column cache), rows at different positions, against the eager attention it replaces run in float64;
+    the fast path sends the kernel one-token steps only."""
     from lib.decoding import decode_attention
+    from lib.decoding.fast_path import Arch, attention
     q = torch.randn(batch, n, 32, 128, dtype=torch.bfloat16, device="cuda")
     k, v = (torch.randn(batch, 8, 448, 128, dtype=torch.bfloat16, device="cuda") for _ in range(2))
     positions = torch.randint(0, 448 - n, (batch, 1), device="cuda") + torch.arange(n, device="cuda")
     assert decode_attention.supports(q, k) == (n == 1)
     out = decode_attention.launch(q, k, v, positions, 128 ** -0.5).flatten(2)
-    scores = torch.einsum("bthd,bhld->bhtl", q.double(), k.double().repeat_interleave(4, 1)) * 128 ** -0.5
-    seen = torch.arange(448, device="cuda")[None, None, None, :] <= positions[:, None, :, None]
-    probs = torch.softmax(scores.masked_fill(~seen, float("-inf")), -1)
-    ref = torch.einsum("bhtl,bhld->bthd", probs, v.double().repeat_interleave(4, 1)).flatten(2)
+    seen = torch.arange(448, device="cuda")[None, None, :] <= positions[:, :, None]
+    arch = Arch(32, 8, 128, eps=1e-6, scale=128 ** -0.5, act=None)
+    ref = attention(q.double(), k.double(), v.double(), seen, positions, arch)  # float64: not the kernel's
     assert out.shape == ref.shape and torch.isfinite(out).all()
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2

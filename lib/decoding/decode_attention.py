@@ -4,8 +4,8 @@ The eager attention of lib/decoding/fast_path.py is two batched products and a s
 scores go through memory between them. At decode widths that is latency, not bytes. Here one program owns one
 (row, kv head): it loads the query heads of that kv head once (they share its keys: GQA of any ratio), walks the
 cache in BLOCK_L-column tiles with an online softmax in float32, and reads only the columns some query may see (up
-to the row's last position). Measured on an H200 (docs/performance.md): kernel time per 8B step 54 µs less at batch
-1 and 250 µs less at batch 16. Splitting a head's columns over several programs (flash-decoding) was slower: the
+to the row's last position). Measured on an H200 (docs/performance.md): attention per 8B step 231 -> 178 µs at
+batch 1, 443 -> 229 µs at batch 16. Splitting a head's columns over several programs (flash-decoding) was slower: the
 merge kernel cost more than the idle SMs.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """CUDA, 16-bit, one token per row (the verify step's 5 tokens stay on the eager products: docs/performance.md),
     a power-of-two head_dim from 16 to 256, at most 64 query heads per kv head, a cache [B, Hkv, L, D] contiguous in
     its last two dims."""
-    batch, n, n_heads, head_dim = q.shape
+    _, n, n_heads, head_dim = q.shape
     return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k_cache.dtype == q.dtype and n == 1
             and 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0 and n_heads // k_cache.shape[1] <= 64
             and k_cache.stride(3) == 1 and k_cache.stride(2) == head_dim)
