@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import hashlib
+import json
 import statistics
 import sys
 from collections import defaultdict
@@ -29,11 +31,14 @@ from lib.bandwidth import copy_bandwidth  # noqa: E402
 from lib.decoding import fast_path  # noqa: E402
 from lib.files import write_json  # noqa: E402
 
-VARIANTS = {"inductor": {"gemv": False, "tune": True, "attention": False},  # torch.compile's own, tuned per process
-            "inductor-untuned": {"gemv": False, "tune": False, "attention": False},
-            "gemv": {"gemv": True, "tune": True, "attention": False},  # lib/decoding/gemv.py for batch-1 products
-            "gemv-untuned": {"gemv": True, "tune": False, "attention": False},
-            "attention": {"gemv": True, "tune": False, "attention": True}}  # + lib/decoding/decode_attention.py
+OLD = {"pdl": False, "combo": False}
+VARIANTS = {"inductor": {"gemv": False, "tune": True, "attention": False, **OLD},  # torch.compile's own, tuned
+            "inductor-untuned": {"gemv": False, "tune": False, "attention": False, **OLD},
+            "gemv": {"gemv": True, "tune": True, "attention": False, **OLD},  # lib/decoding/gemv.py, batch 1
+            "gemv-untuned": {"gemv": True, "tune": False, "attention": False, **OLD},
+            "attention": {"gemv": True, "tune": False, "attention": True, **OLD},  # + decode_attention.py
+            "pdl": {"gemv": True, "tune": False, "attention": True, "pdl": True, "combo": False},  # + PDL
+            "pdl-combo": {"gemv": True, "tune": False, "attention": True, "pdl": True, "combo": True}}  # ships
 GROUPS = (("gemv/gemm", ("gemv", "gemm", "cutlass", "xmma", "sm90", "splitk", "_gemv_kernel", "cublas")),
           ("attention", ("bmm", "softmax", "attention", "flash")),
           ("fused small ops (triton)", ("triton",)),)
@@ -84,7 +89,8 @@ def whole_call(weights, batch: int, prompt_len: int, new_tokens: int, vocab: int
     gaps = sorted(1e3 * (b - a) for a, b in zip(times, times[1:]))
     rate_steps = (len(times) - 1) / (times[-1] - times[0])
     return {"decode_steps_s": rate_steps, "pct_floor": 100 * floor_ms * rate_steps / 1e3,
-            "gap_ms_median": gaps[len(gaps) // 2], "gap_ms_p90": gaps[int(0.9 * len(gaps))], "gap_ms_max": gaps[-1]}
+            "gap_ms_median": gaps[len(gaps) // 2], "gap_ms_p90": gaps[int(0.9 * len(gaps))], "gap_ms_max": gaps[-1],
+            "tokens_sha1": hashlib.sha1(json.dumps(gen.tokens).encode()).hexdigest()}
 
 
 def kernel_profile(decoder, tokens, steps: int = 20) -> list[dict]:
@@ -224,9 +230,11 @@ def main(argv=None):
             call = (whole_call(weights, batch, args.prompt_len, args.new_tokens, model.config.vocab_size, floor_ms)
                     if width == 1 else None)
             if call:
+                first = next((s["whole_call"] for s in out["steps"] if s["batch"] == batch and s["whole_call"]), call)
+                same = "the same as" if call["tokens_sha1"] == first["tokens_sha1"] else "NOT the same as"
                 print(f"  whole call ({args.new_tokens} tokens): {call['pct_floor']:.1f} % of floor; gaps between "
                       f"tokens median {call['gap_ms_median']:.3f} ms, p90 {call['gap_ms_p90']:.3f}, "
-                      f"max {call['gap_ms_max']:.3f}")
+                      f"max {call['gap_ms_max']:.3f}; greedy tokens {same} the first variant's")
             out["steps"].append({"variant": variant, "batch": batch, "width": width, "step_ms": ms,
                                  "pct_floor": 100 * floor_ms / ms, "whole_call": call,
                                  "kernels_busy_ms": busy, "groups_us": dict(groups), "kernels": kernels[:60]})

@@ -51,6 +51,32 @@ def test_cuda_graphs_and_compile_give_the_plain_path_tokens(cuda_pair, prompts, 
     assert static_autoregressive_generate(eager, batch, NEW).tokens == plain
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+def test_programmatic_dependent_launch_changes_no_token(tiny_models, shipped_prompts, rows):
+    """In bfloat16 the batch-1 steps run lib/decoding/gemv.py's and decode_attention.py's kernels; launched with
+    PDL (where the GPU has it) each kernel starts before the one it reads has finished and waits for it inside.
+    A missing wait would read stale values: the greedy tokens, AR and SD, must equal those of plain launches
+    bit for bit (same kernels, only the launches differ)."""
+    from lib.decoding import fast_path
+    model = load_model(tiny_models.target, "bfloat16", "cuda")
+    tokenizer = load_tokenizer(tiny_models.target)
+    batch = [tokenizer.encode(p)[:20] for p in shipped_prompts[:rows]]
+    max_len = max_len_for(batch, 3 * NEW, 3)
+    weights = weights_from_hf(model, max_len)
+    shipped = {name: getattr(fast_path._Options, name) for name in ("gemv", "tune", "attention", "pdl", "combo")}
+    tokens = {}
+    try:
+        for pdl in (False, True):
+            fast_path.set_options(**{**shipped, "pdl": pdl})
+            ar = static_autoregressive_generate(StaticDecoder(weights, rows, max_len), batch, 3 * NEW).tokens
+            sd = static_speculative_generate(StaticDecoder(weights, rows, max_len),
+                                             StaticDecoder(weights.first_layers(2), rows, max_len), batch, 3 * NEW, 3)
+            tokens[pdl] = (ar, sd.tokens)
+    finally:
+        fast_path.set_options(**shipped)
+    assert tokens[True] == tokens[False]
+
+
 @pytest.mark.parametrize("rows,gamma", [(1, 4), (4, 3)])
 def test_sd_rounds_read_through_pinned_memory_are_lossless(cuda_pair, prompts, rows, gamma):
     target, draft, _ = cuda_pair
@@ -86,22 +112,24 @@ def test_separate_placement_puts_target_and_draft_on_two_gpus_and_stays_lossless
     assert tokens["speculative"] == tokens["target"]
 
 
-@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (1000, 512), (37888, 3584), (896, 896)])
-def test_batch_one_gemv_kernel_equals_a_float64_product(n, k):
-    """lib/decoding/gemv.py against a float64 reference on fresh random data (a ragged N and a K that is not a
-    multiple of 256 included)."""
+@pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (1000, 512), (37888, 3584), (896, 896), (64, 64)])
+def test_batch_one_gemv_kernel_equals_a_float64_product(n, k, pdl):
+    """lib/decoding/gemv.py against a float64 reference on fresh random data (a ragged N, a K that is not a
+    multiple of 256 and a K of one chunk included), launched plainly and with PDL where the GPU has it."""
     from lib.decoding import gemv
     w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
     x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
     assert gemv.supports(x, w)
-    out = gemv.linear(x, w)
+    out = gemv.linear(x, w, pdl=pdl)
     ref = x.double() @ w.double().T
     assert out.shape == (1, n) and torch.isfinite(out).all()
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
 
 
+@pytest.mark.parametrize("pdl", [False, True])
 @pytest.mark.parametrize("batch,n", [(1, 1), (4, 1), (16, 1), (2, 5)])
-def test_decode_attention_kernel_equals_the_eager_one_in_float64(batch, n):
+def test_decode_attention_kernel_equals_the_eager_one_in_float64(batch, n, pdl):
     """lib/decoding/decode_attention.py in bfloat16 on an 8B layer's shape (32 query heads, 8 kv heads, head_dim
     128, a 448-column cache), rows at different positions, against the eager attention it replaces run in float64;
     the fast path sends the kernel one-token steps only."""
@@ -111,9 +139,8 @@ def test_decode_attention_kernel_equals_the_eager_one_in_float64(batch, n):
     k, v = (torch.randn(batch, 8, 448, 128, dtype=torch.bfloat16, device="cuda") for _ in range(2))
     positions = torch.randint(0, 448 - n, (batch, 1), device="cuda") + torch.arange(n, device="cuda")
     assert decode_attention.supports(q, k) == (n == 1)
-    out = decode_attention.launch(q, k, v, positions, 128 ** -0.5).flatten(2)
-    seen = torch.arange(448, device="cuda")[None, None, :] <= positions[:, :, None]
+    out = decode_attention.launch(q, k, v, positions, 128 ** -0.5, pdl).flatten(2)
     arch = Arch(32, 8, 128, eps=1e-6, scale=128 ** -0.5, act=None)
-    ref = attention(q.double(), k.double(), v.double(), seen, positions, arch)  # float64: not the kernel's
+    ref = attention(q.double(), k.double(), v.double(), positions, arch)  # float64: not the kernel's
     assert out.shape == ref.shape and torch.isfinite(out).all()
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2

@@ -14,16 +14,18 @@ import functools
 
 import torch
 
+from lib.decoding.triton_launch import launch_options
+
 BLOCK_L = 64  # cache columns per tile
 
 
-def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """CUDA, 16-bit, one token per row (the verify step's 5 tokens stay on the eager products: docs/performance.md),
-    a power-of-two head_dim from 16 to 256, at most 64 query heads per kv head, a cache [B, Hkv, L, D] contiguous in
-    its last two dims."""
+def supports(q: torch.Tensor, k_cache: torch.Tensor, max_width: int = 1) -> bool:
+    """CUDA, 16-bit, at most max_width tokens per row (the fast path's choice: docs/performance.md), a power-of-two
+    head_dim from 16 to 256, at most 64 query rows (query heads per kv head x tokens) per program, a cache
+    [B, Hkv, L, D] contiguous in its last two dims."""
     _, n, n_heads, head_dim = q.shape
-    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k_cache.dtype == q.dtype and n == 1
-            and 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0 and n_heads // k_cache.shape[1] <= 64
+    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k_cache.dtype == q.dtype and n <= max_width
+            and 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0 and n * n_heads // k_cache.shape[1] <= 64
             and k_cache.stride(3) == 1 and k_cache.stride(2) == head_dim)
 
 
@@ -35,7 +37,10 @@ def _kernel():
     @triton.jit
     def decode_attention(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, scale, L, sq_b, sq_t, sq_h, sk_b, sk_h,
                          so_b, so_t, so_h, HKV: tl.constexpr, GROUP: tl.constexpr, N_Q: tl.constexpr,
-                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
+                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # everything it reads comes from the kernels before it; see triton_launch.py for the order
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         b, h = tl.program_id(0) // HKV, tl.program_id(0) % HKV
         r = tl.arange(0, BLOCK_M)  # query row r = g * N_Q + t: query head h * GROUP + g, token t
         row_ok = r < GROUP * N_Q
@@ -71,9 +76,10 @@ def _kernel():
 
 
 def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-           scale: float) -> torch.Tensor:
+           scale: float, pdl: bool = False) -> torch.Tensor:
     """q [B, n, Hq, D], caches [B, Hkv, L, D], positions [B, n] (query t of row b sees the columns <=
-    positions[b, t]) -> [B, n, Hq, D]. Any n whose G * n query rows fit a tile; the fast path sends n = 1."""
+    positions[b, t]) -> [B, n, Hq, D]. Any n whose G * n query rows fit a tile; the fast path sends n = 1.
+    pdl: a programmatic dependent launch where the GPU has it (lib/decoding/triton_launch.py)."""
     triton, kernel = _kernel()
     batch, n, n_heads, head_dim = q.shape
     n_kv = k_cache.shape[1]
@@ -83,22 +89,22 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positi
                             *q.stride()[:3], k_cache.stride(0), k_cache.stride(1), *out.stride()[:3],
                             HKV=n_kv, GROUP=group, N_Q=n, D=head_dim,
                             BLOCK_M=max(16, triton.next_power_of_2(group * n)), BLOCK_L=BLOCK_L,
-                            num_warps=4, num_stages=2)
+                            num_warps=4, num_stages=2, **launch_options(q.device, pdl))
     return out
 
 
 @torch.library.custom_op("speclab::decode_attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-                  scale: float) -> torch.Tensor:
-    return launch(q, k_cache, v_cache, positions, scale)
+                  scale: float, pdl: bool) -> torch.Tensor:
+    return launch(q, k_cache, v_cache, positions, scale, pdl)
 
 
 @_attention_op.register_fake
-def _(q, k_cache, v_cache, positions, scale):
+def _(q, k_cache, v_cache, positions, scale, pdl):
     return torch.empty_like(q)
 
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-           scale: float) -> torch.Tensor:
+           scale: float, pdl: bool = False) -> torch.Tensor:
     """The fast path's attention through the kernel (the caller checked `supports`) -> [B, n, Hq * D]."""
-    return _attention_op(q, k_cache, v_cache, positions, scale).flatten(2)
+    return _attention_op(q, k_cache, v_cache, positions, scale, pdl).flatten(2)

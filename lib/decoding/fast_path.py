@@ -255,17 +255,18 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
 
-def attention(q, k_cache, v_cache, mask, positions, arch: Arch):
+def attention(q, k_cache, v_cache, positions, arch: Arch):
     """q [B, n, Hq, D] against one layer's cache [B, Hkv, L, D]: query t of row b sees the columns <=
-    positions[b, t] (mask [B, n, L]). One-token 16-bit steps on CUDA take lib/decoding/decode_attention.py's
-    kernel. Otherwise the query heads of a kv head are folded into the query length (q [B, Hkv, g * n, D]), so
-    both products are plain batched matmuls over the cache as it lies (no copy of it per query head or per step);
-    softmax in float32 as transformers' eager attention does."""
-    if _Options.attention and decode_attention.supports(q, k_cache):
-        return decode_attention.attend(q, k_cache, v_cache, positions, arch.scale)
+    positions[b, t]. One-token 16-bit steps on CUDA take lib/decoding/decode_attention.py's kernel. Otherwise the
+    query heads of a kv head are folded into the query length (q [B, Hkv, g * n, D]), so both products are plain
+    batched matmuls over the cache as it lies (no copy of it per query head or per step); softmax in float32 as
+    transformers' eager attention does. (The mask is built here, so that compiled it fuses into the softmax.)"""
+    if _Options.attention and decode_attention.supports(q, k_cache, _Options.attention_width):
+        return decode_attention.attend(q, k_cache, v_cache, positions, arch.scale, _Options.pdl)
     batch, n, n_heads, head_dim = q.shape
     n_kv_heads = arch.n_kv_heads
     group, length = n_heads // n_kv_heads, k_cache.shape[2]
+    mask = torch.arange(length, device=q.device) <= positions[:, :, None]  # [B, n, L]
     q = q.view(batch, n, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4).reshape(batch, n_kv_heads, group * n,
                                                                                     head_dim)
     scores = torch.matmul(q, k_cache.transpose(2, 3)) * arch.scale  # [B, Hkv, g * n, L]
@@ -286,10 +287,11 @@ def heads(qkv: torch.Tensor, w: LayerWeights, arch: Arch):
     return q, k, v
 
 
-def residual(x: torch.Tensor, out: torch.Tensor, norm_weight: torch.Tensor, arch: Arch) -> torch.Tensor:
+def branch(out: torch.Tensor, norm_weight: torch.Tensor, arch: Arch) -> torch.Tensor:
+    """What a block (attention or MLP) adds to the residual stream."""
     if arch.post_norms:
         out = norm(out, norm_weight, arch)
-    return x + (out * arch.residual_scale if arch.residual_scale != 1.0 else out)
+    return out * arch.residual_scale if arch.residual_scale != 1.0 else out
 
 
 def pre_norm(x: torch.Tensor, norm_weight: torch.Tensor, arch: Arch) -> torch.Tensor:
@@ -302,43 +304,71 @@ class _Options:
     tuning of its own matrix-vector kernels picked differently per process (75-83 % of the floor)."""
     gemv = True  # batch-1 products through lib/decoding/gemv.py's Triton kernel (CUDA)
     attention = True  # one-token steps' attention through lib/decoding/decode_attention.py's kernel (CUDA)
+    attention_width = 1  # the widest step (tokens per row) whose attention takes that kernel
     tune = False  # torch.compile's coordinate-descent tuning of its own kernels
+    pdl = True  # programmatic dependent launch where the GPU and Triton have it (lib/decoding/triton_launch.py)
+    combo = True  # inductor's combo kernels: independent small ops (q's and k's rotary) in one launch
 
 
-def set_options(gemv: bool, tune: bool, attention: bool = True):
+def set_options(gemv: bool, tune: bool, attention: bool = True, pdl: bool = True, combo: bool = True):
     """Choose the kernels and the tuning (benchmarks/gpu_step_profile.py); compiled steps are rebuilt."""
-    _Options.gemv, _Options.tune, _Options.attention = gemv, tune, attention
-    compiled_layer_forward.cache_clear()
+    _Options.gemv, _Options.tune, _Options.attention, _Options.pdl, _Options.combo = gemv, tune, attention, pdl, combo
+    compiled.cache_clear()
     torch._dynamo.reset()
 
 
 def project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     if _Options.gemv and gemv.supports(x, w):
-        return gemv.linear(x, w, b)
+        return gemv.linear(x, w, b, _Options.pdl)
     return F.linear(x, w, b)
 
 
-def layer_forward(x, w: LayerWeights, arch: Arch, k_cache, v_cache, cos, sin, cache_index, mask, positions):
-    """One decoder layer over x [B, n, H] at positions [B, n]; writes this step's keys/values into the cache
-    [B, Hkv, L, D] at cache_index (rows, heads, positions broadcast to [B, n, Hkv])."""
+def layer_forward(x, pending, w: LayerWeights, arch: Arch, k_cache, v_cache, cos, sin, cache_index, positions):
+    """One decoder layer over the residual stream x + pending [B, n, H] at positions [B, n]; writes this step's
+    keys/values into the cache [B, Hkv, L, D] at cache_index (rows, heads, positions broadcast to [B, n, Hkv]).
+    Returns (stream, the MLP's branch): the last add is left to the next layer (or `final_hidden`), where it fuses
+    with the norm that reads it instead of being a kernel of its own."""
+    x = x if pending is None else x + pending
     q, k, v = heads(project(pre_norm(x, w.attn_norm, arch), w.wqkv, w.bqkv), w, arch)
     q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     k_cache.index_put_(cache_index, k)  # an in-place scatter (index_copy_ made compile copy the whole cache)
     v_cache.index_put_(cache_index, v)
-    x = residual(x, project(attention(q, k_cache, v_cache, mask, positions, arch), w.wo, w.bo), w.attn_norm, arch)
+    x = x + branch(project(attention(q, k_cache, v_cache, positions, arch), w.wo, w.bo), w.attn_norm, arch)
     gate, up = project(pre_norm(x, w.mlp_norm, arch), w.w13, w.b13).chunk(2, -1)
-    return residual(x, project(arch.act(gate) * up, w.w2, w.b2), w.mlp_norm, arch)
+    return x, branch(project(arch.act(gate) * up, w.w2, w.b2), w.mlp_norm, arch)
+
+
+def step_inputs(tokens, lengths, embed, cos, sin, embed_scale: float):
+    """The embeddings [B, n, H], positions [B, n] and rotary rows [B, n, 1, D] of a step at each row's length."""
+    positions = lengths[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+    x = F.embedding(tokens, embed)
+    x = x * embed_scale if embed_scale != 1.0 else x
+    return x, positions, cos[positions][:, :, None], sin[positions][:, :, None]
+
+
+def final_hidden(x, pending, weight, arch: Arch):
+    """The last layer's residual add and the final norm."""
+    return norm(x + pending, weight, arch)
 
 
 @functools.cache
-def compiled_layer_forward():
-    """torch.compile of one layer: one compilation per step shape, shared by all layers."""
-    import torch._inductor.config as inductor_config
-    inductor_config.coordinate_descent_tuning = _Options.tune
+def compiled(fn: Callable) -> Callable:
+    """torch.compile of one of this module's step functions: one compilation per input shape (a layer's is
+    shared by all layers), under `inductor_settings`."""
     for name in ("recompile_limit", "cache_size_limit"):  # step widths x batch sizes x model shapes
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 256)
-    return torch.compile(layer_forward, dynamic=False, fullgraph=True)
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
+def inductor_settings(width: int):
+    """Inductor's settings while a step of this width compiles (they are read when a new shape compiles). PDL for
+    one-token steps only: on the H200 it made the 5-token verify step slower (docs/performance.md)."""
+    import torch._inductor.config as inductor_config
+    settings = {"coordinate_descent_tuning": _Options.tune, "combo_kernels": _Options.combo}
+    if hasattr(inductor_config.triton, "enable_pdl"):  # its kernels wait for their inputs and launch early
+        settings["triton.enable_pdl"] = _Options.pdl and width == 1
+    return inductor_config.patch(settings)
 
 
 class StaticDecoder:
@@ -362,35 +392,34 @@ class StaticDecoder:
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
-        self.columns = torch.arange(max_len, device=device)
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
         compile_layers = device.type == "cuda" if compile_layers is None else compile_layers
-        self.layer = compiled_layer_forward() if compile_layers else layer_forward
+        self.compile_layers = compile_layers
         self.heads = torch.arange(weights.arch.n_kv_heads, device=device)
         self.rows = torch.arange(batch, device=device)
         self.graphs: dict[int, tuple] = {}
 
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, layer_fn=None) -> torch.Tensor:
-        """Hidden states [B, n, H] after the final norm."""
-        layer_fn = layer_fn or self.layer
+    def _forward(self, tokens: torch.Tensor, lengths: torch.Tensor, compile_step: bool) -> torch.Tensor:
+        """Hidden states [B, n, H] after the final norm, for tokens at columns lengths[b] onwards."""
+        run = compiled if compile_step else (lambda fn: fn)
         w = self.w
-        x = F.embedding(tokens, w.embed)
-        if w.embed_scale != 1.0:
-            x = x * w.embed_scale
-        cos, sin = w.cos[positions][:, :, None], w.sin[positions][:, :, None]  # [B, n, 1, D]
-        mask = self.columns[None, None, :] <= positions[:, :, None]  # [B, n, L]
+        x, positions, cos, sin = run(step_inputs)(tokens, lengths, w.embed, w.cos, w.sin, w.embed_scale)
         cache_index = (self.rows[:, None, None], self.heads[None, None, :], positions[:, :, None])
+        pending = None
         for i, layer in enumerate(w.layers):
-            x = layer_fn(x, layer, w.arch, self.k_cache[i], self.v_cache[i], cos, sin, cache_index, mask, positions)
-        return norm(x, w.norm, w.arch)
+            x, pending = run(layer_forward)(x, pending, layer, w.arch, self.k_cache[i], self.v_cache[i], cos, sin,
+                                            cache_index, positions)
+        return run(final_hidden)(x, pending, w.norm, w.arch)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = project(hidden, self.w.lm_head, None)
         return logits / self.w.logits_scale if self.w.logits_scale != 1.0 else logits
 
     def _step_eager(self, tokens: torch.Tensor) -> torch.Tensor:
-        positions = self.lengths[:, None] + torch.arange(tokens.shape[1], device=self.device)
-        return self._logits(self._forward(tokens, positions))
+        if not self.compile_layers:
+            return self._logits(self._forward(tokens, self.lengths, compile_step=False))
+        with inductor_settings(tokens.shape[1]):
+            return self._logits(self._forward(tokens, self.lengths, compile_step=True))
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], pad_id: int = 0) -> torch.Tensor:
@@ -401,8 +430,7 @@ class StaticDecoder:
             tokens[row, :len(prompt)] = torch.tensor(prompt)
         tokens = tokens.to(self.device)
         lens = torch.tensor([len(p) for p in prompts], device=self.device)
-        positions = torch.arange(width, device=self.device).expand(self.batch, width)
-        hidden = self._forward(tokens, positions, layer_forward)[self.rows, lens - 1]
+        hidden = self._forward(tokens, torch.zeros_like(lens), compile_step=False)[self.rows, lens - 1]
         self.lengths.copy_(lens)
         return self._logits(hidden)
 

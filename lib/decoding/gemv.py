@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import torch
 
+from lib.decoding.triton_launch import launch_options
+
 
 class Blocks(NamedTuple):
     block_n: int
@@ -43,13 +45,17 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def gemv_one_row(x_ptr, w_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def gemv_one_row(x_ptr, w_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         n_mask = rn < N
         w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        w = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")  # K >= BLOCK_K
+        if PDL:  # x is the previous kernel's output, the weights are not; see triton_launch.py for the order
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        acc = w.to(tl.float32) * tl.load(x_ptr + rk).to(tl.float32)[None, :]
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             w = tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
             x = tl.load(x_ptr + k0 + rk)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
@@ -58,29 +64,30 @@ def _kernels():
     return triton, gemv_one_row
 
 
-def launch(x: torch.Tensor, w: torch.Tensor, blocks: Blocks | None = None) -> torch.Tensor:
-    """x [1, K], w [N, K] contiguous -> [1, N]."""
+def launch(x: torch.Tensor, w: torch.Tensor, blocks: Blocks | None = None, pdl: bool = False) -> torch.Tensor:
+    """x [1, K], w [N, K] contiguous -> [1, N]; pdl: a programmatic dependent launch where the GPU has it
+    (lib/decoding/triton_launch.py)."""
     triton, one_row = _kernels()
     x = x.contiguous()
     n, k = w.shape
     b = blocks or blocks_for(n, k)
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     one_row[(triton.cdiv(n, b.block_n),)](x, w, y, n, k, BLOCK_N=b.block_n, BLOCK_K=b.block_k, num_warps=b.warps,
-                                          num_stages=b.stages)
+                                          num_stages=b.stages, **launch_options(x.device, pdl))
     return y
 
 
 @torch.library.custom_op("speclab::gemv", mutates_args=())
-def _gemv_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return launch(x, w)
+def _gemv_op(x: torch.Tensor, w: torch.Tensor, pdl: bool) -> torch.Tensor:
+    return launch(x, w, pdl=pdl)
 
 
 @_gemv_op.register_fake
-def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _(x: torch.Tensor, w: torch.Tensor, pdl: bool) -> torch.Tensor:
     return x.new_empty(x.shape[0], w.shape[0])
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """F.linear through the Triton kernel (the caller checked `supports`)."""
-    y = _gemv_op(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
+    y = _gemv_op(x.reshape(-1, x.shape[-1]), w, pdl).view(*x.shape[:-1], w.shape[0])
     return y if b is None else y + b
