@@ -31,14 +31,18 @@ from lib.bandwidth import copy_bandwidth  # noqa: E402
 from lib.decoding import fast_path  # noqa: E402
 from lib.files import write_json  # noqa: E402
 
-OLD = {"pdl": False, "combo": False}
-VARIANTS = {"inductor": {"gemv": False, "tune": True, "attention": False, **OLD},  # torch.compile's own, tuned
-            "inductor-untuned": {"gemv": False, "tune": False, "attention": False, **OLD},
-            "gemv": {"gemv": True, "tune": True, "attention": False, **OLD},  # lib/decoding/gemv.py, batch 1
-            "gemv-untuned": {"gemv": True, "tune": False, "attention": False, **OLD},
-            "attention": {"gemv": True, "tune": False, "attention": True, **OLD},  # + decode_attention.py
-            "pdl": {"gemv": True, "tune": False, "attention": True, "pdl": True, "combo": False},  # + PDL
-            "pdl-combo": {"gemv": True, "tune": False, "attention": True, "pdl": True, "combo": True}}  # ships
+SHIPPED = fast_path.options()
+EARLIER = {**SHIPPED, "attention": False, "pdl": False, "combo": False, "rotary_in_attention": False}
+VARIANTS = {"inductor": {**EARLIER, "gemv": False, "tune": True},  # torch.compile's own kernels, tuned per process
+            "inductor-untuned": {**EARLIER, "gemv": False, "tune": False},
+            "gemv": {**EARLIER, "gemv": True, "tune": True},  # lib/decoding/gemv.py for batch-1 products
+            "gemv-untuned": {**EARLIER, "gemv": True, "tune": False},
+            "attention": {**EARLIER, "attention": True},  # + lib/decoding/decode_attention.py
+            "pdl": {**EARLIER, "attention": True, "pdl": True},  # + lib/decoding/triton_launch.py
+            "pdl-combo": {**EARLIER, "attention": True, "pdl": True, "combo": True},  # + inductor's combo kernels
+            "rotary": {**EARLIER, "attention": True, "pdl": True, "combo": True, "rotary_in_attention": True},
+            "verify-kernel": {**EARLIER, "attention": True, "pdl": True, "combo": True, "attention_width": 8},
+            "shipped": SHIPPED}
 GROUPS = (("gemv/gemm", ("gemv", "gemm", "cutlass", "xmma", "sm90", "splitk", "_gemv_kernel", "cublas")),
           ("attention", ("bmm", "softmax", "attention", "flash")),
           ("fused small ops (triton)", ("triton",)),)

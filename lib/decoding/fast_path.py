@@ -276,6 +276,19 @@ def attention(q, k_cache, v_cache, positions, arch: Arch):
     return out.view(batch, n_kv_heads, group, n, head_dim).permute(0, 3, 1, 2, 4).reshape(batch, n, n_heads * head_dim)
 
 
+def attend_step(q, k, v, cos, sin, k_cache, v_cache, cache_index, positions, arch: Arch):
+    """Rotary on q and k, this step's k and v into the cache, attention -> [B, n, Hq * D]. One-token steps whose
+    rotary spans the head take one kernel for all three on CUDA (`_Options.rotary_in_attention`)."""
+    if (_Options.rotary_in_attention and _Options.attention and q.shape[1] == 1 and cos.shape[-1] == q.shape[-1]
+            and decode_attention.supports(q, k_cache)):
+        return decode_attention.rotate_write_attend(q, k, v, cos, sin, k_cache, v_cache, positions, arch.scale,
+                                                    _Options.pdl)
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    k_cache.index_put_(cache_index, k)  # an in-place scatter (index_copy_ made compile copy the whole cache)
+    v_cache.index_put_(cache_index, v)
+    return attention(q, k_cache, v_cache, positions, arch)
+
+
 def heads(qkv: torch.Tensor, w: LayerWeights, arch: Arch):
     """q [B, n, Hq, D], k and v [B, n, Hkv, D] from the fused projection, q/k-normed as the family does."""
     q, k, v = qkv.split(arch.qkv_sizes(), -1)
@@ -304,15 +317,25 @@ class _Options:
     tuning of its own matrix-vector kernels picked differently per process (75-83 % of the floor)."""
     gemv = True  # batch-1 products through lib/decoding/gemv.py's Triton kernel (CUDA)
     attention = True  # one-token steps' attention through lib/decoding/decode_attention.py's kernel (CUDA)
-    attention_width = 1  # the widest step (tokens per row) whose attention takes that kernel
+    attention_width = 8  # the widest step (tokens per row) whose attention takes that kernel (verify steps too)
+    rotary_in_attention = True  # one-token steps: the rotary and the cache write inside that kernel too
     tune = False  # torch.compile's coordinate-descent tuning of its own kernels
     pdl = True  # programmatic dependent launch where the GPU and Triton have it (lib/decoding/triton_launch.py)
     combo = True  # inductor's combo kernels: independent small ops (q's and k's rotary) in one launch
 
 
-def set_options(gemv: bool, tune: bool, attention: bool = True, pdl: bool = True, combo: bool = True):
-    """Choose the kernels and the tuning (benchmarks/gpu_step_profile.py); compiled steps are rebuilt."""
-    _Options.gemv, _Options.tune, _Options.attention, _Options.pdl, _Options.combo = gemv, tune, attention, pdl, combo
+def options() -> dict:
+    """The current kernel choices (the names of `_Options`)."""
+    return {name: value for name, value in vars(_Options).items() if not name.startswith("_")}
+
+
+def set_options(**choices):
+    """Choose kernels and tuning by `_Options` name (benchmarks/gpu_step_profile.py); compiled steps are rebuilt."""
+    unknown = set(choices) - set(options())
+    if unknown:
+        raise TypeError(f"unknown fast-path options {sorted(unknown)}; known: {sorted(options())}")
+    for name, value in choices.items():
+        setattr(_Options, name, value)
     compiled.cache_clear()
     torch._dynamo.reset()
 
@@ -330,10 +353,8 @@ def layer_forward(x, pending, w: LayerWeights, arch: Arch, k_cache, v_cache, cos
     with the norm that reads it instead of being a kernel of its own."""
     x = x if pending is None else x + pending
     q, k, v = heads(project(pre_norm(x, w.attn_norm, arch), w.wqkv, w.bqkv), w, arch)
-    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-    k_cache.index_put_(cache_index, k)  # an in-place scatter (index_copy_ made compile copy the whole cache)
-    v_cache.index_put_(cache_index, v)
-    x = x + branch(project(attention(q, k_cache, v_cache, positions, arch), w.wo, w.bo), w.attn_norm, arch)
+    out = attend_step(q, k, v, cos, sin, k_cache, v_cache, cache_index, positions, arch)
+    x = x + branch(project(out, w.wo, w.bo), w.attn_norm, arch)
     gate, up = project(pre_norm(x, w.mlp_norm, arch), w.w13, w.b13).chunk(2, -1)
     return x, branch(project(arch.act(gate) * up, w.w2, w.b2), w.mlp_norm, arch)
 
