@@ -32,7 +32,7 @@ from lib.decoding import fast_path  # noqa: E402
 from lib.files import write_json  # noqa: E402
 
 SHIPPED = fast_path.options()
-EARLIER = {**SHIPPED, "attention": False, "pdl": False, "combo": False, "rotary_in_attention": False}
+EARLIER = {**SHIPPED, "attention": False, "attention_width": 1, "pdl": False, "combo": False}
 VARIANTS = {"inductor": {**EARLIER, "gemv": False, "tune": True},  # torch.compile's own kernels, tuned per process
             "inductor-untuned": {**EARLIER, "gemv": False, "tune": False},
             "gemv": {**EARLIER, "gemv": True, "tune": True},  # lib/decoding/gemv.py for batch-1 products
@@ -40,9 +40,7 @@ VARIANTS = {"inductor": {**EARLIER, "gemv": False, "tune": True},  # torch.compi
             "attention": {**EARLIER, "attention": True},  # + lib/decoding/decode_attention.py
             "pdl": {**EARLIER, "attention": True, "pdl": True},  # + lib/decoding/triton_launch.py
             "pdl-combo": {**EARLIER, "attention": True, "pdl": True, "combo": True},  # + inductor's combo kernels
-            "rotary": {**EARLIER, "attention": True, "pdl": True, "combo": True, "rotary_in_attention": True},
-            "verify-kernel": {**EARLIER, "attention": True, "pdl": True, "combo": True, "attention_width": 8},
-            "shipped": SHIPPED}
+            "shipped": SHIPPED}  # + the decode attention kernel for steps of up to 8 tokens (verify, draft)
 GROUPS = (("gemv/gemm", ("gemv", "gemm", "cutlass", "xmma", "sm90", "splitk", "_gemv_kernel", "cublas")),
           ("attention", ("bmm", "softmax", "attention", "flash")),
           ("fused small ops (triton)", ("triton",)),)

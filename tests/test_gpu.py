@@ -131,42 +131,15 @@ def test_batch_one_gemv_kernel_equals_a_float64_product(n, k, pdl):
 def test_decode_attention_kernel_equals_the_eager_one_in_float64(batch, n, pdl):
     """lib/decoding/decode_attention.py in bfloat16 on an 8B layer's shape (32 query heads, 8 kv heads, head_dim
     128, a 448-column cache), rows at different positions, against the eager attention it replaces run in float64;
-    the fast path sends the kernel steps of up to 8 tokens (one-token steps by default of `supports`)."""
+    the fast path sends it steps of up to 8 tokens (decode, draft and verify steps)."""
     from lib.decoding import decode_attention
     from lib.decoding.fast_path import Arch, attention
     q = torch.randn(batch, n, 32, 128, dtype=torch.bfloat16, device="cuda")
     k, v = (torch.randn(batch, 8, 448, 128, dtype=torch.bfloat16, device="cuda") for _ in range(2))
     positions = torch.randint(0, 448 - n, (batch, 1), device="cuda") + torch.arange(n, device="cuda")
-    assert decode_attention.supports(q, k) == (n == 1)
+    assert decode_attention.supports(q, k) == (n == 1) and decode_attention.supports(q, k, 8)
     out = decode_attention.launch(q, k, v, positions, 128 ** -0.5, pdl).flatten(2)
     arch = Arch(32, 8, 128, eps=1e-6, scale=128 ** -0.5, act=None)
     ref = attention(q.double(), k.double(), v.double(), positions, arch)  # float64: not the kernel's
     assert out.shape == ref.shape and torch.isfinite(out).all()
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
-
-
-@pytest.mark.parametrize("pdl", [False, True])
-@pytest.mark.parametrize("batch", [1, 4, 16])
-def test_rotary_and_cache_write_inside_the_attention_kernel(batch, pdl):
-    """The one-token kernel that also rotates q and k and writes k and v at each row's position (its threads then
-    read that column: the barrier is what this checks on a GPU), against fast_path.rotate, an index write and
-    fast_path.attention in float64, on an 8B layer's shape in bfloat16."""
-    from lib.decoding import decode_attention
-    from lib.decoding.fast_path import Arch, attention, rotate
-    qkv = torch.randn(batch, 1, 48 * 128, dtype=torch.bfloat16, device="cuda")  # q, k, v heads as the layer has them
-    q, k_new, v_new = (t.unflatten(-1, (-1, 128)) for t in qkv.split([32 * 128, 8 * 128, 8 * 128], -1))
-    angles = torch.rand(batch, 1, 1, 64, device="cuda") * 6
-    cos, sin = (torch.cat([f(angles)] * 2, -1).bfloat16() for f in (torch.cos, torch.sin))
-    caches = [torch.randn(batch, 8, 448, 128, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
-    positions = torch.randint(0, 448, (batch, 1), device="cuda")
-    mine = [c.clone() for c in caches]
-    out = decode_attention.rotate_write_attend(q, k_new, v_new, cos, sin, *mine, positions, 128 ** -0.5, pdl)
-    ref_caches = [c.double() for c in caches]
-    rows, heads = torch.arange(batch, device="cuda")[:, None, None], torch.arange(8, device="cuda")[None, None, :]
-    ref_caches[0][rows, heads, positions[:, :, None]] = rotate(k_new.double(), cos.double(), sin.double())
-    ref_caches[1][rows, heads, positions[:, :, None]] = v_new.double()
-    arch = Arch(32, 8, 128, eps=1e-6, scale=128 ** -0.5, act=None)
-    ref = attention(rotate(q.double(), cos.double(), sin.double()), *ref_caches, positions, arch)
-    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
-    assert rel(out, ref) < 1e-2
-    assert rel(mine[0], ref_caches[0]) < 1e-2 and torch.equal(mine[1].double(), ref_caches[1])

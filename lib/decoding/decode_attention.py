@@ -1,12 +1,14 @@
-"""A Triton decode attention for the fast path's one-token steps on CUDA: one kernel reads one layer's cache once.
+"""A Triton decode attention for the fast path's decode, draft and verify steps on CUDA: one kernel reads one layer's
+cache once.
 
 The eager attention of lib/decoding/fast_path.py is two batched products and a softmax: three kernels, and the
 scores go through memory between them. At decode widths that is latency, not bytes. Here one program owns one
 (row, kv head): it loads the query heads of that kv head once (they share its keys: GQA of any ratio), walks the
 cache in BLOCK_L-column tiles with an online softmax in float32, and reads only the columns some query may see (up
 to the row's last position). Measured on an H200 (docs/performance.md): attention per 8B step 231 -> 178 µs at
-batch 1, 443 -> 229 µs at batch 16. Splitting a head's columns over several programs (flash-decoding) was slower: the
-merge kernel cost more than the idle SMs.
+batch 1, 443 -> 229 µs at batch 16; a 5-token verify step 4.79 -> 4.68 ms. Splitting a head's columns over several
+programs (flash-decoding) was slower: the merge kernel cost more than the idle SMs. So was doing the step's rotary
+and cache write inside it (8 programs at batch 1 then carry that work serially: 85.0 -> 82.1 % of the floor).
 """
 from __future__ import annotations
 
@@ -35,10 +37,9 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def decode_attention(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, kn_ptr, vn_ptr, cos_ptr, sin_ptr, scale, L,
-                         sq_b, sq_t, sq_h, sk_b, sk_h, so_b, so_t, so_h, skn_b, svn_b, scos_b, ssin_b,
-                         HKV: tl.constexpr, GROUP: tl.constexpr, N_Q: tl.constexpr, D: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, NEW_TOKEN: tl.constexpr, PDL: tl.constexpr):
+    def decode_attention(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, scale, L, sq_b, sq_t, sq_h, sk_b, sk_h,
+                         so_b, so_t, so_h, HKV: tl.constexpr, GROUP: tl.constexpr, N_Q: tl.constexpr,
+                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, PDL: tl.constexpr):
         if PDL:  # everything it reads comes from the kernels before it; see triton_launch.py for the order
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -53,20 +54,6 @@ def _kernel():
         hi = tl.minimum(L, tl.max(pos) + 1)  # columns past every query's position are not read
         k_base = k_ptr + b * sk_b + h * sk_h
         v_base = v_ptr + b * sk_b + h * sk_h
-        if NEW_TOKEN:  # one token per row, q and its key not yet rotated: rotate both, write key and value
-            d_rot = (d + D // 2) % D  # rotate_half: [-x2, x1]
-            sign = tl.where(d < D // 2, -1.0, 1.0)
-            cos = tl.load(cos_ptr + b * scos_b + d).to(tl.float32)
-            sin = tl.load(sin_ptr + b * ssin_b + d).to(tl.float32) * sign
-            q_half = tl.load(q_ptr + b * sq_b + (h * GROUP + g)[:, None] * sq_h + d_rot[None, :],
-                             mask=row_ok[:, None], other=0.0)
-            q = (q.to(tl.float32) * cos[None, :] + q_half.to(tl.float32) * sin[None, :]).to(q.dtype)
-            k_new = tl.load(kn_ptr + b * skn_b + h * D + d).to(tl.float32)
-            k_half = tl.load(kn_ptr + b * skn_b + h * D + d_rot).to(tl.float32)
-            column = tl.load(pos_ptr + b)
-            tl.store(k_base + column * D + d, (k_new * cos + k_half * sin).to(k_ptr.dtype.element_ty))
-            tl.store(v_base + column * D + d, tl.load(vn_ptr + b * svn_b + h * D + d))
-            tl.debug_barrier()  # the block's threads read that column below
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -91,26 +78,20 @@ def _kernel():
 
 
 def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-           scale: float, pdl: bool = False, new: tuple | None = None) -> torch.Tensor:
+           scale: float, pdl: bool = False) -> torch.Tensor:
     """q [B, n, Hq, D], caches [B, Hkv, L, D], positions [B, n] (query t of row b sees the columns <=
     positions[b, t]) -> [B, n, Hq, D]. Any n whose G * n query rows fit a tile; the fast path sends n = 1.
-    new: (k, v, cos, sin) of a one-token step whose q and k are not rotated yet (k, v [B, 1, Hkv, D], cos and
-    sin [B, 1, 1, D]): the kernel rotates q and k and writes k and v into the caches at positions first.
     pdl: a programmatic dependent launch where the GPU has it (lib/decoding/triton_launch.py)."""
     triton, kernel = _kernel()
     batch, n, n_heads, head_dim = q.shape
     n_kv = k_cache.shape[1]
     group = n_heads // n_kv
     out = torch.empty_like(q)
-    k_new, v_new, cos, sin = new if new is not None else (q, q, q, q)  # (unused pointers without `new`)
-    assert new is None or (n == 1 and k_new.stride(2) == v_new.stride(2) == head_dim and k_new.stride(3) == 1
-                           and v_new.stride(3) == 1 and cos.stride(-1) == sin.stride(-1) == 1)
-    kernel[(batch * n_kv,)](q, k_cache, v_cache, positions.contiguous(), out, k_new, v_new, cos, sin, scale,
-                            k_cache.shape[2], *q.stride()[:3], k_cache.stride(0), k_cache.stride(1),
-                            *out.stride()[:3], k_new.stride(0), v_new.stride(0), cos.stride(0), sin.stride(0),
+    kernel[(batch * n_kv,)](q, k_cache, v_cache, positions.contiguous(), out, scale, k_cache.shape[2],
+                            *q.stride()[:3], k_cache.stride(0), k_cache.stride(1), *out.stride()[:3],
                             HKV=n_kv, GROUP=group, N_Q=n, D=head_dim,
                             BLOCK_M=max(16, triton.next_power_of_2(group * n)), BLOCK_L=BLOCK_L,
-                            NEW_TOKEN=new is not None, num_warps=4, num_stages=2, **launch_options(q.device, pdl))
+                            num_warps=4, num_stages=2, **launch_options(q.device, pdl))
     return out
 
 
@@ -125,25 +106,7 @@ def _(q, k_cache, v_cache, positions, scale, pdl):
     return torch.empty_like(q)
 
 
-@torch.library.custom_op("speclab::decode_attention_new_token", mutates_args=("k_cache", "v_cache"))
-def _new_token_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor, scale: float,
-                  pdl: bool) -> torch.Tensor:
-    return launch(q, k_cache, v_cache, positions, scale, pdl, (k, v, cos, sin))
-
-
-@_new_token_op.register_fake
-def _(q, k, v, cos, sin, k_cache, v_cache, positions, scale, pdl):
-    return torch.empty_like(q)
-
-
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
            scale: float, pdl: bool = False) -> torch.Tensor:
     """The fast path's attention through the kernel (the caller checked `supports`) -> [B, n, Hq * D]."""
     return _attention_op(q, k_cache, v_cache, positions, scale, pdl).flatten(2)
-
-
-def rotate_write_attend(q, k, v, cos, sin, k_cache, v_cache, positions, scale: float, pdl: bool = False):
-    """A one-token step's rotary, cache write and attention in one kernel (the caller checked `supports` and that
-    the rotary spans the whole head) -> [B, 1, Hq * D]."""
-    return _new_token_op(q, k, v, cos, sin, k_cache, v_cache, positions, scale, pdl).flatten(2)

@@ -257,7 +257,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def attention(q, k_cache, v_cache, positions, arch: Arch):
     """q [B, n, Hq, D] against one layer's cache [B, Hkv, L, D]: query t of row b sees the columns <=
-    positions[b, t]. One-token 16-bit steps on CUDA take lib/decoding/decode_attention.py's kernel. Otherwise the
+    positions[b, t]. 16-bit steps of up to `_Options.attention_width` tokens on CUDA take
+    lib/decoding/decode_attention.py's kernel. Otherwise the
     query heads of a kv head are folded into the query length (q [B, Hkv, g * n, D]), so both products are plain
     batched matmuls over the cache as it lies (no copy of it per query head or per step); softmax in float32 as
     transformers' eager attention does. (The mask is built here, so that compiled it fuses into the softmax.)"""
@@ -274,19 +275,6 @@ def attention(q, k_cache, v_cache, positions, arch: Arch):
     probs = torch.softmax(scores.float().masked_fill(~mask, float("-inf")), -1).to(q.dtype)
     out = torch.matmul(probs, v_cache)  # [B, Hkv, g * n, D]
     return out.view(batch, n_kv_heads, group, n, head_dim).permute(0, 3, 1, 2, 4).reshape(batch, n, n_heads * head_dim)
-
-
-def attend_step(q, k, v, cos, sin, k_cache, v_cache, cache_index, positions, arch: Arch):
-    """Rotary on q and k, this step's k and v into the cache, attention -> [B, n, Hq * D]. One-token steps whose
-    rotary spans the head take one kernel for all three on CUDA (`_Options.rotary_in_attention`)."""
-    if (_Options.rotary_in_attention and _Options.attention and q.shape[1] == 1 and cos.shape[-1] == q.shape[-1]
-            and decode_attention.supports(q, k_cache)):
-        return decode_attention.rotate_write_attend(q, k, v, cos, sin, k_cache, v_cache, positions, arch.scale,
-                                                    _Options.pdl)
-    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-    k_cache.index_put_(cache_index, k)  # an in-place scatter (index_copy_ made compile copy the whole cache)
-    v_cache.index_put_(cache_index, v)
-    return attention(q, k_cache, v_cache, positions, arch)
 
 
 def heads(qkv: torch.Tensor, w: LayerWeights, arch: Arch):
@@ -316,9 +304,8 @@ class _Options:
     and untuned inductor kernels around them give the same kernels in every process; inductor's coordinate-descent
     tuning of its own matrix-vector kernels picked differently per process (75-83 % of the floor)."""
     gemv = True  # batch-1 products through lib/decoding/gemv.py's Triton kernel (CUDA)
-    attention = True  # one-token steps' attention through lib/decoding/decode_attention.py's kernel (CUDA)
-    attention_width = 8  # the widest step (tokens per row) whose attention takes that kernel (verify steps too)
-    rotary_in_attention = True  # one-token steps: the rotary and the cache write inside that kernel too
+    attention = True  # decode, draft and verify steps' attention through lib/decoding/decode_attention.py (CUDA)
+    attention_width = 8  # the widest step (tokens per row) that takes it
     tune = False  # torch.compile's coordinate-descent tuning of its own kernels
     pdl = True  # programmatic dependent launch where the GPU and Triton have it (lib/decoding/triton_launch.py)
     combo = True  # inductor's combo kernels: independent small ops (q's and k's rotary) in one launch
@@ -353,8 +340,10 @@ def layer_forward(x, pending, w: LayerWeights, arch: Arch, k_cache, v_cache, cos
     with the norm that reads it instead of being a kernel of its own."""
     x = x if pending is None else x + pending
     q, k, v = heads(project(pre_norm(x, w.attn_norm, arch), w.wqkv, w.bqkv), w, arch)
-    out = attend_step(q, k, v, cos, sin, k_cache, v_cache, cache_index, positions, arch)
-    x = x + branch(project(out, w.wo, w.bo), w.attn_norm, arch)
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    k_cache.index_put_(cache_index, k)  # an in-place scatter (index_copy_ made compile copy the whole cache)
+    v_cache.index_put_(cache_index, v)
+    x = x + branch(project(attention(q, k_cache, v_cache, positions, arch), w.wo, w.bo), w.attn_norm, arch)
     gate, up = project(pre_norm(x, w.mlp_norm, arch), w.w13, w.b13).chunk(2, -1)
     return x, branch(project(arch.act(gate) * up, w.w2, w.b2), w.mlp_norm, arch)
 
@@ -397,9 +386,10 @@ class StaticDecoder:
 
     `step(tokens)` feeds tokens [B, n] at each row's `lengths` and returns logits [B, n, V] without committing
     them; the caller moves `lengths` (a device tensor, changed in place, so graphs see it). On CUDA each step
-    width is captured once as a CUDA graph, (compile_layers, default on CUDA) each layer's small ops are fused by
-    torch.compile first, batch-1 products run lib/decoding/gemv.py's kernel (`project`) and one-token steps'
-    attention lib/decoding/decode_attention.py's (`attention`). On CPU the same code
+    width is captured once as a CUDA graph, (compile_layers, default on CUDA) each layer's small ops, the step's
+    inputs and its final norm are fused by torch.compile first, batch-1 products run lib/decoding/gemv.py's kernel
+    (`project`), steps of up to 8 tokens lib/decoding/decode_attention.py's attention (`attention`), and one-token
+    steps launch their kernels with PDL (`inductor_settings`, lib/decoding/triton_launch.py). On CPU the same code
     runs eagerly. The cache is rounded up to CACHE_ALIGN columns.
     """
 
