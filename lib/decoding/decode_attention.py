@@ -80,7 +80,7 @@ def _kernel():
 def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
            scale: float, pdl: bool = False) -> torch.Tensor:
     """q [B, n, Hq, D], caches [B, Hkv, L, D], positions [B, n] (query t of row b sees the columns <=
-    positions[b, t]) -> [B, n, Hq, D]. Any n whose G * n query rows fit a tile; the fast path sends n = 1.
+    positions[b, t]) -> [B, n, Hq, D]. Any n whose G * n query rows fit a tile; the fast path sends up to 8.
     pdl: a programmatic dependent launch where the GPU has it (lib/decoding/triton_launch.py)."""
     triton, kernel = _kernel()
     batch, n, n_heads, head_dim = q.shape

@@ -258,10 +258,10 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 def attention(q, k_cache, v_cache, positions, arch: Arch):
     """q [B, n, Hq, D] against one layer's cache [B, Hkv, L, D]: query t of row b sees the columns <=
     positions[b, t]. 16-bit steps of up to `_Options.attention_width` tokens on CUDA take
-    lib/decoding/decode_attention.py's kernel. Otherwise the
-    query heads of a kv head are folded into the query length (q [B, Hkv, g * n, D]), so both products are plain
-    batched matmuls over the cache as it lies (no copy of it per query head or per step); softmax in float32 as
-    transformers' eager attention does. (The mask is built here, so that compiled it fuses into the softmax.)"""
+    lib/decoding/decode_attention.py's kernel. Otherwise the query heads of a kv head are folded into the query
+    length (q [B, Hkv, g * n, D]), so both products are plain batched matmuls over the cache as it lies (no copy of
+    it per query head or per step); softmax in float32 as transformers' eager attention does. (The mask is built
+    here, so that compiled it fuses into the softmax.)"""
     if _Options.attention and decode_attention.supports(q, k_cache, _Options.attention_width):
         return decode_attention.attend(q, k_cache, v_cache, positions, arch.scale, _Options.pdl)
     batch, n, n_heads, head_dim = q.shape
