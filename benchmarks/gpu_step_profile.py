@@ -32,7 +32,8 @@ from lib.decoding import fast_path  # noqa: E402
 from lib.files import write_json  # noqa: E402
 
 SHIPPED = fast_path.options()
-EARLIER = {**SHIPPED, "attention": False, "attention_width": 1, "pdl": False, "combo": False}
+EARLIER = {**SHIPPED, "attention": False, "attention_width": 1, "pdl": False, "combo": False,
+           "pick_in_graph": False}
 VARIANTS = {"inductor": {**EARLIER, "gemv": False, "tune": True},  # torch.compile's own kernels, tuned per process
             "inductor-untuned": {**EARLIER, "gemv": False, "tune": False},
             "gemv": {**EARLIER, "gemv": True, "tune": True},  # lib/decoding/gemv.py for batch-1 products
@@ -40,7 +41,8 @@ VARIANTS = {"inductor": {**EARLIER, "gemv": False, "tune": True},  # torch.compi
             "attention": {**EARLIER, "attention": True},  # + lib/decoding/decode_attention.py
             "pdl": {**EARLIER, "attention": True, "pdl": True},  # + lib/decoding/triton_launch.py
             "pdl-combo": {**EARLIER, "attention": True, "pdl": True, "combo": True},  # + inductor's combo kernels
-            "shipped": SHIPPED}  # + the decode attention kernel for steps of up to 8 tokens (verify, draft)
+            "pick-on-host": {**SHIPPED, "pick_in_graph": False},  # + attention for steps up to 8 tokens
+            "shipped": SHIPPED}  # + greedy AR's argmax and top2 inside the step's graph
 GROUPS = (("gemv/gemm", ("gemv", "gemm", "cutlass", "xmma", "sm90", "splitk", "_gemv_kernel", "cublas")),
           ("attention", ("bmm", "softmax", "attention", "flash")),
           ("fused small ops (triton)", ("triton",)),)

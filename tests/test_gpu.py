@@ -13,6 +13,7 @@ from lib.decoding.fast_path import (
     static_speculative_generate,
     weights_from_hf,
 )
+from lib.decoding.gemv import MEASURED
 from lib.models import load_model, load_tokenizer
 
 pytestmark = [pytest.mark.gpu,
@@ -51,12 +52,15 @@ def test_cuda_graphs_and_compile_give_the_plain_path_tokens(cuda_pair, prompts, 
     assert static_autoregressive_generate(eager, batch, NEW).tokens == plain
 
 
+@pytest.mark.parametrize("option", ["pdl", "pick_in_graph"])
 @pytest.mark.parametrize("rows", [1, 2])
-def test_programmatic_dependent_launch_changes_no_token(tiny_models, shipped_prompts, rows):
+def test_launch_choices_change_no_token(tiny_models, shipped_prompts, rows, option):
     """In bfloat16 the batch-1 steps run lib/decoding/gemv.py's and decode_attention.py's kernels; launched with
     PDL (where the GPU has it) each kernel starts before the one it reads has finished and waits for it inside.
-    A missing wait would read stale values: the greedy tokens, AR and SD, must equal those of plain launches
-    bit for bit (same kernels, only the launches differ)."""
+    A missing wait would read stale values. With the greedy pick inside the step's graph, the token that the
+    next step reads is the graph's own output, overwritten by every replay: a copy queued in the wrong order
+    would feed or report another step's token. Either way the greedy tokens, AR and SD, must equal those of
+    the choice switched off bit for bit (same kernels, only launches and their order differ)."""
     from lib.decoding import fast_path
     model = load_model(tiny_models.target, "bfloat16", "cuda")
     tokenizer = load_tokenizer(tiny_models.target)
@@ -65,12 +69,12 @@ def test_programmatic_dependent_launch_changes_no_token(tiny_models, shipped_pro
     weights = weights_from_hf(model, max_len)
     shipped, tokens = fast_path.options(), {}
     try:
-        for pdl in (False, True):
-            fast_path.set_options(pdl=pdl)
+        for on in (False, True):
+            fast_path.set_options(**{option: on})
             ar = static_autoregressive_generate(StaticDecoder(weights, rows, max_len), batch, 3 * NEW).tokens
             sd = static_speculative_generate(StaticDecoder(weights, rows, max_len),
                                              StaticDecoder(weights.first_layers(2), rows, max_len), batch, 3 * NEW, 3)
-            tokens[pdl] = (ar, sd.tokens)
+            tokens[on] = (ar, sd.tokens)
     finally:
         fast_path.set_options(**shipped)
     assert tokens[True] == tokens[False]
@@ -112,10 +116,12 @@ def test_separate_placement_puts_target_and_draft_on_two_gpus_and_stays_lossless
 
 
 @pytest.mark.parametrize("pdl", [False, True])
-@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (1000, 512), (37888, 3584), (896, 896), (64, 64)])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (1000, 512), (37888, 3584), (896, 896), (64, 64),
+                                 *MEASURED])
 def test_batch_one_gemv_kernel_equals_a_float64_product(n, k, pdl):
     """lib/decoding/gemv.py against a float64 reference on fresh random data (a ragged N, a K that is not a
-    multiple of 256 and a K of one chunk included), launched plainly and with PDL where the GPU has it."""
+    multiple of 256, a K of one chunk and the blocks of `MEASURED` included), launched plainly and with PDL where
+    the GPU has it."""
     from lib.decoding import gemv
     w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
     x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")

@@ -57,8 +57,10 @@ def interpreted(script: str, cases: list) -> list[dict]:
 
 def test_product_equals_a_float64_one():
     """A ragged N (the last program's rows masked), several K chunks, the block that blocks_for picks for a K
-    of 3 chunks of 64, and a K of one chunk (the first chunk is loaded before the loop)."""
-    cases = [(40, 128, (4, 64, 4, 1)), (37, 256, (8, 128, 4, 1)), (24, 192, None), (16, 64, None)]
+    of 3 chunks of 64, a K of one chunk (the first chunk is loaded before the loop), and one of `MEASURED`'s
+    blocks (a K of 2048 per chunk)."""
+    cases = [(40, 128, (4, 64, 4, 1)), (37, 256, (8, 128, 4, 1)), (24, 192, None), (16, 64, None),
+             (6, 4096, tuple(gemv.MEASURED[(2048, 8192)]))]
     for (n, _, _), result in zip(cases, interpreted(PRODUCTS, cases)):
         assert result["shape"] == [1, n]
         assert result["rel_err"] < 2e-3, result
@@ -82,3 +84,4 @@ def test_cpu_tensors_keep_the_eager_ops_and_blocks_divide_k():
     assert not decode_attention.supports(torch.zeros(1, 1, 8, 64, dtype=torch.float16), cache)
     assert gemv.blocks_for(6144, 4096) == gemv.Blocks(8, 512, 4, 3)
     assert gemv.blocks_for(896, 896).block_k == 128 and gemv.blocks_for(64, 192).block_k == 64
+    assert all(k % blocks.block_k == 0 for (_, k), blocks in gemv.MEASURED.items())

@@ -309,6 +309,7 @@ class _Options:
     tune = False  # torch.compile's coordinate-descent tuning of its own kernels
     pdl = True  # programmatic dependent launch where the GPU and Triton have it (lib/decoding/triton_launch.py)
     combo = True  # inductor's combo kernels: independent small ops (q's and k's rotary) in one launch
+    pick_in_graph = True  # greedy AR: the argmax and top2 of each step run inside its CUDA graph
 
 
 def options() -> dict:
@@ -408,7 +409,7 @@ class StaticDecoder:
         self.compile_layers = compile_layers
         self.heads = torch.arange(weights.arch.n_kv_heads, device=device)
         self.rows = torch.arange(batch, device=device)
-        self.graphs: dict[int, tuple] = {}
+        self.graphs: dict[tuple, tuple] = {}  # (width, then) -> (graph, its tokens, its outputs)
 
     def _forward(self, tokens: torch.Tensor, lengths: torch.Tensor, compile_step: bool) -> torch.Tensor:
         """Hidden states [B, n, H] after the final norm, for tokens at columns lengths[b] onwards."""
@@ -446,33 +447,38 @@ class StaticDecoder:
         return self._logits(hidden)
 
     @torch.inference_mode()
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, then: Callable | None = None):
+        """Logits [B, n, V] of tokens [B, n], or then(logits) where `then` is given: it runs inside the step's
+        CUDA graph (AR's greedy pick), so its outputs, like the logits, are overwritten by the next replay."""
         if not self.use_graphs:
-            return self._step_eager(tokens)
-        n = tokens.shape[1]
+            logits = self._step_eager(tokens)
+            return logits if then is None else then(logits)
+        key = (tokens.shape[1], then)
         with torch.cuda.device(self.device):
-            if n not in self.graphs:
-                self.graphs[n] = self._capture(n)
-            graph, static_tokens, static_logits = self.graphs[n]
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(*key)
+            graph, static_tokens, outputs = self.graphs[key]
             static_tokens.copy_(tokens)
             graph.replay()
-        return static_logits
+        return outputs
 
-    def _capture(self, n: int):
+    def _capture(self, n: int, then: Callable | None):
         """Capture one step of width n (warm-up runs write only uncommitted columns, which is harmless)."""
         static_tokens = torch.zeros(self.batch, n, dtype=torch.long, device=self.device)
+        run = (lambda: self._step_eager(static_tokens)) if then is None else (
+            lambda: then(self._step_eager(static_tokens)))
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._step_eager(static_tokens)
+                run()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         # capture on a stream of this decoder's GPU: torch.cuda.graph's default capture stream is made once per
         # process, on whichever GPU was current then (a draft on its own GPU would capture nothing)
         with torch.cuda.graph(graph, stream=stream):
-            static_logits = self._step_eager(static_tokens)
-        return graph, static_tokens, static_logits
+            outputs = run()
+        return graph, static_tokens, outputs
 
 
 def max_len_for(prompts: list[list[int]], max_new: int, gamma: int = 0) -> int:
@@ -505,25 +511,41 @@ class _HostReader:
             self.active.copy_(torch.tensor([0 if reason else 1 for reason in self.rows.reasons]))
 
 
+def greedy_pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The greedy token [B] and chain.top2 [B, 2] of the last position of logits [B, n, V]."""
+    last = logits[:, -1]
+    return last.argmax(-1), top2(last)
+
+
 @torch.inference_mode()
 def static_autoregressive_generate(target: StaticDecoder, prompts: list[list[int]], max_new: int,
                                    temperature: float = 0.0, eos_ids=frozenset(), pad_id: int = 0,
                                    generator=None) -> Generation:
     """AR decoding on a StaticDecoder. The next step is queued before the host reads the current tokens (a
     copy to pinned memory and an event), so the GPU never waits for Python; token times are when the host has
-    them. A row that finishes moves its cache one step more than needed (max_len_for leaves room)."""
-    logits = target.prefill(prompts, pad_id)
+    them. Greedy steps pick their token inside the step's graph (`greedy_pick`), so between two replays the
+    GPU runs only the token copy, the length update and the reads. A row that finishes moves its cache one step
+    more than needed (max_len_for leaves room)."""
+    def pick(logits):
+        if temperature > 0:
+            return sample(probabilities(logits[:, -1].float(), temperature), generator), top2(logits[:, -1])
+        return greedy_pick(logits)
+
+    def next_pick(token):
+        if temperature <= 0 and _Options.pick_in_graph:
+            return target.step(token[:, None], then=greedy_pick)
+        return pick(target.step(token[:, None]))
+
+    token, tops = pick(target.prefill(prompts, pad_id)[:, None])
     host = _HostReader(len(prompts), max_new, eos_ids, target.device)
     pinned = torch.empty(len(prompts), dtype=torch.long, pin_memory=target.device.type == "cuda")
     pinned_tops = torch.empty(len(prompts), 2, pin_memory=target.device.type == "cuda")  # chain.top2, same event
     while True:
-        token = logits.argmax(-1) if temperature <= 0 else sample(probabilities(logits.float(), temperature),
-                                                                   generator)
         pinned.copy_(token, non_blocking=True)
-        pinned_tops.copy_(top2(logits), non_blocking=True)
+        pinned_tops.copy_(tops, non_blocking=True)
         ready = _record_event(target.device)
         if not all(len(t) + 1 >= max_new for t in host.rows.tokens):
-            logits = target.step(token[:, None])[:, -1]
+            token, tops = next_pick(token)
             target.lengths.add_(host.active)
         if ready is not None:
             ready.synchronize()
