@@ -33,7 +33,7 @@ from lib.files import write_json  # noqa: E402
 
 SHIPPED = fast_path.options()
 EARLIER = {**SHIPPED, "attention": False, "attention_width": 1, "pdl": False, "combo": False,
-           "pick_in_graph": False}
+           "pick_in_graph": False, "attention_splits": 1}
 VARIANTS = {"inductor": {**EARLIER, "gemv": False, "tune": True},  # torch.compile's own kernels, tuned per process
             "inductor-untuned": {**EARLIER, "gemv": False, "tune": False},
             "gemv": {**EARLIER, "gemv": True, "tune": True},  # lib/decoding/gemv.py for batch-1 products
@@ -41,8 +41,9 @@ VARIANTS = {"inductor": {**EARLIER, "gemv": False, "tune": True},  # torch.compi
             "attention": {**EARLIER, "attention": True},  # + lib/decoding/decode_attention.py
             "pdl": {**EARLIER, "attention": True, "pdl": True},  # + lib/decoding/triton_launch.py
             "pdl-combo": {**EARLIER, "attention": True, "pdl": True, "combo": True},  # + inductor's combo kernels
-            "pick-on-host": {**SHIPPED, "pick_in_graph": False},  # + attention for steps up to 8 tokens
-            "shipped": SHIPPED}  # + greedy AR's argmax and top2 inside the step's graph
+            "pick-on-host": {**SHIPPED, "pick_in_graph": False, "attention_splits": 1},  # + attention up to 8 tokens
+            "one-split": {**SHIPPED, "attention_splits": 1},  # + greedy AR's argmax and top2 inside the step's graph
+            "shipped": SHIPPED}  # + the attention's columns split over 4 programs at small batches
 GROUPS = (("gemv/gemm", ("gemv", "gemm", "cutlass", "xmma", "sm90", "splitk", "_gemv_kernel", "cublas")),
           ("attention", ("bmm", "softmax", "attention", "flash")),
           ("fused small ops (triton)", ("triton",)),)

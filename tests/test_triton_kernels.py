@@ -38,6 +38,7 @@ for batch, n, n_heads, n_kv, head_dim, length in json.loads(sys.argv[1]):
     k, v = (torch.randn(batch, n_kv, length, head_dim, dtype=torch.float16) for _ in range(2))
     first = torch.randint(0, length - n, (batch, 1))
     first[0] = 0  # a row whose first query sees one column only
+    first[-1] = length - n if batch > 1 else 0  # and one whose last query sees the whole cache
     positions = first + torch.arange(n)
     y = decode_attention.launch(q, k, v, positions, head_dim ** -0.5).flatten(2)
     # the eager attention the kernel replaces, in float64
@@ -69,8 +70,11 @@ def test_product_equals_a_float64_one():
 def test_attention_equals_the_eager_one_in_float64():
     """Against lib/decoding/fast_path.py's eager attention: GQA ratios 4, 2 and 1, one token and several (each
     query row masked at its own position), rows at different positions, a cache length that is not a multiple of
-    the tile."""
-    cases = [(1, 1, 8, 2, 64, 192), (2, 5, 8, 4, 32, 256), (3, 2, 6, 3, 16, 100), (2, 1, 4, 4, 64, 320)]
+    the tile. Under 64 (row, kv head) pairs each pair's columns are split over 4 programs, the last of which
+    merges (splits left without a column, and a row whose columns fill all four); the last case has 64 pairs
+    and one program each."""
+    cases = [(1, 1, 8, 2, 64, 192), (2, 5, 8, 4, 32, 256), (3, 2, 6, 3, 16, 100), (2, 1, 4, 4, 64, 320),
+             (2, 1, 8, 2, 64, 512), (16, 1, 8, 4, 16, 100)]
     for (batch, n, n_heads, _, head_dim, _), result in zip(cases, interpreted(ATTENTION, cases)):
         assert result["shape"] == [batch, n, n_heads * head_dim]
         assert result["rel_err"] < 2e-3, result

@@ -263,7 +263,8 @@ def attention(q, k_cache, v_cache, positions, arch: Arch):
     it per query head or per step); softmax in float32 as transformers' eager attention does. (The mask is built
     here, so that compiled it fuses into the softmax.)"""
     if _Options.attention and decode_attention.supports(q, k_cache, _Options.attention_width):
-        return decode_attention.attend(q, k_cache, v_cache, positions, arch.scale, _Options.pdl)
+        return decode_attention.attend(q, k_cache, v_cache, positions, arch.scale, _Options.pdl,
+                                       _Options.attention_splits)
     batch, n, n_heads, head_dim = q.shape
     n_kv_heads = arch.n_kv_heads
     group, length = n_heads // n_kv_heads, k_cache.shape[2]
@@ -306,6 +307,7 @@ class _Options:
     gemv = True  # batch-1 products through lib/decoding/gemv.py's Triton kernel (CUDA)
     attention = True  # decode, draft and verify steps' attention through lib/decoding/decode_attention.py (CUDA)
     attention_width = 8  # the widest step (tokens per row) that takes it
+    attention_splits = 4  # its programs per (row, kv head) at small batches (decode_attention.SPLIT_BELOW)
     tune = False  # torch.compile's coordinate-descent tuning of its own kernels
     pdl = True  # programmatic dependent launch where the GPU and Triton have it (lib/decoding/triton_launch.py)
     combo = True  # inductor's combo kernels: independent small ops (q's and k's rotary) in one launch
