@@ -116,8 +116,9 @@ def _kernel():
 
 @functools.cache
 def _counts(device: torch.device) -> torch.Tensor:
-    """Per (row, kv head) counts of finished splits, zero between launches (the merging split resets its own).
-    One buffer per GPU: the fast path's steps run one after another on one stream, so no two launches share it."""
+    """Per (row, kv head) counts of finished splits (only launches of under SPLIT_BELOW pairs split), zero between
+    launches (the merging split resets its own). One buffer per GPU: the fast path's steps run one after another
+    on one stream, so no two launches use it at once."""
     return torch.zeros(SPLIT_BELOW, dtype=torch.int32, device=device)
 
 

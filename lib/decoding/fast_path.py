@@ -307,7 +307,7 @@ class _Options:
     gemv = True  # batch-1 products through lib/decoding/gemv.py's Triton kernel (CUDA)
     attention = True  # decode, draft and verify steps' attention through lib/decoding/decode_attention.py (CUDA)
     attention_width = 8  # the widest step (tokens per row) that takes it
-    attention_splits = 4  # its programs per (row, kv head) at small batches (decode_attention.SPLIT_BELOW)
+    attention_splits = decode_attention.SPLITS  # its programs per (row, kv head) under decode_attention.SPLIT_BELOW
     tune = False  # torch.compile's coordinate-descent tuning of its own kernels
     pdl = True  # programmatic dependent launch where the GPU and Triton have it (lib/decoding/triton_launch.py)
     combo = True  # inductor's combo kernels: independent small ops (q's and k's rotary) in one launch
