@@ -42,7 +42,7 @@ from lib.decoding.fast_path import (  # noqa: E402
     static_speculative_generate,
     weights_from_hf,
 )
-from lib.decoding.timing import step_seconds  # noqa: E402
+from lib.decoding.timing import mid_position, step_seconds  # noqa: E402
 from lib.errors import exit_on_usage_error  # noqa: E402
 from lib.files import output_file, write_json  # noqa: E402
 from lib.sd_model import alpha_for, predicted_speedup  # noqa: E402
@@ -236,7 +236,8 @@ def run_sd(args, shape, weights, draft_weights, draft_name, prompt, ar_row, devi
     run = lambda: static_speculative_generate(target, draft, prompts, args.new_tokens, gamma)  # noqa: E731
     run()
     gen, seconds, joules = timed(device, energy, run)
-    target_step, loop = step_seconds(target, 1, args.step_repeats), gen.step_times
+    at = mid_position(prompts, args.new_tokens)  # where the loop's steps were, on average
+    target_step, loop = step_seconds(target, 1, args.step_repeats, at), gen.step_times
     cost = loop.draft_s / loop.draft_steps / target_step
     verify_cost = loop.verify_s / loop.verify_rounds / target_step
     tokens, tok_s = len(gen.tokens[0]), decode_rate(gen)
@@ -247,8 +248,8 @@ def run_sd(args, shape, weights, draft_weights, draft_name, prompt, ar_row, devi
     speedup = tok_s / ar_row.tok_s
     return Row(shape, "sd", draft=draft_name, gamma=gamma, tokens=tokens, seconds=seconds, tok_s=tok_s,
                acceptance_rate=rate, acceptance_length=length, alpha=alpha_for(length, gamma), cost_ratio=cost,
-               cost_ratio_alone=step_seconds(draft, 1, args.step_repeats) / target_step, verify_cost=verify_cost,
-               verify_cost_alone=step_seconds(target, gamma + 1, args.step_repeats) / target_step,
+               cost_ratio_alone=step_seconds(draft, 1, args.step_repeats, at) / target_step, verify_cost=verify_cost,
+               verify_cost_alone=step_seconds(target, gamma + 1, args.step_repeats, at) / target_step,
                speedup=speedup, predicted=predicted, ratio=speedup / predicted, predicted_with_verify=with_verify,
                ratio_with_verify=speedup / with_verify, joules_per_token=per_token(joules, tokens))
 

@@ -87,6 +87,29 @@ def test_eos_stops_a_row_and_others_go_on(pair, prompts):
     assert fast.finish_reasons == want.finish_reasons and fast.finish_reasons[0] == "stop"
 
 
+@pytest.mark.parametrize("choice", [{}, {"pick_in_graph": False}])
+def test_ar_stops_rows_at_eos_and_a_second_call_starts_afresh(pair, prompts, choice):
+    """Greedy AR with its pick inside the step (`pick_in_graph`, the default) or after it: a row that stops
+    freezes its cache, the others go on, and a second call on the same decoder starts from its own prompts."""
+    from lib.decoding import fast_path
+    target, _, _ = pair
+    batch = prompts[:2]
+    eos = autoregressive_generate(target, batch, NEW).tokens[0][5]
+    decoder = decoders(target, None, batch)[0]
+    shipped = fast_path.options()
+    try:
+        fast_path.set_options(**choice)
+        for eos_ids, rows in (({eos}, batch), (set(), batch[::-1])):
+            want = autoregressive_generate(target, rows, NEW, eos_ids=eos_ids)
+            fast = static_autoregressive_generate(decoder, rows, NEW, eos_ids=eos_ids)
+            assert fast.tokens == want.tokens and fast.finish_reasons == want.finish_reasons
+            assert fast.finish_reasons[0] == ("stop" if eos_ids else "length")
+            grown = [n - len(p) for n, p in zip(decoder.lengths.tolist(), rows)]
+            assert (grown[0] < grown[1]) == bool(eos_ids)  # the stopped row's cache stopped moving
+    finally:
+        fast_path.set_options(**shipped)
+
+
 def test_sampling_keeps_lengths_and_is_seeded(pair, prompts):
     target, draft, _ = pair
     batch = prompts[:2]

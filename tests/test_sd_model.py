@@ -218,3 +218,21 @@ def test_both_sd_loops_time_every_round(random_pair):
     assert step_seconds(decoders[0], 1, repeats=3) > 0
     # the measurement writes only uncommitted cache columns: the next generation is unchanged
     assert fast_path.static_speculative_generate(*decoders, prompts, 20, gamma).tokens == fast.tokens == plain.tokens
+
+
+def test_target_step_is_timed_where_the_run_was(random_pair):
+    """step_seconds feeds every row at the given column (on CUDA the decode attention's cost grows with it) and
+    leaves the rows' lengths as it found them; past the cache it clamps."""
+    import torch
+
+    from lib.decoding import fast_path
+    from lib.decoding.timing import mid_position, step_seconds
+    decoder = fast_path.StaticDecoder(fast_path.weights_from_hf(random_pair[0], 256), 2, 64)
+    decoder.lengths.copy_(torch.tensor([3, 5]))
+    assert step_seconds(decoder, 2, repeats=1, position=mid_position([[1] * 10, [1] * 20], 9)) > 0  # column 20
+    def written():
+        return (decoder.k_cache.abs().sum((0, 1, 2, 4)) > 0).nonzero().flatten().tolist()  # columns
+    assert written() == [20, 21]
+    assert decoder.lengths.tolist() == [3, 5]
+    step_seconds(decoder, 1, repeats=1, position=10_000)
+    assert written() == [20, 21, decoder.max_len - 1]

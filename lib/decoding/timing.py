@@ -52,11 +52,13 @@ STEP_REPEATS = 20  # timed steps of the target's 1-token measurement (after 2 un
 
 
 @torch.inference_mode()
-def step_seconds(decoder, width: int, repeats: int = STEP_REPEATS) -> float:
-    """Mean time of one step of this width on a fast-path StaticDecoder (graph replays on CUDA), fed from column 0:
-    a step's cost does not depend on its position (attention reads the whole static cache, masked), and the
-    columns it writes are uncommitted, so the next prefill overwrites them."""
-    decoder.lengths.zero_()
+def step_seconds(decoder, width: int, repeats: int = STEP_REPEATS, position: int = 0) -> float:
+    """Mean time of one step of this width on a fast-path StaticDecoder (graph replays on CUDA), each row fed at
+    column `position` (clamped to the cache): on CUDA the decode attention reads a row's columns up to its
+    position only, so time the step where the run's steps were (`mid_position`). It writes the cache at those
+    columns: call it once a run is over (the next prefill starts the cache anew); the rows' lengths are restored."""
+    saved = decoder.lengths.clone()
+    decoder.lengths.fill_(max(0, min(position, decoder.max_len - width)))
     tokens = torch.randint(1, 100, (decoder.batch, width), device=decoder.device)
     for _ in range(2):
         decoder.step(tokens)
@@ -65,7 +67,14 @@ def step_seconds(decoder, width: int, repeats: int = STEP_REPEATS) -> float:
     for _ in range(repeats):
         decoder.step(tokens)
     sync(decoder.device)
-    return (time.perf_counter() - t0) / repeats
+    seconds = (time.perf_counter() - t0) / repeats
+    decoder.lengths.copy_(saved)
+    return seconds
+
+
+def mid_position(prompts: list[list[int]], max_new: int) -> int:
+    """The mean column a run's steps fed: the prompts' mean length plus half the new tokens."""
+    return round(sum(len(p) for p in prompts) / len(prompts) + max_new / 2)
 
 
 @torch.inference_mode()

@@ -18,7 +18,7 @@ import torch
 
 from lib.decoding import fast_path
 from lib.decoding.chain import autoregressive_generate, speculative_generate, top2
-from lib.decoding.timing import STEP_REPEATS, plain_step_seconds, step_seconds
+from lib.decoding.timing import STEP_REPEATS, mid_position, plain_step_seconds, step_seconds
 from lib.engines import METHOD_BY_NAME
 from lib.engines.base import Engine, record_from_tokens
 from lib.layout import placement_from_config
@@ -155,7 +155,8 @@ class PyTorchEngine(Engine):
         from lib.quant.moe_tracker import track_experts
         self.expert_tracker = track_experts(self.target)  # None unless the target is a MoE model
         self.expert_spec: SpecCounters | None = None  # the acceptance of the steps the tracker saw
-        self.step_times, self.step_prompts = StepTimes(), None  # the SD loop's step times; its largest batch
+        # the SD loop's step times; its largest batch and the middle of that batch's positions
+        self.step_times, self.step_prompts, self.step_position = StepTimes(), None, 0
 
     def _plan(self):
         """GPU_STRATEGY -> placement (lib/layout.py), printed at start and kept for run.json."""
@@ -243,11 +244,11 @@ class PyTorchEngine(Engine):
     def cost_inputs(self) -> dict | None:
         """SD modes: c = draft step / target 1-token step and v = verify step / target 1-token step. Draft and
         verify steps are timed inside the SD loop (lib/decoding/timing.py); the target's 1-token step is timed
-        once the run is over, at the batch size of the run's largest batch."""
+        once the run is over, at the batch size and the middle position of the run's largest batch."""
         t = self.step_times
         if not t.verify_rounds:
             return None
-        target_s = self._target_step_seconds()
+        target_s, where = self._target_step_seconds()
         draft_s, verify_s = t.draft_s / t.draft_steps, t.verify_s / t.verify_rounds
         timer = "CUDA events" if self.device == "cuda" else "perf_counter"
         return {"cost_ratio": draft_s / target_s, "cost_ratio_source": "timed",
@@ -256,16 +257,18 @@ class PyTorchEngine(Engine):
                            "target_step_ms": target_s * 1e3, "batch_size": len(self.step_prompts),
                            "draft_steps": t.draft_steps, "verify_rounds": t.verify_rounds,
                            "how": f"draft and verify steps timed inside the SD loop ({timer}); the target's 1-token "
-                                  f"step timed after the run, {STEP_REPEATS} steps at the same batch size"}}
+                                  f"step timed after the run, {STEP_REPEATS} steps at the same batch size, {where}"}}
 
-    def _target_step_seconds(self) -> float:
-        """The target's 1-token step at the batch size of self.step_prompts: on the fast path with the run's own
-        decoder of that batch size, else a plain forward after those prompts."""
+    def _target_step_seconds(self) -> tuple[float, str]:
+        """The target's 1-token step at the batch size of self.step_prompts, and where it was timed: on the fast
+        path with the run's own decoder of that batch size at the middle of the batch's positions, else a plain
+        forward after those prompts."""
         batch = len(self.step_prompts)
         decoder = next((d[0] for (size, _), d in self.decoders.items() if size == batch), None)
         if self.fast is not None and decoder is not None:
-            return step_seconds(decoder, 1)
-        return plain_step_seconds(self.target, self.step_prompts, self.pad_id)
+            return (step_seconds(decoder, 1, position=self.step_position),
+                    f"at column {self.step_position} (the middle of that batch's positions)")
+        return plain_step_seconds(self.target, self.step_prompts, self.pad_id), "after that batch's prompts"
 
     def extra_results(self) -> dict:
         """MoE targets: which experts fired, per layer and per request, and per k drafts verified the distinct
@@ -295,7 +298,7 @@ class PyTorchEngine(Engine):
         if gen.step_times is not None:
             self.step_times = self.step_times.add(gen.step_times)
             if self.step_prompts is None or len(prompts) > len(self.step_prompts):
-                self.step_prompts = prompts
+                self.step_prompts, self.step_position = prompts, mid_position(prompts, max_new)
         records = []
         for row, request in enumerate(requests):
             ids = gen.tokens[row][: request.max_new_tokens]
