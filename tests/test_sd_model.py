@@ -216,7 +216,7 @@ def test_both_sd_loops_time_every_round(random_pair):
     assert plain_step_seconds(target, prompts, repeats=3) > 0
     assert plain_step_seconds(target, [[1, 2, 3], [4, 5]], repeats=2) > 0  # a batch, left-padded
     assert step_seconds(decoders[0], 1, repeats=3) > 0
-    # the measurement writes only uncommitted cache columns: the next generation is unchanged
+    # the measurement writes cache columns after the run; the next generation's prefill starts anew: unchanged
     assert fast_path.static_speculative_generate(*decoders, prompts, 20, gamma).tokens == fast.tokens == plain.tokens
 
 

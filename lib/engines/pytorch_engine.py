@@ -155,8 +155,7 @@ class PyTorchEngine(Engine):
         from lib.quant.moe_tracker import track_experts
         self.expert_tracker = track_experts(self.target)  # None unless the target is a MoE model
         self.expert_spec: SpecCounters | None = None  # the acceptance of the steps the tracker saw
-        # the SD loop's step times; its largest batch and the middle of that batch's positions
-        self.step_times, self.step_prompts, self.step_position = StepTimes(), None, 0
+        self.reset_counters()
 
     def _plan(self):
         """GPU_STRATEGY -> placement (lib/layout.py), printed at start and kept for run.json."""
@@ -239,7 +238,8 @@ class PyTorchEngine(Engine):
         if self.expert_tracker is not None:
             self.expert_tracker.reset()
             self.expert_spec = None
-        self.step_times, self.step_prompts = StepTimes(), None
+        # the SD loop's step times; its largest batch and the middle of that batch's positions
+        self.step_times, self.step_prompts, self.step_position = StepTimes(), None, 0
 
     def cost_inputs(self) -> dict | None:
         """SD modes: c = draft step / target 1-token step and v = verify step / target 1-token step. Draft and
