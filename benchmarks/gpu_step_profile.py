@@ -43,7 +43,8 @@ VARIANTS = {"inductor": {**EARLIER, "gemv": False, "tune": True},  # torch.compi
             "pdl-combo": {**EARLIER, "attention": True, "pdl": True, "combo": True},  # + inductor's combo kernels
             "pick-on-host": {**SHIPPED, "pick_in_graph": False, "attention_splits": 1},  # + attention up to 8 tokens
             "one-split": {**SHIPPED, "attention_splits": 1},  # + greedy AR's argmax and top2 inside the step's graph
-            "shipped": SHIPPED}  # + the attention's columns split over 4 programs at small batches
+            "cublas-rows": {**SHIPPED, "gemv_rows": 1},  # + the attention's columns split over 4 programs
+            "shipped": SHIPPED}  # + products of 2-16 rows through gemv.py's tensor-core kernel, with PDL
 GROUPS = (("gemv/gemm", ("gemv", "gemm", "cutlass", "xmma", "sm90", "splitk", "_gemv_kernel", "cublas")),
           ("attention", ("bmm", "softmax", "attention", "flash")),
           ("fused small ops (triton)", ("triton",)),)
@@ -116,8 +117,12 @@ def kernel_profile(decoder, tokens, steps: int = 20) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us_per_step"])
 
 
-def gemv_candidates():
+def gemv_candidates(rows: int):
     from lib.decoding.gemv import Blocks
+    if rows > 1:
+        return [Blocks(n, k, w, st) for n, k, w, st in ((32, 256, 4, 4), (32, 256, 4, 6), (32, 128, 4, 6),
+                                                       (64, 128, 4, 4), (64, 128, 4, 6), (64, 64, 4, 3),
+                                                       (128, 128, 4, 3), (128, 64, 8, 3))]
     return [Blocks(n, k, w, st) for n, k, w, st in ((4, 1024, 4, 3), (8, 512, 4, 3), (8, 1024, 8, 3),
                                                    (16, 256, 4, 4), (16, 512, 8, 3), (2, 2048, 8, 2),
                                                    (4, 512, 4, 4), (8, 256, 4, 4), (4, 256, 4, 4), (2, 512, 4, 4))]
@@ -139,8 +144,9 @@ def product_us(fn, x, copies, blocks, per_graph: int = 24) -> float:
 
 
 def matrix_rows(weights, batch: int, bandwidth: float, l2_bytes: int) -> list[dict]:
-    """Each distinct weight shape's product alone for `batch` rows of x: cuBLAS, and for one row the Triton GEMV
-    with each candidate block shape."""
+    """Each distinct weight shape's product alone for `batch` rows of x: cuBLAS, and up to gemv.MAX_ROWS rows
+    lib/decoding/gemv.py's kernel with each candidate block shape, and with the shipped one launched with PDL (a
+    chain of products that overlap, as in a step)."""
     from lib.decoding import gemv
     layer = weights.layers[0]
     mats = {"wqkv": layer.wqkv, "wo": layer.wo, "w13": layer.w13, "w2": layer.w2, "lm_head": weights.lm_head}
@@ -151,8 +157,12 @@ def matrix_rows(weights, batch: int, bandwidth: float, l2_bytes: int) -> list[di
         floor_us = w.nbytes / bandwidth * 1e6
         row = {"matrix": name, "shape": list(w.shape), "batch": batch, "MB": w.nbytes / 1e6, "floor_us": floor_us}
         ref = F.linear(x, w).float()
+        on_gemv = batch <= gemv.MAX_ROWS
+        shipped = gemv.blocks_for(w.shape[0], w.shape[1], batch)
         candidates = [("cublas", F.linear, None)] + [(f"triton{tuple(b)}", gemv.launch, b) for b in
-                                                     gemv_candidates() if batch == 1 and w.shape[1] % b.block_k == 0]
+                                                     gemv_candidates(batch) if on_gemv and w.shape[1] % b.block_k == 0]
+        if on_gemv:
+            candidates.append(("shipped-pdl", functools.partial(gemv.launch, pdl=True), shipped))
         for impl, fn, blocks in candidates:
             us = product_us(fn, x, copies, blocks)
             out = fn(x, w, blocks) if blocks else fn(x, w)
@@ -161,12 +171,12 @@ def matrix_rows(weights, batch: int, bandwidth: float, l2_bytes: int) -> list[di
         row["cublas_pct"] = row["cublas"]["pct"]
         line = (f"  {name:8s} {str(tuple(w.shape)):16s} B={batch:2d} floor {floor_us:7.1f} us | cuBLAS "
                 f"{row['cublas_pct']:5.1f} %")
-        if batch == 1:
+        if on_gemv:
             best = max((key for key in row if key.startswith("triton")), key=lambda key: row[key]["pct"])
             row["triton_best"], row["triton_pct"] = best, row[best]["pct"]
-            shipped = f"triton{tuple(gemv.blocks_for(w.shape[0], w.shape[1]))}"
-            line += (f" | shipped triton {row.get(shipped, {}).get('pct', 0):5.1f} % | best {best} "
-                     f"{row['triton_pct']:5.1f} % (rel err {row[best]['err']:.1e})")
+            line += (f" | shipped triton {row.get(f'triton{tuple(shipped)}', {}).get('pct', 0):5.1f} %, with PDL "
+                     f"{row['shipped-pdl']['pct']:5.1f} % | best {best} {row['triton_pct']:5.1f} % "
+                     f"(rel err {row[best]['err']:.1e})")
         print(line)
         rows.append(row)
     return rows

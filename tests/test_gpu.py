@@ -116,19 +116,20 @@ def test_separate_placement_puts_target_and_draft_on_two_gpus_and_stays_lossless
 
 
 @pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize("rows", [1, 2, 5, 16])
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (1000, 512), (37888, 3584), (896, 896), (64, 64),
                                  *MEASURED])
-def test_batch_one_gemv_kernel_equals_a_float64_product(n, k, pdl):
-    """lib/decoding/gemv.py against a float64 reference on fresh random data (a ragged N, a K that is not a
-    multiple of 256, a K of one chunk and the blocks of `MEASURED` included), launched plainly and with PDL where
-    the GPU has it."""
+def test_gemv_kernels_equal_a_float64_product(n, k, rows, pdl):
+    """lib/decoding/gemv.py's one-row and few-row kernels against a float64 reference on fresh random data (a
+    ragged N, a K that is not a multiple of 256, a K of one chunk and the blocks of `MEASURED` included), launched
+    plainly and with PDL where the GPU has it; more than MAX_ROWS rows go to cuBLAS."""
     from lib.decoding import gemv
     w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
-    x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
-    assert gemv.supports(x, w)
+    x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
+    assert gemv.supports(x, w) and not gemv.supports(torch.cat([x] * 17), w)
     out = gemv.linear(x, w, pdl=pdl)
     ref = x.double() @ w.double().T
-    assert out.shape == (1, n) and torch.isfinite(out).all()
+    assert out.shape == (rows, n) and torch.isfinite(out).all()
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
 
 

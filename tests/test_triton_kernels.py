@@ -20,8 +20,8 @@ import torch
 from lib.decoding import gemv
 torch.manual_seed(0)
 out = []
-for n, k, blocks in json.loads(sys.argv[1]):
-    x, w = torch.randn(1, k, dtype=torch.float16), torch.randn(n, k, dtype=torch.float16) / k ** 0.5
+for rows, n, k, blocks in json.loads(sys.argv[1]):
+    x, w = torch.randn(rows, k, dtype=torch.float16), torch.randn(n, k, dtype=torch.float16) / k ** 0.5
     y = gemv.launch(x, w, gemv.Blocks(*blocks) if blocks else None)
     ref = x.double() @ w.double().T
     out.append({"shape": list(y.shape), "rel_err": ((y.double() - ref).norm() / ref.norm()).item()})
@@ -57,13 +57,15 @@ def interpreted(script: str, cases: list) -> list[dict]:
 
 
 def test_product_equals_a_float64_one():
-    """A ragged N (the last program's rows masked), several K chunks, the block that blocks_for picks for a K
-    of 3 chunks of 64, a K of one chunk (the first chunk is loaded before the loop), and one of `MEASURED`'s
-    blocks (a K of 2048 per chunk)."""
-    cases = [(40, 128, (4, 64, 4, 1)), (37, 256, (8, 128, 4, 1)), (24, 192, None), (16, 64, None),
-             (6, 4096, tuple(gemv.MEASURED[(2048, 8192)]))]
-    for (n, _, _), result in zip(cases, interpreted(PRODUCTS, cases)):
-        assert result["shape"] == [1, n]
+    """One row: a ragged N (the last program's rows masked), several K chunks, the block that blocks_for picks for
+    a K of 3 chunks of 64, a K of one chunk (the first chunk is loaded before the loop), and one of `MEASURED`'s
+    blocks (a K of 2048 per chunk). Several rows (the tensor-core kernel, x's rows padded to 16 and masked): a
+    ragged N, 2, 5 and 16 rows, blocks_for's narrow and wide blocks."""
+    cases = [(1, 40, 128, (4, 64, 4, 1)), (1, 37, 256, (8, 128, 4, 1)), (1, 24, 192, None), (1, 16, 64, None),
+             (1, 6, 4096, tuple(gemv.MEASURED[(2048, 8192)])), (5, 40, 128, (32, 64, 4, 1)), (2, 37, 192, None),
+             (16, 64, 512, None), (3, 16448, 128, None)]
+    for (rows, n, _, _), result in zip(cases, interpreted(PRODUCTS, cases)):
+        assert result["shape"] == [rows, n]
         assert result["rel_err"] < 2e-3, result
 
 
@@ -87,5 +89,8 @@ def test_cpu_tensors_keep_the_eager_ops_and_blocks_divide_k():
     cache = torch.zeros(1, 2, 64, 64, dtype=torch.float16)
     assert not decode_attention.supports(torch.zeros(1, 1, 8, 64, dtype=torch.float16), cache)
     assert gemv.blocks_for(6144, 4096) == gemv.Blocks(8, 512, 4, 3)
+    assert gemv.blocks_for(6144, 4096, 5) == gemv.Blocks(64, 128, 4, 6)
+    assert gemv.blocks_for(4096, 14336, 5) == gemv.Blocks(32, 256, 4, 6)
+    assert gemv.blocks_for(28672, 4096, 16) == gemv.Blocks(64, 128, 4, 4) and gemv.blocks_for(64, 192, 2).block_k == 64
     assert gemv.blocks_for(896, 896).block_k == 128 and gemv.blocks_for(64, 192).block_k == 64
     assert all(k % blocks.block_k == 0 for (_, k), blocks in gemv.MEASURED.items())

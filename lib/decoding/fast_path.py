@@ -301,10 +301,12 @@ def pre_norm(x: torch.Tensor, norm_weight: torch.Tensor, arch: Arch) -> torch.Te
 
 
 class _Options:
-    """Measured on an H200 (docs/performance.md): lib/decoding/gemv.py's fixed kernels for the batch-1 products
-    and untuned inductor kernels around them give the same kernels in every process; inductor's coordinate-descent
-    tuning of its own matrix-vector kernels picked differently per process (75-83 % of the floor)."""
-    gemv = True  # batch-1 products through lib/decoding/gemv.py's Triton kernel (CUDA)
+    """Measured on an H200 (docs/performance.md): lib/decoding/gemv.py's fixed kernels for the products of up to
+    16 rows and untuned inductor kernels around them give the same kernels in every process; inductor's
+    coordinate-descent tuning of its own matrix-vector kernels picked differently per process (75-83 % of the
+    floor)."""
+    gemv_rows = gemv.MAX_ROWS  # products of up to this many rows through lib/decoding/gemv.py (1: one-row only)
+    gemv = True  # ... through its Triton kernels at all (CUDA); the rest on cuBLAS
     attention = True  # decode, draft and verify steps' attention through lib/decoding/decode_attention.py (CUDA)
     attention_width = 8  # the widest step (tokens per row) that takes it
     attention_splits = decode_attention.SPLITS  # its programs per (row, kv head) under decode_attention.SPLIT_BELOW
@@ -331,7 +333,7 @@ def set_options(**choices):
 
 
 def project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    if _Options.gemv and gemv.supports(x, w):
+    if _Options.gemv and gemv.supports(x, w, _Options.gemv_rows):
         return gemv.linear(x, w, b, _Options.pdl)
     return F.linear(x, w, b)
 
@@ -374,13 +376,15 @@ def compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False, fullgraph=True)
 
 
-def inductor_settings(width: int):
-    """Inductor's settings while a step of this width compiles (they are read when a new shape compiles). PDL for
-    one-token steps only: on the H200 it made the 5-token verify step slower (docs/performance.md)."""
+def inductor_settings(tokens: torch.Tensor):
+    """Inductor's settings while a step of these tokens [B, n] compiles (they are read when a new shape compiles).
+    PDL for one-token steps and for steps whose products all run lib/decoding/gemv.py's kernels: on the H200 it
+    made a 5-token verify step on cuBLAS slower (docs/performance.md)."""
     import torch._inductor.config as inductor_config
     settings = {"coordinate_descent_tuning": _Options.tune, "combo_kernels": _Options.combo}
     if hasattr(inductor_config.triton, "enable_pdl"):  # its kernels wait for their inputs and launch early
-        settings["triton.enable_pdl"] = _Options.pdl and width == 1
+        on_gemv = _Options.gemv and tokens.numel() <= _Options.gemv_rows
+        settings["triton.enable_pdl"] = _Options.pdl and (tokens.shape[1] == 1 or on_gemv)
     return inductor_config.patch(settings)
 
 
@@ -390,9 +394,10 @@ class StaticDecoder:
     `step(tokens)` feeds tokens [B, n] at each row's `lengths` and returns logits [B, n, V] without committing
     them; the caller moves `lengths` (a device tensor, changed in place, so graphs see it). On CUDA each step
     width is captured once as a CUDA graph, (compile_layers, default on CUDA) each layer's small ops, the step's
-    inputs and its final norm are fused by torch.compile first, batch-1 products run lib/decoding/gemv.py's kernel
-    (`project`), steps of up to 8 tokens lib/decoding/decode_attention.py's attention (`attention`), and one-token
-    steps launch their kernels with PDL (`inductor_settings`, lib/decoding/triton_launch.py). On CPU the same code
+    inputs and its final norm are fused by torch.compile first, products of up to 16 rows run lib/decoding/gemv.py's
+    kernels (`project`), steps of up to 8 tokens lib/decoding/decode_attention.py's attention (`attention`), and
+    one-token steps and those of up to 16 rows launch their kernels with PDL (`inductor_settings`,
+    lib/decoding/triton_launch.py). On CPU the same code
     runs eagerly. The cache is rounded up to CACHE_ALIGN columns.
     """
 
@@ -432,7 +437,7 @@ class StaticDecoder:
     def _step_eager(self, tokens: torch.Tensor) -> torch.Tensor:
         if not self.compile_layers:
             return self._logits(self._forward(tokens, self.lengths, compile_step=False))
-        with inductor_settings(tokens.shape[1]):
+        with inductor_settings(tokens):
             return self._logits(self._forward(tokens, self.lengths, compile_step=True))
 
     @torch.inference_mode()

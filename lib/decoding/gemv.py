@@ -1,10 +1,13 @@
-"""A Triton matrix-vector product for batch-1 decode steps (y = x @ w.T for one row x), at the copy bandwidth.
+"""Triton products for decode steps of 1 to MAX_ROWS rows (y = x @ w.T), at the copy bandwidth.
 
-A batch-1 step's products read each weight once and do almost no arithmetic: the time is the weight's bytes over
-memory bandwidth, and what decides it is how many loads are in flight. One program owns BLOCK_N rows of w and
-walks K in BLOCK_K chunks, accumulating products elementwise in float32 and reducing once at the end. The block
-shapes are fixed per matrix shape rather than autotuned, so every process runs the same kernels (torch.compile's
-tuning of its own matrix-vector kernels picked differently in each process: 75-83 % of the floor for one build).
+A decode step's products read each weight once and do little arithmetic: the time is the weight's bytes over
+memory bandwidth, and what decides it is how many loads are in flight. For one row, one program owns BLOCK_N rows
+of w and walks K in BLOCK_K chunks, accumulating products elementwise in float32 and reducing once at the end. For
+2 to MAX_ROWS rows (a verify step, a batch of rows) a program does the same with the tensor cores: its tile of w
+is the product's left operand and x's rows, padded to 16, the right one (w @ x.T), so a program is as narrow in N
+as the one-row kernel's and the grid as wide. The block shapes are fixed per matrix shape rather than autotuned,
+so every process runs the same kernels (torch.compile's tuning of its own matrix-vector kernels picked
+differently in each process: 75-83 % of the floor for one build).
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from typing import NamedTuple
 import torch
 
 from lib.decoding.triton_launch import launch_options
+
+MAX_ROWS = 16  # one tensor-core tile of x's rows (timed at 5 and 16 on the H200: docs/performance.md); more: cuBLAS
 
 
 class Blocks(NamedTuple):
@@ -30,9 +35,15 @@ MEASURED = {(3072, 2048): Blocks(4, 1024, 4, 3), (2048, 2048): Blocks(8, 1024, 8
             (16384, 2048): Blocks(4, 256, 4, 4), (2048, 8192): Blocks(2, 2048, 8, 2)}
 
 
-def blocks_for(n: int, k: int) -> Blocks:
-    """Measured on an H200 (benchmarks/gpu_step_profile.py, docs/performance.md): wide matrices (the MLP's
-    gate/up, the head) want more rows per program, narrow ones more columns per load; `MEASURED` overrides."""
+def blocks_for(n: int, k: int, rows: int = 1) -> Blocks:
+    """Measured on an H200 (benchmarks/gpu_step_profile.py, docs/performance.md). One row: wide matrices (the
+    MLP's gate/up, the head) want more rows per program, narrow ones more columns per load; `MEASURED` overrides.
+    Several rows: 64 rows of w per program in chunks of 128 columns, 6 stages deep on the narrow matrices; 32 rows
+    in chunks of 256 for a long K (the MLP's down)."""
+    if rows > 1:
+        if n < 16384 and k >= 8192 and k % 256 == 0:
+            return Blocks(32, 256, 4, 6)
+        return Blocks(64, 128 if k % 128 == 0 else 64, 4, 4 if n >= 16384 else 6)
     if (n, k) in MEASURED:
         return MEASURED[(n, k)]
     block_k = next(b for b in (512, 256, 128, 64) if k % b == 0)
@@ -41,11 +52,11 @@ def blocks_for(n: int, k: int) -> Blocks:
     return Blocks(8, block_k, 4, 3) if n >= 6144 else Blocks(4, block_k, 4, 4)
 
 
-def supports(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """One row of x (batch 1, one token: larger products go to cuBLAS, which wins there), 16-bit, K a multiple
-    of 64 (the kernel does not mask K; Qwen2.5-0.5B's 896 takes chunks of 128)."""
-    return (x.is_cuda and x.numel() == x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16)
-            and w.dtype == x.dtype and w.is_contiguous() and w.shape[1] == x.shape[-1] and w.shape[1] % 64 == 0)
+def supports(x: torch.Tensor, w: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
+    """1 to max_rows rows of x (larger products go to cuBLAS, which wins there), 16-bit, K a multiple of 64 (the
+    kernels do not mask K; Qwen2.5-0.5B's 896 takes chunks of 128)."""
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype and w.is_contiguous()
+            and w.shape[1] == x.shape[-1] and w.shape[1] % 64 == 0 and 0 < x.numel() <= max_rows * x.shape[-1])
 
 
 @functools.cache
@@ -70,19 +81,44 @@ def _kernels():
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         tl.store(y_ptr + rn, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=n_mask)
 
-    return triton, gemv_one_row
+    @triton.jit
+    def gemv_few_rows(x_ptr, w_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        rm = tl.arange(0, BLOCK_M)
+        n_mask, m_mask = rn < N, rm < M
+        w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
+        x_ptrs = x_ptr + rm[None, :] * K + rk[:, None]  # x.T's tile [BLOCK_K, BLOCK_M]
+        if PDL:  # everything before the loop is addresses; see triton_launch.py for the order
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            w = tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptrs + k0, mask=m_mask[None, :], other=0.0)
+            acc = tl.dot(w, x, acc)
+        tl.store(y_ptr + rm[None, :] * N + rn[:, None], acc.to(y_ptr.dtype.element_ty),
+                 mask=n_mask[:, None] & m_mask[None, :])
+
+    return triton, gemv_one_row, gemv_few_rows
 
 
 def launch(x: torch.Tensor, w: torch.Tensor, blocks: Blocks | None = None, pdl: bool = False) -> torch.Tensor:
-    """x [1, K], w [N, K] contiguous -> [1, N]; pdl: a programmatic dependent launch where the GPU has it
-    (lib/decoding/triton_launch.py)."""
-    triton, one_row = _kernels()
+    """x [M, K] with M <= MAX_ROWS, w [N, K] contiguous -> [M, N]; pdl: a programmatic dependent launch where the
+    GPU has it (lib/decoding/triton_launch.py)."""
+    triton, one_row, few_rows = _kernels()
     x = x.contiguous()
-    n, k = w.shape
-    b = blocks or blocks_for(n, k)
-    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    one_row[(triton.cdiv(n, b.block_n),)](x, w, y, n, k, BLOCK_N=b.block_n, BLOCK_K=b.block_k, num_warps=b.warps,
-                                          num_stages=b.stages, **launch_options(x.device, pdl))
+    rows, (n, k) = x.shape[0], w.shape
+    b = blocks or blocks_for(n, k, rows)
+    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    grid, tuning = (triton.cdiv(n, b.block_n),), {"num_warps": b.warps, "num_stages": b.stages,
+                                                  **launch_options(x.device, pdl)}
+    if rows == 1:
+        one_row[grid](x, w, y, n, k, BLOCK_N=b.block_n, BLOCK_K=b.block_k, **tuning)
+    else:
+        few_rows[grid](x, w, y, rows, n, k, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=b.block_n,
+                       BLOCK_K=b.block_k, **tuning)
     return y
 
 
