@@ -3,11 +3,11 @@
 A decode step's products read each weight once and do little arithmetic: the time is the weight's bytes over
 memory bandwidth, and what decides it is how many loads are in flight. For one row, one program owns BLOCK_N rows
 of w and walks K in BLOCK_K chunks, accumulating products elementwise in float32 and reducing once at the end. For
-2 to MAX_ROWS rows (a verify step, a batch of rows) a program does the same with the tensor cores: its tile of w
-is the product's left operand and x's rows, padded to 16, the right one (w @ x.T), so a program is as narrow in N
-as the one-row kernel's and the grid as wide. The block shapes are fixed per matrix shape rather than autotuned,
-so every process runs the same kernels (torch.compile's tuning of its own matrix-vector kernels picked
-differently in each process: 75-83 % of the floor for one build).
+2 to MAX_ROWS rows (a verify step, a batch of rows) a program does the same on the tensor cores: its tile of w
+is the product's left operand and x's rows, padded to 16, the right one (w @ x.T), so the tile's long side runs
+along w's rows and each program walks all of K (split-K was slower). The block shapes are fixed per matrix shape
+rather than autotuned, so every process runs the same kernels (torch.compile's tuning of its own matrix-vector
+kernels picked differently in each process: 75-83 % of the floor for one build).
 """
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ def blocks_for(n: int, k: int, rows: int = 1) -> Blocks:
 
 
 def supports(x: torch.Tensor, w: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
-    """1 to max_rows rows of x (larger products go to cuBLAS, which wins there), 16-bit, K a multiple of 64 (the
-    kernels do not mask K; Qwen2.5-0.5B's 896 takes chunks of 128)."""
+    """1 to max_rows rows of x (larger products go to cuBLAS), 16-bit, K a multiple of 64 (the kernels do not mask
+    K; Qwen2.5-0.5B's 896 takes chunks of 128)."""
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype and w.is_contiguous()
             and w.shape[1] == x.shape[-1] and w.shape[1] % 64 == 0 and 0 < x.numel() <= max_rows * x.shape[-1])
 
