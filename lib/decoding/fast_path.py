@@ -305,8 +305,8 @@ class _Options:
     16 rows and untuned inductor kernels around them give the same kernels in every process; inductor's
     coordinate-descent tuning of its own matrix-vector kernels picked differently per process (75-83 % of the
     floor)."""
-    gemv_rows = gemv.MAX_ROWS  # products of up to this many rows through lib/decoding/gemv.py (1: one-row only)
-    gemv = True  # ... through its Triton kernels at all (CUDA); the rest on cuBLAS
+    gemv_rows = gemv.MAX_ROWS  # products of up to this many rows take gemv (1: its one-row kernel only)
+    gemv = True  # 16-bit products through lib/decoding/gemv.py's Triton kernels (CUDA); the rest on cuBLAS
     attention = True  # decode, draft and verify steps' attention through lib/decoding/decode_attention.py (CUDA)
     attention_width = 8  # the widest step (tokens per row) that takes it
     attention_splits = decode_attention.SPLITS  # its programs per (row, kv head) under decode_attention.SPLIT_BELOW
@@ -378,8 +378,8 @@ def compiled(fn: Callable) -> Callable:
 
 def inductor_settings(tokens: torch.Tensor):
     """Inductor's settings while a step of these tokens [B, n] compiles (they are read when a new shape compiles).
-    PDL for one-token steps and for steps whose products all run lib/decoding/gemv.py's kernels: on the H200 it
-    made a 5-token verify step on cuBLAS slower (docs/performance.md)."""
+    PDL for one-token steps and for steps of up to gemv_rows rows, whose 16-bit products run lib/decoding/gemv.py's
+    PDL kernels: on the H200 it made a 5-token verify step on cuBLAS slower (docs/performance.md)."""
     import torch._inductor.config as inductor_config
     settings = {"coordinate_descent_tuning": _Options.tune, "combo_kernels": _Options.combo}
     if hasattr(inductor_config.triton, "enable_pdl"):  # its kernels wait for their inputs and launch early
@@ -397,8 +397,8 @@ class StaticDecoder:
     inputs and its final norm are fused by torch.compile first, products of up to 16 rows run lib/decoding/gemv.py's
     kernels (`project`), steps of up to 8 tokens lib/decoding/decode_attention.py's attention (`attention`), and
     one-token steps and those of up to 16 rows launch their kernels with PDL (`inductor_settings`,
-    lib/decoding/triton_launch.py). On CPU the same code
-    runs eagerly. The cache is rounded up to CACHE_ALIGN columns.
+    lib/decoding/triton_launch.py). On CPU the same code runs eagerly. The cache is rounded up to CACHE_ALIGN
+    columns.
     """
 
     def __init__(self, weights: DecoderWeights, batch: int, max_len: int, use_graphs: bool | None = None,
