@@ -1,5 +1,5 @@
 """GPU-only paths of the PyTorch engine: CUDA-graph capture and torch.compile of the fast path, pinned-memory
-reads of SD rounds, multi-GPU placement and the batch-1 Triton product. Run them on a GPU machine with
+reads of SD rounds, multi-GPU placement and the Triton products. Run them on a GPU machine with
 `pytest -m gpu`; without CUDA they are skipped (there is nothing to run them on)."""
 import pytest
 import torch
@@ -113,6 +113,39 @@ def test_separate_placement_puts_target_and_draft_on_two_gpus_and_stays_lossless
         if method == "speculative":
             assert str(facts["target"]).startswith("cuda:0") and str(facts["draft"]).startswith("cuda:1"), facts
     assert tokens["speculative"] == tokens["target"]
+
+
+def step_kernels(decoder: StaticDecoder, tokens: torch.Tensor) -> set[str]:
+    """The names of the CUDA kernels one replay of the step's graph runs."""
+    from torch.profiler import ProfilerActivity, profile
+    decoder.step(tokens)  # capture
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decoder.step(tokens)
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+
+
+@pytest.mark.parametrize("batch,width", [(2, 1), (1, 4)])
+def test_steps_of_a_few_rows_take_the_few_row_kernel(tiny_models, batch, width):
+    """In bfloat16 a decode step of 2 rows and a verify step of 4 tokens run their products on gemv.py's few-row
+    kernel and none on cuBLAS (the tiny target's K are multiples of 64); with gemv_rows=1 they go back to cuBLAS."""
+    from lib.decoding import fast_path
+    weights = weights_from_hf(load_model(tiny_models.target, "bfloat16", "cuda"), 64)
+    tokens = torch.ones(batch, width, dtype=torch.long, device="cuda")
+    shipped, names = fast_path.options(), {}
+    try:
+        for rows in (fast_path.options()["gemv_rows"], 1):
+            fast_path.set_options(gemv_rows=rows)
+            names[rows] = step_kernels(StaticDecoder(weights, batch, 64), tokens)
+    finally:
+        fast_path.set_options(**shipped)
+    blas = ("gemm", "nvjet", "cublas", "cutlass", "xmma")
+    few_rows, one_row_only = names[shipped["gemv_rows"]], names[1]
+    assert any("gemv_few_rows" in n for n in few_rows), sorted(few_rows)
+    assert not any(key in n.lower() for n in few_rows for key in blas), sorted(few_rows)
+    assert not any("gemv_few_rows" in n for n in one_row_only)
+    assert any(key in n.lower() for n in one_row_only for key in blas), sorted(one_row_only)
 
 
 @pytest.mark.parametrize("pdl", [False, True])
