@@ -234,3 +234,29 @@ def test_benchmark_flags_with_bad_values_stop_with_one_line(script, argv, named,
         importlib.import_module(f"benchmarks.{script}").main(argv)
     assert stop.value.code == 2
     assert named in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_inductor_uses_pdl_only_for_steps_whose_products_launch_with_pdl():
+    """Inductor's kernels get PDL for one-token steps and for 16-bit steps of up to gemv_rows rows (gemv.py's PDL
+    kernels); a verify step on cuBLAS (float32, or more rows than gemv takes) keeps plain launches, and the setting
+    is undone when the step has compiled."""
+    import torch._inductor.config as inductor_config
+
+    from lib.decoding import fast_path
+
+    def pdl(batch, width, dtype):
+        with fast_path.inductor_settings(torch.ones(batch, width, dtype=torch.long), dtype):
+            return inductor_config.triton.enable_pdl
+
+    before = inductor_config.triton.enable_pdl
+    assert pdl(1, 1, torch.float32) and pdl(16, 1, torch.float32)
+    assert pdl(1, 5, torch.bfloat16) and pdl(2, 8, torch.float16) and pdl(16, 1, torch.bfloat16)
+    assert not pdl(1, 5, torch.float32)
+    assert not pdl(1, 17, torch.bfloat16) and not pdl(3, 6, torch.bfloat16)
+    shipped = fast_path.options()
+    try:
+        fast_path.set_options(pdl=False)
+        assert not pdl(1, 1, torch.bfloat16)
+    finally:
+        fast_path.set_options(**shipped)
+    assert inductor_config.triton.enable_pdl == before

@@ -376,14 +376,15 @@ def compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False, fullgraph=True)
 
 
-def inductor_settings(tokens: torch.Tensor):
-    """Inductor's settings while a step of these tokens [B, n] compiles (they are read when a new shape compiles).
-    PDL for one-token steps and for steps of up to gemv_rows rows, whose 16-bit products run lib/decoding/gemv.py's
-    PDL kernels: on the H200 it made a 5-token verify step on cuBLAS slower (docs/performance.md)."""
+def inductor_settings(tokens: torch.Tensor, dtype: torch.dtype):
+    """Inductor's settings while a step of these tokens [B, n] of a model in `dtype` compiles (they are read when a
+    new shape compiles). PDL for one-token steps, and for steps of up to gemv_rows rows whose products run
+    lib/decoding/gemv.py's PDL kernels (16-bit): on the H200 it made a 5-token verify step on cuBLAS slower
+    (docs/performance.md)."""
     import torch._inductor.config as inductor_config
     settings = {"coordinate_descent_tuning": _Options.tune, "combo_kernels": _Options.combo}
     if hasattr(inductor_config.triton, "enable_pdl"):  # its kernels wait for their inputs and launch early
-        on_gemv = _Options.gemv and tokens.numel() <= _Options.gemv_rows
+        on_gemv = _Options.gemv and dtype in gemv.DTYPES and tokens.numel() <= _Options.gemv_rows
         settings["triton.enable_pdl"] = _Options.pdl and (tokens.shape[1] == 1 or on_gemv)
     return inductor_config.patch(settings)
 
@@ -394,11 +395,11 @@ class StaticDecoder:
     `step(tokens)` feeds tokens [B, n] at each row's `lengths` and returns logits [B, n, V] without committing
     them; the caller moves `lengths` (a device tensor, changed in place, so graphs see it). On CUDA each step
     width is captured once as a CUDA graph, (compile_layers, default on CUDA) each layer's small ops, the step's
-    inputs and its final norm are fused by torch.compile first, products of up to 16 rows run lib/decoding/gemv.py's
-    kernels (`project`), steps of up to 8 tokens lib/decoding/decode_attention.py's attention (`attention`), and
-    one-token steps and those of up to 16 rows launch their kernels with PDL (`inductor_settings`,
-    lib/decoding/triton_launch.py). On CPU the same code runs eagerly. The cache is rounded up to CACHE_ALIGN
-    columns.
+    inputs and its final norm are fused by torch.compile first, 16-bit products of up to 16 rows run
+    lib/decoding/gemv.py's kernels (`project`), steps of up to 8 tokens lib/decoding/decode_attention.py's attention
+    (`attention`), and one-token steps and 16-bit ones of up to 16 rows launch their kernels with PDL
+    (`inductor_settings`, lib/decoding/triton_launch.py). On CPU the same code runs eagerly. The cache is rounded up
+    to CACHE_ALIGN columns.
     """
 
     def __init__(self, weights: DecoderWeights, batch: int, max_len: int, use_graphs: bool | None = None,
@@ -437,7 +438,7 @@ class StaticDecoder:
     def _step_eager(self, tokens: torch.Tensor) -> torch.Tensor:
         if not self.compile_layers:
             return self._logits(self._forward(tokens, self.lengths, compile_step=False))
-        with inductor_settings(tokens):
+        with inductor_settings(tokens, self.w.embed.dtype):
             return self._logits(self._forward(tokens, self.lengths, compile_step=True))
 
     @torch.inference_mode()

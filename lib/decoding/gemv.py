@@ -18,6 +18,7 @@ import torch
 
 from lib.decoding.triton_launch import launch_options
 
+DTYPES = (torch.bfloat16, torch.float16)  # what the kernels read and write
 MAX_ROWS = 16  # one tensor-core tile of x's rows (timed at 5 and 16 on the H200: docs/performance.md); more: cuBLAS
 
 
@@ -55,7 +56,7 @@ def blocks_for(n: int, k: int, rows: int = 1) -> Blocks:
 def supports(x: torch.Tensor, w: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
     """1 to max_rows rows of x (larger products go to cuBLAS), 16-bit, K a multiple of 64 (the kernels do not mask
     K; Qwen2.5-0.5B's 896 takes chunks of 128)."""
-    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype and w.is_contiguous()
+    return (x.is_cuda and x.dtype in DTYPES and w.dtype == x.dtype and w.is_contiguous()
             and w.shape[1] == x.shape[-1] and w.shape[1] % 64 == 0 and 0 < x.numel() <= max_rows * x.shape[-1])
 
 
