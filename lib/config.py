@@ -15,7 +15,7 @@ from typing import Any
 
 from lib import engines as E
 from lib.engines.endpoints import endpoint_url
-from lib.errors import UsageError
+from lib.errors import UsageError, check_bearer_token
 from lib.files import path_component, shipped
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
@@ -385,6 +385,7 @@ def validate(cfg: Config):
     metadata_pairs(cfg)
     if cfg.run_id:
         path_component(cfg.run_id, f"RUN_ID={cfg.run_id!r}")
+    check_bearer_token(cfg.endpoint_api_key, "ENDPOINT_API_KEY")
     for engine, method in modes(cfg):  # raises on a bad COMPARE_MODES
         if engine == "openai":
             endpoint_url(cfg, method)

@@ -27,3 +27,13 @@ def exit_on_usage_error(main):
     wrapped.__name__ = main.__name__
     wrapped.__doc__ = main.__doc__
     return wrapped
+
+
+def check_bearer_token(token: str, what: str) -> str:
+    """A bearer token travels in an HTTP header, so it must be visible ASCII (RFC 6750's token68 alphabet plus the
+    other printable characters servers accept): anything else cannot be sent, or would arrive as other bytes."""
+    bad = next((c for c in token if not ("!" <= c <= "~")), None)
+    if bad is not None:
+        raise UsageError(f"{what}: the token holds {bad!r}; a bearer token takes visible ASCII characters only "
+                         "(no spaces, control or non-ASCII characters)")
+    return token

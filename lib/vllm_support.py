@@ -6,6 +6,7 @@ Importing the vllm package, the environment its CPU build needs, and its specula
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import shutil
 import tempfile
@@ -79,9 +80,25 @@ def spec_counters_from(raw: dict) -> SpecCounters:
     return SpecCounters(**fields)
 
 
+MAX_POSITIONS = 1024  # draft positions per round; vLLM's num_speculative_tokens is far below this
+
+
+def _counter_value(value: float) -> int:
+    if not (math.isfinite(value) and value >= 0 and float(value).is_integer()):
+        raise ValueError(f"a counter sample of {value!r}, not a count")
+    return int(value)
+
+
+def _position(label: str) -> int:
+    if not (label.isdigit() and int(label) < MAX_POSITIONS):
+        raise ValueError(f"a position label of {label!r}, not 0 to {MAX_POSITIONS - 1}")
+    return int(label)
+
+
 def spec_metrics_from_prometheus(text: str) -> dict:
     """The same counters from a vLLM server's /metrics text, summed over engines/labels (per position by its
-    `position` label). A body that is not Prometheus text raises ValueError."""
+    `position` label). A body that is not Prometheus text, or holds a counter that is not a count, raises
+    ValueError."""
     from prometheus_client.parser import text_string_to_metric_families
     totals: dict = {}
     for family in text_string_to_metric_families(text):
@@ -90,10 +107,10 @@ def spec_metrics_from_prometheus(text: str) -> dict:
         for sample in family.samples:
             if not sample.name.endswith("_total"):
                 continue  # _created timestamps
-            value = int(sample.value)
+            value = _counter_value(sample.value)
             if "position" in sample.labels:
                 counts = totals.setdefault(family.name, [])
-                pos = int(sample.labels["position"])
+                pos = _position(sample.labels["position"])
                 counts.extend([0] * (pos + 1 - len(counts)))
                 counts[pos] += value
             else:

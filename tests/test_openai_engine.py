@@ -207,6 +207,13 @@ def test_a_missing_endpoint_names_the_variable():
         make_cfg(COMPARE_MODES="openai:target openai:speculative", TARGET_ENDPOINT="http://127.0.0.1:1")
 
 
+@pytest.mark.parametrize("key", ["s\u00e9cret", "a\nb", "two words"])
+def test_api_keys_that_no_header_can_carry_are_one_line_without_the_key(key):
+    with pytest.raises(UsageError, match="ENDPOINT_API_KEY: .*visible ASCII") as caught:
+        make_cfg(ENDPOINT_API_KEY=key)
+    assert key not in str(caught.value)
+
+
 def test_endpoint_urls_drop_a_trailing_v1():
     from lib.engines.endpoints import endpoint_url
     assert endpoint_url(make_cfg(TARGET_ENDPOINT="https://h.example/v1/"), "target") == "https://h.example"
@@ -215,10 +222,111 @@ def test_endpoint_urls_drop_a_trailing_v1():
 @pytest.mark.parametrize("data, needle", [
     ("not json", "not JSON"), ("[1, 2]", "not a JSON object"), ('{"error": {"message": "boom"}}', "boom"),
     ('{"choices": [{"text": 5, "token_ids": "ab"}]}', "another shape"),
+    ('{"choices": [{"text": 5}]}', "another shape"),
+    ('{"choices": [{"text": "a", "token_ids": "123"}]}', "another shape"),
+    ('{"choices": [{"text": "a", "token_ids": [1e400]}]}', "another shape"),
+    ('{"choices": [{"text": "a", "token_ids": [true]}]}', "another shape"),
+    ('{"choices": [{"text": "a", "token_ids": [-1]}]}', "another shape"),
+    ('{"choices": [{"text": "a", "finish_reason": {"type": "stop"}}]}', "another shape"),
+    ('{"choices": [{"delta": {"content": ["a"]}}]}', "another shape"),
+    ('{"choices": [], "usage": {"prompt_tokens": "12"}}', "another shape"),
 ])
 def test_hostile_stream_lines_are_reply_errors(data, needle):
     with pytest.raises(ReplyError, match=needle):
-        parse_chunk(data, "completions")
+        parse_chunk(data, "chat" if "delta" in data else "completions")
+
+
+@pytest.mark.parametrize("meta", [{"completion_tokens": 1e400}, {"completion_tokens": "1"},
+                                  {"completion_tokens": 1, "spec_verify_ct": "x"},
+                                  {"completion_tokens": 1, "prompt_tokens": -3}])
+def test_hostile_sglang_lines_are_reply_errors(meta):
+    with pytest.raises(ReplyError, match="another shape"):
+        parse_sglang_chunk(json.dumps({"text": "a", "output_ids": [5], "meta_info": meta}), Stream(start=0.0))
+    with pytest.raises(ReplyError, match="another shape"):
+        parse_sglang_chunk(json.dumps({"text": "a", "output_ids": "5", "meta_info": {"completion_tokens": 1}}),
+                           Stream(start=0.0))
+
+
+@pytest.mark.parametrize("body, needle", [
+    ("# TYPE vllm:spec_decode_num_drafts_total counter\nvllm:spec_decode_num_drafts_total +Inf\n", "inf"),
+    ("# TYPE vllm:spec_decode_num_accepted_tokens_per_pos_total counter\n"
+     'vllm:spec_decode_num_accepted_tokens_per_pos_total{position="-1"} 3\n', "position"),
+    ("# TYPE vllm:spec_decode_num_accepted_tokens_per_pos_total counter\n"
+     'vllm:spec_decode_num_accepted_tokens_per_pos_total{position="99999999999"} 3\n', "position"),
+])
+def test_metrics_that_are_not_counts_are_value_errors(body, needle):
+    """_scrape reads a ValueError as "no counters here", so a hostile /metrics cannot fail a mode."""
+    from lib.vllm_support import spec_metrics_from_prometheus
+    with pytest.raises(ValueError, match=needle):
+        spec_metrics_from_prometheus(body)
+
+
+class MisbehavingServer:
+    """An OpenAI-style /v1/completions server whose streams go wrong on purpose, one way per prompt (no real
+    server misbehaves on demand): prompt [1] streams well, [2] sends a chunk whose text is a number, [3] ignores
+    max_tokens, [4] sends a finish_reason that is an object. /metrics answers +Inf counters."""
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        def chunk(text, ids, finish=None):
+            return "data: " + json.dumps({"choices": [{"text": text, "token_ids": ids, "finish_reason": finish}]})
+
+        streams = {1: [chunk("a", [5]), chunk("b", [6], "length")],
+                   2: [chunk("a", [5]), '{"choices": [{"text": 5}]}'.join(["data: ", ""])],
+                   3: [chunk("a", [5]), chunk("b", [6]), chunk("c", [7]), chunk("d", [8], "length")],
+                   4: [chunk("a", [5]), chunk("b", [6], {"type": "length"})]}
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, body: bytes, content_type="application/json"):
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                if self.path == "/metrics":
+                    self.reply(b"# TYPE vllm:spec_decode_num_drafts_total counter\n"
+                               b"vllm:spec_decode_num_drafts_total +Inf\n", "text/plain")
+                else:
+                    self.reply(json.dumps({"data": [{"id": "misbehaving"}]}).encode())
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if not body.get("stream"):  # the engine's one-token probe: token-id prompts are taken
+                    return self.reply(json.dumps({"choices": [{"text": "x"}]}).encode())
+                lines = streams[body["prompt"][0]] + ["data: [DONE]"]
+                self.reply("".join(line + "\n\n" for line in lines).encode(), "text/event-stream")
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_hostile_replies_fail_only_their_own_request(tiny_models, caplog):
+    """One malformed chunk is that request's error record, a reply past max_tokens is cut to it (with a warning),
+    and an unreadable /metrics means no counters; the other requests finish and nothing takes the run down."""
+    server = MisbehavingServer()
+    try:
+        engine = create_engine("openai", make_cfg(TARGET_ENDPOINT=server.url), "target", paths(tiny_models))
+        records = run_engine(engine, [Request(i, "p", [i], 2) for i in (1, 2, 3, 4)])
+    finally:
+        server.close()
+    assert records[1].finish_reason == "length" and records[1].output_ids == [5, 6] and records[1].error is None
+    assert records[2].finish_reason == "error" and "another shape" in records[2].error
+    assert records[3].output_ids == [5, 6] and len(records[3].token_times) == 2 and records[3].error is None
+    assert records[4].finish_reason == "error" and "another shape" in records[4].error
+    assert "more tokens than max_tokens in 1 of 4 requests" in caplog.text
+    assert engine.run_spec_counters is None and "not Prometheus text" in engine.spec_counters_source
 
 
 def test_stream_lines_of_each_server_kind_parse_into_tokens_ids_and_margins():

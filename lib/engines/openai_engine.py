@@ -92,6 +92,34 @@ class Stream:
         self.meta = chunk.meta or self.meta
 
 
+def _token_ids(values) -> list[int]:
+    """A reply's token ids: a JSON list of non-negative integers (not strings, bools or floats such as 1e400)."""
+    if not isinstance(values, list) or not all(type(i) is int and i >= 0 for i in values):
+        raise TypeError("token ids")
+    return values
+
+
+def _text(value) -> str:
+    if value is not None and not isinstance(value, str):
+        raise TypeError("text")
+    return value or ""
+
+
+def _finish_reason(value) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError("finish_reason")
+    return value
+
+
+def _count(value) -> int | None:
+    """A usage count (prompt_tokens): a non-negative integer, or None when the server sends none."""
+    if value is None:
+        return None
+    if type(value) is not int or value < 0:
+        raise TypeError("count")
+    return value
+
+
 def _margin(top: list[float]) -> float | None:
     best = sorted(top, reverse=True)
     return best[0] - best[1] if len(best) >= 2 else None
@@ -134,27 +162,27 @@ def parse_chunk(data: str, api: str) -> Chunk:
     """One SSE data line's JSON as a Chunk; ReplyError for an error object or a body of another shape."""
     body = stream_object(data)
     chunk = Chunk(timings=body.get("timings") if isinstance(body.get("timings"), dict) else None)
-    usage = body.get("usage")
-    if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
-        chunk.prompt_tokens = usage["prompt_tokens"]
-    choices = body.get("choices")
-    if not choices:
-        return chunk  # a usage-only chunk
     try:
+        usage = body.get("usage")
+        if isinstance(usage, dict):
+            chunk.prompt_tokens = _count(usage.get("prompt_tokens"))
+        choices = body.get("choices")
+        if not choices:
+            return chunk  # a usage-only chunk
         choice = choices[0]
         if api == "chat":
-            chunk.text = (choice.get("delta") or {}).get("content") or ""
+            chunk.text = _text((choice.get("delta") or {}).get("content"))
             tokens, chunk.margins = chat_logprobs(choice.get("logprobs") or {})
         else:
-            chunk.text = choice.get("text") or ""
+            chunk.text = _text(choice.get("text"))
             tokens, chunk.margins = completion_logprobs(choice.get("logprobs") or {})
         ids = choice.get("token_ids")
         if ids is None and tokens and all(_id_of(t) is not None for t in tokens):
             ids = [_id_of(t) for t in tokens]
         if ids is not None:
-            chunk.ids = [int(i) for i in ids]
+            chunk.ids = _token_ids(ids)
         chunk.tokens = len(chunk.ids) if chunk.ids is not None else len(tokens) or (1 if chunk.text else 0)
-        chunk.finish_reason = choice.get("finish_reason")
+        chunk.finish_reason = _finish_reason(choice.get("finish_reason"))
     except (AttributeError, TypeError, ValueError, IndexError, KeyError):
         raise ReplyError(f"a stream chunk of another shape than OpenAI's: {data[:200]!r}") from None
     return chunk
@@ -171,17 +199,18 @@ def parse_sglang_chunk(data: str, stream: Stream) -> Chunk:
     body = stream_object(data)
     meta = body.get("meta_info")
     try:
-        total, seen = int(meta["completion_tokens"]), len(stream.times)
-        text, before = str(body.get("text") or ""), "".join(stream.text)
+        total, seen = _count(meta["completion_tokens"]), len(stream.times)
+        text, before = _text(body.get("text")), "".join(stream.text)
         chunk = Chunk(text=text[len(before):] if text.startswith(before) else text, meta=meta,
-                      prompt_tokens=meta.get("prompt_tokens"))
+                      prompt_tokens=_count(meta.get("prompt_tokens")))
         if body.get("output_ids") is not None:
-            chunk.ids = [int(i) for i in _new_part(body["output_ids"], total, seen)]
+            chunk.ids = _token_ids(_new_part(_token_ids(body["output_ids"]), total, seen))
         chunk.tokens = max(0, total - seen)
         tops = _new_part(meta.get("output_top_logprobs") or [], total, seen)
         chunk.margins = [_margin([entry[0] for entry in top]) for top in tops] if tops else []
         finish = meta.get("finish_reason")
-        chunk.finish_reason = finish.get("type") if isinstance(finish, dict) else finish
+        chunk.finish_reason = _finish_reason(finish.get("type") if isinstance(finish, dict) else finish)
+        _count(meta.get("spec_verify_ct"))  # read with the record: an integer or none
     except (AttributeError, TypeError, ValueError, IndexError, KeyError):
         raise ReplyError(f"a stream chunk of another shape than SGLang's /generate: {data[:200]!r}") from None
     return chunk
@@ -204,6 +233,7 @@ class OpenAIEngine(Engine):
         self.spec_counters_source = "not run yet"
         self.output_ids_source = "none yet"
         self.sglang_draft_tokens: int | None = None  # the server's speculative_num_draft_tokens (ENDPOINT_API=sglang)
+        self.overlong_replies = 0  # requests of the run whose server sent more tokens than max_tokens
 
     @classmethod
     def context_length(cls, cfg, method: str, models) -> tuple[int, str] | None:
@@ -316,6 +346,7 @@ class OpenAIEngine(Engine):
         before = self._scrape()
         records: list[RequestRecord] = []
         self.draft_timings = None
+        self.overlong_replies = 0
 
         def done(record: RequestRecord):
             records.append(record)
@@ -325,6 +356,10 @@ class OpenAIEngine(Engine):
             asyncio.run(self._run_async(requests, clock, done, should_stop))
         finally:
             self._settle_counters(before, self._scrape())
+        if self.overlong_replies:
+            logger.warning(f"WARNING: {self.label}: the server sent more tokens than max_tokens in "
+                           f"{self.overlong_replies} of {len(requests)} requests; each record keeps the first "
+                           "max_tokens (does the server ignore max_tokens?)")
         self._check_server(records, len(requests))
 
     async def _run_async(self, requests, clock: Clock, on_done, should_stop):
@@ -375,6 +410,8 @@ class OpenAIEngine(Engine):
             stream.error = f"{exc.__class__.__name__}: {exc}".rstrip(": ")
         except ReplyError as exc:
             stream.error = str(exc)
+        except Exception as exc:  # a reply no parser foresaw ends this request, never the other requests of the run
+            stream.error = f"unreadable reply ({exc.__class__.__name__}: {one_line(exc)})"
         if stream.error is None and stream.finish_reason is None:
             stream.error = "the stream ended without a finish_reason"
         return self._record(request, stream)
@@ -402,6 +439,11 @@ class OpenAIEngine(Engine):
         self.output_ids_source = "server token ids" if stream.ids_known else \
             "the streamed text tokenized again (the server returns no token ids)"
         margins = stream.margins if len(stream.margins) == len(ids) and None not in stream.margins else None
+        if len(ids) > request.max_new_tokens:  # a server that ignores max_tokens: count only what was asked
+            self.overlong_replies += 1
+            ids, times = ids[: request.max_new_tokens], times[: request.max_new_tokens]
+            margins = margins[: request.max_new_tokens] if margins else margins
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
         if stream.timings is not None:
             self._count_timings(stream.timings)
         reason = "error" if stream.error else FINISH_REASONS.get(stream.finish_reason, str(stream.finish_reason))
@@ -437,8 +479,8 @@ class OpenAIEngine(Engine):
             return None, f"/metrics: HTTP {response.status_code}"
         try:
             counters = spec_metrics_from_prometheus(response.text)
-        except ValueError:
-            return None, "/metrics is not Prometheus text"
+        except ValueError as exc:
+            return None, f"/metrics is not Prometheus text SpecLab can count ({one_line(exc)})"
         if not counters:
             return None, f"/metrics has no {', '.join(SPEC_COUNTERS)} counters (no speculative decoding configured)"
         return counters, ""
