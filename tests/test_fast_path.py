@@ -2,6 +2,7 @@
 models."""
 import importlib
 import json
+import time
 
 import pytest
 import torch
@@ -38,12 +39,13 @@ def decoders(target, draft, batch, gamma=0):
     return t, d
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-def test_greedy_ar_equals_plain_path(pair, prompts, rows):
+@pytest.mark.parametrize("rows,ahead", [(1, None), (3, None), (3, True)])
+def test_greedy_ar_equals_plain_path(pair, prompts, rows, ahead):
+    """ahead=True runs the loop CUDA runs (the next step queued before the current one is read) on the CPU."""
     target, _, _ = pair
     batch = prompts[:rows]
     plain = autoregressive_generate(target, batch, NEW)
-    fast = static_autoregressive_generate(decoders(target, None, batch)[0], batch, NEW)
+    fast = static_autoregressive_generate(decoders(target, None, batch)[0], batch, NEW, ahead=ahead)
     assert fast.tokens == plain.tokens
     assert all(len(t) == NEW for t in fast.tokens)
     assert all(len(times) == NEW and times == sorted(times) for times in fast.token_times)
@@ -207,10 +209,41 @@ def test_rounds_queued_ahead_keep_sd_exact(pair, prompts, new, gamma):
     max_len = max_len_for(prompts, new, gamma)
     fast = static_speculative_generate(StaticDecoder(weights_from_hf(target, max_len), len(prompts), max_len),
                                        StaticDecoder(weights_from_hf(draft, max_len), len(prompts), max_len),
-                                       prompts, new, gamma)
+                                       prompts, new, gamma, ahead=True)  # the CUDA loop, here on the CPU
     chain = speculative_generate(target, draft, prompts, new, gamma)
     assert fast.tokens == autoregressive_generate(target, prompts, new).tokens
     assert fast.num_drafts == chain.num_drafts and fast.accepted_tokens == chain.accepted_tokens
+
+
+def timed_steps(decoder: StaticDecoder) -> list[tuple[float, float]]:
+    """Wraps decoder.step to note (start, end) of every step; the CPU runs a step as it is called."""
+    spans, step = [], decoder.step
+
+    def noted(*args, **kwargs):
+        start = time.perf_counter()
+        out = step(*args, **kwargs)
+        spans.append((start, time.perf_counter()))
+        return out
+
+    decoder.step = noted
+    return spans
+
+
+@pytest.mark.parametrize("gamma", [0, 3])
+def test_cpu_token_times_are_when_their_step_ended(pair, prompts, gamma):
+    """On the CPU a token (an SD round's tokens) is stamped after the target step that made it and before the
+    next target step starts: no step is queued ahead to hold it back."""
+    target, draft, _ = pair
+    batch = prompts[:2]
+    t, d = decoders(target, draft if gamma else None, batch, gamma)
+    spans = timed_steps(t)
+    gen = static_speculative_generate(t, d, batch, NEW, gamma) if gamma else \
+        static_autoregressive_generate(t, batch, NEW)
+    stamps = sorted({t for times in gen.token_times for t in times[1:]})  # past the prefill's: one per step
+    assert len(stamps) == len(spans) >= 2
+    for i, stamp in enumerate(stamps):
+        assert spans[i][1] <= stamp, f"step {i} ended after its tokens were stamped"
+        assert i + 1 == len(spans) or stamp <= spans[i + 1][0], f"step {i + 1} ran before step {i}'s tokens"
 
 
 def test_fused_weights_share_storage_with_the_model(tiny_models):

@@ -503,6 +503,13 @@ def _record_event(device: torch.device):
     return event
 
 
+def queues_ahead(device: torch.device) -> bool:
+    """Whether the loops queue the next step before reading the current one. On CUDA the host's read then overlaps
+    the GPU's work; on the CPU work runs as it is queued, so queueing ahead would only hold every step's tokens
+    back by one step (a later first token, a last one at once)."""
+    return device.type == "cuda"
+
+
 class _HostReader:
     """Per-row bookkeeping plus the device `active` mask (finished rows stop moving their caches)."""
 
@@ -528,12 +535,12 @@ def greedy_pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.inference_mode()
 def static_autoregressive_generate(target: StaticDecoder, prompts: list[list[int]], max_new: int,
                                    temperature: float = 0.0, eos_ids=frozenset(), pad_id: int = 0,
-                                   generator=None) -> Generation:
-    """AR decoding on a StaticDecoder. The next step is queued before the host reads the current tokens (a
-    copy to pinned memory and an event), so the GPU never waits for Python; token times are when the host has
-    them. Greedy steps pick their token inside the step's graph (`greedy_pick`), so between two replays the
-    GPU runs only the token copy, the length update and the reads. A row that finishes moves its cache one step
-    more than needed (max_len_for leaves room)."""
+                                   generator=None, ahead: bool | None = None) -> Generation:
+    """AR decoding on a StaticDecoder. On CUDA (`ahead`, default `queues_ahead`) the next step is queued before the
+    host reads the current tokens (a copy to pinned memory and an event), so the GPU never waits for Python; token
+    times are when the host has them. Greedy steps pick their token inside the step's graph (`greedy_pick`), so
+    between two replays the GPU runs only the token copy, the length update and the reads. A row that finishes
+    moves its cache one step more than needed when queued ahead (max_len_for leaves room)."""
     def pick(logits):
         if temperature > 0:
             return sample(probabilities(logits[:, -1].float(), temperature), generator), top2(logits[:, -1])
@@ -544,6 +551,7 @@ def static_autoregressive_generate(target: StaticDecoder, prompts: list[list[int
             return target.step(token[:, None], then=greedy_pick)
         return pick(target.step(token[:, None]))
 
+    ahead = queues_ahead(target.device) if ahead is None else ahead
     token, tops = pick(target.prefill(prompts, pad_id)[:, None])
     host = _HostReader(len(prompts), max_new, eos_ids, target.device)
     pinned = torch.empty(len(prompts), dtype=torch.long, pin_memory=target.device.type == "cuda")
@@ -552,7 +560,7 @@ def static_autoregressive_generate(target: StaticDecoder, prompts: list[list[int
         pinned.copy_(token, non_blocking=True)
         pinned_tops.copy_(tops, non_blocking=True)
         ready = _record_event(target.device)
-        if not all(len(t) + 1 >= max_new for t in host.rows.tokens):
+        if ahead and not all(len(t) + 1 >= max_new for t in host.rows.tokens):
             token, tops = next_pick(token)
             target.lengths.add_(host.active)
         if ready is not None:
@@ -561,6 +569,9 @@ def static_autoregressive_generate(target: StaticDecoder, prompts: list[list[int
         if host.rows.done():
             break
         host.refresh_active()
+        if not ahead:
+            token, tops = next_pick(token)
+            target.lengths.add_(host.active)
     return split_tops(host.rows.tops, Generation(host.rows.tokens, host.rows.times, host.rows.reasons))
 
 
@@ -605,14 +616,15 @@ class _Round:
 @torch.inference_mode()
 def static_speculative_generate(target: StaticDecoder, draft: StaticDecoder, prompts: list[list[int]],
                                 max_new: int, gamma: int, temperature: float = 0.0, eos_ids=frozenset(),
-                                pad_id: int = 0, generator=None) -> Generation:
+                                pad_id: int = 0, generator=None, ahead: bool | None = None) -> Generation:
     """Chain SD on StaticDecoders. A round: the draft's first step feeds 2 tokens (the last committed token
     and the pending one: this also fills the draft cache after a fully accepted round, with no branch), then
     gamma - 1 single-token steps, one target verify of gamma + 1 tokens, acceptance on device, and one host
-    read of (accepted counts, drafts, next token). While the host reads a round, the next one is already queued
-    (unless every row may finish in the round being read), so the GPU does not wait for Python; a row that
-    finishes thus moves its cache one round more (max_len_for leaves room)."""
+    read of (accepted counts, drafts, next token). On CUDA (`ahead`, default `queues_ahead`), while the host reads a
+    round the next one is already queued (unless every row may finish in the round being read), so the GPU does
+    not wait for Python; a row that finishes thus moves its cache one round more (max_len_for leaves room)."""
     batch, device = len(prompts), target.device
+    ahead = queues_ahead(device) if ahead is None else ahead
     logits = target.prefill(prompts, pad_id)
     draft.prefill(prompts, pad_id)
     draft.lengths.sub_(1)  # the last prompt token is fed again with the pending one
@@ -629,8 +641,8 @@ def static_speculative_generate(target: StaticDecoder, draft: StaticDecoder, pro
                                                    generator, pinned[0])
     while queued is not None:
         current, queued = queued, None
-        if any(not reason and len(tokens) + gamma + 1 < max_new
-               for tokens, reason in zip(host.rows.tokens, host.rows.reasons)):
+        if ahead and any(not reason and len(tokens) + gamma + 1 < max_new
+                         for tokens, reason in zip(host.rows.tokens, host.rows.reasons)):
             queued = _Round(target, draft, current.last, current.pending, gamma, temperature, host.active,
                             generator, pinned[1] if current.pinned is pinned[0] else pinned[0])
         counts, tops = current.read()  # the one host sync of the round
