@@ -29,6 +29,9 @@ MAX_BATCH_TOKENS = 1 << 22  # BATCH_SIZE x MAX_BATCH_LENGTH: the token slots a b
 MAX_SEQUENCE_TOKENS = 1 << 24
 MAX_SEED = 2**32 - 2  # llama.cpp's seed is 32-bit and 2**32 - 1 means "random" there
 MAX_GPUS = 1024  # also caps thread counts
+MIN_RATE = 1e-3  # requests/s: one every ~17 minutes; below it gaps and spans overflow the week AUTO_DURATION allows
+MIN_TEMPERATURE = 1e-5  # vLLM's sampling epsilon: below it vLLM decodes greedily, and logits / T overflow
+MAX_DURATION = 7 * 24 * 3600  # seconds: AUTO_DURATION's bound, and the span of vLLM's schedule
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class Var:
     min: float | None = None
     max: float | None = None
     allow_inf: bool = False  # "inf" accepted besides the bounded finite values (BURSTINESS: constant gaps)
+    or_zero: bool = False  # 0 ("off") accepted besides [min, max] (AUTO_RATE: fixed-count mode; TEMPERATURE: greedy)
     shipped: bool = False  # the default names a file shipped with the project: resolved against the repository
     aliases: tuple = ()  # (alias, choice) pairs: the alias is accepted and resolves to the choice
     secret: bool = False  # a credential: run.json and --dry-run show *** instead of the value
@@ -66,14 +70,19 @@ class Var:
                 bounds.append(f">= {_number(self.min)}")
             if self.max is not None:
                 bounds.append(f"<= {_number(self.max)}")
-            return noun + (" " + " and ".join(bounds) if bounds else "") + (", or inf" if self.allow_inf else "")
-        return "a path" if self.kind == "path" else "text"
+            return ("0, or " if self.or_zero else "") + noun + (" " + " and ".join(bounds) if bounds else "") + \
+                (", or inf" if self.allow_inf else "")
+        return "a path" if self.kind == "path" else "UTF-8 text"
 
     def parse(self, raw: str, source: str) -> Any:
         def bad():
             return UsageError(f"{self.name}={raw!r} ({source}): expected {self.accepted()}")
 
         text = raw.strip()
+        try:
+            text.encode("utf-8")  # bytes that are not UTF-8 arrive from the environment as lone surrogates
+        except UnicodeEncodeError:
+            raise UsageError(f"{self.name}={raw!r} ({source}): not UTF-8 text") from None
         if self.kind in ("str", "path"):
             return text
         if self.kind == "bool":
@@ -92,7 +101,7 @@ class Var:
             value = int(text) if self.kind == "int" else float(text)
         except ValueError:
             raise bad() from None
-        if value == math.inf and self.allow_inf:
+        if (value == math.inf and self.allow_inf) or (value == 0 and self.or_zero):
             return value
         if not math.isfinite(value):  # float("nan"), float("inf"), float("1e400")
             raise bad()
@@ -164,9 +173,10 @@ VARS: list[Var] = [
     Var("NUM_PROMPTS", "int", 20, "fixed-count mode: number of requests (ignored when AUTO_RATE > 0)", G_WORK,
         min=0, max=MAX_REQUESTS),
     Var("AUTO_RATE", "float", 0.0, "rate mode: requests per second, Poisson arrivals (0 = fixed-count mode); "
-        f"AUTO_RATE x AUTO_DURATION at most {MAX_REQUESTS} requests", G_WORK, min=0, max=MAX_REQUESTS),
+        f"AUTO_RATE x AUTO_DURATION at most {MAX_REQUESTS} requests", G_WORK, min=MIN_RATE, max=MAX_REQUESTS,
+        or_zero=True),
     Var("AUTO_DURATION", "float", 0.0, "rate mode: seconds over which requests arrive", G_WORK, min=0,
-        max=7 * 24 * 3600),
+        max=MAX_DURATION),
     Var("ENABLE_BATCH", "bool", False, "decode BATCH_SIZE requests together", G_WORK),
     Var("BATCH_SIZE", "int", 4, "requests per batch when ENABLE_BATCH=true", G_WORK, min=1, max=4096),
     Var("MAX_BATCH_LENGTH", "int", 512, "batching: prompt + generation tokens per row; longer prompts keep "
@@ -208,8 +218,10 @@ VARS: list[Var] = [
     Var("RAMP_UP_STRATEGY", "choice", "none", "rate ramp from RAMP_UP_START_RPS to RAMP_UP_END_RPS: none, linear or "
         "exponential (speclab schedule: over AUTO_DURATION; vllm: over the requests, as vLLM)", G_WORK,
         choices=("none", "linear", "exponential")),
-    Var("RAMP_UP_START_RPS", "float", 0.0, "ramp-up: requests/s at the start", G_WORK, min=0, max=MAX_REQUESTS),
-    Var("RAMP_UP_END_RPS", "float", 0.0, "ramp-up: requests/s at the end", G_WORK, min=0, max=MAX_REQUESTS),
+    Var("RAMP_UP_START_RPS", "float", 0.0, "ramp-up: requests/s at the start", G_WORK, min=MIN_RATE,
+        max=MAX_REQUESTS, or_zero=True),
+    Var("RAMP_UP_END_RPS", "float", 0.0, "ramp-up: requests/s at the end", G_WORK, min=MIN_RATE, max=MAX_REQUESTS,
+        or_zero=True),
     Var("MAX_CONCURRENCY", "int", 0, "at most this many requests in flight (0 = no limit; batch engines also keep "
         "to BATCH_SIZE)", G_WORK, min=0, max=MAX_REQUESTS),
     Var("NUM_RUNS", "int", 1, "run each mode this many times; the result adds mean and 95 % Student-t interval of "
@@ -219,7 +231,8 @@ VARS: list[Var] = [
         max=MAX_GENERATION_LENGTH),
     Var("GAMMA_VALUE", "int", 4, "draft tokens per speculative round", G_GEN, min=1, max=64),
     Var("TEMPERATURE", "float", 0.0, "0 = greedy (SD output equals AR output); > 0 samples, SD keeps the "
-        "target's distribution", G_GEN, min=0, max=100),
+        "target's distribution (below 1e-5 vLLM samples greedily, so SpecLab takes 0 or from 1e-5)", G_GEN,
+        min=MIN_TEMPERATURE, max=100, or_zero=True),
     Var("SEED", "int", 42, "seed for sampling, prompt order and arrival times", G_GEN, min=0,
         max=MAX_SEED),
     # GPU monitor
@@ -349,15 +362,17 @@ def resolve(args: argparse.Namespace | None = None, environ: dict | None = None,
     values, sources = {}, {}
     for var in VARS:
         cli = getattr(args, var.attr, None) if args is not None else None
-        if cli is not None:
+        if cli is not None and cli.strip() != "":
             values[var.name], sources[var.name] = var.parse(cli, f"from {var.flag}"), "cli"
-        elif environ.get(var.name, "").strip() != "":
+        elif cli is None and environ.get(var.name, "").strip() != "":
             values[var.name], sources[var.name] = var.parse(environ[var.name], env_source), "env"
-        else:
+        else:  # unset, or empty: as an empty variable, an empty flag means the default (and overrides the variable)
             default = str(shipped(var.default)) if var.shipped else var.default
-            values[var.name], sources[var.name] = default, "default"
+            values[var.name], sources[var.name] = default, "default" if cli is None else "cli"
     cfg = Config.from_values(values, sources)
     validate(cfg)
+    if sources["CUDA_VISIBLE_DEVICES"] == "cli":  # the flag sets CUDA's own variable, read when CUDA starts
+        os.environ["CUDA_VISIBLE_DEVICES"] = cfg.cuda_visible_devices
     return cfg
 
 
@@ -402,6 +417,12 @@ def counted(cfg: Config) -> bool:
 
 
 def _check_traffic(cfg: Config):
+    if cfg.auto_rate > 0 and cfg.ramp_up_strategy != "none":
+        raise UsageError(f"AUTO_RATE={cfg.auto_rate:g} with RAMP_UP_STRATEGY={cfg.ramp_up_strategy}: the ramp-up sets "
+                         "the rate (RAMP_UP_START_RPS to RAMP_UP_END_RPS); set one of the two")
+    if cfg.auto_rate > 0 and cfg.arrival_schedule == "vllm" and cfg.num_prompts / cfg.auto_rate > MAX_DURATION:
+        raise UsageError(f"NUM_PROMPTS={cfg.num_prompts} at AUTO_RATE={cfg.auto_rate:g} (ARRIVAL_SCHEDULE=vllm): "
+                         f"arrivals over {cfg.num_prompts / cfg.auto_rate:.3g} s; at most {MAX_DURATION} s (a week)")
     if cfg.ramp_up_strategy != "none" and (cfg.ramp_up_start_rps <= 0 or cfg.ramp_up_end_rps <= 0):
         raise UsageError(f"RAMP_UP_STRATEGY={cfg.ramp_up_strategy}: needs RAMP_UP_START_RPS and RAMP_UP_END_RPS > 0 "
                          f"(got {cfg.ramp_up_start_rps:g} and {cfg.ramp_up_end_rps:g})")

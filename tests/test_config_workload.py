@@ -24,13 +24,31 @@ def test_defaults_and_precedence():
     cfg = C.resolve(args, {"GAMMA_VALUE": "5", "NUM_PROMPTS": "3"})
     assert cfg.gamma_value == 7 and cfg.sources["GAMMA_VALUE"] == "cli"
     assert cfg.num_prompts == 3 and cfg.sources["NUM_PROMPTS"] == "env"
+    cfg = C.resolve(parser.parse_args(["--results-dir", "", "--gamma-value", " "]),
+                    {"RESULTS_DIR": "/elsewhere", "GAMMA_VALUE": "5"})
+    assert (cfg.results_dir, cfg.gamma_value) == ("results", 4)  # an empty flag means the default, as an empty env
+    assert cfg.sources["RESULTS_DIR"] == "cli"
+
+
+def test_the_cuda_visible_devices_flag_sets_cudas_own_variable(monkeypatch):
+    import argparse
+    parser = argparse.ArgumentParser()
+    C.add_arguments(parser)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    C.resolve(parser.parse_args([]))
+    assert C.os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+    C.resolve(parser.parse_args(["--cuda-visible-devices", "1"]))
+    assert C.os.environ["CUDA_VISIBLE_DEVICES"] == "1"
 
 
 @pytest.mark.parametrize("name,value,accepted", [
     ("GAMMA_VALUE", "abc", "an integer"), ("GAMMA_VALUE", "0", ">= 1"), ("GPU_STRATEGY", "diagonal", "one of"),
-    ("ENABLE_BATCH", "maybe", "true or false"), ("TEMPERATURE", "-1", ">= 0"), ("AUTO_RATE", "fast", "a finite number"),
+    ("ENABLE_BATCH", "maybe", "true or false"), ("TEMPERATURE", "-1", "0, or a finite number >= 1e-05"),
+    ("TEMPERATURE", "1e-300", "0, or a finite number >= 1e-05"), ("AUTO_RATE", "fast", "a finite number"),
+    ("AUTO_RATE", "1e-322", "0, or a finite number >= 0.001"), ("RAMP_UP_END_RPS", "1e-9", ">= 0.001"),
     ("INFERENCE_METHOD", "guess", "speculative"), ("VLLM_SPEC_METHOD", "medusa", "ngram"),
-    ("VLLM_GPU_MEMORY_UTILIZATION", "1.5", "<= 1"),
+    ("VLLM_GPU_MEMORY_UTILIZATION", "1.5", "<= 1"), ("RUN_ID", "r\udcff", "not UTF-8 text"),
+    ("METADATA", "k=\udcff", "not UTF-8 text"),
 ])
 def test_bad_values_name_variable_value_and_accepted(name, value, accepted):
     with pytest.raises(UsageError) as err:
@@ -42,6 +60,10 @@ def test_bad_values_name_variable_value_and_accepted(name, value, accepted):
 def test_cross_checks_and_modes():
     with pytest.raises(UsageError, match="AUTO_DURATION"):
         resolve(AUTO_RATE=2)
+    with pytest.raises(UsageError, match="AUTO_RATE=50 with RAMP_UP_STRATEGY=linear: the ramp-up sets the rate"):
+        resolve(AUTO_RATE=50, AUTO_DURATION=3, RAMP_UP_STRATEGY="linear", RAMP_UP_START_RPS=1, RAMP_UP_END_RPS=2)
+    with pytest.raises(UsageError, match=r"NUM_PROMPTS=2000 at AUTO_RATE=0.001 \(ARRIVAL_SCHEDULE=vllm\): arrivals over"):
+        resolve(AUTO_RATE=0.001, ARRIVAL_SCHEDULE="vllm", NUM_PROMPTS=2000)
     with pytest.raises(UsageError, match="MAX_BATCH_LENGTH"):
         resolve(ENABLE_BATCH="true", MAX_BATCH_LENGTH=50, GENERATION_LENGTH=100)
     with pytest.raises(UsageError, match="nothing to run"):
