@@ -156,7 +156,9 @@ def config_from_args(args: argparse.Namespace) -> ComparisonConfig:
     values.setdefault("prompt_file", str(files.shipped(ComparisonConfig.prompt_file)))
     if args.draft_type is None and values.get("draft_model_path"):
         from lib.decoding.eagle import is_eagle_folder
-        values["draft_type"] = "eagle" if is_eagle_folder(values["draft_model_path"]) else "model"
+        from lib.models import check_model_dir
+        draft = check_model_dir(values["draft_model_path"], "--draft-model-path", known_type=False)  # headers first
+        values["draft_type"] = "eagle" if is_eagle_folder(draft) else "model"
     return ComparisonConfig(**values).validate()
 
 

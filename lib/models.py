@@ -32,7 +32,10 @@ CHAT_TEMPLATE = (
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("SPECLAB_CACHE_DIR", Path.home() / ".cache" / "speclab"))
+    """SPECLAB_CACHE_DIR (empty = unset), else ~/.cache/speclab: a folder that exists or can be made."""
+    raw = os.environ.get("SPECLAB_CACHE_DIR", "").strip()
+    return files.output_dir(Path(raw) if raw else Path.home() / ".cache" / "speclab",
+                            f"SPECLAB_CACHE_DIR={raw}" if raw else "the cache folder ~/.cache/speclab")
 
 
 @dataclass(frozen=True)

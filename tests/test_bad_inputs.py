@@ -108,12 +108,25 @@ def test_broken_model_folders_are_one_line_before_any_mode(tiny_models, broken_f
     folder = broken_folders["truncated weights"]
     assert_one_line(run([sys.executable, "run_single_config.py", "--model-path", str(folder), "--draft-model-path",
                          str(tiny_models.draft)]), f"--model-path={folder}", "not a complete safetensors file")
+    for script in ("run_single_config.py", "run_vllm_config.py", "run_sglang_config.py"):  # a draft is sniffed
+        assert_one_line(run([sys.executable, script, "--model-path", str(tiny_models.target), "--draft-model-path",
+                             str(folder)]), f"--draft-model-path={folder}", "not a complete safetensors file")
     cloud = tmp_path / "cloud.yaml"
     cloud.write_text(f"cloud:\n  model:\n    path: {broken_folders['config a list']}\n")
     assert_one_line(run([sys.executable, "start_cloud.py", "--config", str(cloud)]), "cloud.model.path=",
                     "config.json holds a list")
     assert_one_line(run([sys.executable, "run_mixed_precision.py", "--base", str(broken_folders["bin only"])]),
                     "--base=", "safetensors weights only")
+
+
+def test_a_cache_folder_that_cannot_be_one_is_one_line(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_one_line(benchmark(SPECLAB_CACHE_DIR=blocker), f"SPECLAB_CACHE_DIR={blocker}: ", "is a file, not a folder")
+    from lib.models import cache_root
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("SPECLAB_CACHE_DIR", " ")  # empty means unset, not the current folder
+    assert cache_root() == tmp_path / ".cache" / "speclab"
 
 
 def test_gguf_inputs_are_one_line(tiny_models, broken_folders, tmp_path):
