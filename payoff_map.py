@@ -22,12 +22,12 @@ from datetime import datetime
 from pathlib import Path
 
 from lib import config as C
-from lib.engines import ENGINE_BY_NAME, canonical, engine_choices
+from lib.engines import canonical, engine_choices
 from lib.errors import UsageError, exit_on_usage_error
 from lib.files import ROOT, for_display, output_dir, write_json
 from lib.log import get_logger, setup_logging
 from lib.payoff import FIGURES, GRID_FILE, Grid, cells_of, load_grid, sweep_of, write_report
-from lib.sweep import MAX_COMBINATIONS, RESERVED, check_combos, print_plan, run_locked
+from lib.sweep import RESERVED, check_combos, print_plan, run_locked
 
 # set per cell by the map itself: a value given for them would be overwritten in every cell
 PER_CELL = {"COMPARE_MODES", "GAMMA_VALUE", "VLLM_NUM_SPECULATIVE_TOKENS", "VLLM_ENABLE_SPECULATIVE",
@@ -121,15 +121,18 @@ def fixed_of(args, grid_vars: set[str]) -> dict:
 
 
 def engine_of(args) -> str:
-    return canonical(args.engine or os.environ.get("INFERENCE_ENGINE", "").strip() or "hf")
+    """--engine, else INFERENCE_ENGINE read as the benchmark reads it (any case, aliases; empty: the default)."""
+    if args.engine:
+        return canonical(args.engine)
+    var = C.VAR_BY_NAME["INFERENCE_ENGINE"]
+    raw = os.environ.get(var.name, "")
+    return var.parse(raw, "from the environment") if raw.strip() else var.default
 
 
 def grid_of(args) -> Grid:
     if not (args.rates or args.concurrency) or not args.k:
         raise UsageError("the grid needs --rates or --concurrency, and --k (see --help)")
     engine = engine_of(args)
-    if engine not in ENGINE_BY_NAME:
-        raise UsageError(f"INFERENCE_ENGINE={engine!r}: expected one of {', '.join(engine_choices())}")
     load = "rate" if args.rates else "concurrency"
     loads, ks = load_list(args), number_list(args.k, "--k", "GAMMA_VALUE")
     batches = number_list(args.batch_sizes, "--batch-sizes", "BATCH_SIZE") if args.batch_sizes else []
@@ -149,11 +152,7 @@ def grid_of(args) -> Grid:
         fixed["SEED"] = C.VAR_BY_NAME["SEED"].parse(str(args.seed), "from --seed")
     elif "SEED" not in fixed:  # written into the grid, so a --resume in another shell keeps the same arrivals
         fixed["SEED"] = os.environ.get("SEED", "").strip() or C.VAR_BY_NAME["SEED"].default
-    grid = Grid(engine, load, loads, ks, batches, fixed)
-    cells = len(grid.batches()) * len(loads) * (1 + len(ks))
-    if cells > MAX_COMBINATIONS:
-        raise UsageError(f"the grid makes {cells} cells; at most {MAX_COMBINATIONS}")
-    return grid
+    return Grid(engine=engine, load=load, loads=loads, ks=ks, batch_sizes=batches, fixed=fixed).check_size()
 
 
 def check_cells(grid: Grid, folder: Path) -> list:

@@ -62,7 +62,19 @@ def parse_args(argv=None):
         raise UsageError(f"--max-new-tokens={args.max_new_tokens}: expected an integer >= 1")
     if args.ppl_docs < 0:
         raise UsageError(f"--ppl-docs={args.ppl_docs}: expected an integer >= 0")
+    if not args.prompt.strip():
+        raise UsageError(f"--prompt={args.prompt!r}: expected a text with at least one non-blank character")
+    check_group_size_flag(args.group_size)
     return args
+
+
+def check_group_size_flag(size: int) -> None:
+    """--group-size through the config's own group-size check."""
+    from lib.quant.loader import GROUP_SIZE_ACCEPTS, valid_group_size
+    try:
+        valid_group_size(size)
+    except ValueError as exc:
+        raise UsageError(f"--group-size={size}: {exc}; accepted: {GROUP_SIZE_ACCEPTS}") from None
 
 
 def pick(device: str, dtype: str) -> tuple[str, str]:
@@ -90,9 +102,17 @@ def perplexity(model, tokenizer, texts: list[str], device: str, max_len: int = 2
     return math.exp(nll / max(1, count))
 
 
-def generate(model, tokenizer, prompt: str, max_new: int, device: str) -> dict:
+def prompt_ids(tokenizer, prompt: str, device: str):
+    """The prompt's token ids [1, n]; generation needs at least one."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise UsageError(f"--prompt={prompt!r}: the tokenizer makes no token of it; expected a prompt of at least "
+                         "one token")
+    return ids.to(device)
+
+
+def generate(model, tokenizer, ids, max_new: int, device: str) -> dict:
     from lib.bandwidth import sync
-    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     model.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up
     sync(device)
     t0 = time.perf_counter()
@@ -112,11 +132,12 @@ def held_out_texts(n: int) -> list[str]:
 def make_sources(args, base: Path) -> dict:
     from lib.models import load_model
     from lib.quant.formats import QuantOptions
-    from lib.quant.loader import calibration_hessians, write_sources
+    from lib.quant.loader import calibration_hessians, check_group_size, linear_weight_names, write_sources
     opts = QuantOptions(int4_bits=args.bits, int4_group_size=args.group_size, int4_zero_format=args.zero_format,
                         int4_act_order=args.act_order, int4_symmetric=args.sym,
                         int4_method="gptq" if args.gptq else "rtn")
     model = load_model(base, "float32", "cpu")
+    check_group_size(args.group_size, linear_weight_names(model), f"--group-size={args.group_size}")
     hessians = calibration_hessians(model, base) if args.gptq else None
     out = Path(args.make_sources)
     folders = write_sources(model, out, opts, hessians)
@@ -149,13 +170,14 @@ def run_mixed(args, base: Path | None) -> dict:
     model, cfg, assignment = load_mixed_model(args.config, base, device, dtype)
     base_dir = Path(cfg.base_path or base or ensure_tiny_models().target)
     tok = load_tokenizer(base_dir)
+    ids = prompt_ids(tok, args.prompt, device)
     mem = model_memory(model)
     console.print(memory_table(mem))
     console.print(f"memory_saved_mb {mem.memory_saved_mb:.3f}, compression_ratio {mem.compression_ratio:.3f} "
                   f"(against the same model in fp16)")
     report = {"schema": "speclab.mixed_precision/1", "config": cfg.source, "base": str(base_dir), "device": device,
               "dtype": dtype, "plan": assignment, "memory": mem.as_dict()}
-    report["mixed"] = generate(model, tok, args.prompt, args.max_new_tokens, device)
+    report["mixed"] = generate(model, tok, ids, args.max_new_tokens, device)
     texts = held_out_texts(args.ppl_docs) if args.ppl_docs else []
     if texts:
         report["mixed"]["perplexity"] = round(perplexity(model, tok, texts, device), 4)
@@ -167,7 +189,7 @@ def run_mixed(args, base: Path | None) -> dict:
                       f"{len(qcfg['config_groups'])} config groups)")
     del model
     plain = load_model(base_dir, dtype, device)
-    report["unquantized"] = generate(plain, tok, args.prompt, args.max_new_tokens, device)
+    report["unquantized"] = generate(plain, tok, ids, args.max_new_tokens, device)
     if texts:
         report["unquantized"]["perplexity"] = round(perplexity(plain, tok, texts, device), 4)
     for name in ("unquantized", "mixed"):

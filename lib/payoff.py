@@ -12,19 +12,27 @@ payoff.md, payoff.html (the heat-map inlined) and payoff_heatmap.png into the ma
 """
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
+from pydantic import AfterValidator, Field
+
+from lib.config_models import Accepts, ConfigModel, choice, shown, validate_model
+from lib.engines import ENGINE_BY_NAME
 from lib.errors import UsageError
-from lib.files import atomic_path, write_json, write_text
+from lib.files import atomic_path, read_text, write_json, write_text
 from lib.metrics import COLUMNS
 from lib.results import mode_slug
-from lib.sweep import Combo, Sweep, env_text, unfinished_run
+from lib.sweep import MAX_COMBINATIONS, Combo, Sweep, Variables, env_text, unfinished_run
 from lib.sweep_report import Doc
 
 SCHEMA = "speclab.payoff_map/1"
+GRID_SCHEMA = "speclab.payoff_grid/1"
 GRID_FILE = "payoff_grid.json"
+SLUG_MAX = 20  # characters of a load in a folder name; a longer one is cut and ends in a hash of the exact value
 LOADS = {"rate": ("AUTO_RATE", "req/s"), "concurrency": ("MAX_CONCURRENCY", "concurrent requests")}
 COLUMN = {c.name: c for c in COLUMNS}
 
@@ -55,14 +63,32 @@ FIGURE_BY_KEY = {f.key: f for f in FIGURES}
 
 # ---------------------------------------------------------------- the grid and its cells
 
-@dataclass
-class Grid:
-    engine: str
-    load: str  # a key of LOADS
-    loads: list
-    ks: list
-    batch_sizes: list = field(default_factory=list)  # empty: BATCH_SIZE is not varied
-    fixed: dict = field(default_factory=dict)  # other benchmark variables, the same for every cell
+def _distinct(values: list) -> list:
+    seen = set()
+    for value in values:
+        if value in seen:  # 2 and 2.0 are one load
+            raise ValueError(f"{shown(value)} is listed twice")
+        seen.add(value)
+    return values
+
+
+def distinct_list(item, what: str, min_length: int = 1):
+    return Annotated[list[item], Field(min_length=min_length), AfterValidator(_distinct),
+                     Accepts(f"a list of distinct {what}" + (" (at least one)" if min_length else ""))]
+
+
+Load = Annotated[int | float, Field(gt=0), Accepts("a finite number > 0")]
+Whole = Annotated[int, Field(ge=1), Accepts("a whole number >= 1")]
+
+
+class Grid(ConfigModel):
+    """The map's grid, as payoff_grid.json holds it (and checked so when it is read back)."""
+    engine: choice("engine", tuple(ENGINE_BY_NAME))
+    load: choice("load axis", tuple(LOADS))
+    loads: distinct_list(Load, "finite numbers > 0")
+    ks: distinct_list(Whole, "whole numbers >= 1")
+    batch_sizes: distinct_list(Whole, "whole numbers >= 1 (empty: BATCH_SIZE is not varied)", 0) = []
+    fixed: Variables = {}  # other benchmark variables, the same for every cell
 
     @property
     def load_var(self) -> str:
@@ -75,21 +101,43 @@ class Grid:
     def batches(self) -> list:
         return self.batch_sizes or [None]
 
+    def cell_count(self) -> int:
+        return len(self.batches()) * len(self.loads) * (1 + len(self.ks))
+
+    def check_size(self, label: str = "") -> Grid:
+        if self.cell_count() > MAX_COMBINATIONS:
+            raise UsageError((f"{label}: " if label else "") + f"the grid makes {self.cell_count()} cells; at most "
+                             f"{MAX_COMBINATIONS}")
+        return self
+
     def to_json(self) -> dict:
-        return {"schema": "speclab.payoff_grid/1", **asdict(self)}
+        return {"schema": GRID_SCHEMA, **self.model_dump()}
 
     @classmethod
-    def from_json(cls, data: dict, label: str) -> Grid:
+    def from_json(cls, data, label: str) -> Grid:
+        """The grid of a payoff_grid.json's data, or one line naming `label` and the key."""
+        hint = "; use --fresh or another --out"
+        if isinstance(data, dict) and data.get("schema", GRID_SCHEMA) != GRID_SCHEMA:
+            raise UsageError(f"{label}: schema: found {shown(data['schema'])}; accepted: {GRID_SCHEMA}{hint}")
+        body = {k: v for k, v in data.items() if k != "schema"} if isinstance(data, dict) else data
         try:
-            return cls(**{k: data[k] for k in ("engine", "load", "loads", "ks", "batch_sizes", "fixed")})
-        except (KeyError, TypeError) as exc:
-            raise UsageError(f"{label}: not a payoff grid this version wrote ({exc}); use --fresh or another --out") \
-                from None
+            return validate_model(cls, body, label).check_size(label)
+        except UsageError as exc:
+            raise UsageError(f"{exc}{hint}") from None
+
+
+def exact_text(value) -> str:
+    """The shortest text that reads back as exactly `value`: 2.0 -> 2, 0.5 -> 0.5, 3.0000001 -> 3.0000001."""
+    return repr(value).removesuffix(".0") if isinstance(value, float) else env_text(value)
 
 
 def slug(value) -> str:
-    """A load as a folder name: 2.0 -> 2, 0.5 -> 0p5."""
-    return (f"{value:g}" if isinstance(value, float) else env_text(value)).replace(".", "p")
+    """A load as a folder name, exact: 2.0 -> 2, 0.5 -> 0p5, 3.0000001 -> 3p0000001; one longer than SLUG_MAX is
+    cut and ends in a hash of the value, so two loads do not share a name."""
+    text = exact_text(value).replace(".", "p")
+    if len(text) <= SLUG_MAX:
+        return text
+    return f"{text[:SLUG_MAX - 9]}-{hashlib.sha256(repr(value).encode()).hexdigest()[:8]}"
 
 
 def cell_id(kind: str, load, batch, k=None) -> str:
@@ -109,7 +157,18 @@ def cells_of(grid: Grid) -> list[Combo]:
                 if grid.engine == "vllm":  # its SD is off unless asked for, and takes k from its own variable
                     sd.update(VLLM_ENABLE_SPECULATIVE=True, VLLM_NUM_SPECULATIVE_TOKENS=k)
                 cells.append(Combo(cell_id("sd", load, batch, k), sd))
+    check_distinct_folders(cells)
     return cells
+
+
+def check_distinct_folders(cells: list[Combo]) -> None:
+    """A cell's id names its run folder: two cells with one id would run into one folder, the second overwriting
+    the first's results."""
+    first: dict[str, Combo] = {}
+    for cell in cells:
+        other = first.setdefault(cell.id, cell)
+        if other is not cell:
+            raise UsageError(f"the grid's cells {other.vars} and {cell.vars} would share the run folder {cell.id}")
 
 
 def sweep_of(grid: Grid, folder: Path, budget_min: float | None) -> Sweep:
@@ -215,8 +274,8 @@ def break_even_text(result: dict, unit: str) -> str:
         return "pays off everywhere on this grid"
     if result["verdict"] == "nowhere":
         return "pays off nowhere on this grid"
-    return "; ".join(f"{c['direction']} at {c['load']:.3g} {unit} (between {c['between'][0]:g} and "
-                     f"{c['between'][1]:g})" for c in result["crossings"])
+    return "; ".join(f"{c['direction']} at {c['load']:.3g} {unit} (between {exact_text(c['between'][0])} and "
+                     f"{exact_text(c['between'][1])})" for c in result["crossings"])
 
 
 def best_k(candidates: list[tuple[int, float]], figure: Figure) -> dict:
@@ -289,7 +348,7 @@ def plot_heatmap(grid: Grid, cells: list[dict], figures: list[Figure], path: Pat
                               norm=TwoSlopeNorm(vcenter=0.0, vmin=-1, vmax=1))
             for (y, x), r in np.ndenumerate(ratios):
                 ax.text(x, y, "n/a" if np.isnan(r) else f"{r:.2f}", ha="center", va="center", fontsize=8)
-            ax.set_xticks(range(len(grid.loads)), [f"{v:g}" for v in grid.loads])
+            ax.set_xticks(range(len(grid.loads)), [exact_text(v) for v in grid.loads])
             ax.set_yticks(range(len(grid.ks)), [str(k) for k in grid.ks])
             ax.set_xlabel(f"load ({grid.unit})")
             ax.set_ylabel("k (GAMMA_VALUE)")
@@ -338,11 +397,12 @@ def summary_line(grid: Grid, cells: list[dict], missing: list[dict], breaks: lis
 
 def load_grid(folder: Path) -> Grid:
     path = folder / GRID_FILE
+    if not path.exists():
+        raise UsageError(f"--out {folder}: no {GRID_FILE} (no payoff map was started there)")
+    text = read_text(path, str(path), "the grid a payoff map wrote")
     try:
-        data = json.loads(path.read_text())
-    except OSError:
-        raise UsageError(f"--out {folder}: no {GRID_FILE} (no payoff map was started there)") from None
-    except ValueError as exc:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
         raise UsageError(f"{path}: not JSON ({exc}); use --fresh or another --out") from None
     return Grid.from_json(data, str(path))
 
@@ -353,7 +413,7 @@ def report_doc(grid: Grid, cells, missing, breaks, bests, shown: list[Figure], h
     doc = Doc(f"SpecLab payoff map: {grid.engine}, {grid.load_var} x GAMMA_VALUE"
               + (" x BATCH_SIZE" if grid.batch_sizes else ""))
     doc.p(summary)
-    doc.p(f"Grid: {grid.load_var} {', '.join(f'{v:g}' for v in grid.loads)} ({grid.unit}); GAMMA_VALUE "
+    doc.p(f"Grid: {grid.load_var} {', '.join(map(exact_text, grid.loads))} ({grid.unit}); GAMMA_VALUE "
           f"{', '.join(map(str, grid.ks))}" + (f"; BATCH_SIZE {', '.join(map(str, grid.batch_sizes))}"
                                                 if grid.batch_sizes else "")
           + "; fixed: " + (" ".join(f"{k}={env_text(v)}" for k, v in grid.fixed.items()) or "nothing")
@@ -377,14 +437,14 @@ def report_doc(grid: Grid, cells, missing, breaks, bests, shown: list[Figure], h
               [[row["batch"]] * bool(batch_col) + [row["k"]] + [row[f.key]["text"] for f in shown] for row in breaks])
     doc.h("Best k per load")
     doc.table(batch_col + [f"load ({grid.unit})"] + [f.label for f in shown],
-              [[row["batch"]] * bool(batch_col) + [row["load"]] + [row[f.key]["text"] for f in shown]
+              [[row["batch"]] * bool(batch_col) + [exact_text(row["load"])] + [row[f.key]["text"] for f in shown]
                for row in bests])
     doc.h("Cells")
     moe = any(c["moe_distinct_experts"] is not None for c in cells)
     doc.table(batch_col + ["load", "k"] + [f"SD/AR {f.label}" for f in FIGURES]
               + ["AR TPOT ms", "SD TPOT ms", "accept rate", "accept length"]
               + (["distinct experts / layer / verify"] if moe else []) + ["requests"],
-              [[c["batch"]] * bool(batch_col) + [c["load"], c["k"]] + [c["ratios"][f.key] for f in FIGURES]
+              [[c["batch"]] * bool(batch_col) + [exact_text(c["load"]), c["k"]] + [c["ratios"][f.key] for f in FIGURES]
                + [c["ar"]["tpot"], c["sd"]["tpot"], c["acceptance_rate"], c["acceptance_length"]]
                + ([c["moe_distinct_experts"]] if moe else []) + [c["requests"]] for c in cells])
     if missing:

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import wait_for
 
+from lib.errors import UsageError
 from lib.files import ROOT
-from lib.payoff import FIGURE_BY_KEY, Grid, analyse, best_k, break_even, break_even_text, cell_id
+from lib.payoff import FIGURE_BY_KEY, Grid, analyse, best_k, break_even, break_even_text, cell_id, cells_of
 
 TPOT, THROUGHPUT = FIGURE_BY_KEY["tpot"], FIGURE_BY_KEY["throughput"]
 
@@ -55,7 +56,7 @@ def test_best_k_picks_the_best_ratio_the_smaller_k_on_a_tie_and_says_when_none_p
 
 
 def test_analyse_keeps_batch_sizes_apart_and_leaves_missing_cells_out():
-    grid = Grid("hf", "concurrency", [1, 4], [2, 4], [1, 8])
+    grid = Grid(engine="hf", load="concurrency", loads=[1, 4], ks=[2, 4], batch_sizes=[1, 8])
     ratios = {(1, 1, 2): 0.7, (1, 4, 2): 1.1, (1, 1, 4): 0.6, (1, 4, 4): 0.9,  # (batch, load, k): TPOT ratio
               (8, 1, 2): 1.2, (8, 4, 2): 1.3, (8, 1, 4): 0.95}                # (8, 4, 4) did not finish
     cells = [{"batch": b, "load": x, "k": k, "ratios": {"tpot": r, "throughput": None, "goodput": None,
@@ -248,3 +249,75 @@ def test_bad_folders_are_one_line_exit_2(tmp_path):
         proc = payoff_map(*args, timeout=120)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("grid, words", [
+    ({"engine": "hf", "load": "xyz", "loads": [1], "ks": [1]}, "load: unknown load axis 'xyz'; accepted: rate, "
+                                                              "concurrency"),
+    ({"engine": "HF", "load": "rate", "loads": [1], "ks": [1]}, "engine: unknown engine 'HF'; accepted: hf, vllm"),
+    ({"engine": "hf", "load": "rate", "loads": "ab", "ks": [1]}, "loads: found text 'ab'; accepted: a list of "
+                                                                "distinct finite numbers > 0"),
+    ({"engine": "hf", "load": "rate", "loads": [1, 1.0], "ks": [1]}, "loads: 1.0 is listed twice"),
+    ({"engine": "hf", "load": "rate", "loads": [1e999], "ks": [1]}, "loads[0]: found inf; accepted: a finite number"),
+    ({"engine": "hf", "load": "rate", "loads": [2], "ks": [1.5]}, "ks[0]: found 1.5; accepted: a whole number >= 1"),
+    ({"engine": "hf", "load": "rate", "loads": [2], "ks": [1], "fixed": []}, "fixed: found a list []; accepted: a "
+                                                                            "mapping of VARIABLE: value"),
+    ({"engine": "hf", "load": "rate", "loads": [2], "ks": [1], "fixed": {"SEED": [1]}}, "fixed.SEED: found a list"),
+    ({"schema": "speclab.other/1", "engine": "hf"}, "schema: found text 'speclab.other/1'"),
+    ([1], "found a list [1]; accepted: a mapping with keys engine, load"),
+])
+def test_a_damaged_grid_file_is_one_line_exit_2(tmp_path, grid, words):
+    (tmp_path / "payoff_grid.json").write_text(json.dumps(grid))
+    for args in (["--report-only"], ["--resume", "--dry-run"]):
+        proc = payoff_map(*args, "--out", tmp_path, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert lines[0].startswith(f"error: {tmp_path / 'payoff_grid.json'}: {words}"), lines[0]
+
+
+def test_a_written_grid_reads_back_the_same():
+    grid = Grid(engine="hf", load="rate", loads=[0.5, 3.0000001], ks=[2], batch_sizes=[4], fixed={"SEED": 42,
+                                                                                                 "AUTO_DURATION": 2.0})
+    assert Grid.from_json(json.loads(json.dumps(grid.to_json())), "g").to_json() == grid.to_json()
+
+
+def test_loads_that_print_alike_get_folders_of_their_own():
+    grid = Grid(engine="hf", load="rate", loads=[3.0000001, 3.0000002, 2.0, 0.5], ks=[1])
+    assert [c.id for c in cells_of(grid)] == [
+        "ar__load-3p0000001", "sd__load-3p0000001__k-1", "ar__load-3p0000002", "sd__load-3p0000002__k-1",
+        "ar__load-2", "sd__load-2__k-1", "ar__load-0p5", "sd__load-0p5__k-1"]
+    long = [1.2345678901234567e-05, 1.2345678901234566e-05]  # 22 characters each, alike in their first 11
+    slugs = [c.id.removeprefix("ar__load-") for c in cells_of(Grid(engine="hf", load="rate", loads=long, ks=[1]))
+             if c.id.startswith("ar")]
+    assert len(set(slugs)) == 2 and all(len(s) == 20 and s.startswith("1p234567890-") for s in slugs), slugs
+
+
+def test_two_cells_in_one_folder_are_refused(monkeypatch):
+    import lib.payoff
+    monkeypatch.setattr(lib.payoff, "slug", lambda value: f"{value:g}")  # a lossy name, as the map once had
+    with pytest.raises(UsageError, match=r"the grid's cells .*3\.0000001.* and .*3\.0000002.* would share the run "
+                                         r"folder ar__load-3$"):
+        cells_of(Grid(engine="hf", load="rate", loads=[3.0000001, 3.0000002], ks=[1]))
+
+
+def test_dry_run_lists_one_folder_per_load_even_when_they_print_alike():
+    proc = payoff_map("--rates", "3.0000001,3.0000002", "--k", "1", "--duration", "1", "--dry-run", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    ids = [line.split(":")[0] for line in (proc.stdout + proc.stderr).splitlines() if line.startswith(("ar__", "sd__"))]
+    assert ids == ["ar__load-3p0000001", "sd__load-3p0000001__k-1", "ar__load-3p0000002", "sd__load-3p0000002__k-1"]
+
+
+@pytest.mark.parametrize("value, engine", [("HF", "hf"), ("Transformers", "hf"), (" vllm ", "vllm"), ("", "hf")])
+def test_inference_engine_is_read_as_the_benchmark_reads_it(value, engine):
+    proc = subprocess.run([sys.executable, "payoff_map.py", "--concurrency", "1", "--k", "2", "--dry-run"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "INFERENCE_ENGINE": value})
+    assert proc.returncode == 0, proc.stderr
+    assert f"COMPARE_MODES={engine}:target" in proc.stderr + proc.stdout
+
+
+def test_an_unknown_inference_engine_is_the_benchmarks_line():
+    proc = subprocess.run([sys.executable, "payoff_map.py", "--concurrency", "1", "--k", "2", "--dry-run"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "INFERENCE_ENGINE": "bogus"})
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: INFERENCE_ENGINE='bogus' (from the environment): expected one of hf, transformers, vllm, sglang, "
+        "llamacpp, openai"], proc.stderr

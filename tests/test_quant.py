@@ -14,7 +14,7 @@ from lib.files import ROOT
 from lib.quant.formats import FP8_MAX, QuantOptions, quantize_fp8, quantize_int8
 from lib.quant.gptq import GPTQWeight, hessian_from_inputs, quantize_gptq, quantize_rtn
 from lib.quant.linear import MixedPrecisionLinear, model_memory
-from lib.quant.loader import check_placement, load_config, load_mixed_model, write_sources
+from lib.quant.loader import check_mixed_precision_config, check_placement, load_config, load_mixed_model, write_sources
 
 SHIPPED = ROOT / "configs" / "mixed_precision_config.yaml"
 
@@ -274,6 +274,139 @@ def test_script_bad_config_is_one_line_exit_2(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"error: {p}: mixed_precision.default: unknown precision 'fp4'; "
                                              "accepted: fp16, bf16, fp8, int8, int4"]
+
+
+# ------------------------------------------------------------------ damaged sources, group sizes, the check
+
+@pytest.fixture(scope="module")
+def int8_source(tiny_models, tmp_path_factory) -> Path:
+    """A good int8 source of the tiny target (every Linear weight)."""
+    from lib.models import load_model
+    root = tmp_path_factory.mktemp("sources")
+    write_sources(load_model(tiny_models.target), root, precisions=("int8",))
+    return root / "int8"
+
+
+def damaged_copy(source: Path, dest: Path, name: str, content: bytes) -> Path:
+    import shutil
+    shutil.copytree(source, dest)
+    (dest / name).write_bytes(content)
+    return dest
+
+
+SOURCE_DAMAGE = [  # (file, its new content, the words of the one line)
+    ("model.safetensors", b"\x07\x00", "model.safetensors is not a complete safetensors file (Error while "
+                                         "deserializing header"),
+    ("quant_meta.json", b"{bad", "quant_meta.json: not valid JSON"),
+    ("quant_meta.json", b"[1]", "quant_meta.json: found a list [1]; accepted: a mapping with keys precision, bits"),
+    ("quant_meta.json", b'{"precision": "int4"}', "quant_meta.json: precision: found 'int4'; accepted: int8 (the "
+                                                  "precision of int8_path)"),
+    ("quant_meta.json", b'{"bits": 5}', "quant_meta.json: bits: unknown bit width 5; accepted: 2, 3, 4, 8"),
+]
+
+
+@pytest.mark.parametrize("name, content, words", SOURCE_DAMAGE)
+def test_a_damaged_source_is_one_line_naming_the_key_and_file(tmp_path, tiny_models, int8_source, name, content,
+                                                               words):
+    folder = damaged_copy(int8_source, tmp_path / "int8", name, content)
+    p = write_cfg(tmp_path, f"  int8_path: {folder}\n  default: int8\n")
+    for check in (load_mixed_model, check_mixed_precision_config):
+        with pytest.raises(UsageError) as caught:
+            check(p, tiny_models.target)
+        message = str(caught.value)
+        assert message.startswith(f"{p}: mixed_precision.int8_path: {folder}: ") and words in message
+
+
+def test_a_gptq_quantize_config_with_its_own_keys_is_read(tmp_path, tiny_models):
+    """A GPTQ checkpoint names its metadata quantize_config.json and holds keys the loader does not read."""
+    from lib.models import load_model
+    write_sources(load_model(tiny_models.target), tmp_path, QuantOptions(int4_group_size=32), precisions=("int4",))
+    (tmp_path / "int4" / "quant_meta.json").unlink()
+    (tmp_path / "int4" / "quantize_config.json").write_text(json.dumps(
+        {"bits": 4, "group_size": 32, "damp_percent": 0.01, "desc_act": False, "sym": False, "true_sequential": True,
+         "model_name_or_path": None, "quant_method": "gptq", "checkpoint_format": "gptq"}))
+    p = write_cfg(tmp_path, f"  int4_path: {tmp_path / 'int4'}\n  default: int4\n")
+    check_mixed_precision_config(p, tiny_models.target)
+    model, _, plan = load_mixed_model(p, tiny_models.target)
+    assert set(plan.values()) == {"int4"}
+    assert model.get_submodule("model.layers.1.mlp.down_proj").fmt.group_size == 32
+
+
+@pytest.mark.parametrize("body", ["  default: int4\n  int4: {group_size: 7}\n",
+                                  "  weight_mapping:\n    model.layers.1.mlp.down_proj.weight: int4\n"
+                                  "  int4: {group_size: 256}\n"])
+def test_a_group_size_that_does_not_divide_an_int4_width_names_the_key(tmp_path, tiny_models, body, monkeypatch):
+    import lib.quant.loader as loader
+    def no_quantizing(*args):
+        raise AssertionError("quantized before the group size was checked")
+    monkeypatch.setattr(loader, "write_sources", no_quantizing)
+    p = write_cfg(tmp_path, body)
+    for check in (load_mixed_model, check_mixed_precision_config):
+        with pytest.raises(UsageError, match=rf"^{p}: mixed_precision.int4.group_size: \d+ does not divide the input "
+                                             r"width \d+ of model\.layers\.\d\.[a-z_.]+; accepted: -1, or a whole "
+                                             r"number >= 1 dividing every int4 layer's input width \(here a divisor "
+                                             r"of (128|384)\)$"):
+            check(p, tiny_models.target)
+
+
+def test_the_check_before_a_run_reads_no_weight(tmp_path, tiny_models, monkeypatch):
+    """check_mixed_precision_config finds what the loader would refuse from headers and the model's shapes alone."""
+    import lib.models
+    import lib.quant.loader as loader
+    from lib.models import load_model
+    write_sources(load_model(tiny_models.draft), tmp_path / "draft", precisions=("fp8",))
+    write_sources(load_model(tiny_models.target), tmp_path / "target", precisions=("fp16",))
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("a weight was read")
+    for module, name in ((lib.models, "load_model"), (loader, "write_sources"), (loader, "tiny_sources"),
+                         (loader.SourceReader, "read")):
+        monkeypatch.setattr(module, name, no_weights)
+    check_mixed_precision_config(SHIPPED, tiny_models.target)
+    good = write_cfg(tmp_path, f"  fp16_path: {tmp_path / 'target' / 'fp16'}\n")
+    check_mixed_precision_config(good, tiny_models.target)
+    cases = [(f"  fp8_path: {tmp_path / 'draft' / 'fp8'}\n  default: fp8\n",
+              r"weight_mapping\['model.layers.0.self_attn.q_proj.weight'\]: fp8 source .* has shape \[64, 64\], the "
+              r"model expects \[128, 128\]"),
+             (f"  fp16_path: {tmp_path / 'target' / 'fp16'}\n  weight_mapping:\n"
+              "    model.layers.1.mlp.down_proj.weight: int4\n", r"int4_path: missing, but 1 weights are mapped"),
+             ("  weight_mapping:\n    model.layers.9.mlp.up_proj.weight: fp8\n", r"is not a weight of this model")]
+    for body, words in cases:
+        with pytest.raises(UsageError, match=words):
+            check_mixed_precision_config(write_cfg(tmp_path, body), tiny_models.target)
+
+
+def test_an_empty_tokenization_is_refused():
+    from run_mixed_precision import prompt_ids
+
+    def tokenizer(text, return_tensors):
+        return type("Encoded", (), {"input_ids": torch.empty(1, 0, dtype=torch.long)})
+    with pytest.raises(UsageError, match=r"^--prompt='\\u200b': the tokenizer makes no token of it"):
+        prompt_ids(tokenizer, "\u200b", "cpu")
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--make-sources", "{tmp}/s", "--group-size", "0"], "--group-size=0: 0 is not a group size; accepted: a whole "
+                                                         "number >= 1, or -1 (one group over the whole input)"),
+    (["--make-sources", "{tmp}/s", "--group-size", "-5"], "--group-size=-5: -5 is not a group size"),
+    (["--make-sources", "{tmp}/s", "--group-size", "7"], "--group-size=7: 7 does not divide the input width 128 of "
+                                                         "model.layers.0.self_attn.q_proj.weight; accepted: -1, or"),
+    (["--config", "{tmp}/gs.yaml"], "{tmp}/gs.yaml: mixed_precision.int4.group_size: 7 does not divide"),
+    (["--config", "{tmp}/bad_src.yaml"], "{tmp}/bad_src.yaml: mixed_precision.int8_path: {tmp}/int8: "
+                                         "model.safetensors is not a complete safetensors file"),
+    (["--prompt", ""], "--prompt='': expected a text with at least one non-blank character"),
+    (["--prompt", " \t"], "--prompt=' \\t': expected a text with at least one non-blank character"),
+])
+def test_script_bad_sources_group_sizes_and_prompts_are_one_line_exit_2(tmp_path, args, line):
+    (tmp_path / "gs.yaml").write_text("mixed_precision:\n  default: int4\n  int4: {group_size: 7}\n")
+    (tmp_path / "int8").mkdir()
+    (tmp_path / "int8" / "model.safetensors").write_bytes(b"\x07\x00")
+    (tmp_path / "bad_src.yaml").write_text(f"mixed_precision:\n  int8_path: {tmp_path / 'int8'}\n  default: int8\n")
+    r = subprocess.run([sys.executable, "run_mixed_precision.py", "--max-new-tokens", "2", "--ppl-docs", "0",
+                        *(a.format(tmp=tmp_path) for a in args)], cwd=ROOT, capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert lines[0].startswith("error: " + line.format(tmp=tmp_path)), lines[0]
 
 
 # ------------------------------------------------------------------ the script and the export

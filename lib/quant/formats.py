@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lib.quant.gptq import GPTQWeight, quantize_gptq, quantize_rtn
+from lib.quant.gptq import GPTQWeight, quantize_gptq, quantize_rtn, unpacked_shape
 
 PRECISIONS = ("fp16", "bf16", "fp8", "int8", "int4")
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
@@ -145,3 +145,11 @@ def tensor_names(precision: str) -> tuple[str, ...]:
     if precision in ("fp8", "int8"):
         return ("weight", "weight_scale")
     return ("qweight", "qzeros", "scales", "g_idx")
+
+
+def weight_shape(precision: str, tensor_shapes: dict[str, tuple[int, ...]], bits: int) -> tuple[int, ...]:
+    """The [out, in] shape of the weight whose stored tensors (tensor_names(precision)) have these shapes, as
+    format_from_tensors would rebuild it: read from a source's headers before any tensor is loaded."""
+    if precision == "int4":
+        return unpacked_shape(tensor_shapes["qweight"], bits)
+    return tuple(tensor_shapes["weight"])

@@ -53,6 +53,14 @@ def unpack_bits(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return (chunks * weights).sum(dim=1).to(torch.int32).movedim(0, dim).contiguous()
 
 
+def unpacked_shape(qweight_shape, bits: int) -> tuple[int, int]:
+    """(out, in) of the weight that a qweight of this shape ([in * bits / 32, out]) packs."""
+    if len(qweight_shape) != 2:
+        raise ValueError(f"qweight has shape {list(qweight_shape)}; expected [in * bits / 32, out]")
+    rows, out = qweight_shape
+    return out, rows * 32 // bits
+
+
 @dataclass
 class GPTQWeight:
     qweight: torch.Tensor
@@ -68,8 +76,7 @@ class GPTQWeight:
             raise ValueError(f"GPTQ bits={self.bits}: expected one of {SUPPORTED_BITS}")
         if self.zero_format not in ZERO_FORMATS:
             raise ValueError(f"GPTQ zero format {self.zero_format!r}: expected v1 or v2")
-        rows, out = self.qweight.shape
-        in_features = rows * 32 // self.bits
+        out, in_features = self.shape
         groups = self.scales.shape[0]
         problems = []
         if self.scales.shape[1] != out:
@@ -86,15 +93,15 @@ class GPTQWeight:
 
     @property
     def in_features(self) -> int:
-        return self.qweight.shape[0] * 32 // self.bits
+        return self.shape[1]
 
     @property
     def out_features(self) -> int:
-        return self.qweight.shape[1]
+        return self.shape[0]
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.out_features, self.in_features
+        return unpacked_shape(self.qweight.shape, self.bits)
 
     def int_weight(self) -> torch.Tensor:
         """Unsigned quantized values q[i, o], int32 [in, out]."""
