@@ -6,6 +6,9 @@
   --mode client       one request: --prompt, --max-tokens, --temperature, --no-draft-verify, --no-confidence-check
   --mode ablation     every experiment on the same prompts -> ablation_report.json, a table and a plot
                       (starts the servers in this process unless --external-servers)
+
+Ctrl-C or SIGTERM prints what was committed (client), keeps the finished requests in the report (ablation) and
+exits 130 / 143; in interactive mode Ctrl-C cancels the request under way and SIGTERM ends the session.
 """
 from __future__ import annotations
 
@@ -13,11 +16,17 @@ import argparse
 import asyncio
 import json
 import math
+import signal
 import sys
+from contextlib import contextmanager
 
 from lib.errors import UsageError, exit_on_usage_error
 from lib.files import output_dir
+from lib.interrupts import Interrupted, StopSignals
 from lib.log import setup_logging
+
+KEPT_ON_STOP = {"client": "what was committed is printed above", "interactive": "session ended",
+                "ablation": "the report keeps every finished request", "server": "servers stopped"}
 
 
 def parse_args(argv=None):
@@ -68,24 +77,60 @@ def load(args) -> dict:
 
 
 def print_result(res, as_json: bool):
+    """The result on stdout (text and a summary line, or JSON); a note and the error on stderr."""
     if as_json:
         print(json.dumps(res.to_json(), indent=2))
-        return
-    print(res.text)
-    print(f"-- {len(res.token_ids)} tokens, {res.total_latency_ms:.0f} ms total (edge {res.edge_latency_ms:.0f}, "
-          f"cloud {res.cloud_latency_ms:.0f}, network {res.network_latency_ms:.0f}), {res.rounds} rounds, "
-          f"{res.cloud_calls} cloud calls, acceptance {res.acceptance_rate:.0%}, confidence "
-          f"{res.confidence_score:.2f}" + (" [edge_fallback]" if res.edge_fallback else ""))
-    if res.error:
+    else:
+        print(res.text)
+        print(f"-- {len(res.token_ids)} tokens, {res.total_latency_ms:.0f} ms total (edge {res.edge_latency_ms:.0f}, "
+              f"cloud {res.cloud_latency_ms:.0f}, network {res.network_latency_ms:.0f}), {res.rounds} rounds, "
+              f"{res.cloud_calls} cloud calls, acceptance {res.acceptance_rate:.0%}, confidence "
+              f"{res.confidence_score:.2f}" + (" [edge_fallback]" if res.edge_fallback else ""))
+    if res.dropped_tokens:
+        print(f"note: the servers sent {res.dropped_tokens} tokens past max_tokens or EOS; they were dropped",
+              file=sys.stderr)
+    if res.error and not res.interrupted:  # an interruption gets its own line at the end
         print(f"error: {res.error}", file=sys.stderr)
 
 
 async def infer(client, prompt: str, args):
-    """One request with the client options of the command line."""
-    return await client.full_inference_pipeline(
-        prompt, args.max_tokens, use_draft_verify=not args.no_draft_verify,
-        use_confidence_check=not args.no_confidence_check, use_kv_cache=not args.no_kv_cache,
-        mode=args.pipeline, temperature=args.temperature)
+    """One request with the client options of the command line, printed; cut short by a stop signal, what it
+    committed is printed before the signal goes on."""
+    try:
+        res = await client.full_inference_pipeline(
+            prompt, args.max_tokens, use_draft_verify=not args.no_draft_verify,
+            use_confidence_check=not args.no_confidence_check, use_kv_cache=not args.no_kv_cache,
+            mode=args.pipeline, temperature=args.temperature)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        if client.last_result is not None:
+            print_result(client.last_result, args.json)
+        raise
+    print_result(res, args.json)
+    return res
+
+
+@contextmanager
+def event_loop():
+    loop = asyncio.new_event_loop()
+    try:
+        yield loop
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+def run_to_end(loop, coro):
+    """Run `coro` on `loop`. A stop signal raised in the loop rather than in `coro` cancels `coro` (which prints or
+    saves what it finished) before the signal goes on."""
+    task = loop.create_task(coro)
+    try:
+        return loop.run_until_complete(task)
+    except KeyboardInterrupt:
+        task.cancel()
+        loop.run_until_complete(asyncio.wait([task]))
+        if not task.cancelled():
+            task.exception()  # retrieved: the signal itself is what goes on
+        raise
 
 
 async def client_mode(cfg, args) -> int:
@@ -94,32 +139,45 @@ async def client_mode(cfg, args) -> int:
         raise UsageError("--mode client needs --prompt TEXT")
     async with EdgeCloudHTTPClient(cfg) as client:
         res = await infer(client, args.prompt, args)
-    print_result(res, args.json)
     return 1 if res.error and not res.edge_fallback else 0
 
 
-async def interactive_mode(cfg, args) -> int:
+async def interactive_command(client, line: str, args):
+    if line == "stats":
+        for side, stats in (await client.server_stats()).items():
+            print(side, stats.get("error") or json.dumps(stats, indent=2))
+    else:
+        await infer(client, line, args)
+
+
+def interactive_mode(cfg, args) -> int:
+    """Prompts read in the main thread, so a stop signal at the prompt ends the session; during a request, Ctrl-C
+    cancels that request only."""
     from lib.edgecloud.client import EdgeCloudHTTPClient
     print("edge/cloud interactive: type a prompt, or `stats`, `config`, `quit`")
-    async with EdgeCloudHTTPClient(cfg) as client:
-        while True:
-            try:
-                line = (await asyncio.to_thread(input, "> ")).strip()
-            except (EOFError, KeyboardInterrupt):
-                return 0
-            if line in ("quit", "exit"):
-                return 0
-            if not line:
-                continue
-            if line == "stats":
-                for side, stats in (await client.server_stats()).items():
-                    print(side, stats.get("error") or json.dumps(stats, indent=2))
-                continue
-            if line == "config":
-                print(json.dumps({k: cfg[k] for k in ("edge", "cloud", "communication", "inference")}, indent=2))
-                continue
-            res = await infer(client, line, args)
-            print_result(res, args.json)
+    client = EdgeCloudHTTPClient(cfg)
+    with event_loop() as loop:
+        loop.run_until_complete(client.__aenter__())
+        try:
+            while True:
+                try:
+                    line = input("> ").strip()
+                except EOFError:
+                    return 0
+                if line in ("quit", "exit"):
+                    return 0
+                if line == "config":
+                    print(json.dumps({k: cfg[k] for k in ("edge", "cloud", "communication", "inference")}, indent=2))
+                elif line:
+                    try:
+                        with StopSignals():  # one of its own per request: the session's handlers are back after
+                            run_to_end(loop, interactive_command(client, line, args))
+                    except Interrupted as exc:
+                        if exc.signum != signal.SIGINT:
+                            raise
+                        print("request cancelled (SIGINT)", file=sys.stderr)
+        finally:
+            loop.run_until_complete(client.__aexit__(None, None, None))
 
 
 def read_prompts(path: str, n: int) -> list[str]:
@@ -159,6 +217,9 @@ async def ablation_mode(cfg, args) -> int:
             return await c.server_stats()
     try:
         report = await run_ablations(cfg, prompts, tokenizer, out_dir, only, stats)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print(f"report (stopped early): {out_dir / 'ablation_report.json'}")
+        raise
     finally:
         for t in threads:
             t.stop()
@@ -189,15 +250,25 @@ def server_mode(cfg) -> int:
     return 0
 
 
+def run_mode(cfg, args) -> int:
+    if args.mode == "server":
+        return server_mode(cfg)
+    if args.mode == "interactive":
+        return interactive_mode(cfg, args)
+    with event_loop() as loop:
+        return run_to_end(loop, {"client": client_mode, "ablation": ablation_mode}[args.mode](cfg, args))
+
+
 @exit_on_usage_error
 def main(argv=None) -> int:
     setup_logging()
     args = parse_args(argv)
-    cfg = load(args)
-    if args.mode == "server":
-        return server_mode(cfg)
-    runner = {"client": client_mode, "interactive": interactive_mode, "ablation": ablation_mode}[args.mode]
-    return asyncio.run(runner(cfg, args))
+    with StopSignals():
+        try:
+            return run_mode(load(args), args)
+        except Interrupted as exc:
+            print(f"interrupted ({signal.Signals(exc.signum).name}): {KEPT_ON_STOP[args.mode]}", file=sys.stderr)
+            return exc.exit_code
 
 
 if __name__ == "__main__":

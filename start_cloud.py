@@ -3,16 +3,18 @@
 
   python start_cloud.py [--config configs/edge_cloud.yaml] [--host 127.0.0.1] [--port 8081] [--auth-token T]
 """
+import sys
+
 from lib.errors import exit_on_usage_error
 from lib.log import setup_logging
 from start_edge import serve
 
 
 @exit_on_usage_error
-def main():
+def main() -> int:
     setup_logging()
-    serve("cloud", 8081, __doc__.splitlines()[0])
+    return serve("cloud", 8081, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

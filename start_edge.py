@@ -4,8 +4,11 @@
   python start_edge.py [--config configs/edge_cloud.yaml] [--host 127.0.0.1] [--port 8080] [--auth-token T]
 """
 import argparse
+import signal
+import sys
 
-from lib.errors import exit_on_usage_error
+from lib.errors import check_bearer_token, exit_on_usage_error
+from lib.interrupts import Interrupted, StopSignals
 from lib.log import setup_logging
 
 
@@ -19,29 +22,54 @@ def parse_args(role: str, port: int, description: str):
     return parser.parse_args()
 
 
-def serve(role: str, port: int, description: str):
-    """Run the `role` server (its script's first docstring line is `description`) until Ctrl-C."""
+def command_line_overrides(role: str, args) -> tuple[dict, list[str]]:
+    """The config overrides of the flags given, and those flags as the source to name in an error."""
+    over, flags = {}, []
+    for key, value in (("host", args.host), ("port", args.port)):
+        if value is not None:
+            over.setdefault(role, {}).setdefault("server", {})[key] = value
+            flags.append(f"--{key} {value}")
+    if args.auth_token is not None:
+        over["communication"] = {"auth_token": check_bearer_token(args.auth_token, "--auth-token")}
+        flags.append("--auth-token")  # never the token itself
+    return over, flags
+
+
+def serve(role: str, port: int, description: str) -> int:
+    """Run the `role` server (its script's first docstring line is `description`) until Ctrl-C or SIGTERM (exit
+    130 / 143). The address is bound before the model loads, so a busy port or a bad host is one line and exit 2,
+    not a claim that the server runs."""
     import uvicorn
 
+    from lib.edgecloud.http_api import listen_socket
     from lib.edgecloud.launch import build_cloud_app, build_edge_app
     from lib.edgecloud.settings import apply_overrides, load_config
     args = parse_args(role, port, description)
-    cfg = load_config(args.config)
-    over = {role: {"server": {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}}}
-    if args.auth_token is not None:
-        over["communication"] = {"auth_token": args.auth_token}
-    cfg = apply_overrides(cfg, over, "command line")
-    app, _ = (build_edge_app if role == "edge" else build_cloud_app)(cfg)
+    over, flags = command_line_overrides(role, args)
+    cfg = apply_overrides(load_config(args.config), over, ", ".join(flags) or "command line")
     server = cfg[role]["server"]
-    print(f"{role} server on http://{server['host']}:{server['port']} (health: /health, stats: /stats)", flush=True)
-    uvicorn.run(app, host=server["host"], port=int(server["port"]), log_level="warning")
+    address_flags = [flag for flag in flags if flag.startswith(("--host", "--port"))]
+    sock = listen_socket(server["host"], int(server["port"]), ", ".join(address_flags) or f"{role}.server.host/port")
+    try:
+        app, _ = (build_edge_app if role == "edge" else build_cloud_app)(cfg)
+        print(f"{role} server on http://{server['host']}:{server['port']} (health: /health, stats: /stats)",
+              flush=True)
+        config = uvicorn.Config(app, host=server["host"], port=int(server["port"]), log_level="warning")
+        with StopSignals():  # uvicorn shuts down on the signal, then raises it again for these handlers
+            uvicorn.Server(config).run(sockets=[sock])
+    except Interrupted as exc:
+        print(f"interrupted ({signal.Signals(exc.signum).name}): {role} server stopped", file=sys.stderr)
+        return exc.exit_code
+    finally:
+        sock.close()
+    return 0
 
 
 @exit_on_usage_error
-def main():
+def main() -> int:
     setup_logging()
-    serve("edge", 8080, __doc__.splitlines()[0])
+    return serve("edge", 8080, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

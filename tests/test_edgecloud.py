@@ -1,9 +1,13 @@
 """Edge/cloud collaborative decoding, for real on loopback: llama.cpp edge, transformers cloud, HTTP in between."""
 import asyncio
 import json
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import numpy as np
@@ -19,6 +23,7 @@ from lib.edgecloud.confidence import (
 from lib.edgecloud.http_api import ServerThread
 from lib.edgecloud.kv_cache import BlockPrefixCache, EdgeStateCache
 from lib.edgecloud.settings import apply_overrides, load_config
+from lib.errors import UsageError
 
 TOKEN = "test-secret"
 DEEP = b'{"context_ids": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"  # 100 kB, under the test servers' body limit
@@ -75,6 +80,75 @@ def finished(res, max_tokens, eos_id=0) -> bool:
 def stats(cfg, side):
     url = cfg["communication"][f"{side}_endpoint"] + "/stats"
     return httpx.get(url, headers={"authorization": f"Bearer {TOKEN}"}).json()
+
+
+def port_of(cfg, side) -> int:
+    return int(cfg["communication"][f"{side}_endpoint"].rsplit(":", 1)[1])
+
+
+def post(cfg, side, path, body) -> httpx.Response:
+    return httpx.post(cfg["communication"][f"{side}_endpoint"] + path, json=body,
+                      headers={"authorization": f"Bearer {TOKEN}"}, timeout=60)
+
+
+class FaultyPeer:
+    """A deliberately misbehaving edge or cloud: every POST gets 200 with answer(path, body, call number) as JSON."""
+
+    def __init__(self, answer):
+        self.calls = 0
+        peer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                peer.calls += 1
+                data = json.dumps(answer(self.path, body, peer.calls)).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+
+    def __enter__(self):
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def accept_all(path, body, call):
+    return {"accepted": len(body["draft_ids"]), "next_token": 267, "compute_ms": 1.0}
+
+
+def client_yaml(path, edge_port, cloud_port, **inference) -> str:
+    path.write_text(json.dumps({"communication": {"edge_endpoint": f"http://127.0.0.1:{edge_port}",
+                                                  "cloud_endpoint": f"http://127.0.0.1:{cloud_port}",
+                                                  "auth_token": TOKEN,
+                                                  "http_client": {"max_retries": 0, "backoff_s": 0.0,
+                                                                  "timeout": 30.0, "connection_pool_size": 2}},
+                                "inference": {"max_tokens": 32, **inference}}))  # JSON is YAML
+    return str(path)
+
+
+def script(*args, timeout=180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line(proc, returncode: int, start: str):
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == returncode and len(lines) == 1, (proc.returncode, proc.stderr[-3000:])
+    assert lines[0].startswith(start), lines[0]
 
 
 # -------------------------------------------------------------------------------------- draft and verify, end to end
@@ -309,6 +383,271 @@ def test_bad_config_is_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"error: --config {bad}: edge.confidence.strategy='psychic': expected one of max_prob, entropy, "
         "temperature, top_k_agg, ensemble"]
+
+
+# ------------------------------------------------------------------------------- replies the client cannot trust
+
+MALFORMED_VERDICTS = [
+    ({}, "accepted: Field required"),
+    ({"accepted": "x", "next_token": 267}, "accepted: Input should be a valid integer"),
+    ({"accepted": 99, "next_token": 267}, "accepted: 99 is more than the"),
+    ({"accepted": -3, "next_token": 267}, "accepted: Input should be greater than or equal to 0"),
+    ({"accepted": 0, "next_token": 10**12}, "next_token: token id 1000000000000 is outside the vocabulary"),
+    ({"accepted": 0, "next_token": -5}, "next_token: Input should be greater than or equal to 0"),
+    ({"accepted": 0, "next_token": "a"}, "next_token: Input should be a valid integer"),
+    ({"accepted": 0, "next_token": 267, "compute_ms": "fast"}, "compute_ms: Input should be a valid number"),
+]
+
+
+@pytest.mark.parametrize("verdict,problem", MALFORMED_VERDICTS)
+def test_malformed_cloud_reply_is_an_error_naming_the_field_and_keeps_committed_tokens(servers, tiny_tokenizer,
+                                                                                      verdict, problem):
+    def answer(path, body, call):
+        return accept_all(path, body, call) if call <= 2 else verdict
+
+    with FaultyPeer(answer) as cloud:
+        res = run(config(port_of(servers, "edge"), cloud.port), tiny_tokenizer, "One day, Lily went to the hill")
+    assert res.error.startswith(f"cloud server at http://127.0.0.1:{cloud.port}/v1/verify answered a malformed "
+                                f"reply: {problem}"), res.error
+    assert res.cloud_calls == 2 and res.token_ids[-1] == 267  # the two good rounds stay committed
+    assert res.accepted_tokens <= res.draft_tokens and not res.edge_fallback
+
+
+@pytest.mark.parametrize("draft,problem", [
+    ({"draft_ids": [5] * 9, "draft_probs": [1.0] * 9, "confidences": [1.0] * 9}, "draft_ids: 9 drafts for max_draft"),
+    ({"draft_ids": [5, 6], "draft_probs": [1.0, 1.0], "confidences": [1.0]}, "confidences: 1 values for 2 draft_ids"),
+    ({"draft_ids": [5], "draft_probs": [1.0], "confidences": [1.0], "compute_ms": -1}, "compute_ms: Input should be"),
+])
+def test_malformed_edge_reply_is_an_error_naming_the_field(servers, tiny_tokenizer, draft, problem):
+    with FaultyPeer(lambda path, body, call: {"draft_dists": None, "stopped_low_confidence": False, **draft}) as edge:
+        res = run(config(edge.port, port_of(servers, "cloud")), tiny_tokenizer, "One day, Lily went to the hill")
+    assert res.error.startswith(f"edge server at http://127.0.0.1:{edge.port}/v1/draft answered a malformed reply: "
+                                f"{problem}"), res.error
+    assert res.token_ids == [] and res.cloud_calls == 0
+
+
+def test_malformed_reply_on_the_command_line_is_one_line_after_the_committed_text(servers, tmp_path):
+    def answer(path, body, call):
+        return accept_all(path, body, call) if call <= 2 else {"accepted": 99, "next_token": 267}
+
+    with FaultyPeer(answer) as cloud:
+        cfg = client_yaml(tmp_path / "c.yaml", port_of(servers, "edge"), cloud.port)
+        proc = script("edge_cloud.py", "--config", cfg, "--prompt", "One day, Lily went to the hill", "--json")
+    assert_one_line(proc, 1, f"error: cloud server at http://127.0.0.1:{cloud.port}/v1/verify answered a malformed "
+                             "reply: accepted: 99 is more than the")
+    out = json.loads(proc.stdout)
+    assert out["cloud_calls"] == 2 and out["token_ids"][-1] == 267 and out["text"]
+
+
+def test_ablation_with_a_malformed_cloud_keeps_every_experiment(servers, tiny_tokenizer, tmp_path):
+    from lib.edgecloud.ablation import experiments, run_ablations
+
+    def answer(path, body, call):
+        if call % 3 == 0:
+            return {"token_ids": None} if path == "/v1/generate" else {}
+        return {"token_ids": [267, 323]} if path == "/v1/generate" else accept_all(path, body, call)
+
+    with FaultyPeer(answer) as cloud:
+        cfg = apply_overrides(config(port_of(servers, "edge"), cloud.port), {"inference": {"max_tokens": 6}}, "test")
+        report = asyncio.run(run_ablations(cfg, ["One day, Lily", "Once upon a time"], tiny_tokenizer, tmp_path))
+    assert [e["name"] for e in report["experiments"]] == [e["name"] for e in experiments(cfg)]
+    errors = [err for e in report["experiments"] for err in e["errors"]]
+    assert errors and all("answered a malformed reply" in err for err in errors)
+    assert all(e["requests"] == 2 for e in report["experiments"])
+
+
+# ----------------------------------------------------------------------------------- every mode ends the same way
+
+@pytest.mark.parametrize("mode", ["cloud_only", "edge_only"])
+def test_generate_modes_keep_at_most_max_tokens_and_nothing_after_eos(servers, tiny_tokenizer, mode):
+    sent = {2: [267, 323, 267, 323, 267], 4: [267, 0, 323]}  # max_tokens -> what the faulty server sends
+
+    with FaultyPeer(lambda path, body, call: {"token_ids": sent[body["max_tokens"]]}) as peer:
+        ports = (peer.port, port_of(servers, "cloud")) if mode == "edge_only" else (port_of(servers, "edge"), peer.port)
+        cfg = config(*ports)
+        long, eos = (run(cfg, tiny_tokenizer, "One day", mode=mode, max_tokens=n) for n in (2, 4))
+    assert long.error is None and long.token_ids == [267, 323] and long.dropped_tokens == 3
+    assert eos.token_ids == [267, 0] and eos.dropped_tokens == 1
+    assert long.unverified_tokens == (2 if mode == "edge_only" else 0)
+
+
+def test_cloud_only_over_the_limit_on_the_command_line(servers, tmp_path):
+    with FaultyPeer(lambda path, body, call: {"token_ids": [267, 323]}) as cloud:
+        cfg = client_yaml(tmp_path / "c.yaml", port_of(servers, "edge"), cloud.port)
+        proc = script("edge_cloud.py", "--config", cfg, "--prompt", "One day", "--pipeline", "cloud_only",
+                      "--max-tokens", "1", "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["token_ids"] == [267]
+    assert proc.stderr.strip().splitlines() == ["note: the servers sent 1 tokens past max_tokens or EOS; they were "
+                                                "dropped"]
+
+
+def test_collaborative_decoding_stops_at_eos(servers, tiny_tokenizer, shipped_prompts):
+    prompt = shipped_prompts[22]  # the tiny target answers it in 16 tokens, the last one EOS
+    reference = run(servers, tiny_tokenizer, prompt, mode="cloud_only", max_tokens=64)
+    assert reference.token_ids[-1] == tiny_tokenizer.eos_token_id and len(reference.token_ids) < 64
+    short, long = (run(servers, tiny_tokenizer, prompt, max_tokens=n) for n in (64, 200))
+    for res in (short, long):
+        assert res.error is None and res.token_ids == reference.token_ids
+    work = ("rounds", "cloud_calls", "edge_calls", "draft_tokens", "accepted_tokens", "bytes_sent")
+    assert {k: getattr(short, k) for k in work} == {k: getattr(long, k) for k in work}  # no round after EOS
+    assert short.rounds <= len(reference.token_ids)
+
+
+def test_verifier_accepts_nothing_after_an_eos_draft(servers, tiny_tokenizer, shipped_prompts):
+    context = tiny_tokenizer.encode(shipped_prompts[22], add_special_tokens=False)
+    answer = post(servers, "cloud", "/v1/generate", {"context_ids": context, "max_tokens": 64}).json()["token_ids"]
+    assert answer[-1] == tiny_tokenizer.eos_token_id
+    after_eos = post(servers, "cloud", "/v1/verify", {"context_ids": context, "draft_ids": answer,
+                                                      "use_cache": False}).json()
+    assert after_eos["accepted"] == len(answer)
+    # the target's own token after EOS, drafted after it: still not accepted
+    verdict = post(servers, "cloud", "/v1/verify", {"context_ids": context, "use_cache": False,
+                                                    "draft_ids": answer + [after_eos["next_token"]]}).json()
+    assert verdict["accepted"] == len(answer)
+
+
+# ----------------------------------------------------------------------------------- tokens, hosts and ports
+
+@pytest.mark.parametrize("token,shown", [("sécret", "'é'"), ("a\nb", "'\\n'"), ("two words", "' '")])
+def test_bearer_token_outside_visible_ascii_is_refused_where_it_enters(apps, token, shown):
+    with pytest.raises(UsageError) as refused:
+        apply_overrides(load_config(), {"communication": {"auth_token": token}}, "test")
+    assert str(refused.value).startswith(f"test: communication.auth_token: the token holds {shown}; a bearer token")
+    from lib.edgecloud.http_api import create_edge_app
+    with pytest.raises(UsageError, match="visible ASCII"):
+        create_edge_app(apps[2], auth_token=token)
+
+
+def test_bearer_token_flag_outside_visible_ascii_is_one_line():
+    assert_one_line(script("start_edge.py", "--auth-token", "sécret", "--port", str(free_port())), 2,
+                    "error: --auth-token: the token holds 'é'")
+
+
+def test_bad_host_and_busy_port_are_one_line_before_any_banner(apps, tmp_path):
+    assert_one_line(script("start_cloud.py", "--host", "bad..host"), 2,
+                    "error: --host bad..host: cloud.server.host: 'bad..host' is not an IP address or host name")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = script("start_cloud.py", "--port", str(port))
+        assert_one_line(proc, 2, f"error: --port {port}: cannot listen on 127.0.0.1:{port} (Address already in use)")
+        assert "server on" not in proc.stdout
+        cfg = tmp_path / "busy.yaml"
+        cfg.write_text(f"edge:\n  server:\n    port: {free_port()}\ncloud:\n  server:\n    port: {port}\n")
+        proc = script("edge_cloud.py", "--mode", "server", "--config", str(cfg))
+        assert_one_line(proc, 2, f"error: cloud.server.host/port: cannot listen on 127.0.0.1:{port}")
+        assert "server on" not in proc.stdout
+        with pytest.raises(UsageError, match="Address already in use"):
+            ServerThread(apps[0], "127.0.0.1", port)
+
+
+# ------------------------------------------------------------------------------------------- stop signals
+
+def wait_for_verify_calls(cfg, more: int, proc: subprocess.Popen, timeout: float = 120):
+    """Until the cloud has answered `more` verify requests beyond the count now (so the client committed some)."""
+    target = stats(cfg, "cloud")["verify_requests"] + more
+    deadline = time.monotonic() + timeout
+    while stats(cfg, "cloud")["verify_requests"] < target:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no verify requests came"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("signum,flags", [(signal.SIGINT, []), (signal.SIGTERM, ["--json"])])
+def test_stop_signal_in_client_mode_prints_the_committed_tokens(servers, shipped_prompts, tmp_path, signum, flags):
+    cfg = client_yaml(tmp_path / "c.yaml", port_of(servers, "edge"), port_of(servers, "cloud"), max_tokens=64)
+    proc = subprocess.Popen([sys.executable, "edge_cloud.py", "--config", cfg, "--prompt", shipped_prompts[0],
+                             "--network-delay-ms", "150", *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for_verify_calls(servers, 2, proc)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    assert_one_line(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), 128 + signum,
+                    f"interrupted ({signum.name}): what was committed is printed above")
+    if flags:
+        result = json.loads(out)
+        assert result["interrupted"] and 2 <= len(result["token_ids"]) < 64 and result["text"]
+    else:
+        assert out.splitlines()[0].strip() and " rounds, " in out.splitlines()[-1]
+        assert 2 <= int(out.splitlines()[-1].split()[1]) < 64  # "-- N tokens, ..."
+
+
+def test_stop_signal_in_ablation_mode_keeps_the_finished_requests(servers, tmp_path):
+    cfg = client_yaml(tmp_path / "c.yaml", port_of(servers, "edge"), port_of(servers, "cloud"), max_tokens=4)
+    report = tmp_path / "out" / "ablation_report.json"
+    proc = subprocess.Popen([sys.executable, "edge_cloud.py", "--mode", "ablation", "--external-servers", "--config",
+                             cfg, "--experiments", "baseline", "--num-prompts", "8", "--network-delay-ms", "200",
+                             "--output-dir", str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for_verify_calls(servers, 5, proc)  # a request of 4 tokens takes at most 4 rounds: one has finished
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == "interrupted (SIGTERM): the report keeps every finished request"
+    saved = json.loads(report.read_text())
+    assert saved["stopped_early"] and [e["name"] for e in saved["experiments"]] == ["cloud_only", "baseline"]
+    assert saved["experiments"][0]["requests"] == 8
+    baseline = saved["experiments"][1]
+    assert baseline["stopped_early"] and 1 <= baseline["requests"] < 8
+    assert all(0 < len(r["token_ids"]) <= 4 and not r["interrupted"] for r in baseline["requests_detail"])
+
+
+def test_ctrl_c_in_interactive_mode_cancels_only_the_request(servers, shipped_prompts, tmp_path):
+    cfg = client_yaml(tmp_path / "c.yaml", port_of(servers, "edge"), port_of(servers, "cloud"), max_tokens=64)
+    proc = subprocess.Popen([sys.executable, "edge_cloud.py", "--mode", "interactive", "--config", cfg,
+                             "--network-delay-ms", "150"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdin.write(shipped_prompts[0] + "\n")
+    proc.stdin.flush()
+    wait_for_verify_calls(servers, 2, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate("One day, Lily went to the hill\nquit\n", timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines() == ["request cancelled (SIGINT)"]
+    summaries = [line for line in out.splitlines() if line.startswith("-- ")]
+    assert len(summaries) == 2  # the cancelled request's partial output, then the next request in full
+    assert 2 <= int(summaries[0].split()[1]) < 64 and int(summaries[1].split()[1]) > 0
+
+
+# -------------------------------------------------------------------------------- server inputs that mislead
+
+def test_server_inputs_that_would_crash_or_mislead_are_422(servers, tiny_tokenizer):
+    vocab = len(tiny_tokenizer)
+    cases = [
+        ("cloud", "/v1/generate", {"context_ids": [5], "temperature": 1e-40}, "temperature: 1e-40 is neither 0"),
+        ("edge", "/v1/generate", {"context_ids": [5], "temperature": 1e-310}, "temperature: 1e-310 is neither 0"),
+        ("edge", "/v1/draft", {"context_ids": [5], "temperature": 1e-4}, "temperature"),
+        ("cloud", "/v1/verify", {"context_ids": [5], "draft_ids": [2], "draft_dists": [[0, 0, 0]], "temperature": 1.0},
+         "draft_dists[0]: sums to 0"),
+        ("cloud", "/v1/verify", {"context_ids": [5], "draft_ids": [2], "draft_dists": [[]], "temperature": 1.0},
+         "draft_dists[0]: sums to 0"),
+        ("cloud", "/v1/verify", {"context_ids": [5], "draft_ids": [0], "draft_dists": [[1.0]], "temperature": 1.0},
+         f"draft_dists[0]: 1 probabilities, expected one per target token ({vocab})"),
+        ("cloud", "/v1/verify", {"context_ids": [5], "draft_ids": [2], "draft_dists": [[1.0] + [0.0] * (vocab - 1)],
+                                 "temperature": 1.0}, "draft_dists[0]: gives the draft token 2 no probability"),
+        ("cloud", "/v1/verify", {"context_ids": [5], "draft_ids": [2, 3], "draft_dists": [[1.0]]},
+         "draft_dists: 1 distributions for 2 draft_ids"),
+        ("cloud", "/v1/verify", {"context_ids": [5], "draft_ids": [2], "draft_probs": [0.5, 0.5]},
+         "draft_probs: 2 values for 1 draft_ids"),
+    ]
+    for side, path, body, words in cases:
+        resp = post(servers, side, path, body)
+        assert resp.status_code == 422 and words in resp.json()["error"], (body, resp.text)
+    uniform = [1 / vocab] * vocab
+    ok = post(servers, "cloud", "/v1/verify", {"context_ids": [5], "draft_ids": [2], "draft_dists": [uniform],
+                                               "draft_probs": [1 / vocab], "temperature": 1.0})
+    assert ok.status_code == 200 and 0 <= ok.json()["accepted"] <= 1
+    with pytest.raises(UsageError, match="inference.temperature: 1e-05 is neither 0"):
+        apply_overrides(load_config(), {"inference": {"temperature": 1e-5}}, "test")
+
+
+def test_cloud_generate_honours_the_seed(servers):
+    def sampled(seed):
+        return post(servers, "cloud", "/v1/generate", {"context_ids": [5, 6, 7], "max_tokens": 24,
+                                                       "temperature": 1.5, "seed": seed}).json()["token_ids"]
+    first = sampled(5)
+    assert sampled(5) == first and sampled(6) != first
 
 
 # ----------------------------------------------------------------------------------------- the vLLM verifier

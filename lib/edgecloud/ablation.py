@@ -40,15 +40,19 @@ def _mean(values):
     return round(statistics.fmean(values), 3) if values else 0.0
 
 
-async def run_experiment(exp: dict, cfg: dict, prompts: list[str], reference: dict, tokenizer, progress) -> dict:
+async def run_experiment(exp: dict, cfg: dict, prompts: list[str], tokenizer, runs: list, progress):
+    """Every prompt under `exp`, each finished request appended to `runs` as it ends (kept if a later one fails)."""
     exp_cfg = apply_overrides(cfg, exp["config_overrides"], f"experiment {exp['name']}")
     max_tokens = exp_cfg["inference"]["max_tokens"]
-    runs = []
     async with EdgeCloudHTTPClient(exp_cfg, tokenizer) as client:
         for prompt in prompts:
-            res = await client.full_inference_pipeline(prompt, max_tokens, mode=exp["mode"])
-            runs.append(res)
+            runs.append(await client.full_inference_pipeline(prompt, max_tokens, mode=exp["mode"]))
             progress()
+
+
+def summarize(exp: dict, prompts: list[str], runs: list, reference: dict) -> dict:
+    """The report entry of an experiment whose requests for prompts[:len(runs)] finished."""
+    prompts = prompts[: len(runs)]
     ok = [r for r in runs if r.error is None or r.edge_fallback]
     tokens = sum(len(r.token_ids) for r in ok)
     seconds = sum(r.total_latency_ms for r in ok) / 1000
@@ -91,7 +95,16 @@ async def run_ablations(cfg: dict, prompts: list[str], tokenizer, out_dir: Path,
     with Progress() as bar:
         task = bar.add_task("ablations", total=len(exps) * len(prompts))
         for exp in exps:
-            result = await run_experiment(exp, cfg, prompts, reference, tokenizer, lambda: bar.advance(task))
+            runs: list = []
+            try:
+                await run_experiment(exp, cfg, prompts, tokenizer, runs, lambda: bar.advance(task))
+            except BaseException:  # a stop signal or a crash: the report keeps the requests that finished
+                if runs:
+                    report["experiments"].append({**summarize(exp, prompts, runs, reference), "stopped_early": True})
+                report["stopped_early"] = True
+                write_json(out_dir / "ablation_report.json", report)
+                raise
+            result = summarize(exp, prompts, runs, reference)
             if exp["name"] == "cloud_only":
                 reference.update({d["prompt"]: d["token_ids"] for d in result["requests_detail"]})
                 result["matches_cloud_only"] = True

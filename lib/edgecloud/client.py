@@ -5,6 +5,9 @@ verifies the whole draft in one pass and answers with the accepted count and its
 collaborative (the default), edge_only, cloud_only. Retries with exponential backoff on connection errors,
 timeouts and 502/503/504 (a server not there yet, or overloaded); other answers are not retried: 4xx
 (RequestRejected) and 500 (ServerFailed: the server is up and failed on this request, its error is reported).
+Every reply is checked against its response model (protocol.py) before any of it is used: a malformed one is a
+ServerFailed naming the field. Whatever ends a request (an error, EOS, max_tokens, a stop signal), the result
+keeps the tokens committed so far.
 """
 from __future__ import annotations
 
@@ -14,8 +17,10 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import httpx
+from pydantic import BaseModel, ValidationError
 
-from lib.errors import UsageError
+from lib.edgecloud.protocol import DraftResponse, GenerateResponse, VerifyResponse, validation_problem
+from lib.errors import UsageError, check_bearer_token
 
 
 class ServiceUnavailable(Exception):
@@ -23,8 +28,8 @@ class ServiceUnavailable(Exception):
 
 
 class ServerFailed(ServiceUnavailable):
-    """A server is up and answered 500 (or another 5xx that waiting does not cure): reported with its error, never
-    retried; like ServiceUnavailable, a failed cloud lets the edge finish (fallback_to_edge)."""
+    """A server is up and answered 500 (or another 5xx that waiting does not cure) or a malformed reply: reported
+    with its error, never retried; like ServiceUnavailable, a failed cloud lets the edge finish (fallback_to_edge)."""
 
 
 class RequestRejected(Exception):
@@ -63,6 +68,16 @@ def json_of(side: str, url: str, resp: httpx.Response) -> dict:
     return data
 
 
+def reply_of(side: str, url: str, resp: httpx.Response, model: type[BaseModel], expected: dict):
+    """The reply as `model`, checked against what the request implies (`expected`: the validation context)."""
+    data = json_of(side, url, resp)
+    try:
+        return model.model_validate(data, context=expected)
+    except ValidationError as exc:
+        raise ServerFailed(f"{side} server at {url} answered a malformed reply: "
+                           f"{validation_problem(exc.errors(include_url=False)[0])}") from None
+
+
 @dataclass
 class InferenceResult:
     text: str
@@ -80,10 +95,12 @@ class InferenceResult:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     unverified_tokens: int = 0  # committed without the cloud (lossy features / fallback)
+    dropped_tokens: int = 0  # sent by a server past max_tokens or EOS, not kept
     bytes_sent: int = 0
     bytes_received: int = 0
     reused_cloud_tokens: int = 0
     edge_fallback: bool = False  # the cloud failed and the edge finished alone
+    interrupted: bool = False  # a stop signal (or a cancelled task) cut the request short
     error: str | None = None
 
     @property
@@ -111,14 +128,16 @@ class EdgeCloudHTTPClient:
         self.delay_s = comm["network_delay_ms"] / 1000
         self.headers = {"content-type": "application/json"}
         if comm["auth_token"]:
-            self.headers["authorization"] = f"Bearer {comm['auth_token']}"
+            self.headers["authorization"] = f"Bearer {check_bearer_token(comm['auth_token'], 'auth_token')}"
         if tokenizer is None:
             from lib.edgecloud.settings import tokenizer_dir
             from lib.models import load_tokenizer
             tokenizer = load_tokenizer(tokenizer_dir(cfg))
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.eos_token_id
+        self.vocab = len(tokenizer)  # a token id the tokenizer cannot decode is a malformed reply
         self.http: httpx.AsyncClient | None = None
+        self.last_result: InferenceResult | None = None  # the latest request's, complete or not (a stop signal)
 
     async def __aenter__(self):
         self.http = httpx.AsyncClient(timeout=self.timeout, headers=self.headers, limits=httpx.Limits(
@@ -132,7 +151,8 @@ class EdgeCloudHTTPClient:
     def _url(self, side: str, path: str) -> str:
         return (self.cloud_url if side == "cloud" else self.edge_url) + path
 
-    async def _post(self, side: str, path: str, body: dict, tally: _Tally) -> dict:
+    async def _post(self, side: str, path: str, body: dict, tally: _Tally, reply: type[BaseModel], **expected):
+        """One request with retries; its reply as `reply`, checked with `expected` (see protocol.py's replies)."""
         url = self._url(side, path)
         payload = json.dumps(body, separators=(",", ":")).encode()
         res = tally.result
@@ -155,16 +175,15 @@ class EdgeCloudHTTPClient:
                 last = f"answered {resp.status_code}: {error_of(resp)}"
                 continue
             check_status(side, url, resp)
-            data = json_of(side, url, resp)
-            compute = data.get("compute_ms", 0.0)
-            res.network_latency_ms += max(wall_ms - compute, 0.0)
+            answer = reply_of(side, url, resp, reply, {"vocab": self.vocab, **expected})
+            res.network_latency_ms += max(wall_ms - answer.compute_ms, 0.0)
             if side == "cloud":
                 res.cloud_calls += 1
-                res.cloud_latency_ms += compute
+                res.cloud_latency_ms += answer.compute_ms
             else:
                 res.edge_calls += 1
-                res.edge_latency_ms += compute
-            return data
+                res.edge_latency_ms += answer.compute_ms
+            return answer
         raise ServiceUnavailable(f"{side} server at {url} unreachable after {self.max_retries} retries ({last})")
 
     async def get_json(self, side: str, path: str) -> dict:
@@ -192,6 +211,7 @@ class EdgeCloudHTTPClient:
                                       use_draft_verify: bool | None = None, use_confidence_check: bool | None = None,
                                       use_kv_cache: bool | None = None, mode: str = "collaborative",
                                       temperature: float | None = None) -> InferenceResult:
+        self.last_result = None
         inf = self.cfg["inference"]
         feats = inf["features"]
         max_tokens = inf["max_tokens"] if max_tokens is None else max_tokens
@@ -206,38 +226,62 @@ class EdgeCloudHTTPClient:
         if not prompt_ids:
             raise UsageError("prompt: empty after tokenization")
         tally = _Tally(InferenceResult(text="", token_ids=[], mode=mode))
+        self.last_result = res = tally.result
         t0 = time.perf_counter()
         try:
             if mode == "collaborative":
-                out = await self._collaborate(prompt_ids, max_tokens, opts, tally)
+                await self._collaborate(prompt_ids, max_tokens, opts, tally)
             else:
-                side = "edge" if mode == "edge_only" else "cloud"
-                data = await self._post(side, "/v1/generate", {"context_ids": prompt_ids, "max_tokens": max_tokens,
-                                                               "temperature": temperature}, tally)
-                out = data["token_ids"]
-                tally.confidences.extend(data.get("confidences", []))
-                tally.result.rounds = 1
-                if side == "edge":
-                    tally.result.unverified_tokens = len(out)
+                await self._generate_alone("edge" if mode == "edge_only" else "cloud", prompt_ids, max_tokens,
+                                           temperature, tally)
         except (ServiceUnavailable, RequestRejected) as exc:
-            tally.result.error = str(exc)
-            out = tally.result.token_ids
+            res.error = str(exc)
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            res.interrupted, res.error = True, "interrupted"
+            raise
+        finally:
+            self._summarize(tally, t0)
+        return res
+
+    def _summarize(self, tally: _Tally, t0: float):
         res = tally.result
-        res.token_ids = out
-        res.text = self.tokenizer.decode(out, skip_special_tokens=True)
+        res.text = self.tokenizer.decode(res.token_ids, skip_special_tokens=True)
         res.total_latency_ms = (time.perf_counter() - t0) * 1000
         res.acceptance_rate = res.accepted_tokens / res.draft_tokens if res.draft_tokens else 0.0
         res.confidence_score = sum(tally.confidences) / len(tally.confidences) if tally.confidences else 0.0
-        return res
 
-    async def _collaborate(self, prompt_ids: list[int], max_tokens: int, opts: dict, tally: _Tally) -> list[int]:
+    def _commit(self, res: InferenceResult, tokens: list[int], max_tokens: int, unverified: bool = False):
+        """Append `tokens` to the output up to max_tokens and the first EOS (kept): every mode ends the same way."""
+        room = max(max_tokens - len(res.token_ids), 0)
+        kept = tokens[:room]
+        if self.eos_id in kept:
+            kept = kept[: kept.index(self.eos_id) + 1]
+        res.token_ids.extend(kept)
+        res.dropped_tokens += len(tokens) - len(kept)
+        if unverified:
+            res.unverified_tokens += len(kept)
+
+    def _done(self, out: list[int], max_tokens: int) -> bool:
+        return len(out) >= max_tokens or (bool(out) and out[-1] == self.eos_id)  # _commit keeps EOS last
+
+    async def _generate_alone(self, side: str, context: list[int], max_tokens: int, temperature: float,
+                              tally: _Tally):
+        """One /v1/generate call for the rest of the output (edge_only, cloud_only, the edge fallback)."""
+        res = tally.result
+        body = {"context_ids": context, "max_tokens": max_tokens - len(res.token_ids), "temperature": temperature}
+        reply = await self._post(side, "/v1/generate", body, tally, GenerateResponse)
+        self._commit(res, reply.token_ids, max_tokens, unverified=side == "edge")
+        tally.confidences.extend(reply.confidences)
+        res.rounds += 1
+
+    async def _collaborate(self, prompt_ids: list[int], max_tokens: int, opts: dict, tally: _Tally):
         conf_cfg = self.cfg["edge"]["confidence"]
         gamma = int(self.cfg["edge"]["draft"]["max_draft_tokens"])
         accept_confident = opts["confidence"] and self.cfg["inference"]["features"]["accept_confident_drafts"]
-        res, out = tally.result, []
-        res.token_ids = out  # so a failure keeps what was committed
+        res = tally.result
+        out = res.token_ids  # committed tokens; a failure keeps them
         temperature = opts["temperature"]
-        while len(out) < max_tokens and (not out or out[-1] != self.eos_id):
+        while not self._done(out, max_tokens):
             res.rounds += 1
             context = prompt_ids + out
             want = min(gamma, max_tokens - len(out))
@@ -245,50 +289,43 @@ class EdgeCloudHTTPClient:
                 "context_ids": context, "max_draft": want, "temperature": temperature,
                 "confidence_threshold": conf_cfg["threshold"] if opts["confidence"] else None,
                 "use_cache": opts["cache"], "return_dists": temperature > 0 and opts["verify"],
-                "seed": None}, tally)
-            drafts = draft["draft_ids"]
-            tally.confidences.extend(draft["confidences"])
-            if accept_confident and len(drafts) == want and min(draft["confidences"], default=0) >= \
+                "seed": None}, tally, DraftResponse, max_draft=want)
+            drafts = draft.draft_ids
+            tally.confidences.extend(draft.confidences)
+            if accept_confident and len(drafts) == want and min(draft.confidences, default=0) >= \
                     conf_cfg["accept_threshold"]:
-                out.extend(drafts)  # lossy: no verification
-                res.unverified_tokens += len(drafts)
+                self._commit(res, drafts, max_tokens, unverified=True)  # lossy: no verification
                 continue
-            if not opts["verify"] and drafts and not draft["stopped_low_confidence"]:
-                out.extend(drafts)  # no draft/verify: confident drafts are final, the cloud decides the rest
-                res.unverified_tokens += len(drafts)
+            if not opts["verify"] and drafts and not draft.stopped_low_confidence:
+                # no draft/verify: confident drafts are final, the cloud decides the rest
+                self._commit(res, drafts, max_tokens, unverified=True)
                 continue
             if opts["verify"]:
-                body = {"context_ids": context, "draft_ids": drafts, "draft_probs": draft["draft_probs"],
-                        "draft_dists": draft["draft_dists"]}
+                body = {"context_ids": context, "draft_ids": drafts, "draft_probs": draft.draft_probs,
+                        "draft_dists": draft.draft_dists}
             else:  # the drafts before the low-confidence stop are final; the cloud decides the next token
-                out.extend(drafts)
-                res.unverified_tokens += len(drafts)
+                self._commit(res, drafts, max_tokens, unverified=True)
+                if self._done(out, max_tokens):
+                    break
                 body = {"context_ids": prompt_ids + out, "draft_ids": [], "draft_probs": [], "draft_dists": None}
             body.update(temperature=temperature, use_cache=opts["cache"])
             try:
-                verdict = await self._post("cloud", "/v1/verify", body, tally)
+                verdict = await self._post("cloud", "/v1/verify", body, tally, VerifyResponse,
+                                           drafted=len(body["draft_ids"]))
             except ServiceUnavailable as exc:
                 if not self.cfg["communication"]["fallback_to_edge"]:
                     raise
-                return await self._edge_fallback(prompt_ids, out, max_tokens, temperature, tally, str(exc))
+                return await self._edge_fallback(prompt_ids, max_tokens, temperature, tally, str(exc))
             if opts["verify"]:
                 res.draft_tokens += len(drafts)
-                res.accepted_tokens += verdict["accepted"]
-                out.extend(drafts[: verdict["accepted"]])
-            out.append(verdict["next_token"])
-            res.reused_cloud_tokens += verdict.get("reused_tokens", 0)
-        if self.eos_id in out:
-            del out[out.index(self.eos_id) + 1:]
-        del out[max_tokens:]
-        return out
+                res.accepted_tokens += verdict.accepted
+                self._commit(res, drafts[: verdict.accepted], max_tokens)
+            if not self._done(out, max_tokens):  # after an accepted EOS, or at max_tokens, the cloud's token is moot
+                self._commit(res, [verdict.next_token], max_tokens)
+            res.reused_cloud_tokens += verdict.reused_tokens
 
-    async def _edge_fallback(self, prompt_ids, out, max_tokens, temperature, tally, why: str) -> list[int]:
+    async def _edge_fallback(self, prompt_ids, max_tokens, temperature, tally, why: str):
         tally.result.edge_fallback = True
         tally.result.error = f"cloud failed, finished on the edge (edge_fallback): {why}"
-        if len(out) < max_tokens and (not out or out[-1] != self.eos_id):
-            data = await self._post("edge", "/v1/generate", {"context_ids": prompt_ids + out,
-                                                             "max_tokens": max_tokens - len(out),
-                                                             "temperature": temperature}, tally)
-            tally.result.unverified_tokens += len(data["token_ids"])
-            out.extend(data["token_ids"])
-        return out
+        if not self._done(tally.result.token_ids, max_tokens):
+            await self._generate_alone("edge", prompt_ids + tally.result.token_ids, max_tokens, temperature, tally)

@@ -4,11 +4,13 @@ Both have /health and /stats, an optional bearer token, a request-body size limi
 4xx JSON body {"error": ...}: malformed JSON or wrong fields (strict JSON types, no NaN) 422, token ids outside
 the vocabulary or a context longer than the model's 422, a body over the limit 413, a missing or wrong token 401
 (checked before the body is read), a body that cannot be parsed 400, an unknown path 404; a failure of the server
-itself 500 with the same shape.
+itself 500 with the same shape. The listening socket is bound before anything claims the server is up: an address
+that cannot be had is a UsageError naming it.
 """
 from __future__ import annotations
 
 import hmac
+import socket
 import threading
 import time
 
@@ -24,10 +26,12 @@ from lib.edgecloud.protocol import (
     GenerateResponse,
     VerifyRequest,
     VerifyResponse,
+    check_dists,
     check_length,
     check_vocab,
+    validation_problem,
 )
-from lib.errors import UsageError
+from lib.errors import UsageError, check_bearer_token
 
 PUBLIC_PATHS = ("/health",)  # every other path needs the bearer token, when one is set
 
@@ -35,6 +39,7 @@ PUBLIC_PATHS = ("/health",)  # every other path needs the bearer token, when one
 def _base_app(title: str, role: str, auth_token: str, max_body_bytes: int, describe: dict) -> FastAPI:
     """The app with what both servers share: the bearer token and the body limit (checked before any body is
     read), {"error": ...} answers, /health."""
+    check_bearer_token(auth_token, f"{role} server auth_token")
     app = FastAPI(title=title, docs_url=None, redoc_url=None)
     started = time.time()
 
@@ -58,8 +63,7 @@ def _base_app(title: str, role: str, auth_token: str, max_body_bytes: int, descr
         if first.get("type") == "json_invalid":
             return JSONResponse({"error": f"malformed JSON body ({first.get('ctx', {}).get('error', 'invalid')} "
                                           f"at character {first.get('loc', ('', '?'))[-1]})"}, status_code=422)
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return JSONResponse({"error": f"invalid request: {where or 'body'}: {first.get('msg', 'malformed')}",
+        return JSONResponse({"error": f"invalid request: {validation_problem(first)}",
                              "detail": [{"loc": e.get("loc"), "msg": e.get("msg")} for e in exc.errors()][:5]},
                             status_code=422)
 
@@ -126,6 +130,7 @@ def create_cloud_app(verifier, auth_token: str = "", max_body_bytes: int = 4 << 
     @app.post("/v1/verify", response_model=VerifyResponse)
     def verify(req: VerifyRequest):
         check_length(len(req.context_ids) + len(req.draft_ids) + 1, context, "context_ids + draft_ids + 1", "cloud")
+        check_dists(req.draft_dists, verifier.vocab)
         return verifier.verify(req)
 
     @app.post("/v1/generate", response_model=GenerateResponse)
@@ -140,27 +145,49 @@ def create_cloud_app(verifier, auth_token: str = "", max_body_bytes: int = 4 << 
     return app
 
 
+def listen_socket(host: str, port: int, where: str) -> socket.socket:
+    """A TCP socket bound to host:port (uvicorn listens on it), or a UsageError naming `where` (the flags or
+    config keys that chose the address)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as exc:
+        raise UsageError(f"{where}: cannot listen on {host}:{port} ({getattr(exc, 'strerror', None) or exc})") \
+            from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart may reuse the port
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"{where}: cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+    return sock
+
+
 class ServerThread:
     """uvicorn in a background thread (tests, `edge_cloud.py --mode server|ablation`); stop() shuts it down.
 
+    The socket is bound when the object is made (a busy port is a UsageError then, before any thread starts).
     uvicorn installs no signal handlers off the main thread, so Ctrl-C stays with the main thread."""
 
-    def __init__(self, app, host: str, port: int):
+    def __init__(self, app, host: str, port: int, sock: socket.socket | None = None):
         import uvicorn
+        self.sock = sock or listen_socket(host, port, f"server address {host}:{port}")
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                                     access_log=False))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def start(self, timeout: float = 30.0) -> ServerThread:
         self.thread.start()
         deadline = time.time() + timeout
         while not self.server.started:
             if not self.thread.is_alive() or time.time() > deadline:
-                raise UsageError(f"server on {self.server.config.host}:{self.server.config.port} did not start "
-                                 "(port in use?)")
+                raise UsageError(f"server on {self.server.config.host}:{self.server.config.port} did not start")
             time.sleep(0.05)
         return self
 
     def stop(self):
         self.server.should_exit = True
-        self.thread.join(timeout=10)
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
+        self.sock.close()

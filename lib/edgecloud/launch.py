@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from lib.edgecloud.confidence import make_calculator
-from lib.edgecloud.http_api import ServerThread, create_cloud_app, create_edge_app
+from lib.edgecloud.http_api import ServerThread, create_cloud_app, create_edge_app, listen_socket
 from lib.edgecloud.settings import cloud_model_dir, edge_gguf_path, tokenizer_dir
 
 
@@ -45,17 +45,22 @@ def build_cloud_app(cfg: dict):
 
 
 def start_in_threads(cfg: dict) -> list[ServerThread]:
-    """Both servers in this process (edge_cloud.py --mode server/ablation and the tests)."""
-    edge_app, _ = build_edge_app(cfg)
-    cloud_app, _ = build_cloud_app(cfg)
-    threads = [ServerThread(edge_app, cfg["edge"]["server"]["host"], int(cfg["edge"]["server"]["port"])),
-               ServerThread(cloud_app, cfg["cloud"]["server"]["host"], int(cfg["cloud"]["server"]["port"]))]
-    started = []
+    """Both servers in this process (edge_cloud.py --mode server/ablation and the tests). Both addresses are bound
+    first, so a busy port is reported before any model loads."""
+    roles = ("edge", "cloud")
+    sockets, threads = [], []
     try:
-        for t in threads:
-            started.append(t.start())
+        for role in roles:
+            server = cfg[role]["server"]
+            sockets.append(listen_socket(server["host"], int(server["port"]), f"{role}.server.host/port"))
+        apps = [build_edge_app(cfg)[0], build_cloud_app(cfg)[0]]
+        for role, app, sock in zip(roles, apps, sockets):
+            server = cfg[role]["server"]
+            threads.append(ServerThread(app, server["host"], int(server["port"]), sock).start())
     except BaseException:
-        for t in started:
+        for t in threads:
             t.stop()
+        for sock in sockets:
+            sock.close()
         raise
     return threads

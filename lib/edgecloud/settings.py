@@ -3,14 +3,16 @@ file and experiment overrides are merged over the defaults, then every key and v
 on error)."""
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field, field_validator
 
 from lib.config_models import Accepts, ConfigModel, choice, validate_model
-from lib.edgecloud.protocol import MAX_SEED, MAX_TEMPERATURE, MAX_TOKENS
-from lib.errors import UsageError
+from lib.edgecloud.protocol import MAX_SEED, MAX_TEMPERATURE, MAX_TOKENS, MIN_TEMPERATURE, Temperature
+from lib.errors import UsageError, check_bearer_token
 from lib.files import ROOT, load_yaml, shipped
 
 DEFAULT_CONFIG = ROOT / "configs" / "edge_cloud.yaml"
@@ -22,6 +24,27 @@ Positive = Annotated[int, Field(ge=1)]
 Amount = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 Port = Annotated[int, Field(ge=1, le=65535)]
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?")
+
+
+def is_host(host: str) -> bool:
+    """An IP address or a host name whose dot-separated labels the socket layer can encode (no empty label)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    try:
+        labels = host.encode("idna").decode().split(".")
+    except UnicodeError:
+        return False
+    return all(_HOST_LABEL.fullmatch(label) for label in labels)
+
+
+def _host(host: str) -> str:
+    if not is_host(host):
+        raise ValueError(f"{host!r} is not an IP address or host name")
+    return host
 
 
 def _endpoint(url: str) -> str:
@@ -31,16 +54,28 @@ def _endpoint(url: str) -> str:
         port = parts.port
     except ValueError as exc:
         raise ValueError(f"{url!r}: {exc}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or (port is not None and port < 1):
+    if parts.scheme not in ("http", "https") or not parts.hostname or (port is not None and port < 1) or \
+            not is_host(parts.hostname):
         raise ValueError(f"{url!r} is not an http(s)://host:port URL")
     return url
 
 
+def _bearer_token(token: str) -> str:
+    try:
+        return check_bearer_token(token, "")
+    except UsageError as exc:  # its message starts with `what: `; the config's error line names the key itself
+        raise ValueError(str(exc).removeprefix(": ")) from None
+
+
+Host = Annotated[str, AfterValidator(_host),
+                 Accepts("an IP address or a host name (letters, digits, hyphens; dot-separated)")]
 Endpoint = Annotated[str, AfterValidator(_endpoint), Accepts("an http(s)://host:port URL, port 1 to 65535")]
+BearerToken = Annotated[str, AfterValidator(_bearer_token),
+                        Accepts("visible ASCII characters (no spaces), or empty for no auth")]
 
 
 class Server(ConfigModel):
-    host: str
+    host: Host
     port: Port
 
 
@@ -114,7 +149,7 @@ class HttpClient(ConfigModel):
 class Communication(ConfigModel):
     edge_endpoint: Endpoint
     cloud_endpoint: Endpoint
-    auth_token: str
+    auth_token: BearerToken
     max_body_bytes: Annotated[int, Field(ge=1, le=1 << 30)]
     network_delay_ms: Annotated[float, Field(ge=0, le=600_000)]
     fallback_to_edge: bool
@@ -130,7 +165,8 @@ class Features(ConfigModel):
 
 class Inference(ConfigModel):
     max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)]  # what the servers' /v1/generate accepts
-    temperature: Annotated[float, Field(ge=0, le=MAX_TEMPERATURE)]
+    temperature: Annotated[Temperature, Accepts(f"a number from 0 to {MAX_TEMPERATURE}: 0 (greedy) or at least "
+                                                f"{MIN_TEMPERATURE:g}")]
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)]
     features: Features
 

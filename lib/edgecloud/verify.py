@@ -2,7 +2,8 @@
 
 The model steps (forward, commit, probabilities, sample) are lib/decoding/chain.py's; `accept_drafts` is the
 Leviathan rule for one row with the draft distributions the edge shipped (one-hot drafts when greedy, so greedy
-verification keeps exactly the target's argmax tokens).
+verification keeps exactly the target's argmax tokens). Nothing follows an EOS: drafts after the first EOS draft
+are not verified, so `accepted` never counts past it.
 """
 from __future__ import annotations
 
@@ -35,17 +36,25 @@ def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, genera
 
 
 class BaseVerifier:
-    """What the HF and vLLM cloud verifiers share: the vocabulary check, one lock, the counters behind /stats."""
+    """What the HF and vLLM cloud verifiers share: the vocabulary check, the EOS cut, one lock, the counters behind
+    /stats."""
 
-    def __init__(self, vocab: int, context: int | None):
+    def __init__(self, vocab: int, context: int | None, eos_ids):
         self.vocab = vocab
         self.context = context  # tokens a sequence may hold (the HTTP layer refuses longer requests with a 422)
+        self.eos_ids = set(eos_ids)
         self.lock = threading.Lock()
         self.counters = {"verify_requests": 0, "generate_requests": 0, "draft_tokens": 0, "accepted_tokens": 0,
                          "fed_tokens": 0}
 
     def check_ids(self, ids, what: str):
         check_vocab(ids, self.vocab, what)
+
+    def drafts_to_verify(self, draft_ids) -> list[int]:
+        """The drafts up to and including the first EOS."""
+        drafts = list(draft_ids)
+        end = next((i + 1 for i, token in enumerate(drafts) if token in self.eos_ids), len(drafts))
+        return drafts[:end]
 
     def count_verify(self, drafted: int, accepted: int, fed: int):
         self.counters["verify_requests"] += 1
@@ -65,28 +74,27 @@ class CloudVerifier(BaseVerifier):
     def __init__(self, target_dir, device: str = "cpu", dtype: str = "float32", block_size: int = 16,
                  max_blocks: int = 4096, seed: int = 0):
         self.model = load_model(target_dir, dtype, device)
-        super().__init__(self.model.config.vocab_size, getattr(self.model.config, "max_position_embeddings", None))
+        super().__init__(self.model.config.vocab_size, getattr(self.model.config, "max_position_embeddings", None),
+                         eos_ids_of(self.model))
         self.device = device
-        self.eos_ids = eos_ids_of(self.model)
         self.cache = BlockPrefixCache(block_size, max_blocks)
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def _draft_dists(self, req: VerifyRequest, drafts: torch.Tensor) -> torch.Tensor:
+        """q [len(drafts), V]; the request's rows were checked (one per draft, V long, summing to 1)."""
         if req.temperature <= 0:
             return torch.nn.functional.one_hot(drafts, self.vocab).float()
-        if len(req.draft_dists or []) != len(req.draft_ids):  # none needed without drafts (no_draft_verify)
+        if req.draft_dists is None and req.draft_ids:  # none needed without drafts (no_draft_verify)
             raise UsageError("draft_dists: temperature > 0 needs one draft distribution per draft token")
-        q = torch.zeros(len(req.draft_ids), self.vocab, device=self.device)
-        for i, dist in enumerate(req.draft_dists or []):
-            row = torch.tensor(dist[: self.vocab], dtype=torch.float32, device=self.device).clamp(min=0)
-            q[i, : len(row)] = row
-        return q / q.sum(-1, keepdim=True).clamp(min=1e-30)
+        rows = (req.draft_dists or [])[: len(drafts)]
+        q = torch.tensor(rows, dtype=torch.float32, device=self.device).reshape(len(drafts), self.vocab)
+        return q / q.sum(-1, keepdim=True)
 
     @torch.inference_mode()
     def verify(self, req: VerifyRequest) -> VerifyResponse:
         self.check_ids(req.context_ids, "context_ids")
         self.check_ids(req.draft_ids, "draft_ids")
-        context, drafts_list = list(req.context_ids), list(req.draft_ids)
+        context, drafts_list = list(req.context_ids), self.drafts_to_verify(req.draft_ids)
         drafts = torch.tensor(drafts_list, dtype=torch.long, device=self.device)
         q = self._draft_dists(req, drafts)
         with self.lock:
@@ -113,8 +121,10 @@ class CloudVerifier(BaseVerifier):
         self.check_ids(req.context_ids, "context_ids")
         with self.lock:
             t0 = time.perf_counter()
+            generator = self.generator if req.seed is None else \
+                torch.Generator(device=self.device).manual_seed(req.seed)  # a seeded request repeats itself
             gen = autoregressive_generate(self.model, [list(req.context_ids)], req.max_tokens, req.temperature,
-                                          self.eos_ids, generator=self.generator)
+                                          self.eos_ids, generator=generator)
             self.counters["generate_requests"] += 1
             return GenerateResponse(token_ids=gen.tokens[0], compute_ms=(time.perf_counter() - t0) * 1000)
 

@@ -41,7 +41,8 @@ class VLLMCloudVerifier(BaseVerifier):
             raise UsageError(f"cloud.model: vLLM rejected the configuration: {str(exc).strip().splitlines()[0]}") \
                 from None
         model_config = self.llm.llm_engine.model_config
-        super().__init__(model_config.get_vocab_size(), model_config.max_model_len)
+        super().__init__(model_config.get_vocab_size(), model_config.max_model_len,
+                         {self.llm.get_tokenizer().eos_token_id} - {None})
         self.counters["prefix_cached_tokens"] = 0
         self.device = "cpu" if on_cpu else "cuda"
 
@@ -54,7 +55,7 @@ class VLLMCloudVerifier(BaseVerifier):
                              "(temperature 0); use cloud.model.engine: hf for sampled verification")
         self.check_ids(req.context_ids, "context_ids")
         self.check_ids(req.draft_ids, "draft_ids")
-        context, drafts = list(req.context_ids), list(req.draft_ids)
+        context, drafts = list(req.context_ids), self.drafts_to_verify(req.draft_ids)
         params = self.vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1 if drafts else None)
         with self.lock:
             t0 = time.perf_counter()
