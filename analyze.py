@@ -13,14 +13,15 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import io
 import os
 import sys
 from pathlib import Path
 
 from lib.errors import UsageError, exit_on_usage_error
-from lib.files import output_file
+from lib.files import output_file, write_texts
 from lib.log import setup_logging
-from lib.sweep_report import ROW_KEYS, SHORT_KEYS, md_table, run_rows, varying_config
+from lib.sweep_report import RESULTS_FILE, ROW_KEYS, SHORT_KEYS, md_table, run_rows, varying_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,23 +41,27 @@ def find_runs(patterns: list[str]) -> list[Path]:
         if not matches:
             raise UsageError(f"{pattern}: no such folder (expected result folders or a glob of them)")
         for match in map(Path, matches):
-            found = [match] if (match / "benchmark_results.json").is_file() else \
-                sorted(p.parent for p in match.rglob("benchmark_results.json"))
+            found = [match] if (match / RESULTS_FILE).is_file() else result_folders_under(match)
             runs += [r for r in found if r not in runs]
     if not runs:
-        raise UsageError(f"{' '.join(patterns)}: no benchmark_results.json under these paths")
+        raise UsageError(f"{' '.join(patterns)}: no {RESULTS_FILE} under these paths")
     return runs
+
+
+def result_folders_under(folder: Path) -> list[Path]:
+    """The folders at any depth under `folder` holding a result file (a folder of that name is not one)."""
+    try:
+        return sorted(p.parent for p in folder.rglob(RESULTS_FILE) if p.is_file())
+    except OSError as exc:
+        raise UsageError(f"{folder}: cannot be searched for {RESULTS_FILE} ({exc.strerror}); expected readable "
+                         "result folders") from None
 
 
 def load_rows(runs: list[Path]) -> list[dict]:
     rows = []
     common = Path(os.path.commonpath([r.resolve().parent for r in runs]))  # runs are named relative to it
     for run in runs:
-        try:
-            loaded = run_rows(run)
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:  # not JSON, not UTF-8, ...
-            raise UsageError(f"{run}/benchmark_results.json: not a SpecLab result file ({exc.__class__.__name__})") \
-                from None
+        loaded = run_rows(run)  # a damaged result file: one line naming it
         for row in loaded:
             row["run"] = str(run.resolve().relative_to(common))
         rows += loaded
@@ -72,9 +77,18 @@ def table(rows: list[dict], keys: list[str]) -> tuple[list[str], list[list]]:
 
 
 def csv_value(value):
-    if isinstance(value, list):
-        return " ".join(f"{v:.4f}" for v in value)
+    if isinstance(value, list):  # per-position acceptance (finite numbers), or a config value that is a list
+        return " ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in value)
     return "" if value is None else value
+
+
+def csv_text(rows: list[dict]) -> str:
+    headers, body = table(rows, ROW_KEYS)
+    out = io.StringIO(newline="")
+    writer = csv.writer(out)
+    writer.writerow(headers)
+    writer.writerows([[csv_value(v) for v in row] for row in body])
+    return out.getvalue()
 
 
 @exit_on_usage_error
@@ -85,20 +99,14 @@ def main(argv=None) -> int:
         if path and path != "-":
             output_file(path, f"{flag} {path}")
     rows = load_rows(find_runs(args.paths))
+    outputs = []  # (file, text); "-" is stdout
     if args.csv:
-        headers, body = table(rows, ROW_KEYS)
-        out = sys.stdout if args.csv == "-" else open(args.csv, "w", newline="", encoding="utf-8")  # noqa: SIM115 - closed below
-        writer = csv.writer(out)
-        writer.writerow(headers)
-        writer.writerows([[csv_value(v) for v in row] for row in body])
-        if out is not sys.stdout:
-            out.close()
-    headers, body = table(rows, ROW_KEYS if args.all_columns else SHORT_KEYS)
-    text = md_table(headers, body) + "\n"
-    if args.md:
-        Path(args.md).write_text(text)
-    elif args.csv != "-":
-        sys.stdout.write(text)
+        outputs.append((args.csv, csv_text(rows)))
+    if args.md or args.csv != "-":
+        headers, body = table(rows, ROW_KEYS if args.all_columns else SHORT_KEYS)
+        outputs.append((args.md or "-", md_table(headers, body) + "\n"))
+    write_texts({path: text for path, text in outputs if path != "-"})  # both files, or neither
+    sys.stdout.write("".join(text for path, text in outputs if path == "-"))
     return 0
 
 

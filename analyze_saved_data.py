@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 
-from lib import files
 from lib.capture import load_capture
 from lib.errors import exit_on_usage_error
 from lib.log import setup_logging
-from lib.logits_compare import compare_captures, console_report, plot_results, write_results
+from lib.logits_compare import check_outputs, compare_captures, console_report, plot_results, write_results
 
 
 def analyze(data1: str, data2: str, output_dir: str, plots: bool = True) -> dict:
-    files.output_dir(output_dir, f"--output-dir={output_dir}")
+    check_outputs(output_dir, plots)
     results = compare_captures(load_capture(data1), load_capture(data2))
     path = write_results(results, output_dir)
     pngs = plot_results(results, output_dir) if plots else []

@@ -186,32 +186,46 @@ def _read_tensors(path: Path) -> dict:
         raise UsageError(f"capture {path}: unreadable safetensors file (truncated or corrupt: {exc})") from None
 
 
+TENSORS = ("topk_ids", "topk_logprobs", "topk_logits", "full_logits")  # the first two are required
+
+
 def _prompt_from(entry: PromptMeta, i: int, tensors: dict, tensor_path: Path) -> PromptCapture:
-    n = len(entry.token_ids)
-    arrays = {}
-    for name in ("topk_ids", "topk_logprobs", "topk_logits", "full_logits"):
-        key = f"{i}.{name}"
-        if key not in tensors:
-            if name in ("topk_ids", "topk_logprobs"):
-                raise UsageError(f"capture {tensor_path}: tensor {key!r} missing")
-            continue
-        array = tensors[key]
-        if array.ndim != 2 or array.shape[0] != n:
-            raise UsageError(f"capture {tensor_path}: tensor {key!r} has shape {list(array.shape)}, expected "
-                             f"[{n}, ...] (one row per emitted token of prompt {i}); the files do not match")
-        arrays[name] = array
-    if arrays["topk_ids"].shape != arrays["topk_logprobs"].shape:
-        raise UsageError(f"capture {tensor_path}: prompt {i}: topk_ids and topk_logprobs differ in shape")
-    if "full_logits" in arrays:
-        vocab = arrays["full_logits"].shape[1]
-        bad = next((t for t in [*entry.token_ids, *arrays["topk_ids"].ravel().tolist()] if t >= vocab), None)
-        if bad is not None:
-            raise UsageError(f"capture {tensor_path}: prompt {i}: token id {bad} is outside the {vocab} columns of "
-                             "its full_logits; the files do not match")
+    label = f"capture {tensor_path}: prompt {i}"
+    arrays = {name: tensors[f"{i}.{name}"] for name in TENSORS if f"{i}.{name}" in tensors}
+    missing = next((name for name in TENSORS[:2] if name not in arrays), None)
+    if missing:
+        raise UsageError(f"capture {tensor_path}: tensor {f'{i}.{missing}'!r} missing")
+    _check_arrays(arrays, entry.token_ids, label, "; the files do not match")
+    return _prompt_capture(entry, arrays)
+
+
+def _prompt_capture(entry: PromptMeta, arrays: dict) -> PromptCapture:
     return PromptCapture(entry.prompt, entry.prompt_ids, entry.token_ids, arrays["topk_ids"],
                          arrays["topk_logprobs"], arrays.get("topk_logits"), arrays.get("full_logits"),
                          entry.text, entry.step_round, entry.rounds, entry.accept_lengths,
                          entry.spec.model_dump(exclude_unset=True), entry.seconds)
+
+
+def _check_arrays(arrays: dict, token_ids: list[int], label: str, mismatch: str):
+    """A prompt's arrays fit its tokens, as the comparison indexes them: each [N, >= 1] with one row per emitted
+    token, the top-k logits and log-probs of the top-k ids' shape, every token id inside the full logits' columns.
+    Else one UsageError naming `label` (mismatch ends the line where the arrays come from a second file)."""
+    n = len(token_ids)
+    for name, array in arrays.items():
+        if array.ndim != 2 or array.shape[0] != n or array.shape[1] == 0:
+            raise UsageError(f"{label}: {name} has shape {list(array.shape)}, expected [{n}, K] with K >= 1 (one "
+                             f"row per emitted token){mismatch}")
+    shape = arrays["topk_ids"].shape
+    odd = next((name for name in ("topk_logprobs", "topk_logits") if name in arrays and arrays[name].shape != shape),
+               None)
+    if odd:
+        raise UsageError(f"{label}: topk_ids and {odd} differ in shape ({list(shape)} and "
+                         f"{list(arrays[odd].shape)}){mismatch}")
+    if "full_logits" in arrays:
+        vocab = arrays["full_logits"].shape[1]
+        bad = next((t for t in [*token_ids, *arrays["topk_ids"].ravel().tolist()] if t >= vocab), None)
+        if bad is not None:
+            raise UsageError(f"{label}: token id {bad} is outside the {vocab} columns of its full_logits{mismatch}")
 
 
 # ---------------------------------------------------------------------------------------------- legacy pickle
@@ -251,25 +265,42 @@ def _load_legacy_pickle(path: Path) -> Capture:
     entries = data if isinstance(data, list) else [data]
     if not entries or not all(isinstance(e, dict) for e in entries):
         raise UsageError(f"capture {path}: expected a dict or a list of dicts in the pickle")
-    prompts = [_legacy_prompt(e, path) for e in entries]
+    prompts = [_legacy_prompt(e, f"capture {path}" + (f": entry {i}" if len(entries) > 1 else ""))
+               for i, e in enumerate(entries)]
     first = entries[0]
     config_name = str(first.get("config_name", path.stem))
     return Capture(str(first.get("engine", "legacy")), config_name, {}, {}, prompts, {"legacy_pickle": True},
                    str(path))
 
 
-def _legacy_prompt(entry: dict, path: Path) -> PromptCapture:
+def _legacy_prompt(entry: dict, label: str) -> PromptCapture:
+    """A legacy entry's fields go through PromptMeta, as a JSON capture's do; its logits become the arrays."""
     import torch
     tokens = next((entry[k] for k in ("token_ids", "tokens", "generated_tokens") if k in entry), None)
     logits = next((entry[k] for k in ("logits", "step_logits", "all_logits") if k in entry), None)
     if tokens is None or logits is None:
-        raise UsageError(f"capture {path}: legacy pickle needs 'token_ids' (or 'tokens') and 'logits' "
+        raise UsageError(f"{label}: legacy pickle needs 'token_ids' (or 'tokens') and 'logits' "
                          f"(one row per token); found keys {sorted(map(str, entry))}")
+    meta = validate_model(PromptMeta, {
+        "prompt": _plain(entry.get("prompt", "")), "prompt_ids": _plain(entry.get("prompt_ids", [])),
+        "token_ids": _plain(tokens), "accept_lengths": _plain(entry.get("accept_lengths",
+                                                                         entry.get("accept_length", [])))}, label)
     try:
-        logits = torch.as_tensor(np.asarray(logits, dtype=np.float32)).reshape(len(tokens), -1)
-    except (ValueError, TypeError) as exc:
-        raise UsageError(f"capture {path}: legacy 'logits' do not fit {len(tokens)} tokens ({exc})") from None
+        logits = torch.as_tensor(np.asarray(logits, dtype=np.float32)).reshape(len(meta.token_ids), -1)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise UsageError(f"{label}: legacy 'logits' do not fit {len(meta.token_ids)} tokens ({exc})") from None
+    if logits.shape[1] == 0:
+        raise UsageError(f"{label}: legacy 'logits' have no columns; expected one row of logits per token")
     ids, logprobs, values = topk_from_logits(logits, 20)
-    lengths = [int(x) for x in entry.get("accept_lengths", entry.get("accept_length", []))]
-    return PromptCapture(str(entry.get("prompt", "")), [int(t) for t in entry.get("prompt_ids", [])],
-                         [int(t) for t in tokens], ids, logprobs, values, logits.numpy(), accept_lengths=lengths)
+    arrays = {"topk_ids": ids, "topk_logprobs": logprobs, "topk_logits": values, "full_logits": logits.numpy()}
+    _check_arrays(arrays, meta.token_ids, label, "")
+    return _prompt_capture(meta, arrays)
+
+
+def _plain(value):
+    """numpy arrays and scalars, and tuples, as the lists and numbers of a JSON capture (PromptMeta is strict)."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

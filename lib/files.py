@@ -18,6 +18,7 @@ from lib.errors import UsageError
 ROOT = Path(__file__).resolve().parent.parent  # the repository: shipped prompts and configs live under it
 MAX_CONFIG_BYTES = 4 << 20  # a config or prompt file larger than this is not one a person wrote
 MAX_PROMPT_FILE_BYTES = 256 << 20
+MAX_DATA_FILE_BYTES = 256 << 20  # a result or state file the project wrote
 
 
 def shipped(path: str | Path) -> Path:
@@ -25,6 +26,11 @@ def shipped(path: str | Path) -> Path:
     any folder); paths the user types are used as typed, relative to where they were typed."""
     p = Path(path)
     return p if p.is_absolute() else ROOT / p
+
+
+def json_text(data) -> str:
+    """The project's JSON layout (indented, UTF-8 as is, anything else as its str)."""
+    return json.dumps(data, indent=2, ensure_ascii=False, default=str)
 
 
 def write_json(path: str | Path, data) -> None:
@@ -36,7 +42,7 @@ def write_json(path: str | Path, data) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(data, out, indent=2, ensure_ascii=False, default=str)
+            out.write(json_text(data))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -46,20 +52,31 @@ def write_json(path: str | Path, data) -> None:
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path of its own next to `path` for a writer that wants a file name (matplotlib's savefig),
-    renamed over `path` when the block ends; on an error the temporary file is removed and `path` is untouched."""
+    renamed over `path` when the block ends; on an error the temporary file is removed and `path` is untouched.
+    An OSError on the way (a full disk, a file size limit) becomes one UsageError naming `path`."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{path.suffix}"
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot be written ({exc.strerror or exc}); it is left as it was") from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def write_text(path: str | Path, text: str) -> None:
     """Write a text file (Markdown, HTML) atomically, as write_json does."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    write_texts({path: text})
+
+
+def write_texts(texts: dict[str | Path, str]) -> None:
+    """Write several text files that belong together (one table as CSV and Markdown, a report in its formats):
+    each to its temporary file first, and only when all are written are they renamed into place, so a failure on
+    the way (a full disk, a file size limit) leaves every one of them as it was."""
+    with contextlib.ExitStack() as stack:
+        for path, text in texts.items():
+            stack.enter_context(atomic_path(path)).write_text(text, encoding="utf-8")
 
 
 class LockHeld(Exception):
@@ -77,10 +94,10 @@ class FolderLock:
         self.fd: int | None = None
 
     def acquire(self, holder: str, wait: bool = False):
-        """Take the lock, or raise LockHeld naming its holder (wait: block until it is free instead)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Take the lock, or raise LockHeld naming its holder (wait: block until it is free instead); a lock file
+        that cannot be opened (a folder in its place, no permission) is one UsageError naming it."""
         for _ in range(3):
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._open()
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -93,6 +110,14 @@ class FolderLock:
                 return
             self._close()  # the holder removed the file as it let go: lock the file that is there now
         raise LockHeld("a process that keeps taking and removing it")
+
+    def _open(self):
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UsageError(f"lock {self.path}: cannot be opened ({exc.strerror}); expected a lock file this "
+                             "process may create or write (move what is in its place away)") from None
 
     def _still_ours(self) -> bool:
         try:
@@ -142,6 +167,18 @@ def read_text(path: str | Path, label: str, accepted: str, max_bytes: int = MAX_
         raise UsageError(f"{label}: not UTF-8 text; expected {accepted}") from None
     except OSError as exc:
         raise UsageError(f"{label}: cannot be read ({exc.strerror}); expected {accepted}") from None
+
+
+def read_json(path: str | Path, label: str, accepted: str, max_bytes: int = MAX_DATA_FILE_BYTES):
+    """The data of a JSON file this project wrote (results, state), or one line naming `label` and what is
+    accepted: missing, a folder, not UTF-8, not JSON, nested too deeply."""
+    text = read_text(path, label, accepted, max_bytes)
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"{label}: not valid JSON ({exc}); expected {accepted}") from None
+    except RecursionError:
+        raise UsageError(f"{label}: JSON nested too deeply; expected {accepted}") from None
 
 
 class _DuplicateKey(Exception):

@@ -18,9 +18,11 @@ import numpy as np
 
 from lib.capture import Capture
 from lib.errors import UsageError
-from lib.files import output_dir, write_json
+from lib.files import atomic_path, output_dir, output_file, write_json
 
 RESULT_SCHEMA = "speclab.logits_comparison/1"
+RESULTS_NAME = "detailed_logits_comparison_results.json"
+DIVERGENCE_PLOT, ACCEPTANCE_PLOT = "logits_divergence_per_step.png", "acceptance_length_distribution.png"
 
 
 @dataclass
@@ -186,10 +188,27 @@ def _json_safe(value):
     return value
 
 
+def check_outputs(out_dir: str | Path, plots: bool) -> Path:
+    """The output folder, and every file the comparison writes there can be written (checked before the work)."""
+    out = output_dir(out_dir, f"--output-dir={out_dir}")
+    for name in (RESULTS_NAME, *((DIVERGENCE_PLOT, ACCEPTANCE_PLOT) if plots else ())):
+        output_file(out / name, str(out / name))
+    return out
+
+
 def write_results(results: dict, out_dir: str | Path) -> Path:
     out = output_dir(out_dir, f"--output-dir={out_dir}")
-    path = out / "detailed_logits_comparison_results.json"
+    path = out / RESULTS_NAME
     write_json(path, _json_safe(results))
+    return path
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
     return path
 
 
@@ -220,10 +239,7 @@ def plot_results(results: dict, out_dir: str | Path) -> list[Path]:
     axes[2].set_xlabel("emitted token (all prompts in order)")
     axes[2].legend()
     fig.suptitle(f"A = {label_a}   B = {label_b}")
-    fig.tight_layout()
-    paths.append(out / "logits_divergence_per_step.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(_save(fig, out / DIVERGENCE_PLOT))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, label, shift in (("data1", label_a, -0.2), ("data2", label_b, 0.2)):
@@ -233,10 +249,7 @@ def plot_results(results: dict, out_dir: str | Path) -> list[Path]:
     ax.set_xlabel("tokens per verification round (bonus included)")
     ax.set_ylabel("fraction of rounds")
     ax.legend()
-    fig.tight_layout()
-    paths.append(out / "acceptance_length_distribution.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(_save(fig, out / ACCEPTANCE_PLOT))
     return paths
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lib.engines import PACKAGES
 from lib.errors import UsageError
-from lib.files import ROOT, FolderLock, LockHeld, for_display, output_dir, write_json
+from lib.files import ROOT, FolderLock, LockHeld, for_display, output_dir, output_file, write_json
 from lib.lossless import difference_lines
 from lib.metrics import COLUMNS, Column
 from lib.types import RequestRecord
@@ -73,8 +73,9 @@ RUN_FILES = ("run.json", "benchmark_results*.json", "bench_serve_*.json", "reque
 
 class RunFolder:
     """RESULTS_DIR/<run-id>/ claimed for one run: locked so that a second run into it at the same time is refused,
-    and refused if it holds an earlier run's files unless OVERWRITE=true (then those files are removed first, so
-    no request line of the old run is mixed with the new ones)."""
+    and refused if it holds an earlier run's files unless OVERWRITE=true. Claiming only checks: the earlier files
+    are removed by clear(), right before the run's first save, so a run that ends on bad input first (prepare())
+    leaves them as they were, and a run that starts mixes no request line of the old run with its own."""
 
     def __init__(self, cfg, run_id: str):
         base = output_dir(Path(cfg.results_dir).absolute(), f"RESULTS_DIR={cfg.results_dir}")
@@ -88,14 +89,29 @@ class RunFolder:
         except LockHeld as exc:
             raise UsageError(f"{label}: {self.dir} is being written by another run ({exc}); wait for it to end or "
                              "choose another RUN_ID") from None
-        old = [f for pattern in RUN_FILES for f in sorted(self.dir.glob(pattern))]
-        if old and not cfg.overwrite:
+        try:
+            self.old = self._earlier_files(label, cfg.overwrite)
+        except UsageError:
             self.release()
+            raise
+
+    def _earlier_files(self, label: str, overwrite: bool) -> list[Path]:
+        """The files of an earlier run here (and half-written .tmp files of a killed one), each one this run can
+        replace; refused unless `overwrite`."""
+        old = [f for pattern in RUN_FILES for f in sorted(self.dir.glob(pattern))]
+        for f in old:
+            output_file(f, f"{label}: {f}")  # a folder where a result file goes
+        if old and not overwrite:
             raise UsageError(f"{label}: {self.dir} already holds a run ({', '.join(f.name for f in old[:3])}"
                              f"{', ...' if len(old) > 3 else ''}); set OVERWRITE=true to replace it, or choose "
                              "another RUN_ID")
-        for f in old + list(self.dir.glob(".*.tmp")):  # .tmp: half-written by a run that was killed
-            f.unlink()
+        return old + [f for f in self.dir.glob(".*.tmp") if f.is_file()]
+
+    def clear(self):
+        """Remove the earlier run's files (OVERWRITE=true); the run's first save follows."""
+        for f in self.old:
+            f.unlink(missing_ok=True)
+        self.old = []
 
     def release(self):
         """Let go of the folder (and remove it if this run made it and wrote nothing into it)."""
@@ -115,6 +131,7 @@ class RunWriter:
         self.comparisons: list[dict] = []
         self.gpu_info: dict = {}
         self._streams = {}
+        folder.clear()
         self.save_run()
         self.save_results()  # before the first mode: a kill during it still leaves a file saying what ran
 

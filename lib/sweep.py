@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,10 +29,10 @@ from pydantic import AfterValidator, Field
 from lib import config as C
 from lib.config_models import Accepts, ConfigModel, choice, read_config, shown
 from lib.errors import UsageError, exit_on_usage_error
-from lib.files import FolderLock, LockHeld, output_dir, write_json
+from lib.files import FolderLock, LockHeld, output_dir, output_file, write_json
 from lib.interrupts import STOP_SIGNALS
 from lib.log import get_logger, setup_logging
-from lib.sweep_report import REGRESSION_METRICS, write_report
+from lib.sweep_report import REGRESSION_METRICS, ComboResult, check_report_outputs, read_state, run_rows, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEPS_DIR = ROOT / "configs" / "sweeps"
@@ -64,18 +64,6 @@ class Sweep:
 class Combo:
     id: str
     vars: dict  # the values this combination sets (matrix + include), fixed ones excluded
-
-
-@dataclass
-class ComboResult:
-    id: str
-    vars: dict
-    status: str  # ok | failed | timeout | interrupted | skipped_budget | pending | running
-    exit_code: int | None = None
-    error: str | None = None
-    started: str | None = None
-    duration_s: float | None = None
-    failed_modes: list = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- sweep files
@@ -201,7 +189,11 @@ class Log:
     """Lines to the night's sweep.log and to stdout (cron mails stdout)."""
 
     def __init__(self, path: Path):
-        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - the sweep's log, open while it runs
+        try:
+            self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - the sweep's log, open while it runs
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot be opened for writing ({exc.strerror}); expected a writable file") \
+                from None
 
     def __call__(self, msg: str):
         line = f"{datetime.now().strftime('%Y-%m-%d %H:%M:%S')} {msg}"
@@ -226,20 +218,18 @@ class SweepLock(FolderLock):
 
 def load_state(night: Path) -> dict[str, ComboResult]:
     path = night / "sweep.json"
-    if not path.is_file():
+    if not path.exists():
         return {}
     try:
-        data = json.loads(path.read_text())
-        return {c["id"]: ComboResult(**c) for c in data.get("combos", [])}
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise UsageError(f"{path}: not a sweep state file this version wrote ({exc.__class__.__name__}: {exc}); "
-                         "move it away or start with --fresh") from None
+        return {c.id: c for c in read_state(path).combos}
+    except UsageError as exc:
+        raise UsageError(f"{exc}; move it away or start with --fresh") from None
 
 
 def save_state(night: Path, sweep: Sweep, results: dict[str, ComboResult], **extra):
     data = {"schema": SCHEMA, "sweep": sweep.name, "sweep_file": str(sweep.path), "night": night.name,
             "fixed": env_texts(sweep.fixed), "matrix": list(sweep.matrix),
-            "combos": [asdict(r) for r in results.values()], **extra}
+            "combos": [r.model_dump() for r in results.values()], **extra}
     write_json(night / "sweep.json", data)
 
 
@@ -250,11 +240,11 @@ def tail(path: Path, lines: int = ERROR_TAIL_LINES) -> str:
 
 
 def failed_modes(run_dir: Path) -> list[str]:
-    path = run_dir / "benchmark_results.json"
-    if not path.is_file():
+    try:
+        rows = run_rows(run_dir)
+    except UsageError:  # no result file, or one the report will call unreadable
         return []
-    modes = json.loads(path.read_text()).get("modes", {})
-    return [f"{m}: {r.get('error') or r.get('status')}" for m, r in modes.items() if r.get("status") != "complete"]
+    return [f"{r['mode']}: {r['error'] or r['status']}" for r in rows if r["status"] != "complete"]
 
 
 def unfinished_run(run_dir: Path) -> str | None:
@@ -264,6 +254,8 @@ def unfinished_run(run_dir: Path) -> str | None:
         run = json.loads(path.read_text())
     except (OSError, ValueError):
         return f"{path.name} is missing or unreadable"
+    if not isinstance(run, dict):
+        return f"{path.name} is not a JSON object"
     if run.get("status") != "ok" or run.get("exit_code") != 0:
         return f"{path.name} says status {run.get('status')!r}, exit code {run.get('exit_code')!r}"
     return None
@@ -291,7 +283,7 @@ def run_combo(sweep: Sweep, combo: Combo, night: Path, timeout_s: float | None, 
     run_dir.mkdir(parents=True)
     env = combo_env(sweep, combo, os.environ)
     env.update(RESULTS_DIR=str(night), RUN_ID=combo.id)
-    result = ComboResult(combo.id, env_texts(combo.vars), "failed",
+    result = ComboResult(id=combo.id, vars=env_texts(combo.vars), status="failed",
                          started=datetime.now().isoformat(timespec="seconds"))
     t0 = time.monotonic()
     with open(run_dir / "benchmark.log", "wb") as out, open(run_dir / "stderr.log", "wb") as err:
@@ -321,7 +313,7 @@ def run_combo(sweep: Sweep, combo: Combo, night: Path, timeout_s: float | None, 
         else:
             result.failed_modes = failed_modes(run_dir)
             result.error = f"exit code {result.exit_code}; last lines of stderr:\n" + tail(run_dir / "stderr.log")
-    write_json(run_dir / "combo.json", asdict(result))
+    write_json(run_dir / "combo.json", result.model_dump())
     return result
 
 
@@ -349,7 +341,8 @@ def run_sweep(sweep: Sweep, night: Path, resume: bool, budget_min: float | None,
               lock_fd: int) -> dict[str, ComboResult]:
     previous = load_state(night) if resume else {}
     combos = combos_of(sweep)
-    results = {c.id: previous.get(c.id) or ComboResult(c.id, env_texts(c.vars), "pending") for c in combos}
+    results = {c.id: previous.get(c.id) or ComboResult(id=c.id, vars=env_texts(c.vars), status="pending")
+               for c in combos}
     deadline = time.monotonic() + budget_min * 60 if budget_min else None
     save_state(night, sweep, results, finished=None)
     for i, combo in enumerate(combos, 1):
@@ -358,12 +351,12 @@ def run_sweep(sweep: Sweep, night: Path, resume: bool, budget_min: float | None,
             continue
         left = deadline - time.monotonic() if deadline else None
         if left is not None and left <= 0:
-            results[combo.id] = ComboResult(combo.id, results[combo.id].vars, "skipped_budget",
+            results[combo.id] = ComboResult(id=combo.id, vars=results[combo.id].vars, status="skipped_budget",
                                             error=f"time budget of {budget_min:g} min spent before it started")
             log(f"[{i}/{len(combos)}] {combo.id}: skipped, time budget spent")
             continue
         log(f"[{i}/{len(combos)}] {combo.id}: running")
-        results[combo.id] = ComboResult(combo.id, results[combo.id].vars, "running",
+        results[combo.id] = ComboResult(id=combo.id, vars=results[combo.id].vars, status="running",
                                         started=datetime.now().isoformat(timespec="seconds"))
         save_state(night, sweep, results, finished=None)  # a kill of the sweep leaves "running", never "ok"
         try:
@@ -451,13 +444,9 @@ def main(argv=None) -> int:
     output_dir(out_root, f"--output-root {args.output_root}" if args.output_root else "results/sweeps")
 
     if args.report_only:
-        if not (night / "sweep.json").is_file():
+        if not (night / "sweep.json").exists():
             raise UsageError(f"--report-only: {night} has no sweep.json (no sweep ran that night)")
-        try:
-            verdict = write_report(night, threshold, trend, sweep.regression_metrics)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UsageError(f"{night}/sweep.json: not a sweep state file ({exc.__class__.__name__}: {exc})") \
-                from None
+        verdict = write_report(night, threshold, trend, sweep.regression_metrics)
         logger.info(verdict.summary())
         return verdict.exit_code
 
@@ -469,7 +458,8 @@ def main(argv=None) -> int:
         return verdict.exit_code, verdict.summary()
     return run_locked(sweep, night, out_root, holder, args.resume, args.fresh, budget, report,
                       refused=f"{night} already holds this night's sweep: --resume finishes it, --fresh reruns "
-                              "every combination (or pick another --date)")
+                              "every combination (or pick another --date)",
+                      on_start=lambda: check_report_outputs(night))
 
 
 def run_locked(sweep: Sweep, folder: Path, lock_root: Path, holder: str, resume: bool, fresh: bool,
@@ -477,9 +467,9 @@ def run_locked(sweep: Sweep, folder: Path, lock_root: Path, holder: str, resume:
                report_when_stopped: bool = False, on_start: Callable[[], None] | None = None) -> int:
     """Take the lock on lock_root, run every combination into folder (refused, with the line `refused`, when it
     already holds a sweep and neither resume nor fresh is asked), then report(folder) -> (exit code, summary).
-    on_start runs once the folder is ours (a script writes its own description of the sweep there).
-    SIGINT/SIGTERM/SIGHUP stop the running combination, keep what finished and return 130 (after a report of
-    what finished when report_when_stopped)."""
+    on_start runs once the folder is ours (a script writes its own description of the sweep there, or checks
+    where its report goes). SIGINT/SIGTERM/SIGHUP stop the running combination or the report, keep what finished,
+    log one line and return 130 (after a report of what finished when report_when_stopped)."""
     if resume and fresh:
         raise UsageError("--resume and --fresh: choose one")
     lock = SweepLock(lock_root)
@@ -491,7 +481,8 @@ def run_locked(sweep: Sweep, folder: Path, lock_root: Path, holder: str, resume:
     try:
         if (folder / "sweep.json").is_file() and not (resume or fresh):
             raise UsageError(refused)
-        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("sweep.json", "sweep.log"):
+            output_file(folder / name, str(folder / name))
         if on_start is not None:
             on_start()
         log = Log(folder / "sweep.log")
@@ -500,17 +491,21 @@ def run_locked(sweep: Sweep, folder: Path, lock_root: Path, holder: str, resume:
                 signal.signal(sig, raise_stop)
         log(f"sweep {sweep.name} ({sweep.path}) -> {folder}; {len(combos_of(sweep))} combinations"
             + (f"; budget {budget:g} min" if budget else "") + ("; resuming" if resume else ""))
+        stopped = "interrupted: finished combinations are kept; rerun with --resume to finish"
         try:
             run_sweep(sweep, folder, resume, budget, log, lock.fd)
+            stopped = "interrupted while writing the report: every combination is kept; --resume writes it"
+            exit_code, summary = report(folder)
+            log(summary)
         except (KeyboardInterrupt, Stop):
-            log("interrupted: finished combinations are kept; rerun with --resume to finish")
+            log(stopped)
             if report_when_stopped:
                 log(report(folder)[1])
             return EXIT_INTERRUPTED
-        exit_code, summary = report(folder)
     finally:
+        for sig in STOP_SIGNALS:  # the sweep is over: a stop from now on has nothing left to stop
+            signal.signal(sig, signal.SIG_IGN)
         lock.release()
-    log(summary)
     return exit_code
 
 

@@ -8,13 +8,19 @@ combinations and regressions first) that sets the sweep's exit code.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated, Any
 
-from lib.files import write_json
+from pydantic import AfterValidator, ConfigDict
+
+from lib.config_models import Accepts, ConfigModel, shown, validate_model
+from lib.errors import UsageError
+from lib.files import atomic_path, json_text, output_dir, output_file, path_component, read_json, write_texts
 from lib.metrics import COLUMNS
 
 ROW_COLUMNS = [c for c in COLUMNS if c.row]
@@ -23,28 +29,127 @@ ROW_KEYS = RUN_KEYS + [c.name for c in ROW_COLUMNS]
 SHORT_KEYS = ["run", "mode", "status", "gamma", "batch_size"] + [c.name for c in ROW_COLUMNS if c.short]
 # metric -> True when higher is better; the regression check compares these per combination and mode
 REGRESSION_METRICS = {c.name: c.higher_is_better for c in COLUMNS if c.regress}
+NUMBER_KEYS = ["gamma", "batch_size"] + [c.name for c in ROW_COLUMNS]  # a finite number or None in every row
+LIST_KEYS = {c.name for c in ROW_COLUMNS if c.get({}, {}) == []}  # a list column reads as [] when it is missing
+RESULTS_FILE = "benchmark_results.json"
+
+
+# ---------------------------------------------------------------- the files, as their readers need them
+
+class _FileModel(ConfigModel):
+    """A file this project wrote, read back with strict types, so a damaged one is one line naming the key; keys
+    these readers do not use (or a later version added) are ignored."""
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class _Part(_FileModel):
+    """A mapping of a result file that the metric columns read as a whole: its other keys are kept."""
+    model_config = ConfigDict(extra="allow")
+
+
+class MetricGroups(_Part):
+    latency: dict[str, Any] | None = None
+    acceptance: dict[str, Any] | None = None
+
+
+class Energy(_Part):
+    available: bool = False
+    reason: str | None = None  # why there are no readings
+
+
+class ModeEntry(_Part):
+    status: str | None = None
+    error: str | None = None
+    metrics: MetricGroups | None = None
+    energy: Energy | None = None
+
+
+class ComparisonEntry(_Part):
+    mode: str
+
+
+class ResultFile(_FileModel):
+    """benchmark_results.json: what run_rows reads of it."""
+    config: dict[str, Any] = {}
+    modes: dict[str, ModeEntry] = {}
+    comparisons: list[ComparisonEntry] = []
+
+
+def _folder_name(value: str) -> str:
+    try:
+        return path_component(value, shown(value))
+    except UsageError as exc:  # pydantic reports a ValueError as the key's problem
+        raise ValueError(str(exc)) from None
+
+
+class ComboResult(_FileModel):
+    """One combination of a sweep as sweep.json records it."""
+    id: Annotated[str, AfterValidator(_folder_name), Accepts("the name of the combination's folder")]
+    vars: dict[str, str]  # the values this combination sets, as the benchmark's environment gets them
+    status: str  # ok | failed | timeout | interrupted | skipped_budget | pending | running (the report: unreadable)
+    exit_code: int | None = None
+    error: str | None = None
+    started: str | None = None
+    duration_s: float | None = None
+    failed_modes: list[str] = []
+
+
+class SweepState(_FileModel):
+    """sweep.json: the status of every combination of a night (or a payoff map), rewritten as the sweep runs."""
+    sweep: str = ""
+    fixed: dict[str, str] = {}
+    combos: list[ComboResult] = []
+
+
+def read_state(path: Path) -> SweepState:
+    """A sweep.json, or one line naming it and what is wrong (for the report and for --resume alike)."""
+    label = f"{path}: not a sweep state file"
+    return validate_model(SweepState, read_json(path, label, "sweep.json as run_sweep.sh writes it"), label)
 
 
 # ---------------------------------------------------------------- reading result folders
 
 def run_rows(run_dir: Path) -> list[dict]:
-    """One row per mode of RUN_DIR/benchmark_results.json (speedup = SD over the run's AR baseline)."""
-    data = json.loads((run_dir / "benchmark_results.json").read_text())
-    cfg = data.get("config", {})
-    speedups = {c["mode"]: c for c in data.get("comparisons", [])}
+    """One row per mode of RUN_DIR/benchmark_results.json (speedup = SD over the run's AR baseline). A file that is
+    not one benchmark.py writes (not JSON, a key of the wrong type, a metric that is not a finite number or null)
+    is one UsageError naming it."""
+    path = run_dir / RESULTS_FILE
+    label = f"{path}: not a SpecLab result file"
+    raw = read_json(path, label, f"{RESULTS_FILE} as benchmark.py writes it")
+    data = validate_model(ResultFile, raw, label).model_dump()  # every key kept, the ones the rows read typed
+    cfg = data["config"]
+    speedups = {c["mode"]: c for c in data["comparisons"]}
     batch = cfg.get("BATCH_SIZE", 1) if cfg.get("ENABLE_BATCH") else 1
     rows = []
-    for mode, res in data.get("modes", {}).items():
-        energy = res.get("energy") or {}
+    for mode, res in data["modes"].items():
+        energy = res["energy"] or {}
         engine, _, method = mode.partition(":")
         comp = speedups.get(mode, {})
-        row = {"run": run_dir.name, "mode": mode, "engine": engine, "method": method, "status": res.get("status"),
-               "error": res.get("error"), "gamma": cfg.get("GAMMA_VALUE") if method != "target" else None,
+        row = {"run": run_dir.name, "mode": mode, "engine": engine, "method": method, "status": res["status"],
+               "error": res["error"], "gamma": cfg.get("GAMMA_VALUE") if method != "target" else None,
                "batch_size": batch, **{c.name: c.get(res, comp) for c in ROW_COLUMNS},
                "energy_note": None if energy.get("available") else (energy.get("reason") or "no GPU monitor"),
                "config": cfg}
+        check_numbers(row, label)
         rows.append(row)
     return rows
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_numbers(row: dict, label: str):
+    """Every number of a row is a finite number or None (a list column: a list of finite numbers), so tables,
+    plots and comparisons can do arithmetic on them; else one UsageError naming `label`, the mode and the key."""
+    for key in NUMBER_KEYS:
+        value = row[key]
+        if key in LIST_KEYS:
+            ok, accepted = isinstance(value, list) and all(map(_finite, value)), "a list of finite numbers"
+        else:
+            ok, accepted = value is None or _finite(value), "a finite number or null"
+        if not ok:
+            raise UsageError(f"{label}: mode {row['mode']!r}: {key}: found {shown(value)}; accepted: {accepted}")
 
 
 def varying_config(rows: list[dict]) -> list[str]:
@@ -94,8 +199,10 @@ class Doc:
         if rows:
             self.blocks.append(("table", headers, rows))
 
-    def img(self, path: Path, alt: str):
-        self.blocks.append(("img", path, alt))
+    def img(self, path: Path, alt: str, source: Path | None = None):
+        """An image shown from `path` in Markdown; the HTML inlines the bytes of `source` (default: path), e.g. the
+        temporary file of a plot not yet renamed into place."""
+        self.blocks.append(("img", path, alt, source or path))
 
     def markdown(self, base: Path) -> str:
         out = [f"# {self.title}"]
@@ -128,7 +235,7 @@ class Doc:
                 body = "".join("<tr>" + "".join(f"<td>{e(fmt(v))}</td>" for v in row) + "</tr>" for row in b[2])
                 out.append(f"<table><tr>{head}</tr>{body}</table>")
             else:
-                data = base64.b64encode(b[1].read_bytes()).decode()
+                data = base64.b64encode(b[3].read_bytes()).decode()
                 out.append(f"<figure><img alt='{e(b[2])}' src='data:image/png;base64,{data}'>"
                            f"<figcaption>{e(b[2])}</figcaption></figure>")
         out.append("</body></html>")
@@ -140,45 +247,47 @@ class Doc:
 @dataclass
 class Night:
     path: Path
-    state: dict
+    state: SweepState
     rows: list = field(default_factory=list)  # run_rows of every combination that wrote results, + "combo"
 
     @property
     def name(self) -> str:
         return self.path.name
 
-    def combos(self) -> list[dict]:
-        return self.state.get("combos", [])
-
-
-UNREADABLE = (OSError, ValueError, KeyError, TypeError, AttributeError)  # ValueError covers bad JSON
+    def combos(self) -> list[ComboResult]:
+        return self.state.combos
 
 
 def load_night(path: Path) -> Night:
-    night = Night(path, json.loads((path / "sweep.json").read_text()))
+    """A night's sweep.json (one UsageError naming it if it is damaged) and the rows of its combinations. A result
+    file that cannot be read makes its combination `unreadable`, with the reason, instead of costing the report;
+    so does a missing one where the combination ran ok."""
+    night = Night(path, read_state(path / "sweep.json"))
     for combo in night.combos():
-        run_dir = path / combo["id"]
-        if not (run_dir / "benchmark_results.json").is_file():
-            continue
+        run_dir = path / combo.id
+        if combo.status != "ok" and not (run_dir / RESULTS_FILE).is_file():
+            continue  # a combination that failed early wrote no results
         try:
             rows = run_rows(run_dir)
-        except UNREADABLE as exc:  # a damaged result file costs its rows, not the report
-            combo["status"], combo["error"] = "unreadable", f"{run_dir.name}/benchmark_results.json: {exc}"
+        except UsageError as exc:
+            combo.status, combo.error = "unreadable", str(exc)
             continue
         for row in rows:
-            row["combo"] = combo["id"]
+            row["combo"] = combo.id
             night.rows.append(row)
     return night
 
 
-def load_history(paths: list[Path]) -> list[Night]:
-    nights = []
+def load_history(paths: list[Path]) -> tuple[list[Night], list[str]]:
+    """The earlier nights that can be read, and why each of the others is left out of the comparison and the
+    trend."""
+    nights, left_out = [], []
     for p in paths:
         try:
             nights.append(load_night(p))
-        except UNREADABLE:
-            continue  # an unreadable earlier night is left out of the comparison and the trend
-    return nights
+        except UsageError as exc:
+            left_out.append(str(exc))
+    return nights, left_out
 
 
 def earlier_nights(night: Path, count: int) -> list[Path]:
@@ -247,10 +356,10 @@ def compare_nights(now: Night, before: Night, threshold_pct: float, metrics: lis
 
 
 def verdict_of(now: Night, before: Night | None, threshold_pct: float, metrics: list[str]) -> tuple[Verdict, list]:
-    failed = [(c["id"], c["status"], c.get("error") or "") for c in now.combos() if c["status"] != "ok"]
+    failed = [(c.id, c.status, c.error or "") for c in now.combos() if c.status != "ok"]
     broke, changes = [], []
     if before is not None:
-        ok_before = {c["id"] for c in before.combos() if c["status"] == "ok"}
+        ok_before = {c.id for c in before.combos() if c.status == "ok"}
         broke = [f for f in failed if f[0] in ok_before]
         changes = compare_nights(now, before, threshold_pct, metrics)
     regressions = sorted((c for c in changes if c.regressed), key=lambda c: -abs(c.change_pct))
@@ -258,7 +367,7 @@ def verdict_of(now: Night, before: Night | None, threshold_pct: float, metrics: 
     return Verdict(now.name, failed, broke, regressions, improvements, before.name if before else None), changes
 
 
-# ---------------------------------------------------------------- plots
+# ---------------------------------------------------------------- plots: each its figure, or None (nothing to draw)
 
 def _plt():
     import matplotlib
@@ -267,17 +376,10 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> bool:
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    _plt().close(fig)
-    return True
-
-
-def plot_speedup(rows: list[dict], path: Path) -> bool:
+def plot_speedup(rows: list[dict]):
     sd = [r for r in rows if r["speedup"] is not None]
     if not sd:
-        return False
+        return None
     plt = _plt()
     engines = sorted({r["engine"] for r in sd})
     fig, axes = plt.subplots(len(engines), 2, figsize=(11, 3.6 * len(engines)), squeeze=False)
@@ -296,13 +398,13 @@ def plot_speedup(rows: list[dict], path: Path) -> bool:
             ax.set_title(f"{engine}: speedup vs {x_label}")
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return fig
 
 
-def plot_acceptance(rows: list[dict], path: Path) -> bool:
+def plot_acceptance(rows: list[dict]):
     sd = [r for r in rows if r["per_position_acceptance"]]
     if not sd:
-        return False
+        return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(11, 4))
     styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]  # identical curves stay visible on top of each other
@@ -318,13 +420,13 @@ def plot_acceptance(rows: list[dict], path: Path) -> bool:
     ax.set_title("Acceptance per draft position")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return fig
 
 
-def plot_latency(rows: list[dict], path: Path) -> bool:
+def plot_latency(rows: list[dict]):
     done = [r for r in rows if r["status"] == "complete" and r["mean_ttft_ms"] is not None]
     if not done:
-        return False
+        return None
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     labels = [f"{r['combo']}\n{r['mode']}" for r in done]
@@ -338,13 +440,13 @@ def plot_latency(rows: list[dict], path: Path) -> bool:
         ax.set_title(f"{metric[:4].upper()} percentiles")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return fig
 
 
-def plot_energy(rows: list[dict], path: Path) -> bool:
+def plot_energy(rows: list[dict]):
     have = [r for r in rows if r["energy_per_token_j"] is not None]
     if not have:
-        return False
+        return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(11, 4))
     ax.bar(range(len(have)), [r["energy_per_token_j"] for r in have])
@@ -352,12 +454,12 @@ def plot_energy(rows: list[dict], path: Path) -> bool:
     ax.set_xticklabels([f"{r['combo']}\n{r['mode']}" for r in have], rotation=75, fontsize=6)
     ax.set_ylabel("J / output token")
     ax.set_title("Energy per output token")
-    return _save(fig, path)
+    return fig
 
 
-def plot_trend(nights: list[Night], path: Path) -> bool:
+def plot_trend(nights: list[Night]):
     if len(nights) < 2:
-        return False
+        return None
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     keys = sorted({(r["combo"], r["mode"]) for n in nights for r in n.rows})
@@ -378,7 +480,7 @@ def plot_trend(nights: list[Night], path: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
     fig.set_size_inches(12, 4 + 0.09 * len(keys))
-    return _save(fig, path)
+    return fig
 
 
 # ---------------------------------------------------------------- the report
@@ -387,18 +489,74 @@ def change_rows(changes: list[Change]) -> list[list]:
     return [[c.combo, c.mode, c.metric, c.before, c.now, f"{c.change_pct:+.1f}%"] for c in changes]
 
 
+REPORT_FILES = ("report.md", "report.html", "report.json")
+PLOT_FILES = ("speedup.png", "acceptance.png", "energy.png", "latency.png", "trend.png")
+
+
+def check_report_outputs(night_path: Path) -> Path:
+    """Every file the report writes can be written (no folder in the way of a file, no file in the way of plots/):
+    checked before a sweep runs its combinations, and before each report. Returns plots/."""
+    for name in REPORT_FILES:
+        output_file(night_path / name, str(night_path / name))
+    plots = output_dir(night_path / "plots", "the report's plots")
+    for name in PLOT_FILES:
+        output_file(plots / name, str(plots / name))
+    return plots
+
+
+class Plots:
+    """The report's figures, each saved into a temporary file that is renamed into place only when the whole
+    report has been written (the ExitStack closes), so a failure midway leaves the previous report's set whole."""
+
+    def __init__(self, folder: Path, doc: Doc, stack: contextlib.ExitStack):
+        self.folder, self.doc, self.stack = folder, doc, stack
+
+    def add(self, fig, name: str, alt: str) -> bool:
+        """Show `fig` (None: nothing to draw, False returned) in the report as plots/<name>."""
+        if fig is None:
+            return False
+        tmp = self.stack.enter_context(atomic_path(self.folder / name))
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=90)
+        _plt().close(fig)
+        self.doc.img(self.folder / name, alt, source=tmp)
+        return True
+
+
 def write_report(night_path: Path, threshold_pct: float = 10.0, trend_nights: int = 7,
                  metrics: list[str] | None = None) -> Verdict:
+    """report.md, report.html, report.json and plots/ of one night, all replaced together; returns the verdict.
+    A damaged sweep.json of this night is one UsageError naming it."""
     metrics = metrics or list(REGRESSION_METRICS)
+    plots_dir = check_report_outputs(night_path)
     now = load_night(night_path)
-    history = load_history(earlier_nights(night_path, trend_nights - 1))
+    history, left_out = load_history(earlier_nights(night_path, trend_nights - 1))
     before = history[-1] if history else None
     verdict, changes = verdict_of(now, before, threshold_pct, metrics)
-    plots = night_path / "plots"
-    plots.mkdir(exist_ok=True)
-    doc = Doc(f"SpecLab sweep {now.state.get('sweep')} - night {now.name}")
-    doc.p(verdict.summary())
+    doc = Doc(f"SpecLab sweep {now.state.sweep} - night {now.name}")
+    with contextlib.ExitStack() as stack:
+        plots = Plots(plots_dir, doc, stack)
+        doc.p(verdict.summary())
+        alerts_section(doc, now, verdict, threshold_pct)
+        night_sections(doc, now, plots)
+        previous_night_section(doc, now, before, verdict, changes, threshold_pct, metrics)
+        trend_section(doc, now, history, left_out, plots)
+        combinations_section(doc, now)
+        write_texts({night_path / "report.md": doc.markdown(night_path), night_path / "report.html": doc.html(),
+                     night_path / "report.json": json_text(verdict_json(verdict, threshold_pct))})
+    return verdict
 
+
+def verdict_json(verdict: Verdict, threshold_pct: float) -> dict:
+    return {"schema": "speclab.sweep_report/1", "night": verdict.night, "previous": verdict.previous,
+            "threshold_pct": threshold_pct, "exit_code": verdict.exit_code,
+            "failed": [{"id": f[0], "status": f[1], "error": f[2]} for f in verdict.failed],
+            "broke": [f[0] for f in verdict.broke],
+            "regressions": [asdict(c) for c in verdict.regressions],
+            "improvements": [asdict(c) for c in verdict.improvements]}
+
+
+def alerts_section(doc: Doc, now: Night, verdict: Verdict, threshold_pct: float):
     doc.h("Alerts: failures and regressions")
     if not (verdict.failed or verdict.regressions):
         doc.p("None.")
@@ -410,9 +568,11 @@ def write_report(night_path: Path, threshold_pct: float = 10.0, trend_nights: in
         doc.table(["combination", "mode", "metric", verdict.previous, now.name, "change"],
                   change_rows(verdict.regressions))
 
+
+def night_sections(doc: Doc, now: Night, plots: Plots):
+    """Tonight's figures: speedup, acceptance, energy, latency."""
     doc.h("Speedup of SD over AR")
-    if plot_speedup(now.rows, plots / "speedup.png"):
-        doc.img(plots / "speedup.png", "speedup of SD over AR vs GAMMA_VALUE and batch size, per engine")
+    plots.add(plot_speedup(now.rows), "speedup.png", "speedup of SD over AR vs GAMMA_VALUE and batch size, per engine")
     sd_rows = [r for r in now.rows if r["method"] != "target"]
     doc.table(["combination", "mode", "gamma", "batch", "speedup (tok/s)", "TPOT speedup", "accept rate",
                "accept length"],
@@ -420,56 +580,46 @@ def write_report(night_path: Path, threshold_pct: float = 10.0, trend_nights: in
                 r["acceptance_rate"], r["acceptance_length"]] for r in sd_rows])
 
     doc.h("Acceptance per position")
-    if plot_acceptance(now.rows, plots / "acceptance.png"):
-        doc.img(plots / "acceptance.png", "acceptance rate per draft position")
-    else:
+    if not plots.add(plot_acceptance(now.rows), "acceptance.png", "acceptance rate per draft position"):
         doc.p("No speculative mode reported per-position acceptance.")
 
     doc.h("Energy per output token")
-    if plot_energy(now.rows, plots / "energy.png"):
-        doc.img(plots / "energy.png", "energy per output token")
-    else:
+    if not plots.add(plot_energy(now.rows), "energy.png", "energy per output token"):
         notes = sorted({r["energy_note"] for r in now.rows if r["energy_note"]})
         doc.p("n/a: no GPU energy readings this night" + (f" ({notes[0]})" if notes else "") + ".")
 
     doc.h("Latency: TTFT and TPOT percentiles")
-    if plot_latency(now.rows, plots / "latency.png"):
-        doc.img(plots / "latency.png", "TTFT and TPOT percentiles per combination and mode")
+    plots.add(plot_latency(now.rows), "latency.png", "TTFT and TPOT percentiles per combination and mode")
     doc.table(["combination", "mode", "status", "out tok/s", "TTFT p50", "TTFT p90", "TTFT p99", "TPOT p50",
                "TPOT p90", "TPOT p99", "J/token"],
               [[r["combo"], r["mode"], r["status"], r["output_throughput"], r["median_ttft_ms"], r["p90_ttft_ms"],
                 r["p99_ttft_ms"], r["median_tpot_ms"], r["p90_tpot_ms"], r["p99_tpot_ms"], r["energy_per_token_j"]]
                for r in now.rows])
 
+
+def previous_night_section(doc: Doc, now: Night, before: Night | None, verdict: Verdict, changes: list[Change],
+                           threshold_pct: float, metrics: list[str]):
     doc.h(f"Compared with the previous night ({verdict.previous or 'none'})")
     if before is None:
         doc.p("No earlier night of this sweep: nothing to compare with yet.")
-    else:
-        doc.p(f"Alerts: {', '.join(metrics)} beyond {threshold_pct:g}%. Improvements beyond it: "
-              f"{len(verdict.improvements)}; regressions: {len(verdict.regressions)}.")
-        doc.table(["combination", "mode", "metric", before.name, now.name, "change"], change_rows(
-            [c for c in changes if c.metric in ("speedup", "output_throughput", "acceptance_length")]))
+        return
+    doc.p(f"Alerts: {', '.join(metrics)} beyond {threshold_pct:g}%. Improvements beyond it: "
+          f"{len(verdict.improvements)}; regressions: {len(verdict.regressions)}.")
+    doc.table(["combination", "mode", "metric", before.name, now.name, "change"], change_rows(
+        [c for c in changes if c.metric in ("speedup", "output_throughput", "acceptance_length")]))
 
+
+def trend_section(doc: Doc, now: Night, history: list[Night], left_out: list[str], plots: Plots):
     doc.h("Trend")
-    if plot_trend(history + [now], plots / "trend.png"):
-        doc.img(plots / "trend.png", f"trend over the last {len(history) + 1} nights")
-    else:
+    if not plots.add(plot_trend(history + [now]), "trend.png", f"trend over the last {len(history) + 1} nights"):
         doc.p("A trend needs at least two nights.")
+    if left_out:
+        doc.p("Earlier nights left out of the comparison and the trend:\n" + "\n".join(left_out))
 
+
+def combinations_section(doc: Doc, now: Night):
     doc.h("Combinations")
     doc.table(["combination", "status", "exit code", "seconds", "variables"],
-              [[c["id"], c["status"], c.get("exit_code"), c.get("duration_s"),
-                " ".join(f"{k}={v}" for k, v in c["vars"].items())] for c in now.combos()])
-    fixed = now.state.get("fixed") or {}
-    doc.p("Fixed: " + (" ".join(f"{k}={v}" for k, v in fixed.items()) or "nothing"))
-
-    (night_path / "report.md").write_text(doc.markdown(night_path))
-    (night_path / "report.html").write_text(doc.html())
-    write_json(night_path / "report.json", {
-        "schema": "speclab.sweep_report/1", "night": now.name, "previous": verdict.previous,
-        "threshold_pct": threshold_pct, "exit_code": verdict.exit_code,
-        "failed": [{"id": f[0], "status": f[1], "error": f[2]} for f in verdict.failed],
-        "broke": [f[0] for f in verdict.broke],
-        "regressions": [asdict(c) for c in verdict.regressions],
-        "improvements": [asdict(c) for c in verdict.improvements]})
-    return verdict
+              [[c.id, c.status, c.exit_code, c.duration_s, " ".join(f"{k}={v}" for k, v in c.vars.items())]
+               for c in now.combos()])
+    doc.p("Fixed: " + (" ".join(f"{k}={v}" for k, v in now.state.fixed.items()) or "nothing"))

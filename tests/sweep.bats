@@ -69,3 +69,19 @@ setup() {
   run ./run_sweep.sh nightly_tiny --date 2001-01-01 --output-root "$OUT" --resume --fresh
   [ "$status" -eq 2 ]
 }
+
+@test "--report-only on a damaged sweep.json or a folder in its place: one line naming it, exit 2" {
+  night="$OUT/nightly_tiny/2001-01-01"
+  mkdir -p "$night"
+  echo '[1, 2]' > "$night/sweep.json"
+  run ./run_sweep.sh nightly_tiny --report-only --date 2001-01-01 --output-root "$OUT"
+  [ "$status" -eq 2 ]
+  [ "${#lines[@]}" -eq 1 ]
+  [[ "$output" == "error: $night/sweep.json: not a sweep state file: found a list [1, 2]"* ]]
+  rm "$night/sweep.json"
+  mkdir "$night/sweep.json"
+  run ./run_sweep.sh nightly_tiny --report-only --date 2001-01-01 --output-root "$OUT"
+  [ "$status" -eq 2 ]
+  [ "${#lines[@]}" -eq 1 ]
+  [[ "$output" == "error: $night/sweep.json: not a sweep state file: is a folder"* ]]
+}

@@ -1,6 +1,7 @@
 """Capture files: round trip, clear errors for truncated / mismatched files, safe legacy pickles, the CLI."""
 import json
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +157,68 @@ def test_run_single_config_cli_saves_capture(tmp_path):
     assert len(capture.prompts[0].token_ids) == 8
     assert capture.config["topk_per_iter"] == 6 and capture.models["draft_type"] == "model"
     assert all(len(r["tree_tokens"]) == 12 for r in capture.prompts[0].rounds)
+
+
+def damaged_tensors(tmp_path, **replace) -> Path:
+    """small_capture saved, then prompt 0's tensors replaced (name -> array)."""
+    from safetensors.numpy import load_file, save_file
+    path = save_capture(small_capture(), tmp_path)
+    tensors = load_file(str(path.with_suffix(".safetensors")))
+    tensors.update({f"0.{name}": array for name, array in replace.items()})
+    save_file(tensors, str(path.with_suffix(".safetensors")))
+    return path
+
+
+@pytest.mark.parametrize("replace,words", [
+    ({"topk_ids": np.zeros((3, 0), np.int64), "topk_logprobs": np.zeros((3, 0), np.float32),
+      "topk_logits": np.zeros((3, 0), np.float32)}, "topk_ids has shape [3, 0], expected [3, K] with K >= 1"),
+    ({"topk_logits": np.zeros((3, 2), np.float32)}, "topk_ids and topk_logits differ in shape ([3, 4] and [3, 2])"),
+    ({"full_logits": np.zeros((2, 500), np.float32)}, "full_logits has shape [2, 500], expected [3, K]"),
+])
+def test_tensors_that_do_not_fit_their_tokens_are_one_line(tmp_path, replace, words):
+    path = damaged_tensors(tmp_path, **replace)
+    with pytest.raises(UsageError) as exc:
+        load_capture(path)
+    assert str(exc.value).startswith(f"capture {path.with_suffix('.safetensors')}: prompt 0: {words}")
+    assert str(exc.value).endswith("; the files do not match")
+
+
+@pytest.mark.parametrize("entry,words", [
+    ({"token_ids": ["a", "b"]}, "token_ids[0]: found text 'a'; accepted: a whole number >= 0"),
+    ({"prompt_ids": 5}, "prompt_ids: found 5; accepted: a list"),
+    ({"accept_lengths": ["x"]}, "accept_lengths[0]: found text 'x'; accepted: a whole number from 1 to 1025"),
+    ({"accept_lengths": 3}, "accept_lengths: found 3; accepted: a list of whole numbers from 1 to 1025"),
+    ({"logits": np.zeros((2, 0), np.float32)}, "legacy 'logits' have no columns"),
+    ({"token_ids": [1, 9]}, "token id 9 is outside the 3 columns of its full_logits"),
+])
+def test_legacy_entries_go_through_the_capture_checks(tmp_path, entry, words):
+    legacy = tmp_path / "old.pkl"
+    legacy.write_bytes(pickle.dumps({"token_ids": [1, 2], "logits": np.zeros((2, 3), np.float32), **entry}))
+    with pytest.raises(UsageError, match="^" + re.escape(f"capture {legacy}: {words}")):
+        load_capture(legacy)
+
+
+def test_legacy_numpy_and_tuple_fields_are_read_as_plain_numbers(tmp_path):
+    legacy = tmp_path / "old.pkl"
+    legacy.write_bytes(pickle.dumps([{"token_ids": np.array([2, 0]), "logits": np.eye(2, 3, dtype=np.float32),
+                                      "prompt_ids": (np.int64(7),), "accept_lengths": [np.int32(2)]}] * 2))
+    capture = load_capture(legacy)
+    assert [p.token_ids for p in capture.prompts] == [[2, 0], [2, 0]]
+    assert capture.prompts[1].prompt_ids == [7] and capture.prompts[1].accept_lengths == [2]
+    legacy.write_bytes(pickle.dumps([{"token_ids": [1], "logits": [[0.0, 1.0]]}, {"tokens": [True], "logits": [[1]]}]))
+    with pytest.raises(UsageError, match=re.escape(f"capture {legacy}: entry 1: token_ids[0]: found true")):
+        load_capture(legacy)
+
+
+def test_damaged_captures_end_the_cli_with_one_line(tmp_path):
+    zero_k = damaged_tensors(tmp_path, topk_ids=np.zeros((3, 0), np.int64), topk_logprobs=np.zeros((3, 0), np.float32),
+                             topk_logits=np.zeros((3, 0), np.float32))
+    good = save_capture(small_capture(), tmp_path / "good")
+    legacy = tmp_path / "old.pkl"
+    legacy.write_bytes(pickle.dumps({"token_ids": ["a", "b"], "logits": np.zeros((2, 3), np.float32)}))
+    for damaged in (zero_k, legacy):
+        proc = subprocess.run([sys.executable, "analyze_saved_data.py", "--data1", str(damaged), "--data2", str(good),
+                               "--output-dir", str(tmp_path / "out"), "--no-plots"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert len(proc.stderr.strip().splitlines()) == 1 and f"capture {damaged.with_suffix('')}" in proc.stderr

@@ -3,6 +3,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from test_capture import small_capture
@@ -128,3 +129,39 @@ def test_full_logits_of_different_vocabularies_are_one_line(tmp_path):
     save_capture(b, tmp_path / "b")
     with pytest.raises(UsageError, match="token id 170 is outside the 150 columns"):
         load_capture(paths[1])
+
+
+def test_plots_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    import errno
+
+    from matplotlib.figure import Figure
+
+    from lib.logits_compare import DIVERGENCE_PLOT, plot_results
+    results = compare_captures(small_capture(), small_capture(tokens=(5, 8, 7)))
+    plot_results(results, tmp_path)
+    before = (tmp_path / DIVERGENCE_PLOT).read_bytes()
+
+    def full_disk(fig, path, **kwargs):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    with pytest.raises(UsageError, match=f"^{tmp_path / DIVERGENCE_PLOT}: cannot be written \\(No space left"):
+        plot_results(results, tmp_path)
+    assert (tmp_path / DIVERGENCE_PLOT).read_bytes() == before
+    assert not list(tmp_path.glob(".*"))  # no temporary file left
+
+
+def test_an_output_in_the_way_is_refused_before_the_comparison(tmp_path):
+    from lib.capture import save_capture
+    from lib.logits_compare import ACCEPTANCE_PLOT, RESULTS_NAME
+    capture = save_capture(small_capture(), tmp_path)
+    for name in (RESULTS_NAME, ACCEPTANCE_PLOT):
+        out = tmp_path / name.split(".")[0]
+        (out / name).mkdir(parents=True)
+        proc = subprocess.run([sys.executable, "analyze_saved_data.py", "--data1", str(capture), "--data2",
+                               str(capture), "--output-dir", str(out)], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+            f"error: {out / name}: is a folder; expected the path of a file to write"], proc.stderr[-2000:]
+        assert [p.name for p in out.iterdir()] == [name]

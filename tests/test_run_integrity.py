@@ -227,12 +227,12 @@ def test_every_number_in_the_table_is_bounded():
 
 
 @pytest.mark.parametrize(("env", "expected"), [
-    ({"TEMPERATURE": "nan"}, "TEMPERATURE='nan' (from the environment): expected a finite number >= 0"),
+    ({"TEMPERATURE": "nan"}, "TEMPERATURE='nan' (from the environment): expected 0, or a finite number >= 1e-05"),
     ({"TEMPERATURE": "inf"}, "TEMPERATURE='inf'"),
     ({"AUTO_RATE": "inf", "AUTO_DURATION": "1"}, "AUTO_RATE='inf'"),
     ({"AUTO_RATE": "nan", "AUTO_DURATION": "1"}, "AUTO_RATE='nan'"),
     ({"AUTO_DURATION": "1e400", "AUTO_RATE": "1"}, "AUTO_DURATION='1e400'"),
-    ({"AUTO_RATE": "1e12", "AUTO_DURATION": "1"}, "AUTO_RATE='1e12' (from the environment): expected a finite"),
+    ({"AUTO_RATE": "1e12", "AUTO_DURATION": "1"}, "AUTO_RATE='1e12' (from the environment): expected 0, or a finite"),
     ({"AUTO_RATE": "10000", "AUTO_DURATION": "3600"}, "about 3.6e+07 requests; at most 100000 per run"),
     ({"NUM_PROMPTS": "10000000000"}, "NUM_PROMPTS='10000000000' (from the environment): expected an integer >= 0 "
                                      "and <= 100000"),
@@ -258,7 +258,7 @@ def test_bounds_hold_in_dry_run_and_in_sweeps(tmp_path):
     sweep.write_text("fixed: {NUM_PROMPTS: 2}\nmatrix:\n  TEMPERATURE: [0, .nan]\n")
     proc = subprocess.run([sys.executable, "-m", "lib.sweep", str(sweep), "--dry-run"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
-    one_line_error(proc, "TEMPERATURE='nan'", "expected a finite number")
+    one_line_error(proc, "TEMPERATURE='nan'", "a finite number")
     sweep.write_text("fixed: {GENERATION_LENGTH: 10000000}\n")
     proc = subprocess.run([sys.executable, "-m", "lib.sweep", str(sweep), "--dry-run"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
@@ -303,3 +303,27 @@ def test_yaml_alias_bomb_is_refused_by_every_reader(tmp_path):
     for read in (mixed_precision_config, edge_config, lambda p: read_config(Preset, p, str(p))):
         with pytest.raises(UsageError, match=r"aliases \(\*name\) are not accepted"):
             read(plain)
+
+
+def test_overwrite_with_bad_input_keeps_the_finished_run(tmp_path):
+    """OVERWRITE=true and an input refused before the first mode (a request longer than the context): one line,
+    exit 2, and every file of the finished run as it was."""
+    done = run_benchmark(tmp_path, INFERENCE_METHOD="target")
+    assert done.returncode == 0, done.stderr[-2000:]
+    run_dir = tmp_path / "run"
+    finished = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    refused = run_benchmark(tmp_path, INFERENCE_METHOD="target", OVERWRITE="true", GENERATION_LENGTH=100000)
+    one_line_error(refused, "request 0", "more than hf:target's context of")
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == finished
+
+
+def test_folders_in_the_way_of_run_files_are_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "benchmark_results.json").mkdir(parents=True)
+    one_line_error(run_benchmark(tmp_path, INFERENCE_METHOD="target", OVERWRITE="true", timeout=120),
+                   f"RUN_ID='run': {run_dir / 'benchmark_results.json'}: is a folder; expected the path of a file")
+    (run_dir / "benchmark_results.json").rmdir()
+    (run_dir / ".lock").mkdir()
+    one_line_error(run_benchmark(tmp_path, INFERENCE_METHOD="target", timeout=120),
+                   f"lock {run_dir / '.lock'}: cannot be opened (Is a directory)")
+    assert [p.name for p in run_dir.iterdir()] == [".lock"]

@@ -17,7 +17,8 @@ from conftest import wait_for
 
 from lib.files import ROOT
 
-CRON_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root")}
+CRON_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"),
+            **{k: os.environ[k] for k in ("SPECLAB_VENV",) if k in os.environ}}  # a venv made elsewhere
 TINY_FIXED = {"NUM_PROMPTS": 2, "GENERATION_LENGTH": 8, "PROMPT_FILE": "prompts/prompt_small.txt",
               "ENABLE_BATCH": True, "BATCH_SIZE": 2, "TEMPERATURE": 0}
 
@@ -28,19 +29,30 @@ def write_sweep(path: Path, matrix: dict, include: list | None = None, **extra) 
     return path
 
 
-def start_sweep(*args, env=None) -> subprocess.Popen:
+def start_sweep(*args, env=None, preexec_fn=None) -> subprocess.Popen:
     """run_sweep.sh as cron starts it: bare environment, no terminal (own session), stdin closed."""
     return subprocess.Popen([str(ROOT / "run_sweep.sh"), *map(str, args)], env=env or CRON_ENV, cwd="/",
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=preexec_fn)
 
 
-def run_sweep(*args, timeout=600) -> subprocess.CompletedProcess:
-    proc = start_sweep(*args)
+def run_sweep(*args, timeout=600, preexec_fn=None) -> subprocess.CompletedProcess:
+    proc = start_sweep(*args, preexec_fn=preexec_fn)
     out, err = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def file_size_limit(size: int):
+    """preexec_fn: no file of the child grows past `size` bytes (what a full disk does to the write in progress)."""
+    import resource
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+
+def one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stdout[-1500:] + proc.stderr[-1500:]
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
 
 
 def statuses(night: Path) -> dict:
@@ -189,3 +201,199 @@ def test_time_budget_stops_the_running_combination_and_skips_the_rest(tmp_path):
     assert combos["gamma_value-2"]["status"] == "timeout" and "time budget" in combos["gamma_value-2"]["error"]
     assert combos["gamma_value-4"]["status"] == "skipped_budget"
     assert "skipped_budget" in (night / "report.md").read_text().split("## Speedup")[0]
+
+
+# ---------------------------------------------------------------- damaged nights, outputs in the way, stops
+
+def copy_night(night1, out: Path, date: str) -> Path:
+    """night1's combinations that ran ok, as night `date` of its sweep under `out`."""
+    copy = out / "tinytest" / date
+    shutil.copytree(night1["night"], copy, ignore=shutil.ignore_patterns("report.*", "plots"))
+    shutil.rmtree(copy / "target_model-nonexistent")
+    state = json.loads((copy / "sweep.json").read_text())
+    state["combos"] = [c for c in state["combos"] if c["status"] == "ok"]
+    (copy / "sweep.json").write_text(json.dumps(state))
+    return copy
+
+
+def report_only(night1, out: Path, date: str, **kwargs) -> subprocess.CompletedProcess:
+    return run_sweep(night1["sweep"], "--output-root", out, "--date", date, "--report-only", timeout=120, **kwargs)
+
+
+def edit_json(path: Path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def set_acceptance_length(value):
+    def change(results):
+        results["modes"]["hf:speculative"]["metrics"]["acceptance"]["acceptance_length"] = value
+    return change
+
+
+def report_failures(night: Path) -> dict:
+    return {f["id"]: (f["status"], f["error"]) for f in json.loads((night / "report.json").read_text())["failed"]}
+
+
+def test_a_damaged_earlier_night_is_left_out_of_the_comparison(night1, tmp_path):
+    out = tmp_path / "out"
+    earlier, _ = copy_night(night1, out, "2026-01-01"), copy_night(night1, out, "2026-01-02")
+    results = earlier / "gamma_value-2" / "benchmark_results.json"
+    edit_json(results, set_acceptance_length("3.1"))  # a number as text, in the night compared with
+    proc = report_only(night1, out, "2026-01-02")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert "no regression against 2026-01-01" in proc.stdout
+    proc = report_only(night1, out, "2026-01-01")  # in its own report the combination is unreadable
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert report_failures(earlier) == {"gamma_value-2": (
+        "unreadable", f"{results}: not a SpecLab result file: mode 'hf:speculative': acceptance_length: found text "
+                      "'3.1'; accepted: a finite number or null")}
+
+    edit_json(earlier / "sweep.json", lambda state: state["combos"][0].pop("status"))
+    proc = report_only(night1, out, "2026-01-02")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert "(no previous night to compare with)" in proc.stdout
+    trend = (out / "tinytest" / "2026-01-02" / "report.md").read_text().split("## Trend")[1]
+    assert f"{earlier / 'sweep.json'}: not a sweep state file: combos[0].status: missing" in trend
+
+
+@pytest.mark.parametrize("damage", ["missing", "folder", "text metric", "null in a list"])
+def test_a_damaged_result_file_makes_only_its_combination_unreadable(night1, tmp_path, damage):
+    out = tmp_path / "out"
+    night = copy_night(night1, out, "2026-01-02")
+    results = night / "gamma_value-3" / "benchmark_results.json"
+    if damage in ("missing", "folder"):
+        results.unlink()
+    if damage == "folder":
+        results.mkdir()
+    if damage == "text metric":
+        edit_json(results, set_acceptance_length("3.1"))
+    if damage == "null in a list":
+        edit_json(results, lambda r: r["modes"]["hf:speculative"]["metrics"]["acceptance"].update(
+            per_position_acceptance_rate=[0.5, None]))
+    proc = report_only(night1, out, "2026-01-02")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "1 combination(s) not ok: gamma_value-3" in proc.stdout
+    status, error = report_failures(night)["gamma_value-3"]
+    assert status == "unreadable" and error.startswith(f"{results}: not a SpecLab result file: "), error
+    assert {"missing": "no such file", "folder": "is a folder", "text metric": "found text '3.1'",
+            "null in a list": "per_position_acceptance: found a list [0.5, None]"}[damage] in error
+    md = (night / "report.md").read_text()
+    assert "| gamma_value-2 | hf:speculative | 2 |" in md  # the other combination is still reported
+
+
+@pytest.mark.parametrize("state,words", [
+    ([1, 2], "not a sweep state file: found a list [1, 2]; accepted: a mapping with keys"),
+    ({"combos": [{"id": "gamma_value-2", "vars": None, "status": "ok"}]},
+     "not a sweep state file: combos[0].vars: found an empty value"),
+    ({"combos": [{"id": "../../etc", "vars": {}, "status": "ok"}]},
+     "not a sweep state file: combos[0].id: text '../../etc': expected one folder name"),
+])
+def test_a_damaged_sweep_state_is_one_line_naming_it(night1, tmp_path, state, words):
+    out = tmp_path / "out"
+    night = copy_night(night1, out, "2026-01-02")
+    copy_night(night1, out, "2026-01-01")
+    (night / "sweep.json").write_text(json.dumps(state))
+    one_line_error(report_only(night1, out, "2026-01-02"), f"error: {night / 'sweep.json'}: {words}")
+    assert not (night / "report.md").exists()
+
+
+def test_a_full_disk_leaves_the_previous_report_whole(night1, tmp_path):
+    out = tmp_path / "out"
+    night = copy_night(night1, out, "2026-01-02")
+    assert report_only(night1, out, "2026-01-02").returncode == 0
+    written = sorted([*night.glob("report.*"), *night.glob("plots/*")])
+    before = {p: (p.stat().st_ino, p.read_bytes()) for p in written}
+    assert len(before) == 6 and (night / "report.html").stat().st_size > 100_000
+    proc = report_only(night1, out, "2026-01-02", preexec_fn=file_size_limit(100_000))  # the HTML is larger
+    one_line_error(proc, f"error: {night / 'report.html'}: cannot be written (File too large); it is left as it was")
+    assert sorted([*night.glob("report.*"), *night.glob("plots/*")]) == written and not list(night.glob(".*"))
+    assert {p: (p.stat().st_ino, p.read_bytes()) for p in written} == before  # not one of them replaced
+
+
+def test_outputs_in_the_way_are_one_line_before_anything_runs(tmp_path):
+    sweep = write_sweep(tmp_path / "waytest.yaml", {"GAMMA_VALUE": [2]})
+    night = tmp_path / "out" / "waytest" / "2026-01-09"
+    args = (sweep, "--output-root", tmp_path / "out", "--date", "2026-01-09")
+    for blocker, words in ((tmp_path / "out" / ".lock", "cannot be opened (Is a directory)"),  # before any lock file
+                           (night / "sweep.json", "is a folder; expected the path of a file to write"),
+                           (night / "sweep.log", "is a folder; expected the path of a file to write"),
+                           (night / "report.html", "is a folder; expected the path of a file to write"),
+                           (night / "plots" / "trend.png", "is a folder; expected the path of a file to write")):
+        blocker.mkdir(parents=True)
+        one_line_error(run_sweep(*args, timeout=120), f"{blocker}: {words}")
+        assert not (night / "gamma_value-2").exists() and not (night / "sweep.log").is_file()
+        shutil.rmtree(blocker)
+    shutil.rmtree(night / "plots")
+    (night / "plots").write_text("")
+    one_line_error(run_sweep(*args, timeout=120), f"{night / 'plots'} is a file, not a folder")
+    assert not (night / "gamma_value-2").exists()
+
+
+def test_analyze_skips_folders_named_like_results_and_names_damaged_files(night1, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(night1["night"] / "gamma_value-2", runs / "good")
+    (runs / "odd" / "benchmark_results.json").mkdir(parents=True)
+    table_csv = tmp_path / "t.csv"
+    proc = subprocess.run([sys.executable, "analyze.py", str(runs), "--csv", str(table_csv)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {r["run"] for r in csv.DictReader(table_csv.open())} == {"good"}
+
+    before = table_csv.read_bytes()
+    proc = subprocess.run([sys.executable, "analyze.py", str(runs), "--md", str(tmp_path / "t.md"), "--csv",
+                           str(table_csv)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          preexec_fn=file_size_limit(0))
+    one_line_error(proc, f"error: {table_csv}: cannot be written (File too large)")
+    assert table_csv.read_bytes() == before and not (tmp_path / "t.md").exists()
+
+    results = runs / "good" / "benchmark_results.json"
+    for value in (["a", 1], [0.5, None]):
+        edit_json(results, lambda r, value=value: r["modes"]["hf:speculative"]["metrics"]["acceptance"].update(
+            per_position_acceptance_rate=value))
+        proc = subprocess.run([sys.executable, "analyze.py", str(runs), "--csv", "-"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        one_line_error(proc, f"error: {results}: not a SpecLab result file: mode 'hf:speculative': "
+                             f"per_position_acceptance: found a list {value!r}; accepted: a list of finite numbers")
+
+
+def stop_sweep(tmp_path, name: str, date: str) -> tuple[Path, list]:
+    """A sweep of one short target-only combination (gamma_value-2, as in night1), and its command line."""
+    import yaml
+    sweep = tmp_path / f"{name}.yaml"
+    sweep.write_text(yaml.safe_dump({"fixed": {**TINY_FIXED, "INFERENCE_METHOD": "target"},
+                                     "matrix": {"GAMMA_VALUE": [2]}}))
+    return tmp_path / "out" / name / date, [sweep, "--output-root", tmp_path / "out", "--date", date]
+
+
+def test_a_night_after_a_damaged_one_ends_with_its_report(night1, tmp_path):
+    night, args = stop_sweep(tmp_path, "tinytest", "2026-01-02")
+    earlier = copy_night(night1, tmp_path / "out", "2026-01-01")
+    edit_json(earlier / "gamma_value-2" / "benchmark_results.json",
+              lambda r: r["modes"]["hf:target"]["metrics"].update(output_throughput="3.1"))
+    proc = run_sweep(*args)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "night 2026-01-02: all combinations ok" in proc.stdout
+    assert json.loads((night / "report.json").read_text())["previous"] == "2026-01-01"
+
+
+def test_a_stop_while_the_report_is_written_is_one_line_and_exit_130(tmp_path):
+    night, args = stop_sweep(tmp_path, "stoptest", "2026-01-03")
+    proc = start_sweep(*args)
+
+    def reporting():
+        try:
+            return json.loads((night / "sweep.json").read_text())["finished"] is not None
+        except (OSError, ValueError):
+            return False
+    wait_for(reporting, 600, "the combinations to finish", poll=0.002)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, out[-2000:] + err[-2000:]
+    assert "interrupted while writing the report: every combination is kept; --resume writes it" in out
+    assert not list(night.glob(".*")) and not list(night.glob("plots/.*"))  # no half-written file
+    assert statuses(night)["gamma_value-2"]["status"] == "ok"
+    resumed = run_sweep(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "done on an earlier run, skipped" in resumed.stdout and (night / "report.html").is_file()
