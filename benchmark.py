@@ -36,9 +36,12 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def plan_of(cfg, pairs) -> dict:
+    from lib.arrivals import arrivals
+    ramp = {"strategy": cfg.ramp_up_strategy, "start_rps": cfg.ramp_up_start_rps, "end_rps": cfg.ramp_up_end_rps}
     workload = ({"mode": "rate", "rate_per_s": cfg.auto_rate, "duration_s": cfg.auto_duration,
                  "arrival_schedule": cfg.arrival_schedule, "burstiness": cfg.burstiness,
-                 "expected_requests": cfg.num_prompts if C.counted(cfg) else round(cfg.auto_rate * cfg.auto_duration)}
+                 "ramp_up": ramp if cfg.ramp_up_strategy != "none" else None,
+                 "expected_requests": len(arrivals(cfg))}  # at most MAX_REQUESTS offsets: cheap to draw
                 if C.rate_mode(cfg) else {"mode": "fixed_count", "num_requests": cfg.num_prompts})
     from lib.workload import dataset_of, max_tokens_rule
     dataset = dataset_of(cfg)
@@ -70,9 +73,12 @@ def print_dry_run(cfg, plan):
         console.print(f"  {i}. {mode}")
     w = plan["workload"]
     if w["mode"] == "rate":
+        ramp = w["ramp_up"]
+        rate = f"{w['rate_per_s']:g} req/s" if ramp is None else \
+            f"a {ramp['strategy']} ramp-up from {ramp['start_rps']:g} to {ramp['end_rps']:g} req/s"
+        span = f" for {w['duration_s']:g} s" if w["arrival_schedule"] == "speclab" else ""
         console.print(f"  workload: {w['arrival_schedule']} arrivals (gamma, burstiness {w['burstiness']:g}) at "
-                      f"{w['rate_per_s']:g} req/s for {w['duration_s']:g} s (~{w['expected_requests']} requests), "
-                      f"batch size {w['batch_size']}")
+                      f"{rate}{span} ({w['expected_requests']} requests), batch size {w['batch_size']}")
     else:
         console.print(f"  workload: {w['num_requests']} requests, batch size {w['batch_size']}")
     console.print(f"  prompts: {w['prompts']} ({w['dataset']}); max new tokens: {w['max_tokens']}; "
@@ -265,10 +271,13 @@ def prepare(cfg, pairs, plan):
     from lib.engines import engine_class
     from lib.engines.base import check_context
     from lib.models import load_tokenizer, resolve_models
-    from lib.workload import build_requests, describe_workload, load_prompts
+    from lib.workload import build_requests, describe_workload, load_prompts, max_tokens_rule
 
     need_draft = any(C.mode_needs_draft(cfg, e, m) for e, m in pairs)
     models = resolve_models(cfg, need_draft=need_draft)
+    if cfg.mixed_precision_config:  # read by the hf modes as they start: checked now, so none costs a finished mode
+        from lib.quant.loader import check_mixed_precision_config
+        check_mixed_precision_config(cfg.mixed_precision_config, models.target)
     tokenizer = load_tokenizer(models.target, "TARGET_MODEL")
     prompts, stats = load_prompts(cfg, tokenizer)
     requests = build_requests(cfg, prompts, tokenizer)
@@ -277,7 +286,7 @@ def prepare(cfg, pairs, plan):
                          "in that window; raise the rate or the duration")
     for engine_name, method in pairs:  # every mode's context, before the first one runs
         limit = engine_class(engine_name).context_length(cfg, method, models)
-        check_context(requests, limit, f"{engine_name}:{method}")
+        check_context(requests, limit, f"{engine_name}:{method}", max_tokens_rule(cfg))
     plan["workload"] = describe_workload(cfg, requests, stats)
     plan["models"] = models.describe()
     return models, requests

@@ -244,7 +244,7 @@ VARS: list[Var] = [
     Var("RUN_ID", "str", "", "name of the run folder, one folder name (default: date-time and engine); a run "
         "folder that already holds a run is refused unless OVERWRITE=true", G_OUT),
     Var("OVERWRITE", "bool", False, "replace the run already in RESULTS_DIR/RUN_ID (its result and request files "
-        "are removed first); false = refuse to write into it", G_OUT),
+        "are removed once the inputs are checked, before the first save); false = refuse to write into it", G_OUT),
     Var("GOODPUT", "str", "", "SLOs for request_goodput as vllm bench serve's --goodput, e.g. 'ttft:500 "
         "tpot:50 e2el:2000' (ms; empty = no goodput)", G_OUT),
     Var("PERCENTILE_METRICS", "str", "ttft,tpot,itl", "metrics whose statistics bench_serve_<mode>.json carries "
@@ -428,6 +428,9 @@ def _check_traffic(cfg: Config):
                          f"(got {cfg.ramp_up_start_rps:g} and {cfg.ramp_up_end_rps:g})")
     if cfg.dataset in ("custom", "spec_bench") and not cfg.dataset_path:
         raise UsageError(f"DATASET={cfg.dataset}: needs DATASET_PATH, the JSONL file to read")
+    if cfg.dataset_path and cfg.dataset == "auto":  # the default would read PROMPT_FILE and pass the file over
+        raise UsageError(f"DATASET_PATH={cfg.dataset_path}: read only with DATASET=custom or spec_bench (DATASET=auto "
+                         "reads SHAREGPT_DIR or PROMPT_FILE); set DATASET, or leave DATASET_PATH empty")
     if cfg.dataset == "sharegpt" and not cfg.sharegpt_dir:
         raise UsageError("DATASET=sharegpt: needs SHAREGPT_DIR, the folder of ShareGPT files")
     if cfg.dataset == "prefix_repetition" and counted(cfg) and cfg.num_prompts < cfg.prefix_repetition_num_prefixes:

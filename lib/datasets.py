@@ -143,7 +143,8 @@ def prefix_repetition_prompts(cfg, tokenizer, num: int) -> list[Prompt]:
 
 def _count(value) -> int | None:
     """output_tokens of a JSONL entry: a positive integer, else None (the entry is malformed)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value) or value < 1:
         return None
     return int(value)
 

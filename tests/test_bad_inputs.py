@@ -119,6 +119,13 @@ def test_broken_model_folders_are_one_line_before_any_mode(tiny_models, broken_f
                     "--base=", "safetensors weights only")
 
 
+def test_a_mixed_precision_config_is_checked_before_the_first_mode(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    proc = benchmark(COMPARE_MODES="llamacpp:target hf:target", MIXED_PRECISION_CONFIG=missing, RESULTS_DIR=tmp_path)
+    assert_one_line(proc, str(missing))
+    assert not list(tmp_path.glob("*/requests_*.jsonl")), "no mode ran"
+
+
 def test_a_cache_folder_that_cannot_be_one_is_one_line(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -62,7 +62,7 @@ def test_cross_checks_and_modes():
         resolve(AUTO_RATE=2)
     with pytest.raises(UsageError, match="AUTO_RATE=50 with RAMP_UP_STRATEGY=linear: the ramp-up sets the rate"):
         resolve(AUTO_RATE=50, AUTO_DURATION=3, RAMP_UP_STRATEGY="linear", RAMP_UP_START_RPS=1, RAMP_UP_END_RPS=2)
-    with pytest.raises(UsageError, match=r"NUM_PROMPTS=2000 at AUTO_RATE=0.001 \(ARRIVAL_SCHEDULE=vllm\): arrivals over"):
+    with pytest.raises(UsageError, match=r"NUM_PROMPTS=2000 at AUTO_RATE=0.001 \(ARRIVAL_SCHEDULE=vllm\): arrivals"):
         resolve(AUTO_RATE=0.001, ARRIVAL_SCHEDULE="vllm", NUM_PROMPTS=2000)
     with pytest.raises(UsageError, match="MAX_BATCH_LENGTH"):
         resolve(ENABLE_BATCH="true", MAX_BATCH_LENGTH=50, GENERATION_LENGTH=100)
@@ -153,6 +153,7 @@ def test_readme_variable_table_is_generated_from_the_table():
     ({"METADATA": "gpu"}, "METADATA='gpu': 'gpu' is not KEY=VALUE"),
     ({"RAMP_UP_STRATEGY": "linear", "RAMP_UP_END_RPS": 4, "AUTO_DURATION": 5}, "needs RAMP_UP_START_RPS"),
     ({"DATASET": "custom"}, "DATASET=custom: needs DATASET_PATH"),
+    ({"DATASET_PATH": "x.jsonl"}, "DATASET_PATH=x.jsonl: read only with DATASET=custom or spec_bench"),
     ({"DATASET": "sharegpt"}, "DATASET=sharegpt: needs SHAREGPT_DIR"),
     ({"DATASET": "prefix_repetition", "NUM_PROMPTS": 2}, "NUM_PROMPTS=2: DATASET=prefix_repetition"),
     ({"BURSTINESS": "0"}, "BURSTINESS='0'"),
@@ -206,3 +207,11 @@ def test_custom_and_spec_bench_files(tmp_path):
         load_file("spec_bench", str(f))
     with pytest.raises(UsageError, match="DATASET_PATH=.*no such file"):
         load_file("custom", str(tmp_path / "missing.jsonl"))
+
+
+def test_the_dry_runs_plan_counts_a_ramp_ups_requests():
+    import benchmark
+    cfg = resolve(RAMP_UP_STRATEGY="linear", RAMP_UP_START_RPS=10, RAMP_UP_END_RPS=20, AUTO_DURATION=3)
+    workload = benchmark.plan_of(cfg, [("hf", "target")])["workload"]
+    assert 30 <= workload["expected_requests"] <= 60  # ~45 arrivals at 10 to 20 req/s over 3 s
+    assert workload["ramp_up"] == {"strategy": "linear", "start_rps": 10, "end_rps": 20}

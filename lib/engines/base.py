@@ -95,17 +95,18 @@ class Engine(ABC):
             queue = queue[len(batch):]
 
 
-def check_context(requests: list[Request], limit: tuple[int, str] | None, mode: str) -> None:
-    """Every request fits the engine's context, or one line naming the first that does not (before any runs)."""
+def check_context(requests: list[Request], limit: tuple[int, str] | None, mode: str, new_tokens_rule: str) -> None:
+    """Every request fits the engine's context, or one line naming the first that does not (before any runs).
+    `new_tokens_rule` says where a request's max new tokens come from (lib.workload.max_tokens_rule)."""
     if limit is None:
         return
     tokens, source = limit
     for r in requests:
         need = len(r.prompt_ids) + r.max_new_tokens
         if need > tokens:
-            raise UsageError(f"request {r.request_id}: its prompt of {len(r.prompt_ids)} tokens + GENERATION_LENGTH="
-                             f"{r.max_new_tokens} is {need} tokens, more than {mode}'s context of {tokens} ({source});"
-                             " use shorter prompts, a smaller GENERATION_LENGTH, or ENABLE_BATCH=true with "
+            raise UsageError(f"request {r.request_id}: its prompt of {len(r.prompt_ids)} tokens + {r.max_new_tokens} "
+                             f"new tokens ({new_tokens_rule}) is {need} tokens, more than {mode}'s context of "
+                             f"{tokens} ({source}); use shorter prompts, fewer new tokens, or ENABLE_BATCH=true with "
                              "MAX_BATCH_LENGTH (prompts keep their last tokens)")
 
 
