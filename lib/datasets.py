@@ -5,7 +5,6 @@ CustomDataset and SpecBench (prompts are sent as plain text, as vLLM's --skip-ch
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ def json_entries(path: Path, label: str, array_of: str = "objects"):
     if path.suffix == ".json" or text.lstrip().startswith("["):
         try:
             data = _json(text, label)
-        except json.JSONDecodeError:
+        except ValueError:  # not JSON, NaN, an integer past Python's digit limit
             yield MALFORMED
             return
         if not isinstance(data, list):
@@ -64,13 +63,13 @@ def json_entries(path: Path, label: str, array_of: str = "objects"):
             continue
         try:
             yield _json(line, f"{label}, line {number}")
-        except json.JSONDecodeError:
+        except ValueError:
             yield MALFORMED
 
 
 def _json(text: str, label: str):
     try:
-        return json.loads(text)
+        return files.loads_json(text)
     except RecursionError:
         raise UsageError(f"{label}: JSON nested too deeply; expected {JSON_ACCEPTED}") from None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import secrets
 from collections.abc import Iterator
@@ -29,8 +30,25 @@ def shipped(path: str | Path) -> Path:
 
 
 def json_text(data) -> str:
-    """The project's JSON layout (indented, UTF-8 as is, anything else as its str)."""
-    return json.dumps(data, indent=2, ensure_ascii=False, default=str)
+    """The project's JSON layout (indented, UTF-8 as is, anything else as its str), strict JSON: an infinite float
+    (BURSTINESS=inf) is written as the text "inf" or "-inf" and NaN as null, never as Python's Infinity or NaN,
+    which other JSON parsers refuse."""
+    return json.dumps(_strict(data), indent=2, ensure_ascii=False, default=str, allow_nan=False)
+
+
+def json_line(data) -> str:
+    """One JSONL line of strict JSON, as json_text writes (no newline)."""
+    return json.dumps(_strict(data), ensure_ascii=False, default=str, allow_nan=False)
+
+
+def _strict(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else str(value)
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
 
 
 def write_json(path: str | Path, data) -> None:
@@ -151,9 +169,19 @@ def path_component(value: str, label: str) -> str:
     return value
 
 
+def utf8_path(path: str | Path, label: str) -> Path:
+    """`path` if its name is UTF-8 text (it goes into the result files), else one line naming `label`. Bytes that
+    are not UTF-8 reach Python as lone surrogates, which no UTF-8 file can hold."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{label}: the path is not UTF-8 text; expected a path of UTF-8 characters") from None
+    return Path(path)
+
+
 def read_text(path: str | Path, label: str, accepted: str, max_bytes: int = MAX_CONFIG_BYTES) -> str:
     """The UTF-8 text of a user's file, or one line naming `label` (e.g. '--config x.yaml') and what is accepted."""
-    p = Path(path)
+    p = utf8_path(path, label)
     if p.is_dir():
         raise UsageError(f"{label}: is a folder; expected {accepted}")
     if not p.is_file():
@@ -162,11 +190,22 @@ def read_text(path: str | Path, label: str, accepted: str, max_bytes: int = MAX_
         size = p.stat().st_size
         if size > max_bytes:
             raise UsageError(f"{label}: {size} bytes is too large (at most {max_bytes}); expected {accepted}")
-        return p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not text
     except UnicodeDecodeError:
         raise UsageError(f"{label}: not UTF-8 text; expected {accepted}") from None
     except OSError as exc:
         raise UsageError(f"{label}: cannot be read ({exc.strerror}); expected {accepted}") from None
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def loads_json(text: str):
+    """json.loads of strict JSON: NaN and Infinity, which Python's json takes, are refused. Raises ValueError for
+    text that is not JSON (an integer past Python's 4300-digit limit included) and RecursionError for nesting too
+    deep: every reader of user files catches both."""
+    return json.loads(text, parse_constant=_refuse_constant)
 
 
 def read_json(path: str | Path, label: str, accepted: str, max_bytes: int = MAX_DATA_FILE_BYTES):
@@ -174,7 +213,7 @@ def read_json(path: str | Path, label: str, accepted: str, max_bytes: int = MAX_
     accepted: missing, a folder, not UTF-8, not JSON, nested too deeply."""
     text = read_text(path, label, accepted, max_bytes)
     try:
-        return json.loads(text)
+        return loads_json(text)
     except ValueError as exc:
         raise UsageError(f"{label}: not valid JSON ({exc}); expected {accepted}") from None
     except RecursionError:
@@ -243,8 +282,8 @@ def read_prompt_file(path: str | Path, label: str) -> list[str]:
 
 def output_dir(path: str | Path, label: str) -> Path:
     """Create (if needed) a folder results go to, or one line naming `label` (e.g. 'RESULTS_DIR=x') and the reason:
-    a regular file in the way, no permission."""
-    p = Path(path)
+    a regular file in the way, no permission, a name that is not UTF-8."""
+    p = utf8_path(path, label)
     blocker = next((q for q in (p, *p.parents) if q.exists() and not q.is_dir()), None)
     if blocker is not None:
         raise UsageError(f"{label}: {blocker} is a file, not a folder; expected a folder to write results into")

@@ -125,8 +125,8 @@ def model_config(folder: Path, label: str) -> dict:
         raise UsageError(f"{label}: not a Hugging Face model folder (no config.json)")
     text = files.read_text(folder / "config.json", f"{label}: config.json", accepted)
     try:
-        config = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+        config = files.loads_json(text)
+    except (ValueError, RecursionError) as exc:
         raise UsageError(f"{label}: config.json is not valid JSON ({str(exc)[:80]}); expected {accepted}") from None
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         found = "has no model_type" if isinstance(config, dict) else f"holds a {type(config).__name__}"
@@ -158,7 +158,7 @@ def _check_shards(folder: Path, label: str) -> None:
     if not index.is_file():
         return
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        weight_map = files.loads_json(index.read_text(encoding="utf-8")).get("weight_map")
         shards = set(weight_map.values())
     except (ValueError, AttributeError, TypeError, RecursionError):
         raise UsageError(f"{label}: {index.name} is not a safetensors index (a JSON object with a weight_map of "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import os
 import platform
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from lib.engines import PACKAGES
 from lib.errors import UsageError
-from lib.files import ROOT, FolderLock, LockHeld, for_display, output_dir, output_file, write_json
+from lib.files import ROOT, FolderLock, LockHeld, for_display, json_line, output_dir, output_file, write_json
 from lib.lossless import difference_lines
 from lib.metrics import COLUMNS, Column
 from lib.types import RequestRecord
@@ -159,7 +158,7 @@ class RunWriter:
                 self.dir / f"requests_{mode_slug(mode)}.jsonl", "a",
                                                 encoding="utf-8")
         line = {"schema": schema("request"), "mode": mode, **record.to_json(), "metrics": metrics}
-        stream.write(json.dumps(line, ensure_ascii=False) + "\n")
+        stream.write(json_line(line) + "\n")
         stream.flush()
 
     def save_mode(self, mode: str, result: dict):

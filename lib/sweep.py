@@ -131,6 +131,10 @@ def load_sweep(name_or_path: str) -> Sweep:
     for where, values in [("fixed", data.fixed), ("matrix", data.matrix),
                           *((f"include[{i}]", extra) for i, extra in enumerate(data.include))]:
         check_vars(where, values, path)
+    both = sorted(set(data.fixed) & set(data.matrix))
+    if both:
+        raise UsageError(f"{path}: {both[0]} is in both fixed and matrix; a variable is either the same for every "
+                         "combination (fixed) or varied (matrix)")
     sweep = Sweep(name=path.stem, path=path, description=data.description, fixed=data.fixed, matrix=data.matrix,
                   include=data.include, budget_min=data.budget_min, threshold_pct=data.regression.threshold_pct,
                   regression_metrics=data.regression.metrics, trend_nights=data.trend_nights)

@@ -40,6 +40,11 @@ def _break(folder: Path, how: str):
         config.write_text("{bad")
     elif how == "config a list":
         config.write_text("[1, 2]")
+    elif how == "config with a 5000-digit integer":  # past Python's int digit limit: a ValueError of its own
+        config.write_text(json.dumps({**json.loads(config.read_text()), "vocab_size": 1})[:-1] + ', "x": '
+                          + "9" * 5000 + "}")
+    elif how == "config with NaN":
+        config.write_text(json.dumps({**json.loads(config.read_text()), "rope_theta": float("nan")}))
     elif how == "config without model_type":
         config.write_text("{}")
     elif how == "truncated weights":
@@ -70,6 +75,8 @@ def _break(folder: Path, how: str):
 
 BROKEN = {"config not JSON": "config.json is not valid JSON", "config a list": "config.json holds a list",
           "config without model_type": "config.json has no model_type",
+          "config with a 5000-digit integer": "config.json is not valid JSON",
+          "config with NaN": "config.json is not valid JSON (NaN is not a JSON number)",
           "truncated weights": "model.safetensors is not a complete safetensors file",
           "5-byte weights": "model.safetensors is not a complete safetensors file",
           "vocab_size not the weights'": "config.json says vocab_size 999 but the weights' embedding has 732",
@@ -177,6 +184,20 @@ def test_prompt_longer_than_the_context_names_the_request(tmp_path, engine, limi
 
 
 # ------------------------------------------------------------------------------------------- prompt files
+
+def test_a_dataset_past_the_context_names_where_its_new_tokens_come_from(tmp_path):
+    data = tmp_path / "long.jsonl"
+    data.write_text('{"prompt": "a cat", "output_tokens": 99999}\n')
+    proc = benchmark(DATASET="custom", DATASET_PATH=data, NUM_PROMPTS=1, RESULTS_DIR=tmp_path / "r")
+    assert_one_line(proc, "request 0: ", "+ 99999 new tokens (each its output_tokens, else GENERATION_LENGTH=8)")
+
+
+def test_paths_that_are_not_utf8_are_one_line(tmp_path):
+    odd = str(tmp_path) + "/out\udcff"  # the byte 0xff as Python's file system encoding delivers it
+    assert_one_line(run([sys.executable, "run_single_config.py", "--save-results", "--output-dir", odd]),
+                    "--output-dir=", "the path is not UTF-8 text")
+    assert_one_line(benchmark(RESULTS_DIR=odd), "RESULTS_DIR=", "not UTF-8 text")
+
 
 def test_unreadable_prompt_and_sharegpt_files_are_one_line(tmp_path):
     latin1 = tmp_path / "latin1.txt"

@@ -215,3 +215,27 @@ def test_the_dry_runs_plan_counts_a_ramp_ups_requests():
     workload = benchmark.plan_of(cfg, [("hf", "target")])["workload"]
     assert 30 <= workload["expected_requests"] <= 60  # ~45 arrivals at 10 to 20 req/s over 3 s
     assert workload["ramp_up"] == {"strategy": "linear", "start_rps": 10, "end_rps": 20}
+
+
+def test_strict_json_and_byte_order_marks_in_datasets(tmp_path):
+    """NaN, Infinity, 1e400 and integers past Python's digit limit are malformed entries, never a crash; a UTF-8
+    byte-order mark (Windows editors) is not part of the first entry or prompt."""
+    from lib.datasets import load_file
+    f = tmp_path / "custom.jsonl"
+    f.write_text('\ufeff{"prompt": "a cat", "output_tokens": 7}\n{"prompt": "b", "output_tokens": NaN}\n'
+                 '{"prompt": "c", "output_tokens": Infinity}\n{"prompt": "d", "output_tokens": 1e400}\n'
+                 '{"prompt": "e", "output_tokens": ' + "9" * 5000 + "}\n")
+    prompts, stats = load_file("custom", str(f))
+    assert [(p.text, p.max_tokens) for p in prompts] == [("a cat", 7)]
+    assert (stats.entries, stats.malformed + stats.filtered, stats.kept) == (5, 4, 1)
+    text = tmp_path / "prompts.txt"
+    text.write_text("\ufeffhello\nworld\n")
+    assert [p.text for p in read_prompt_file(str(text))] == ["hello", "world"]
+
+
+def test_result_json_is_strict_json():
+    from lib.files import json_line, json_text
+    data = {"burstiness": float("inf"), "low": -float("inf"), "margin": [1.5, float("nan")]}
+    for text in (json_text(data), json_line(data)):
+        assert json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the JSON")) == {
+            "burstiness": "inf", "low": "-inf", "margin": [1.5, None]}

@@ -165,6 +165,9 @@ def test_bad_sweep_file_is_one_line_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lib.sweep", str(bad_value)], cwd=ROOT, capture_output=True,
                           text=True)
     assert proc.returncode == 2 and "GAMMA_VALUE='many'" in proc.stderr
+    both = write_sweep(tmp_path / "both.yaml", {"NUM_PROMPTS": [1, 2]})  # NUM_PROMPTS is one of TINY_FIXED's too
+    proc = subprocess.run([sys.executable, "-m", "lib.sweep", str(both)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "NUM_PROMPTS is in both fixed and matrix" in proc.stderr
 
 
 def test_analyze_reads_folders_into_csv_and_markdown(night1, tmp_path):
