@@ -213,7 +213,7 @@ def read_json(path: str | Path, label: str, accepted: str, max_bytes: int = MAX_
     accepted: missing, a folder, not UTF-8, not JSON, nested too deeply."""
     text = read_text(path, label, accepted, max_bytes)
     try:
-        return loads_json(text)
+        return json.loads(text)  # NaN and Infinity too: files of earlier versions hold them (BURSTINESS=inf)
     except ValueError as exc:
         raise UsageError(f"{label}: not valid JSON ({exc}); expected {accepted}") from None
     except RecursionError:
