@@ -226,7 +226,8 @@ def test_vllm_schedule_equals_vllms_generator(monkeypatch, rate, burstiness, ram
     theirs = asyncio.run(schedule())
     ours = vllm_arrivals(n, rate, seed, burstiness, ramp)
     assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-12)
-    cfg = resolve(AUTO_RATE=rate, ARRIVAL_SCHEDULE="vllm", NUM_PROMPTS=n, SEED=seed, BURSTINESS=burstiness,
+    cfg = resolve(AUTO_RATE=0 if ramp else rate,  # a ramp-up sets the rate (vLLM's ramp-up ignores request_rate)
+                  ARRIVAL_SCHEDULE="vllm", NUM_PROMPTS=n, SEED=seed, BURSTINESS=burstiness,
                   **({"RAMP_UP_STRATEGY": ramp[0], "RAMP_UP_START_RPS": ramp[1], "RAMP_UP_END_RPS": ramp[2]}
                      if ramp else {}))
     from lib.arrivals import arrivals
