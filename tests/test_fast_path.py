@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from lib.decoding import fast_path
 from lib.decoding.chain import autoregressive_generate, speculative_generate
 from lib.decoding.fast_path import (
     StaticDecoder,
@@ -257,6 +258,23 @@ def test_fused_weights_share_storage_with_the_model(tiny_models):
     assert torch.equal(attn.q_proj.weight, q_before)
     mlp = model.model.layers[0].mlp
     assert mlp.up_proj.weight.untyped_storage().data_ptr() == weights.layers[0].w13.untyped_storage().data_ptr()
+
+
+def test_paired_gate_up_rows_change_no_token(tiny_models, prompts, monkeypatch):
+    """With w13's rows in (gate, up) pairs (as on CUDA, where the product then ends in SiLU(gate) * up) the greedy
+    tokens, AR and SD, are the plain path's, and the HF model, whose projections now read strided views of the
+    paired tensor, decodes as before."""
+    target, draft = load_model(tiny_models.target), load_model(tiny_models.draft)
+    batch = prompts[:2]
+    plain = autoregressive_generate(target, batch, NEW).tokens
+    monkeypatch.setattr(fast_path, "_gate_pairs", lambda model: True)
+    t, d = decoders(target, draft, batch, 3)
+    layer, mlp = t.w.layers[0], target.model.layers[0].mlp
+    assert layer.gate_pairs and torch.equal(layer.w13[1::2], mlp.up_proj.weight)
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == layer.w13.untyped_storage().data_ptr()
+    assert static_autoregressive_generate(t, batch, NEW).tokens == plain
+    assert static_speculative_generate(t, d, batch, NEW, 3).tokens == plain
+    assert autoregressive_generate(target, batch, NEW).tokens == plain
 
 
 @pytest.mark.parametrize("script,argv,named", [

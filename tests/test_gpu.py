@@ -59,8 +59,8 @@ def test_launch_choices_change_no_token(tiny_models, shipped_prompts, rows, opti
     PDL (where the GPU has it) each kernel starts before the one it reads has finished and waits for it inside.
     A missing wait would read stale values. With the greedy pick inside the step's graph, the token that the
     next step reads is the graph's own output, overwritten by every replay: a copy queued in the wrong order
-    would feed or report another step's token. Either way the greedy tokens, AR and SD, must equal those of
-    the choice switched off bit for bit (same kernels, only launches and their order differ)."""
+    would feed or report another step's token. Either way the greedy tokens, AR and SD, must equal those of the
+    choice switched off bit for bit (same kernels, only launches and their order differ)."""
     from lib.decoding import fast_path
     model = load_model(tiny_models.target, "bfloat16", "cuda")
     tokenizer = load_tokenizer(tiny_models.target)
@@ -163,6 +163,44 @@ def test_gemv_kernels_equal_a_float64_product(n, k, rows, pdl):
     out = gemv.linear(x, w, pdl=pdl)
     ref = x.double() @ w.double().T
     assert out.shape == (rows, n) and torch.isfinite(out).all()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("n,k", [(768, 128), (384, 64), (16384, 2048), (28672, 4096)])
+def test_gate_epilogue_is_the_unfused_mlp_within_one_rounding(n, k, rows):
+    """SiLU(gate) * up in the product's epilogue against the unfused path (the same product stored, then
+    torch.compile's SiLU(gate) * up kernel), on the tiny models' and the 1B/8B Llama gate/up shapes: every value
+    within one bfloat16 rounding of it, and most bit for bit. (The two kernels' float32 operations are not
+    guaranteed to round alike, so greedy tokens of a bfloat16 model may differ at near-ties.)"""
+    from lib.decoding import gemv
+
+    def unfused(y):
+        gate, up = y.unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.nn.functional.silu(gate) * up
+
+    torch.manual_seed(n + k + rows)
+    w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k ** 0.5
+    x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
+    ref = torch.compile(unfused, dynamic=False, fullgraph=True)(gemv.launch(x, w)).float()
+    out = gemv.silu_gate(x, w).float()
+    assert out.shape == ref.shape == (rows, n // 2)
+    assert ((out - ref).abs() <= ref.abs() * 2 ** -7 + 1e-30).all()  # one bfloat16 step at most
+    assert (out == ref).float().mean().item() > 0.95
+
+
+@pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+@pytest.mark.parametrize("n,k", [(28672, 4096), (16384, 2048), (37888, 3584), (1000, 512)])
+def test_gated_gemv_kernels_equal_silu_gate_times_up_in_float64(n, k, rows, pdl):
+    """The gate/up product ending in SiLU(gate) * up (w's rows in (gate, up) pairs), one row and several."""
+    from lib.decoding import gemv
+    w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k ** 0.5
+    x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
+    out = gemv.silu_gate(x, w, pdl=pdl)
+    ref = x.double() @ w.double().T
+    ref = torch.nn.functional.silu(ref[:, 0::2]) * ref[:, 1::2]
+    assert out.shape == (rows, n // 2) and torch.isfinite(out).all()
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
 
 

@@ -20,10 +20,12 @@ import torch
 from lib.decoding import gemv
 torch.manual_seed(0)
 out = []
-for rows, n, k, blocks in json.loads(sys.argv[1]):
+for rows, n, k, blocks, gated in json.loads(sys.argv[1]):
     x, w = torch.randn(rows, k, dtype=torch.float16), torch.randn(n, k, dtype=torch.float16) / k ** 0.5
-    y = gemv.launch(x, w, gemv.Blocks(*blocks) if blocks else None)
+    y = gemv.launch(x, w, gemv.Blocks(*blocks) if blocks else None, gated=gated)
     ref = x.double() @ w.double().T
+    if gated:  # w's rows are (gate, up) pairs
+        ref = torch.nn.functional.silu(ref[:, 0::2]) * ref[:, 1::2]
     out.append({"shape": list(y.shape), "rel_err": ((y.double() - ref).norm() / ref.norm()).item()})
 print(json.dumps(out))
 """
@@ -64,9 +66,19 @@ def test_product_equals_a_float64_one():
     cases = [(1, 40, 128, (4, 64, 4, 1)), (1, 37, 256, (8, 128, 4, 1)), (1, 24, 192, None), (1, 16, 64, None),
              (1, 6, 4096, tuple(gemv.MEASURED[(2048, 8192)])), (5, 40, 128, (32, 64, 4, 1)), (2, 37, 192, None),
              (16, 64, 512, None), (3, 16448, 128, None)]
-    for (rows, n, _, _), result in zip(cases, interpreted(PRODUCTS, cases)):
+    for (rows, n, _, _), result in zip(cases, interpreted(PRODUCTS, [case + (False,) for case in cases])):
         assert result["shape"] == [rows, n]
         assert result["rel_err"] < 2e-3, result
+
+
+def test_gated_product_equals_silu_gate_times_up_in_float64():
+    """The gate/up product ending in SiLU(gate) * up (rows in pairs): one row and several, a program's pairs
+    ragged at the end (N / 2 not a multiple of its BLOCK_N / 2), `MEASURED`'s 1B gate/up block."""
+    cases = [(1, 40, 128, (8, 64, 4, 1)), (1, 64, 2048, tuple(gemv.MEASURED[(16384, 2048)])), (1, 72, 256, None),
+             (2, 40, 128, (32, 64, 4, 1)), (16, 200, 256, None), (5, 16448, 128, None)]
+    for (rows, n, _, _), result in zip(cases, interpreted(PRODUCTS, [case + (True,) for case in cases])):
+        assert result["shape"] == [rows, n // 2]
+        assert result["rel_err"] < 3e-3, result
 
 
 def test_attention_equals_the_eager_one_in_float64():

@@ -78,7 +78,7 @@ class Arch:
 class LayerWeights:
     wqkv: torch.Tensor  # q, k, v projections stacked along the output dim: one matmul
     wo: torch.Tensor
-    w13: torch.Tensor  # gate and up stacked: one matmul
+    w13: torch.Tensor  # gate and up stacked: one matmul (gate_pairs: their rows interleaved)
     w2: torch.Tensor
     attn_norm: torch.Tensor  # before attention (after it under Arch.post_norms)
     mlp_norm: torch.Tensor  # before the MLP (after it under Arch.post_norms)
@@ -88,9 +88,10 @@ class LayerWeights:
     b2: torch.Tensor | None = None
     q_norm: torch.Tensor | None = None  # Arch.qk_norm
     k_norm: torch.Tensor | None = None
+    gate_pairs: bool = False  # w13's rows are (gate i, up i) pairs: its product can end in SiLU(gate) * up
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (getattr(self, f.name) for f in fields(self)) if t is not None]
+        return [t for t in (getattr(self, f.name) for f in fields(self)) if isinstance(t, torch.Tensor)]
 
 
 @dataclass
@@ -185,7 +186,8 @@ def weights_from_hf(model, max_positions: int) -> DecoderWeights:
     projections, see `_fuse`). The model must pass fast_path_blocker."""
     inner, config = model.model, model.config
     family = FAMILIES[config.model_type]
-    layers = [_layer_weights(layer, family) for layer in inner.layers]
+    pairs = _gate_pairs(model)
+    layers = [_layer_weights(layer, family, pairs) for layer in inner.layers]
     attn = inner.layers[0].self_attn
     arch = Arch(n_heads=config.num_attention_heads, n_kv_heads=config.num_key_value_heads,
                 head_dim=attn.head_dim, eps=config.rms_norm_eps, scale=attn.scaling,
@@ -202,13 +204,22 @@ def weights_from_hf(model, max_positions: int) -> DecoderWeights:
                           logits_scale=float(getattr(config, "logits_scaling", 1.0)))
 
 
-def _layer_weights(layer, family: Family) -> LayerWeights:
+def _gate_pairs(model) -> bool:
+    """Whether the MLP's gate/up product should end in SiLU(gate) * up (lib/decoding/gemv.py's `silu_gate`): on
+    CUDA, 16-bit weights, a SiLU MLP with separate gate and up projections and no biases."""
+    mlp, weight = model.model.layers[0].mlp, model.model.embed_tokens.weight
+    return (weight.is_cuda and weight.dtype in gemv.DTYPES and model.config.hidden_act in ("silu", "swish")
+            and hasattr(mlp, "gate_proj") and mlp.gate_proj.bias is None and mlp.up_proj.bias is None)
+
+
+def _layer_weights(layer, family: Family, gate_pairs: bool = False) -> LayerWeights:
     (qkv, (o,)), (gate_up, (down,)) = _attention_linears(layer.self_attn), _mlp_linears(layer.mlp)
+    w13 = _fuse_pairs(*gate_up) if gate_pairs else _fuse(gate_up)
     norms = ((layer.post_attention_layernorm, layer.post_feedforward_layernorm) if family.post_norms
              else (layer.input_layernorm, layer.post_attention_layernorm))
     attn = layer.self_attn
     return LayerWeights(wqkv=_fuse(qkv), bqkv=_fuse(qkv, "bias"), wo=o.weight, bo=o.bias,
-                        w13=_fuse(gate_up), b13=_fuse(gate_up, "bias"), w2=down.weight, b2=down.bias,
+                        w13=w13, b13=_fuse(gate_up, "bias"), w2=down.weight, b2=down.bias, gate_pairs=gate_pairs,
                         attn_norm=norms[0].weight, mlp_norm=norms[1].weight,
                         q_norm=attn.q_norm.weight if family.qk_norm else None,
                         k_norm=attn.k_norm.weight if family.qk_norm else None)
@@ -225,6 +236,14 @@ def _fuse(linears, name: str = "weight") -> torch.Tensor | None:
     for part, rows in zip(parts, fused.split([part.shape[0] for part in parts])):
         part.data = rows
     return fused
+
+
+def _fuse_pairs(gate, up) -> torch.Tensor:
+    """gate's and up's weights in one tensor whose rows alternate (gate row i, up row i), each projection holding
+    a strided view of its rows (as `_fuse`)."""
+    fused = torch.stack([gate.weight, up.weight], 1)  # [I, 2, K]
+    gate.weight.data, up.weight.data = fused[:, 0], fused[:, 1]
+    return fused.view(-1, fused.shape[-1])
 
 
 @functools.cache
@@ -314,6 +333,7 @@ class _Options:
     pdl = True  # programmatic dependent launch where the GPU and Triton have it (lib/decoding/triton_launch.py)
     combo = True  # inductor's combo kernels: independent small ops (q's and k's rotary) in one launch
     pick_in_graph = True  # greedy AR: the argmax and top2 of each step run inside its CUDA graph
+    gate_epilogue = True  # a SiLU MLP's SiLU(gate) * up in its gate/up product's epilogue (LayerWeights.gate_pairs)
 
 
 def options() -> dict:
@@ -349,8 +369,19 @@ def layer_forward(x, pending, w: LayerWeights, arch: Arch, k_cache, v_cache, cos
     k_cache.index_put_(cache_index, k)  # an in-place scatter (index_copy_ made compile copy the whole cache)
     v_cache.index_put_(cache_index, v)
     x = x + branch(project(attention(q, k_cache, v_cache, positions, arch), w.wo, w.bo), w.attn_norm, arch)
-    gate, up = project(pre_norm(x, w.mlp_norm, arch), w.w13, w.b13).chunk(2, -1)
-    return x, branch(project(arch.act(gate) * up, w.w2, w.b2), w.mlp_norm, arch)
+    return x, branch(project(gated_mlp_input(pre_norm(x, w.mlp_norm, arch), w, arch), w.w2, w.b2), w.mlp_norm, arch)
+
+
+def gated_mlp_input(h: torch.Tensor, w: LayerWeights, arch: Arch) -> torch.Tensor:
+    """act(gate) * up of the MLP's input h: in the gate/up product's epilogue where the rows are paired and the
+    product runs gemv.py's kernels (`_Options.gate_epilogue`)."""
+    if not w.gate_pairs:
+        gate, up = project(h, w.w13, w.b13).chunk(2, -1)
+    elif _Options.gate_epilogue and _Options.gemv and gemv.supports(h, w.w13, _Options.gemv_rows):
+        return gemv.silu_gate(h, w.w13, _Options.pdl)
+    else:
+        gate, up = project(h, w.w13, w.b13).unflatten(-1, (-1, 2)).unbind(-1)
+    return arch.act(gate) * up
 
 
 def step_inputs(tokens, lengths, embed, cos, sin, embed_scale: float):

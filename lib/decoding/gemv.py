@@ -8,6 +8,10 @@ is the product's left operand and x's rows, padded to 16, the right one (w @ x.T
 along w's rows and each program walks all of K (split-K was slower). The block shapes are fixed per matrix shape
 rather than autotuned, so every process runs the same kernels (torch.compile's tuning of its own matrix-vector
 kernels picked differently in each process: 75-83 % of the floor for one build).
+
+A gated MLP's gate/up product can end in SiLU(gate) * up (`silu_gate`): its weight's rows then come in pairs
+(row 2i gate i, row 2i + 1 up i), so each program holds both halves of the outputs it writes and the MLP's
+elementwise kernel is gone.
 """
 from __future__ import annotations
 
@@ -63,63 +67,27 @@ def supports(x: torch.Tensor, w: torch.Tensor, max_rows: int = MAX_ROWS) -> bool
 @functools.cache
 def _kernels():
     import triton
-    import triton.language as tl
 
-    @triton.jit
-    def gemv_one_row(x_ptr, w_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        n_mask = rn < N
-        w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
-        w = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")  # K >= BLOCK_K
-        if PDL:  # x is the previous kernel's output, the weights are not; see triton_launch.py for the order
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        acc = w.to(tl.float32) * tl.load(x_ptr + rk).to(tl.float32)[None, :]
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            w = tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_ptr + k0 + rk)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        tl.store(y_ptr + rn, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=n_mask)
-
-    @triton.jit
-    def gemv_few_rows(x_ptr, w_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        rm = tl.arange(0, BLOCK_M)
-        n_mask, m_mask = rn < N, rm < M
-        w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
-        x_ptrs = x_ptr + rm[None, :] * K + rk[:, None]  # x.T's tile [BLOCK_K, BLOCK_M]
-        if PDL:  # everything before the loop is addresses; see triton_launch.py for the order
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            w = tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_ptrs + k0, mask=m_mask[None, :], other=0.0)
-            acc = tl.dot(w, x, acc)
-        tl.store(y_ptr + rm[None, :] * N + rn[:, None], acc.to(y_ptr.dtype.element_ty),
-                 mask=n_mask[:, None] & m_mask[None, :])
-
-    return triton, gemv_one_row, gemv_few_rows
+    from lib.decoding import gemv_kernels
+    return triton, gemv_kernels.gemv_one_row, gemv_kernels.gemv_few_rows
 
 
-def launch(x: torch.Tensor, w: torch.Tensor, blocks: Blocks | None = None, pdl: bool = False) -> torch.Tensor:
+def launch(x: torch.Tensor, w: torch.Tensor, blocks: Blocks | None = None, pdl: bool = False,
+           gated: bool = False) -> torch.Tensor:
     """x [M, K] with M <= MAX_ROWS, w [N, K] contiguous -> [M, N]; pdl: a programmatic dependent launch where the
-    GPU has it (lib/decoding/triton_launch.py)."""
+    GPU has it (lib/decoding/triton_launch.py); gated: w's rows are (gate, up) pairs -> SiLU(gate) * up [M, N / 2]."""
     triton, one_row, few_rows = _kernels()
     x = x.contiguous()
     rows, (n, k) = x.shape[0], w.shape
     b = blocks or blocks_for(n, k, rows)
-    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    y = torch.empty(rows, n // 2 if gated else n, dtype=x.dtype, device=x.device)
     grid, tuning = (triton.cdiv(n, b.block_n),), {"num_warps": b.warps, "num_stages": b.stages,
                                                   **launch_options(x.device, pdl)}
     if rows == 1:
-        one_row[grid](x, w, y, n, k, BLOCK_N=b.block_n, BLOCK_K=b.block_k, **tuning)
+        one_row[grid](x, w, y, n, k, BLOCK_N=b.block_n, BLOCK_K=b.block_k, GATED=gated, **tuning)
     else:
         few_rows[grid](x, w, y, rows, n, k, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=b.block_n,
-                       BLOCK_K=b.block_k, **tuning)
+                       BLOCK_K=b.block_k, GATED=gated, **tuning)
     return y
 
 
@@ -131,6 +99,21 @@ def _gemv_op(x: torch.Tensor, w: torch.Tensor, pdl: bool) -> torch.Tensor:
 @_gemv_op.register_fake
 def _(x: torch.Tensor, w: torch.Tensor, pdl: bool) -> torch.Tensor:
     return x.new_empty(x.shape[0], w.shape[0])
+
+
+@torch.library.custom_op("speclab::gemv_silu_gate", mutates_args=())
+def _silu_gate_op(x: torch.Tensor, w: torch.Tensor, pdl: bool) -> torch.Tensor:
+    return launch(x, w, pdl=pdl, gated=True)
+
+
+@_silu_gate_op.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, pdl: bool) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[0] // 2)
+
+
+def silu_gate(x: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+    """SiLU(gate) * up of a gate/up product whose weight rows are (gate, up) pairs (the caller checked `supports`)."""
+    return _silu_gate_op(x.reshape(-1, x.shape[-1]), w, pdl).view(*x.shape[:-1], w.shape[0] // 2)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
