@@ -12,8 +12,8 @@ EXACT_EXP = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")  # Triton's 
 def store_silu_gate(acc, rows, y_ptr, N, M, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """acc [BLOCK_N, BLOCK_M]: the products of BLOCK_N // 2 (gate, up) row pairs; stores SiLU(gate) * up of
     each (the pair's two products rounded to y's type first, as an unfused product would leave them). SiLU is
-    gate / (1 + exp(-gate)) with the exact exp, as torch.compile's fused kernel of the unfused MLP computes it
-    (tl.sigmoid's fast exp rounds otherwise)."""
+    gate / (1 + exp(-gate)) with libdevice's exp: the operations of torch.compile's kernel of the unfused MLP,
+    whose bits it gives (tests/test_gpu.py)."""
     acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
     gate, up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_N // 2, 2, BLOCK_M]), (0, 2, 1)))
     if EXACT_EXP:
