@@ -1,10 +1,12 @@
 """Where one decode step of the fast path goes on a GPU: per kernel, against the bandwidth floor.
 
 One run, one process, random-init 8B-class shape of one family (gpu_decode.py's shapes), bf16:
-1. the step's time (CUDA-graph replays, median) and % of the floor (copy bandwidth / weight bytes per step);
-2. torch.profiler over graph replays: every kernel's time per step, grouped (matrix products, attention, the
+1. the step's time (CUDA-graph replays, median; a one-token step with greedy AR's pick, as the AR loop runs it)
+   and % of the floor (copy bandwidth / weight bytes per step);
+2. the same graph queued back to back (still, and moving the lengths as the AR loop does), and the whole call;
+3. torch.profiler over graph replays: every kernel's time per step, grouped (matrix products, attention, the
    small fused ops), so the gap to the floor has names;
-3. each weight matrix's product alone (cuBLAS through F.linear, and lib/decoding/gemv.py's Triton kernel), over
+4. each weight matrix's product alone (cuBLAS through F.linear, and lib/decoding/gemv.py's Triton kernel), over
    enough copies of the matrix that the L2 cache does not serve it, in % of copy bandwidth.
 
     python benchmarks/gpu_step_profile.py --arch llama --batches 1,16 --out docs/perf/h200_profile_<date>.json
@@ -32,7 +34,7 @@ from lib.decoding import fast_path  # noqa: E402
 from lib.files import write_json  # noqa: E402
 
 SHIPPED = fast_path.options()
-UNFUSED_GATE = {**SHIPPED, "gate_epilogue": False}
+UNFUSED_GATE = {**SHIPPED, "gate_epilogue": False, "pick_kernel": False}
 EARLIER = {**UNFUSED_GATE, "attention": False, "attention_width": 1, "pdl": False, "combo": False,
            "pick_in_graph": False, "attention_splits": 1}
 VARIANTS = {"inductor": {**EARLIER, "gemv": False, "tune": True},  # torch.compile's own kernels, tuned per process
@@ -46,7 +48,8 @@ VARIANTS = {"inductor": {**EARLIER, "gemv": False, "tune": True},  # torch.compi
             "one-split": {**UNFUSED_GATE, "attention_splits": 1},  # + greedy AR's argmax and top2 inside the graph
             "cublas-rows": {**UNFUSED_GATE, "gemv_rows": 1},  # + the attention's columns split over 4 programs
             "gate-unfused": UNFUSED_GATE,  # + products of 2-16 rows through gemv.py's tensor-core kernel, with PDL
-            "shipped": SHIPPED}  # + a SiLU MLP's SiLU(gate) * up in its gate/up product's epilogue
+            "pick-torch": {**SHIPPED, "pick_kernel": False},  # + a SiLU MLP's SiLU(gate) * up in its gate/up epilogue
+            "shipped": SHIPPED}  # + greedy AR's argmax and top2 in lib/decoding/pick.py's one kernel
 GROUPS = (("gemv/gemm", ("gemv", "gemm", "cutlass", "xmma", "sm90", "splitk", "_gemv_kernel", "cublas")),
           ("attention", ("bmm", "softmax", "attention", "flash")),
           ("fused small ops (triton)", ("triton",)),)
@@ -75,6 +78,38 @@ def replay_ms(fn, repeats: int = 200) -> float:
     return statistics.median(times)
 
 
+def ar_then(width: int):
+    """What the AR loop runs inside a one-token step's graph (greedy AR's pick), so that the step timed and
+    profiled here is the AR loop's."""
+    return fast_path.greedy_pick if width == 1 and fast_path.options()["pick_in_graph"] else None
+
+
+def back_to_back_ms(decoder, tokens, moving: bool, replays: int = 64) -> float:
+    """ms per step of `replays` steps queued at once and timed by two events: the captured graph alone, replayed
+    with nothing between (moving=False, every replay at the same columns), or as the AR loop queues it (the token
+    copy, the replay, the lengths moved one column). Against `replay_ms` (one timed replay at a time) and the whole
+    call, it says whether the time between tokens is inside the graph or between graphs."""
+    then = ar_then(tokens.shape[1])
+    graph = decoder.graphs[(tokens.shape[1], then)][0]
+    start_lengths, one = decoder.lengths.clone(), torch.ones_like(decoder.lengths)
+
+    def run():
+        for _ in range(replays):
+            if moving:
+                decoder.step(tokens, then)
+                decoder.lengths.add_(one)
+            else:
+                graph.replay()
+        decoder.lengths.copy_(start_lengths)
+    run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays
+
+
 def decoder_for(weights, batch: int, prompt_len: int, new_tokens: int, vocab: int, width: int = 1):
     """A decoder sized as whole_call's (the same compiled kernels), prefilled, its step of `width` tokens per row
     (1: AR; k + 1: an SD verify step) captured."""
@@ -82,7 +117,7 @@ def decoder_for(weights, batch: int, prompt_len: int, new_tokens: int, vocab: in
     decoder = fast_path.StaticDecoder(weights, batch, fast_path.max_len_for([prompt] * batch, new_tokens, 4))
     decoder.prefill([prompt] * batch)
     tokens = torch.randint(1, vocab, (batch, width), device=decoder.device)
-    decoder.step(tokens)  # capture
+    decoder.step(tokens, ar_then(width))  # capture
     return decoder, tokens
 
 
@@ -106,7 +141,7 @@ def kernel_profile(decoder, tokens, steps: int = 20) -> list[dict]:
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            decoder.step(tokens)
+            decoder.step(tokens, ar_then(tokens.shape[1]))
         torch.cuda.synchronize()
     per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for event in prof.events():
@@ -231,7 +266,9 @@ def main(argv=None):
             fast_path.set_options(**VARIANTS[variant])
             decoder, tokens = decoder_for(weights, batch, args.prompt_len, args.new_tokens,
                                           model.config.vocab_size, width)
-            ms = replay_ms(functools.partial(decoder.step, tokens))
+            ms = replay_ms(functools.partial(decoder.step, tokens, ar_then(width)))
+            queued = {"still": back_to_back_ms(decoder, tokens, moving=False),
+                      "moving": back_to_back_ms(decoder, tokens, moving=True)}
             kernels = kernel_profile(decoder, tokens)
             groups = defaultdict(float)
             for row in kernels:
@@ -239,7 +276,8 @@ def main(argv=None):
             busy = sum(groups.values()) / 1e3
             print(f"\n{variant} B={batch} width {width}: step {ms:.3f} ms = {100 * floor_ms / ms:.1f} % of floor; "
                   f"kernels busy {busy:.3f} ms ({sum(r['per_step'] for r in kernels):.0f} launches), "
-                  f"idle {ms - busy:.3f} ms")
+                  f"idle {ms - busy:.3f} ms; queued back to back {queued['still']:.3f} ms a step "
+                  f"({queued['moving']:.3f} moving the lengths, as the AR loop does)")
             for group, us in sorted(groups.items(), key=lambda g: -g[1]):
                 print(f"  {group:26s} {us:8.1f} us")
             for row in kernels[:10]:
@@ -253,7 +291,7 @@ def main(argv=None):
                       f"tokens median {call['gap_ms_median']:.3f} ms, p90 {call['gap_ms_p90']:.3f}, "
                       f"max {call['gap_ms_max']:.3f}; greedy tokens {same} the first variant's")
             out["steps"].append({"variant": variant, "batch": batch, "width": width, "step_ms": ms,
-                                 "pct_floor": 100 * floor_ms / ms, "whole_call": call,
+                                 "pct_floor": 100 * floor_ms / ms, "back_to_back_ms": queued, "whole_call": call,
                                  "kernels_busy_ms": busy, "groups_us": dict(groups), "kernels": kernels[:60]})
             del decoder
             torch.cuda.empty_cache()

@@ -52,15 +52,16 @@ def test_cuda_graphs_and_compile_give_the_plain_path_tokens(cuda_pair, prompts, 
     assert static_autoregressive_generate(eager, batch, NEW).tokens == plain
 
 
-@pytest.mark.parametrize("option", ["pdl", "pick_in_graph"])
+@pytest.mark.parametrize("option", ["pdl", "pick_in_graph", "pick_kernel"])
 @pytest.mark.parametrize("rows", [1, 2])
 def test_launch_choices_change_no_token(tiny_models, shipped_prompts, rows, option):
     """In bfloat16 the batch-1 steps run lib/decoding/gemv.py's and decode_attention.py's kernels; launched with
     PDL (where the GPU has it) each kernel starts before the one it reads has finished and waits for it inside.
     A missing wait would read stale values. With the greedy pick inside the step's graph, the token that the
     next step reads is the graph's own output, overwritten by every replay: a copy queued in the wrong order
-    would feed or report another step's token. Either way the greedy tokens, AR and SD, must equal those of the
-    choice switched off bit for bit (same kernels, only launches and their order differ). Not `gate_epilogue`:
+    would feed or report another step's token. lib/decoding/pick.py's kernel must pick what torch's argmax and
+    topk do. Either way the greedy tokens, AR and SD, and AR's top-2 figures must equal those of the choice
+    switched off bit for bit (same kernels, only launches and their order differ). Not `gate_epilogue`:
     its kernel computes the compiled unfused step's bits (`test_gate_epilogue_is_the_compiled_unfused_mlp_bit_for_bit`),
     but an eager prefill of up to 16 tokens (13 here at one row) takes it too, where the unfused ops round SiLU(gate)
     to 16 bits before the product with up."""
@@ -74,10 +75,10 @@ def test_launch_choices_change_no_token(tiny_models, shipped_prompts, rows, opti
     try:
         for on in (False, True):
             fast_path.set_options(**{option: on})
-            ar = static_autoregressive_generate(StaticDecoder(weights, rows, max_len), batch, 3 * NEW).tokens
+            ar = static_autoregressive_generate(StaticDecoder(weights, rows, max_len), batch, 3 * NEW)
             sd = static_speculative_generate(StaticDecoder(weights, rows, max_len),
                                              StaticDecoder(weights.first_layers(2), rows, max_len), batch, 3 * NEW, 3)
-            tokens[on] = (ar, sd.tokens)
+            tokens[on] = (ar.tokens, ar.top2_margins, ar.top_logits, sd.tokens)
     finally:
         fast_path.set_options(**shipped)
     assert tokens[True] == tokens[False]
@@ -151,22 +152,46 @@ def test_steps_of_a_few_rows_take_the_few_row_kernel(tiny_models, batch, width):
     assert any(key in n.lower() for n in one_row_only for key in blas), sorted(one_row_only)
 
 
+@pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("pdl", [False, True])
 @pytest.mark.parametrize("rows", [1, 2, 5, 16])
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (1000, 512), (37888, 3584), (896, 896), (64, 64),
                                  *MEASURED])
-def test_gemv_kernels_equal_a_float64_product(n, k, rows, pdl):
+def test_gemv_kernels_equal_a_float64_product(n, k, rows, pdl, gated):
     """lib/decoding/gemv.py's one-row and few-row kernels against a float64 reference on fresh random data (a
     ragged N, a K that is not a multiple of 256, a K of one chunk and the blocks of `MEASURED` included), launched
-    plainly and with PDL where the GPU has it; more than MAX_ROWS rows go to cuBLAS."""
+    plainly and with PDL where the GPU has it, and (gated) ending in SiLU(gate) * up with w's rows in (gate, up)
+    pairs; more than MAX_ROWS rows go to cuBLAS."""
     from lib.decoding import gemv
-    w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k ** 0.5
     x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
     assert gemv.supports(x, w) and not gemv.supports(torch.cat([x] * 17), w)
-    out = gemv.linear(x, w, pdl=pdl)
+    out = gemv.silu_gate(x, w, pdl=pdl) if gated else gemv.linear(x, w, pdl=pdl)
     ref = x.double() @ w.double().T
-    assert out.shape == (rows, n) and torch.isfinite(out).all()
+    if gated:
+        ref = torch.nn.functional.silu(ref[:, 0::2]) * ref[:, 1::2]
+    assert out.shape == ref.shape == (rows, n // 2 if gated else n) and torch.isfinite(out).all()
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 128256), (16, 128256), (5, 151936), (2, 32000), (3, 700)])
+def test_greedy_pick_kernel_equals_torch_argmax_and_top2(rows, vocab):
+    """lib/decoding/pick.py on the GPU against torch.argmax and chain.top2 on the same bf16 logits, three launches
+    in a row (the per-row counts start at zero again): random rows, rows with the largest logit twice (one part,
+    two parts, the ragged end; bf16's coarse values make such ties common in real runs too) and strided rows."""
+    from lib.decoding import pick
+    from lib.decoding.chain import top2
+    torch.manual_seed(rows + vocab)
+    logits = (torch.randn(rows, 2, vocab, device="cuda") * 4).to(torch.bfloat16)
+    top = logits.max() + 1
+    logits[0, -1, [1, min(7, vocab - 1)]] = top
+    logits[-1, -1, [vocab // 3, vocab - 1]] = top
+    last = logits[:, -1]
+    assert pick.supports(last) and not pick.supports(last.cpu())
+    runs = [pick.greedy_top2(last, pdl=pdl) for pdl in (False, True, False)]
+    for token, tops in runs:
+        assert torch.equal(token, last.argmax(-1)) and torch.equal(tops, top2(last))
+    assert runs[0][0][0].item() == 1 and runs[0][1][0, 0].item() == 0.0
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5])
@@ -190,21 +215,6 @@ def test_gate_epilogue_is_the_compiled_unfused_mlp_bit_for_bit(n, k, rows):
     out = gemv.silu_gate(x, w)
     assert out.shape == ref.shape == (rows, n // 2)
     assert torch.equal(out, ref), f"{(out != ref).sum().item()} of {out.numel()} values differ"
-
-
-@pytest.mark.parametrize("pdl", [False, True])
-@pytest.mark.parametrize("rows", [1, 2, 5, 16])
-@pytest.mark.parametrize("n,k", [(28672, 4096), (16384, 2048), (37888, 3584), (1000, 512)])
-def test_gated_gemv_kernels_equal_silu_gate_times_up_in_float64(n, k, rows, pdl):
-    """The gate/up product ending in SiLU(gate) * up (w's rows in (gate, up) pairs), one row and several."""
-    from lib.decoding import gemv
-    w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k ** 0.5
-    x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
-    out = gemv.silu_gate(x, w, pdl=pdl)
-    ref = x.double() @ w.double().T
-    ref = torch.nn.functional.silu(ref[:, 0::2]) * ref[:, 1::2]
-    assert out.shape == (rows, n // 2) and torch.isfinite(out).all()
-    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
 
 
 @pytest.mark.parametrize("pdl", [False, True])

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from lib.decoding import decode_attention, gemv
@@ -49,6 +50,34 @@ for batch, n, n_heads, n_kv, head_dim, length in json.loads(sys.argv[1]):
     out.append({"shape": list(y.shape), "rel_err": ((y.double() - ref).norm() / ref.norm()).item()})
 print(json.dumps(out))
 """
+PICK = """
+import json, sys
+import torch
+from lib.decoding import pick
+from lib.decoding.chain import top2
+torch.manual_seed(0)
+out = []
+for rows, width, vocab, dtype, special in json.loads(sys.argv[1]):
+    logits = (torch.randn(rows, width, vocab) * 3).to(getattr(torch, dtype))
+    if special == "ties":  # the largest logit twice: in one part, across parts, at the ragged end
+        top = logits.max() + 1
+        logits[0, -1, [5, 9]] = top
+        logits[-1, -1, [3000, vocab - 1]] = top
+    elif special == "last":
+        logits[:, -1, vocab - 1] = logits.max() + 1
+    elif special == "inf":
+        logits[0, -1, :] = float("-inf")
+        logits[-1, -1, 70] = float("inf")
+    elif special == "nan":
+        logits[0, -1, [11, 4000]] = float("nan")
+    last = logits[:, -1]  # strided rows when width > 1, as the AR step hands them over
+    token, tops = pick.greedy_top2(last)
+    out.append({"token": token.tolist(), "argmax": last.argmax(-1).tolist(), "tops_equal":
+                torch.equal(tops.nan_to_num(-7.0), top2(last).nan_to_num(-7.0)), "dtype": str(tops.dtype),
+                "tops": tops.tolist()})
+print(json.dumps(out))
+"""
+
 
 def interpreted(script: str, cases: list) -> list[dict]:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
@@ -81,6 +110,12 @@ def test_gated_product_equals_silu_gate_times_up_in_float64():
         assert result["rel_err"] < 3e-3, result
 
 
+def test_gated_product_refuses_rows_that_do_not_pair():
+    """An odd number of rows cannot be (gate, up) pairs: one clear error, before any kernel runs."""
+    with pytest.raises(ValueError, match="pairs of rows; w has 41 rows"):
+        gemv.launch(torch.randn(1, 64, dtype=torch.float16), torch.randn(41, 64, dtype=torch.float16), gated=True)
+
+
 def test_attention_equals_the_eager_one_in_float64():
     """Against lib/decoding/fast_path.py's eager attention: GQA ratios 4, 2 and 1, one token and several (each
     query row masked at its own position), rows at different positions, a cache length that is not a multiple of
@@ -92,6 +127,20 @@ def test_attention_equals_the_eager_one_in_float64():
     for (batch, n, n_heads, _, head_dim, _), result in zip(cases, interpreted(ATTENTION, cases)):
         assert result["shape"] == [batch, n, n_heads * head_dim]
         assert result["rel_err"] < 2e-3, result
+
+
+def test_greedy_pick_equals_torch_argmax_and_top2_to_the_bit():
+    """lib/decoding/pick.py against torch.argmax and chain.top2 on the same logits: a Llama-3 vocabulary (63
+    parts, the last ragged), a vocabulary under one part, bf16, fp16 and float32, strided rows, the largest logit
+    twice (in one part, across two, at the very end: the first index wins and the margin is 0), every logit -inf
+    but one +inf, and NaNs (torch's argmax takes the first NaN). Two launches in a row on the same counts."""
+    cases = [(1, 1, 128256, "bfloat16", ""), (3, 2, 128256, "bfloat16", "ties"), (2, 1, 1000, "float16", "last"),
+             (4, 3, 5000, "float32", "inf"), (2, 1, 9000, "bfloat16", "nan"), (2, 1, 9000, "bfloat16", "nan")]
+    for case, result in zip(cases, interpreted(PICK, cases)):
+        assert result["token"] == result["argmax"], (case, result)
+        assert result["tops_equal"] and result["dtype"] == "torch.float32", (case, result)
+    ties = interpreted(PICK, [(3, 2, 128256, "bfloat16", "ties")])[0]
+    assert ties["token"][0] == 5 and ties["token"][-1] == 3000 and ties["tops"][0][0] == 0.0
 
 
 def test_cpu_tensors_keep_the_eager_ops_and_blocks_divide_k():

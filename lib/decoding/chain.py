@@ -74,12 +74,10 @@ def accept_drafts(target_logits: torch.Tensor, drafts: torch.Tensor, draft_probs
     over drafts [B, gamma]. Each draft is kept with min(1, p/q) until the first rejection; the next token comes
     from max(0, p - q) after a rejection, from p after a full accept. Greedy compares argmaxes directly (the
     temperature-0 case of the same rule, without building one-hot distributions; draft_probs may be None)."""
+    if temperature <= 0:
+        return accept_greedy(target_logits.argmax(-1), drafts)
     batch, gamma = drafts.shape
     rows = torch.arange(batch, device=drafts.device)
-    if temperature <= 0:
-        best = target_logits.argmax(-1)  # [B, gamma + 1]
-        n_accepted = (best[:, :gamma] == drafts).long().cumprod(1).sum(1)
-        return n_accepted, best[rows, n_accepted]
     p = probabilities(target_logits.float(), temperature)
     q = draft_probs
     p_draft = p[:, :gamma].gather(-1, drafts[..., None])[..., 0]
@@ -91,6 +89,12 @@ def accept_drafts(target_logits: torch.Tensor, drafts: torch.Tensor, draft_probs
     residual = (p_next - q_next).clamp(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
     return n_accepted, sample(residual / residual.sum(-1, keepdim=True), generator)
+
+
+def accept_greedy(best: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """accept_drafts at temperature 0 from the target's argmax [B, gamma + 1]: drafts are kept while they equal it."""
+    n_accepted = (best[:, :drafts.shape[1]] == drafts).long().cumprod(1).sum(1)
+    return n_accepted, best[torch.arange(best.shape[0], device=best.device), n_accepted]
 
 
 def top2(logits: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from lib.decoding import decode_attention, gemv
-from lib.decoding.chain import _Rows, accept_drafts, probabilities, sample, split_tops, top2
+from lib.decoding import decode_attention, gemv, pick
+from lib.decoding.chain import _Rows, accept_drafts, accept_greedy, probabilities, sample, split_tops, top2
 from lib.decoding.timing import RoundClock, mark
 from lib.types import Generation
 
@@ -333,6 +333,7 @@ class _Options:
     pdl = True  # programmatic dependent launch where the GPU and Triton have it (lib/decoding/triton_launch.py)
     combo = True  # inductor's combo kernels: independent small ops (q's and k's rotary) in one launch
     pick_in_graph = True  # greedy AR: the argmax and top2 of each step run inside its CUDA graph
+    pick_kernel = True  # greedy AR's argmax and top2 in one launch of lib/decoding/pick.py's kernel (CUDA)
     gate_epilogue = True  # a SiLU MLP's SiLU(gate) * up in its gate/up product's epilogue (LayerWeights.gate_pairs)
 
 
@@ -557,10 +558,19 @@ class _HostReader:
             self.active.copy_(torch.tensor([0 if reason else 1 for reason in self.rows.reasons]))
 
 
+def argmax_top2(logits: torch.Tensor, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's argmax [...] and chain.top2 [..., 2] of logits [..., V]; on CUDA in one launch of
+    lib/decoding/pick.py's kernel (the same values), pdl as there."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    if _Options.pick_kernel and pick.supports(flat):
+        token, tops = pick.greedy_top2(flat, pdl)
+        return token.view(logits.shape[:-1]), tops.view(*logits.shape[:-1], 2)
+    return logits.argmax(-1), top2(logits)
+
+
 def greedy_pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The greedy token [B] and chain.top2 [B, 2] of the last position of logits [B, n, V]."""
-    last = logits[:, -1]
-    return last.argmax(-1), top2(last)
+    return argmax_top2(logits[:, -1], pdl=_Options.pdl)
 
 
 @torch.inference_mode()
@@ -618,7 +628,7 @@ class _Round:
             draft_logits = draft.step(token_in.to(draft.device))[:, -1].to(device)
             draft.lengths.add_(fed)
             q = probabilities(draft_logits.float(), temperature) if temperature > 0 else None
-            token = draft_logits.argmax(-1) if q is None else sample(q, generator)
+            token = argmax_top2(draft_logits)[0] if q is None else sample(q, generator)
             drafted.append(token)
             probs.append(q)
             token_in, fed = token[:, None], 1
@@ -626,8 +636,12 @@ class _Round:
         draft_end, verify_start = mark(draft.device), mark(device)
         fed_target = torch.cat([pending[:, None], drafts], 1)  # [B, gamma + 1]
         verify = target.step(fed_target)
-        n_accepted, next_token = accept_drafts(verify, drafts, torch.stack(probs, 1) if temperature > 0 else None,
-                                               temperature, generator)
+        if temperature > 0:
+            n_accepted, next_token = accept_drafts(verify, drafts, torch.stack(probs, 1), temperature, generator)
+            tops = top2(verify)
+        else:
+            best, tops = argmax_top2(verify)
+            n_accepted, next_token = accept_greedy(best, drafts)
         self.marks = (draft_start, draft_end, verify_start, mark(device))  # read after read(): the SD cost model
         target.lengths.add_((n_accepted + 1) * active)
         draft.lengths.copy_(target.lengths - 1)  # (a cross-device copy when the draft has its own GPU)
@@ -635,7 +649,7 @@ class _Round:
         self.pending = next_token
         self.pinned = pinned  # (ids [B, gamma + 2], the verify's chain.top2 [B, gamma + 1, 2]), pinned
         pinned[0].copy_(torch.cat([n_accepted[:, None], drafts, next_token[:, None]], 1), non_blocking=True)
-        pinned[1].copy_(top2(verify), non_blocking=True)
+        pinned[1].copy_(tops, non_blocking=True)
         self.ready = _record_event(device)
 
     def read(self) -> tuple[list[list[int]], list[list[list[float]]]]:

@@ -76,9 +76,11 @@ def launch(x: torch.Tensor, w: torch.Tensor, blocks: Blocks | None = None, pdl: 
            gated: bool = False) -> torch.Tensor:
     """x [M, K] with M <= MAX_ROWS, w [N, K] contiguous -> [M, N]; pdl: a programmatic dependent launch where the
     GPU has it (lib/decoding/triton_launch.py); gated: w's rows are (gate, up) pairs -> SiLU(gate) * up [M, N / 2]."""
+    rows, (n, k) = x.shape[0], w.shape
+    if gated and n % 2:
+        raise ValueError(f"a gated product needs (gate, up) pairs of rows; w has {n} rows")
     triton, one_row, few_rows = _kernels()
     x = x.contiguous()
-    rows, (n, k) = x.shape[0], w.shape
     b = blocks or blocks_for(n, k, rows)
     y = torch.empty(rows, n // 2 if gated else n, dtype=x.dtype, device=x.device)
     grid, tuning = (triton.cdiv(n, b.block_n),), {"num_warps": b.warps, "num_stages": b.stages,
