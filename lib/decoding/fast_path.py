@@ -333,7 +333,7 @@ class _Options:
     pdl = True  # programmatic dependent launch where the GPU and Triton have it (lib/decoding/triton_launch.py)
     combo = True  # inductor's combo kernels: independent small ops (q's and k's rotary) in one launch
     pick_in_graph = True  # greedy AR: the argmax and top2 of each step run inside its CUDA graph
-    pick_kernel = True  # greedy AR's argmax and top2 in one launch of lib/decoding/pick.py's kernel (CUDA)
+    pick_kernel = True  # greedy argmax and top2 (AR, SD drafts and verify) in one launch of lib/decoding/pick.py (CUDA)
     gate_epilogue = True  # a SiLU MLP's SiLU(gate) * up in its gate/up product's epilogue (LayerWeights.gate_pairs)
 
 
