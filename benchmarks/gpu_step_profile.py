@@ -34,8 +34,8 @@ from lib.decoding import fast_path  # noqa: E402
 from lib.files import write_json  # noqa: E402
 
 SHIPPED = fast_path.options()
-UNFUSED_GATE = {**SHIPPED, "gate_epilogue": False, "pick_kernel": False}
-EARLIER = {**UNFUSED_GATE, "attention": False, "attention_width": 1, "pdl": False, "combo": False,
+BEFORE_EPILOGUE = {**SHIPPED, "gate_epilogue": False, "pick_kernel": False}
+EARLIER = {**BEFORE_EPILOGUE, "attention": False, "attention_width": 1, "pdl": False, "combo": False,
            "pick_in_graph": False, "attention_splits": 1}
 VARIANTS = {"inductor": {**EARLIER, "gemv": False, "tune": True},  # torch.compile's own kernels, tuned per process
             "inductor-untuned": {**EARLIER, "gemv": False, "tune": False},
@@ -44,10 +44,10 @@ VARIANTS = {"inductor": {**EARLIER, "gemv": False, "tune": True},  # torch.compi
             "attention": {**EARLIER, "attention": True},  # + lib/decoding/decode_attention.py
             "pdl": {**EARLIER, "attention": True, "pdl": True},  # + lib/decoding/triton_launch.py
             "pdl-combo": {**EARLIER, "attention": True, "pdl": True, "combo": True},  # + inductor's combo kernels
-            "pick-on-host": {**UNFUSED_GATE, "pick_in_graph": False, "attention_splits": 1},  # + attention up to 8
-            "one-split": {**UNFUSED_GATE, "attention_splits": 1},  # + greedy AR's argmax and top2 inside the graph
-            "cublas-rows": {**UNFUSED_GATE, "gemv_rows": 1},  # + the attention's columns split over 4 programs
-            "gate-unfused": UNFUSED_GATE,  # + products of 2-16 rows through gemv.py's tensor-core kernel, with PDL
+            "pick-on-host": {**BEFORE_EPILOGUE, "pick_in_graph": False, "attention_splits": 1},  # + attention up to 8
+            "one-split": {**BEFORE_EPILOGUE, "attention_splits": 1},  # + greedy AR's argmax and top2 inside the graph
+            "cublas-rows": {**BEFORE_EPILOGUE, "gemv_rows": 1},  # + the attention's columns split over 4 programs
+            "gate-unfused": BEFORE_EPILOGUE,  # + products of 2-16 rows through gemv.py's tensor-core kernel, with PDL
             "pick-torch": {**SHIPPED, "pick_kernel": False},  # + a SiLU MLP's SiLU(gate) * up in its gate/up epilogue
             "shipped": SHIPPED}  # + greedy AR's argmax and top2 in lib/decoding/pick.py's one kernel
 GROUPS = (("gemv/gemm", ("gemv", "gemm", "cutlass", "xmma", "sm90", "splitk", "_gemv_kernel", "cublas")),

@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from lib.decoding.triton_launch import launch_options
+from lib.decoding.triton_launch import launch_options, merge_counts
 
 BLOCK_L = 64  # cache columns per tile
 SPLITS = 4  # programs per (row, kv head) when the rows' kv heads alone would leave most of the GPU idle
@@ -114,14 +114,6 @@ def _kernel():
     return triton, decode_attention
 
 
-@functools.cache
-def _counts(device: torch.device) -> torch.Tensor:
-    """Per (row, kv head) counts of finished splits (only launches of under SPLIT_BELOW pairs split), zero between
-    launches (the merging split resets its own). One buffer per GPU: the fast path's steps run one after another
-    on one stream, so no two launches use it at once."""
-    return torch.zeros(SPLIT_BELOW, dtype=torch.int32, device=device)
-
-
 def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
            scale: float, pdl: bool = False, splits: int = SPLITS) -> torch.Tensor:
     """q [B, n, Hq, D], caches [B, Hkv, L, D], positions [B, n] (query t of row b sees the columns <=
@@ -137,7 +129,7 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positi
     out = torch.empty_like(q)
     parts = torch.empty(batch * n_kv * splits * block_m * (head_dim + 2) if splits > 1 else 1, dtype=torch.float32,
                         device=q.device)
-    kernel[(batch * n_kv * splits,)](q, k_cache, v_cache, positions.contiguous(), out, parts, _counts(q.device),
+    kernel[(batch * n_kv * splits,)](q, k_cache, v_cache, positions.contiguous(), out, parts, merge_counts(q.device),
                                      scale, k_cache.shape[2], *q.stride()[:3], k_cache.stride(0), k_cache.stride(1),
                                      *out.stride()[:3], HKV=n_kv, GROUP=group, N_Q=n, D=head_dim, BLOCK_M=block_m,
                                      BLOCK_L=BLOCK_L, SPLITS=splits, num_warps=4, num_stages=2,

@@ -14,10 +14,10 @@ import functools
 
 import torch
 
-from lib.decoding.triton_launch import launch_options
+from lib.decoding.triton_launch import MERGE_COUNTS, launch_options, merge_counts
 
 BLOCK = 2048  # logits per program: 63 programs a row for a 128256-token vocabulary
-MAX_ROWS = 4096  # rows per launch (the counts' size); more rows keep torch's ops
+MAX_ROWS = MERGE_COUNTS  # rows per launch (one count each); more rows keep torch's ops
 
 
 def supports(logits: torch.Tensor) -> bool:
@@ -71,13 +71,6 @@ def _kernel():
     return triton, greedy_top2
 
 
-@functools.cache
-def _counts(device: torch.device) -> torch.Tensor:
-    """Per-row counts of finished parts, zero between launches (each row's merging program resets its own). One
-    buffer per GPU: the fast path's steps run one after another on one stream, so no two launches use it at once."""
-    return torch.zeros(MAX_ROWS, dtype=torch.int32, device=device)
-
-
 def greedy_top2(logits: torch.Tensor, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(argmax [B] int64, chain.top2 [B, 2] float32) of logits [B, V] (the caller checked `supports`); pdl: a
     programmatic dependent launch where the GPU has it (lib/decoding/triton_launch.py)."""
@@ -88,7 +81,7 @@ def greedy_top2(logits: torch.Tensor, pdl: bool = False) -> tuple[torch.Tensor, 
     index_of_parts = torch.empty(rows, parts, dtype=torch.int32, device=logits.device)
     token = torch.empty(rows, dtype=torch.long, device=logits.device)
     tops = torch.empty(rows, 2, dtype=torch.float32, device=logits.device)
-    kernel[(rows, parts)](logits, logits.stride(0), vocab, tops_of_parts, index_of_parts, _counts(logits.device),
+    kernel[(rows, parts)](logits, logits.stride(0), vocab, tops_of_parts, index_of_parts, merge_counts(logits.device),
                           token, tops, PARTS=parts, PARTS_P2=triton.next_power_of_2(parts), BLOCK=BLOCK,
                           num_warps=8, **launch_options(logits.device, pdl))
     return token, tops

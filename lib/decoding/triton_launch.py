@@ -35,3 +35,15 @@ def launch_options(device: torch.device, wanted: bool) -> dict:
     """The kernel's PDL constexpr and, when on, Triton's launch option."""
     on = wanted and pdl_available(device)
     return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
+
+
+MERGE_COUNTS = 4096  # the most rows (or row x head pairs) a launch of a merging kernel may count for
+
+
+@functools.cache
+def merge_counts(device: torch.device) -> torch.Tensor:
+    """Counts for the kernels whose last program of a row merges the others' partials (decode_attention.py's
+    split, pick.py): one per row, zero between launches (each merging program resets its own). One buffer per GPU:
+    the fast path's kernels run one after another on one stream, and each waits for the one before (with PDL, at
+    its start), so no two launches count in it at once."""
+    return torch.zeros(MERGE_COUNTS, dtype=torch.int32, device=device)
