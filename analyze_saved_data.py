@@ -15,14 +15,13 @@ import argparse
 from lib.capture import load_capture
 from lib.errors import exit_on_usage_error
 from lib.log import setup_logging
-from lib.logits_compare import check_outputs, compare_captures, console_report, plot_results, write_results
+from lib.logits_compare import check_outputs, compare_captures, console_report, write_outputs
 
 
 def analyze(data1: str, data2: str, output_dir: str, plots: bool = True) -> dict:
     check_outputs(output_dir, plots)
     results = compare_captures(load_capture(data1), load_capture(data2))
-    path = write_results(results, output_dir)
-    pngs = plot_results(results, output_dir) if plots else []
+    path, *pngs = write_outputs(results, output_dir, plots)
     print(console_report(results))
     print(f"results: {path}" + (f"; plots: {', '.join(p.name for p in pngs)}" if pngs else ""))
     return results
@@ -35,7 +34,8 @@ def main(argv=None):
     parser.add_argument("--data1", required=True, help="first capture (A)")
     parser.add_argument("--data2", required=True, help="second capture (B)")
     parser.add_argument("--output-dir", default=".", help="where the JSON and PNGs go (default: current folder)")
-    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--no-plots", action="store_true",
+                        help="skip the PNG plots (an earlier comparison's plots in --output-dir are removed)")
     args = parser.parse_args(argv)
     analyze(args.data1, args.data2, args.output_dir, plots=not args.no_plots)
 

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import json
 import math
 import os
+import re
 import secrets
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,7 +58,7 @@ def write_json(path: str | Path, data) -> None:
     """Write JSON atomically: a temporary file of its own in the same folder (a name no other writer uses), then
     one rename, so a reader (or a second process writing the same file) never sees half a file."""
     path = Path(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp = temporary_path(path)
     # O_EXCL: never someone else's file; 0o666 and the umask: the permissions of a file written the plain way
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
@@ -67,13 +70,37 @@ def write_json(path: str | Path, data) -> None:
         raise
 
 
+_HOST = re.sub(r"[^A-Za-z0-9]", "-", socket.gethostname()) or "host"
+
+
+def temporary_path(path: Path, suffix: str = "") -> Path:
+    """A name of its own next to `path` for a file written and then renamed over it: .<name>.<host>-<pid>.<random>.tmp.
+    A writer killed before its rename (SIGKILL, a power cut) leaves its temporary file behind: the next writer of
+    `path` on this host removes those whose process has ended (a live writer's, or another host's, are left)."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.{_HOST}-*.tmp*"):
+        pid = stale.name[len(path.name) + len(_HOST) + 3:].split(".", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            stale.unlink(missing_ok=True)
+    return path.parent / f".{path.name}.{_HOST}-{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path of its own next to `path` for a writer that wants a file name (matplotlib's savefig),
     renamed over `path` when the block ends; on an error the temporary file is removed and `path` is untouched.
     An OSError on the way (a full disk, a file size limit) becomes one UsageError naming `path`."""
     path = Path(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{path.suffix}"
+    tmp = temporary_path(path, path.suffix)
     try:
         yield tmp
         os.replace(tmp, path)

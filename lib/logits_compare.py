@@ -9,6 +9,7 @@ step, so "aligned" statistics stop there):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -196,32 +197,43 @@ def check_outputs(out_dir: str | Path, plots: bool) -> Path:
     return out
 
 
-def write_results(results: dict, out_dir: str | Path) -> Path:
+def write_outputs(results: dict, out_dir: str | Path, plots: bool = True) -> list[Path]:
+    """The results JSON and (plots) the PNGs, written together: each into a temporary file first, all renamed into
+    place only once every one is written, so a failure on the way (a full disk, an error drawing) leaves the
+    previous comparison's files as they were instead of new results beside old plots. Without plots, an earlier
+    comparison's plots in that folder are removed, so that they are not read as this one's. Returns the paths, JSON
+    first.
+    """
     out = output_dir(out_dir, f"--output-dir={out_dir}")
-    path = out / RESULTS_NAME
-    write_json(path, _json_safe(results))
-    return path
+    figures = figures_of(results) if plots else {}
+    with contextlib.ExitStack() as stack:
+        for fig in figures.values():
+            stack.callback(_close, fig)
+        # each file is entered just before it is written, so a failing write names its own file
+        write_json(stack.enter_context(atomic_path(out / RESULTS_NAME)), _json_safe(results))
+        for name, fig in figures.items():
+            fig.tight_layout()
+            fig.savefig(stack.enter_context(atomic_path(out / name)), dpi=100)
+    for name in {DIVERGENCE_PLOT, ACCEPTANCE_PLOT} - figures.keys():
+        if (out / name).is_file():
+            (out / name).unlink()
+    return [out / RESULTS_NAME, *(out / name for name in figures)]
 
 
-def _save(fig, path: Path) -> Path:
+def _close(fig) -> None:
     import matplotlib.pyplot as plt
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    return path
 
 
-def plot_results(results: dict, out_dir: str | Path) -> list[Path]:
-    """PNG plots: per-step divergence and differences (prompt after prompt), acceptance length histograms."""
+def figures_of(results: dict) -> dict:
+    """The PNG plots by file name: per-step divergence and differences (prompt after prompt), acceptance length
+    histograms."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    out = Path(out_dir)
     steps = [s for p in results["prompts"] for s in p["steps"]]
     label_a = f"{results['data1']['engine']}:{results['data1']['config']}"
     label_b = f"{results['data2']['engine']}:{results['data2']['config']}"
-    paths = []
 
     fig, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
     x = range(len(steps))
@@ -239,7 +251,7 @@ def plot_results(results: dict, out_dir: str | Path) -> list[Path]:
     axes[2].set_xlabel("emitted token (all prompts in order)")
     axes[2].legend()
     fig.suptitle(f"A = {label_a}   B = {label_b}")
-    paths.append(_save(fig, out / DIVERGENCE_PLOT))
+    figures = {DIVERGENCE_PLOT: fig}
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, label, shift in (("data1", label_a, -0.2), ("data2", label_b, 0.2)):
@@ -249,8 +261,8 @@ def plot_results(results: dict, out_dir: str | Path) -> list[Path]:
     ax.set_xlabel("tokens per verification round (bonus included)")
     ax.set_ylabel("fraction of rounds")
     ax.legend()
-    paths.append(_save(fig, out / ACCEPTANCE_PLOT))
-    return paths
+    figures[ACCEPTANCE_PLOT] = fig
+    return figures
 
 
 def console_report(results: dict) -> str:

@@ -131,25 +131,39 @@ def test_full_logits_of_different_vocabularies_are_one_line(tmp_path):
         load_capture(paths[1])
 
 
-def test_plots_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+def test_results_and_plots_are_replaced_together_or_not_at_all(tmp_path, monkeypatch):
     import errno
 
     from matplotlib.figure import Figure
 
-    from lib.logits_compare import DIVERGENCE_PLOT, plot_results
+    from lib.logits_compare import ACCEPTANCE_PLOT, DIVERGENCE_PLOT, RESULTS_NAME, write_outputs
+    first = compare_captures(small_capture(), small_capture(tokens=(5, 8, 7)))
+    assert write_outputs(first, tmp_path) == [tmp_path / n for n in (RESULTS_NAME, DIVERGENCE_PLOT, ACCEPTANCE_PLOT)]
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert before[DIVERGENCE_PLOT].startswith(b"\x89PNG") and before[ACCEPTANCE_PLOT].startswith(b"\x89PNG")
+    second = compare_captures(small_capture(), small_capture(tokens=(5, 6, 7)))
+    saved = Figure.savefig
+
+    def full_disk_on_the_second_plot(fig, path, **kwargs):
+        if Path(path).name.startswith(f".{ACCEPTANCE_PLOT}"):
+            Path(path).write_bytes(b"\x89PNG half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved(fig, path, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", full_disk_on_the_second_plot)
+    with pytest.raises(UsageError, match=f"^{tmp_path / ACCEPTANCE_PLOT}: cannot be written \\(No space left"):
+        write_outputs(second, tmp_path)
+    # the new results JSON and first plot were written, but none replaced the earlier comparison's files
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_comparison_without_plots_removes_an_earlier_ones_plots(tmp_path):
+    from lib.logits_compare import ACCEPTANCE_PLOT, DIVERGENCE_PLOT, RESULTS_NAME, write_outputs
     results = compare_captures(small_capture(), small_capture(tokens=(5, 8, 7)))
-    plot_results(results, tmp_path)
-    before = (tmp_path / DIVERGENCE_PLOT).read_bytes()
-
-    def full_disk(fig, path, **kwargs):
-        Path(path).write_bytes(b"\x89PNG half")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(Figure, "savefig", full_disk)
-    with pytest.raises(UsageError, match=f"^{tmp_path / DIVERGENCE_PLOT}: cannot be written \\(No space left"):
-        plot_results(results, tmp_path)
-    assert (tmp_path / DIVERGENCE_PLOT).read_bytes() == before
-    assert not list(tmp_path.glob(".*"))  # no temporary file left
+    write_outputs(results, tmp_path)
+    assert (tmp_path / DIVERGENCE_PLOT).is_file() and (tmp_path / ACCEPTANCE_PLOT).is_file()
+    assert write_outputs(results, tmp_path, plots=False) == [tmp_path / RESULTS_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [RESULTS_NAME]
 
 
 def test_an_output_in_the_way_is_refused_before_the_comparison(tmp_path):

@@ -327,3 +327,18 @@ def test_folders_in_the_way_of_run_files_are_one_line(tmp_path):
     one_line_error(run_benchmark(tmp_path, INFERENCE_METHOD="target", timeout=120),
                    f"lock {run_dir / '.lock'}: cannot be opened (Is a directory)")
     assert [p.name for p in run_dir.iterdir()] == [".lock"]
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
+    from lib.files import temporary_path, write_json
+    target = tmp_path / "sweep.json"
+    killed = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(killed.stdout)  # a process that has ended: what a SIGKILLed writer leaves
+    left_behind = Path(str(temporary_path(target)).replace(f"-{os.getpid()}.", f"-{dead_pid}."))
+    live = temporary_path(target)  # a writer still running (this process): its file must stay
+    other = tmp_path / ".sweep.json.otherhost-1.0000abcd.tmp"  # another host's writer, on a shared folder
+    for f in (left_behind, live, other):
+        f.write_text("half")
+    write_json(target, {"night": 1})
+    assert json.loads(target.read_text()) == {"night": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "sweep.json"])
