@@ -230,6 +230,14 @@ def load_state(night: Path) -> dict[str, ComboResult]:
         raise UsageError(f"{exc}; move it away or start with --fresh") from None
 
 
+def every_combination_ended(night: Path) -> bool:
+    """sweep.json says the sweep ran every combination (its "finished" time is set)."""
+    try:
+        return read_state(night / "sweep.json").finished is not None
+    except UsageError:
+        return False
+
+
 def save_state(night: Path, sweep: Sweep, results: dict[str, ComboResult], **extra):
     data = {"schema": SCHEMA, "sweep": sweep.name, "sweep_file": str(sweep.path), "night": night.name,
             "fixed": env_texts(sweep.fixed), "matrix": list(sweep.matrix),
@@ -269,15 +277,22 @@ class Stop(Exception):
     """SIGTERM/SIGINT/SIGHUP while a combination runs."""
 
 
-def die_with_parent(parent: int):
+def die_with_parent(parent: int, mask: set):
     """preexec_fn of a benchmark child: SIGTERM when the sweep dies, however it dies (SIGKILL included), so no
-    benchmark goes on writing into a folder a later --resume reuses. SIGTERM lets the benchmark save what finished."""
+    benchmark goes on writing into a folder a later --resume reuses. SIGTERM lets the benchmark save what finished.
+    `mask`: the signal mask the sweep had before it held stops back for the start; a stop held back since the fork
+    ends the child here, by the default action that exec would give it anyway (the sweep's handler must not run in
+    the child)."""
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, signal.SIG_DFL)
     PR_SET_PDEATHSIG = 1
     prctl = getattr(ctypes.CDLL(None), "prctl", None)  # Linux only
     if prctl is not None:
         prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # the sweep died before prctl: the signal will never come
         os.kill(os.getpid(), signal.SIGTERM)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def run_combo(sweep: Sweep, combo: Combo, night: Path, timeout_s: float | None, lock_fd: int) -> ComboResult:
@@ -293,11 +308,19 @@ def run_combo(sweep: Sweep, combo: Combo, night: Path, timeout_s: float | None, 
     with open(run_dir / "benchmark.log", "wb") as out, open(run_dir / "stderr.log", "wb") as err:
         # Own session: stop_group reaches the benchmark's own children (vLLM workers) too. preexec_fn is safe
         # here: the sweep runs no threads.
-        parent = os.getpid()
-        proc = subprocess.Popen([str(ROOT / "run_benchmark.sh")], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=err, start_new_session=True, pass_fds=(lock_fd,),
-                                preexec_fn=lambda: die_with_parent(parent))
+        # A stop that lands while the child starts is held until `proc` exists and the try below can stop it: a
+        # Stop raised inside Popen would leave a child running that holds the sweep's lock. The child gets the
+        # mask back before it runs the benchmark.
+        parent, mask = os.getpid(), signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
+            proc = subprocess.Popen([str(ROOT / "run_benchmark.sh")], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=err, start_new_session=True, pass_fds=(lock_fd,),
+                                    preexec_fn=lambda: die_with_parent(parent, mask))
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            raise
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             result.exit_code = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             stop_group(proc)
@@ -495,14 +518,16 @@ def run_locked(sweep: Sweep, folder: Path, lock_root: Path, holder: str, resume:
                 signal.signal(sig, raise_stop)
         log(f"sweep {sweep.name} ({sweep.path}) -> {folder}; {len(combos_of(sweep))} combinations"
             + (f"; budget {budget:g} min" if budget else "") + ("; resuming" if resume else ""))
-        stopped = "interrupted: finished combinations are kept; rerun with --resume to finish"
         try:
             run_sweep(sweep, folder, resume, budget, log, lock.fd)
-            stopped = "interrupted while writing the report: every combination is kept; --resume writes it"
             exit_code, summary = report(folder)
             log(summary)
         except (KeyboardInterrupt, Stop):
-            log(stopped)
+            # what sweep.json says, not where the stop landed: its last write (every combination ended) may be
+            # followed by a stop before run_sweep returns
+            log("interrupted while writing the report: every combination is kept; --resume writes it"
+                if every_combination_ended(folder) else
+                "interrupted: finished combinations are kept; rerun with --resume to finish")
             if report_when_stopped:
                 log(report(folder)[1])
             return EXIT_INTERRUPTED

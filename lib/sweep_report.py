@@ -99,6 +99,7 @@ class SweepState(_FileModel):
     sweep: str = ""
     fixed: dict[str, str] = {}
     combos: list[ComboResult] = []
+    finished: str | None = None  # when every combination had ended; None while it runs, or stopped midway
 
 
 def read_state(path: Path) -> SweepState:

@@ -156,6 +156,34 @@ def test_resume_after_kill_runs_only_what_was_missing(tmp_path):
     assert (night / "report.html").is_file()
 
 
+def test_a_stop_as_a_benchmark_starts_stops_that_benchmark_too(tmp_path):
+    """A SIGTERM that lands as Popen returns (the window a cron timeout hits when combinations are short) is held
+    until the sweep can stop its child: the combination is recorded as interrupted, and no orphan benchmark keeps
+    the sweep's lock (a --resume right after is not refused)."""
+    sweep = write_sweep(tmp_path / "startstop.yaml", {"GAMMA_VALUE": [2]})
+    out, night = tmp_path / "out", tmp_path / "out" / "startstop" / "2026-01-06"
+    stop_as_it_starts = (
+        "import os, signal, subprocess, sys\n"
+        "from lib import sweep\n"
+        "class StoppedAsItStarts(subprocess.Popen):\n"
+        "    def __init__(self, args, *rest, **kwargs):\n"
+        "        super().__init__(args, *rest, **kwargs)\n"
+        "        if str(args[0]).endswith('run_benchmark.sh'):\n"
+        "            os.kill(os.getpid(), signal.SIGTERM)\n"
+        "sweep.subprocess.Popen = StoppedAsItStarts\n"
+        "sys.exit(sweep.main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", stop_as_it_starts, str(sweep), "--output-root", str(out),
+                           "--date", "2026-01-06"], cwd=ROOT, env={**CRON_ENV, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    combo = json.loads((night / "gamma_value-2" / "combo.json").read_text())
+    assert combo["status"] == "interrupted" and combo["exit_code"] is not None
+    resumed = run_sweep(sweep, "--output-root", out, "--date", "2026-01-06", "--resume", timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "[1/1] gamma_value-2: ok" in resumed.stdout
+
+
 def test_bad_sweep_file_is_one_line_exit_2(tmp_path):
     bad = write_sweep(tmp_path / "bad.yaml", {"GAMMA_VALUES": [2]})
     proc = subprocess.run([sys.executable, "-m", "lib.sweep", str(bad)], cwd=ROOT, capture_output=True, text=True)
