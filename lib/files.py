@@ -77,11 +77,12 @@ def temporary_path(path: Path, suffix: str = "") -> Path:
     """A name of its own next to `path` for a file written and then renamed over it: .<name>.<host>-<pid>.<random>.tmp.
     A writer killed before its rename (SIGKILL, a power cut) leaves its temporary file behind: the next writer of
     `path` on this host removes those whose process has ended (a live writer's, or another host's, are left)."""
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.{_HOST}-*.tmp*"):
-        pid = stale.name[len(path.name) + len(_HOST) + 3:].split(".", 1)[0]
+    prefix = f".{path.name}.{_HOST}-"
+    for stale in path.parent.glob(f"{glob.escape(prefix)}*.tmp*"):
+        pid = stale.name[len(prefix):].split(".", 1)[0]
         if pid.isdigit() and not _running(int(pid)):
             stale.unlink(missing_ok=True)
-    return path.parent / f".{path.name}.{_HOST}-{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}"
+    return path.parent / f"{prefix}{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}"
 
 
 def _running(pid: int) -> bool:
@@ -90,7 +91,7 @@ def _running(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
     return True
 
 

@@ -19,11 +19,12 @@ import numpy as np
 
 from lib.capture import Capture
 from lib.errors import UsageError
-from lib.files import atomic_path, output_dir, output_file, write_json
+from lib.files import atomic_path, json_text, output_dir, output_file
 
 RESULT_SCHEMA = "speclab.logits_comparison/1"
 RESULTS_NAME = "detailed_logits_comparison_results.json"
 DIVERGENCE_PLOT, ACCEPTANCE_PLOT = "logits_divergence_per_step.png", "acceptance_length_distribution.png"
+PLOTS = (DIVERGENCE_PLOT, ACCEPTANCE_PLOT)
 
 
 @dataclass
@@ -192,7 +193,7 @@ def _json_safe(value):
 def check_outputs(out_dir: str | Path, plots: bool) -> Path:
     """The output folder, and every file the comparison writes there can be written (checked before the work)."""
     out = output_dir(out_dir, f"--output-dir={out_dir}")
-    for name in (RESULTS_NAME, *((DIVERGENCE_PLOT, ACCEPTANCE_PLOT) if plots else ())):
+    for name in (RESULTS_NAME, *(PLOTS if plots else ())):
         output_file(out / name, str(out / name))
     return out
 
@@ -210,11 +211,12 @@ def write_outputs(results: dict, out_dir: str | Path, plots: bool = True) -> lis
         for fig in figures.values():
             stack.callback(_close, fig)
         # each file is entered just before it is written, so a failing write names its own file
-        write_json(stack.enter_context(atomic_path(out / RESULTS_NAME)), _json_safe(results))
+        stack.enter_context(atomic_path(out / RESULTS_NAME)).write_text(json_text(_json_safe(results)),
+                                                                        encoding="utf-8")
         for name, fig in figures.items():
             fig.tight_layout()
             fig.savefig(stack.enter_context(atomic_path(out / name)), dpi=100)
-    for name in {DIVERGENCE_PLOT, ACCEPTANCE_PLOT} - figures.keys():
+    for name in set(PLOTS) - figures.keys():
         if (out / name).is_file():
             (out / name).unlink()
     return [out / RESULTS_NAME, *(out / name for name in figures)]

@@ -316,11 +316,7 @@ def run_combo(sweep: Sweep, combo: Combo, night: Path, timeout_s: float | None, 
             proc = subprocess.Popen([str(ROOT / "run_benchmark.sh")], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                                     stdout=out, stderr=err, start_new_session=True, pass_fds=(lock_fd,),
                                     preexec_fn=lambda: die_with_parent(parent, mask))
-        except BaseException:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            raise
-        try:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a held stop raises Stop from here on
             result.exit_code = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             stop_group(proc)
@@ -330,6 +326,8 @@ def run_combo(sweep: Sweep, combo: Combo, night: Path, timeout_s: float | None, 
             stop_group(proc)
             result.status, result.exit_code = "interrupted", proc.returncode
             result.error = "the sweep was stopped while this combination ran"
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # already so, unless Popen itself failed
     result.duration_s = round(time.monotonic() - t0, 2)
     if result.status == "failed":
         unfinished = unfinished_run(run_dir)
