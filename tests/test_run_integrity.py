@@ -329,16 +329,38 @@ def test_folders_in_the_way_of_run_files_are_one_line(tmp_path):
     assert [p.name for p in run_dir.iterdir()] == [".lock"]
 
 
+_WRITER = """
+import os, signal, sys, time
+from pathlib import Path
+from lib.files import atomic_path
+with atomic_path(Path(sys.argv[1])) as tmp:
+    tmp.write_text("half")
+    print(tmp.name, flush=True)
+    if sys.argv[2] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)  # killed before its rename, as a SIGKILL or a power cut leaves it
+    time.sleep(60)
+"""
+
+
+def _writer_midway(target: Path, how: str) -> tuple[subprocess.Popen, str]:
+    """A writer of target that has written its temporary file and not renamed it: killed, or still running."""
+    child = subprocess.Popen([sys.executable, "-c", _WRITER, str(target), how], cwd=ROOT, stdout=subprocess.PIPE,
+                             text=True)
+    return child, child.stdout.readline().strip()
+
+
 def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
-    from lib.files import temporary_path, write_json
+    from lib.files import write_json
     target = tmp_path / "sweep.json"
-    killed = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(killed.stdout)  # a process that has ended: what a SIGKILLed writer leaves
-    left_behind = Path(str(temporary_path(target)).replace(f"-{os.getpid()}.", f"-{dead_pid}."))
-    live = temporary_path(target)  # a writer still running (this process): its file must stay
+    killed, left_behind = _writer_midway(target, "kill")
+    assert killed.wait(timeout=60) == -signal.SIGKILL and (tmp_path / left_behind).exists()
+    live, kept = _writer_midway(target, "sleep")  # a writer still running: its file must stay
     other = tmp_path / ".sweep.json.otherhost-1.0000abcd.tmp"  # another host's writer, on a shared folder
-    for f in (left_behind, live, other):
-        f.write_text("half")
-    write_json(target, {"night": 1})
-    assert json.loads(target.read_text()) == {"night": 1}
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "sweep.json"])
+    other.write_text("half")
+    try:
+        write_json(target, {"night": 1})
+        assert json.loads(target.read_text()) == {"night": 1}
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([kept, other.name, "sweep.json"])
+    finally:
+        live.kill()
+        live.wait()
