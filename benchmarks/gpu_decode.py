@@ -37,6 +37,7 @@ import torch  # noqa: E402
 from lib.bandwidth import copy_bandwidth, sync  # noqa: E402
 from lib.decoding.fast_path import (  # noqa: E402
     StaticDecoder,
+    ar_step_then,
     max_len_for,
     static_autoregressive_generate,
     static_speculative_generate,
@@ -237,7 +238,11 @@ def run_sd(args, shape, weights, draft_weights, draft_name, prompt, ar_row, devi
     run()
     gen, seconds, joules = timed(device, energy, run)
     at = mid_position(prompts, args.new_tokens)  # where the loop's steps were, on average
-    target_step, loop = step_seconds(target, 1, args.step_repeats, at), gen.step_times
+
+    def alone(decoder, width):  # a step timed outside the loop; one token wide, AR's own step with its pick
+        return step_seconds(decoder, width, args.step_repeats, at, ar_step_then() if width == 1 else None)
+
+    target_step, loop = alone(target, 1), gen.step_times
     cost = loop.draft_s / loop.draft_steps / target_step
     verify_cost = loop.verify_s / loop.verify_rounds / target_step
     tokens, tok_s = len(gen.tokens[0]), decode_rate(gen)
@@ -248,8 +253,8 @@ def run_sd(args, shape, weights, draft_weights, draft_name, prompt, ar_row, devi
     speedup = tok_s / ar_row.tok_s
     return Row(shape, "sd", draft=draft_name, gamma=gamma, tokens=tokens, seconds=seconds, tok_s=tok_s,
                acceptance_rate=rate, acceptance_length=length, alpha=alpha_for(length, gamma), cost_ratio=cost,
-               cost_ratio_alone=step_seconds(draft, 1, args.step_repeats, at) / target_step, verify_cost=verify_cost,
-               verify_cost_alone=step_seconds(target, gamma + 1, args.step_repeats, at) / target_step,
+               cost_ratio_alone=alone(draft, 1) / target_step, verify_cost=verify_cost,
+               verify_cost_alone=alone(target, gamma + 1) / target_step,
                speedup=speedup, predicted=predicted, ratio=speedup / predicted, predicted_with_verify=with_verify,
                ratio_with_verify=speedup / with_verify, joules_per_token=per_token(joules, tokens))
 

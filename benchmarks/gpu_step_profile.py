@@ -81,7 +81,7 @@ def replay_ms(fn, repeats: int = 200) -> float:
 def ar_then(width: int):
     """What the AR loop runs inside a one-token step's graph (greedy AR's pick), so that the step timed and
     profiled here is the AR loop's."""
-    return fast_path.greedy_pick if width == 1 and fast_path.options()["pick_in_graph"] else None
+    return fast_path.ar_step_then() if width == 1 else None
 
 
 def back_to_back_ms(decoder, tokens, moving: bool, replays: int = 64) -> float:

@@ -236,3 +236,15 @@ def test_target_step_is_timed_where_the_run_was(random_pair):
     assert decoder.lengths.tolist() == [3, 5]
     step_seconds(decoder, 1, repeats=1, position=10_000)
     assert written() == [20, 21, decoder.max_len - 1]
+
+
+def test_the_target_step_is_timed_as_the_ar_loop_runs_it(random_pair):
+    """Greedy AR picks inside its step (ar_step_then), so the target step the cost model divides by carries that
+    pick, as the draft steps timed inside the SD loop carry theirs; a sampled AR picks outside the step."""
+    from lib.decoding import fast_path
+    from lib.decoding.timing import step_seconds
+    decoder = fast_path.StaticDecoder(fast_path.weights_from_hf(random_pair[0], 256), 1, 64)
+    assert fast_path.ar_step_then(0.0) is fast_path.greedy_pick and fast_path.ar_step_then(0.7) is None
+    picks = []
+    step_seconds(decoder, 1, repeats=3, then=lambda logits: picks.append(fast_path.greedy_pick(logits)))
+    assert len(picks) == 2 + 3 and all(token.shape == (1,) and tops.shape == (1, 2) for token, tops in picks)

@@ -573,6 +573,12 @@ def greedy_pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return argmax_top2(logits[:, -1], pdl=_Options.pdl)
 
 
+def ar_step_then(temperature: float = 0.0) -> Callable | None:
+    """What AR runs inside its one-token step's graph: greedy AR's pick, or None where it picks outside (sampling,
+    or pick_in_graph off). Timing a step with it times the AR loop's own step (lib/decoding/timing.py)."""
+    return greedy_pick if temperature <= 0 and _Options.pick_in_graph else None
+
+
 @torch.inference_mode()
 def static_autoregressive_generate(target: StaticDecoder, prompts: list[list[int]], max_new: int,
                                    temperature: float = 0.0, eos_ids=frozenset(), pad_id: int = 0,
@@ -588,8 +594,8 @@ def static_autoregressive_generate(target: StaticDecoder, prompts: list[list[int
         return greedy_pick(logits)
 
     def next_pick(token):
-        if temperature <= 0 and _Options.pick_in_graph:
-            return target.step(token[:, None], then=greedy_pick)
+        if in_graph := ar_step_then(temperature):
+            return target.step(token[:, None], then=in_graph)
         return pick(target.step(token[:, None]))
 
     ahead = queues_ahead(target.device) if ahead is None else ahead

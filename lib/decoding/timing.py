@@ -52,20 +52,22 @@ STEP_REPEATS = 20  # timed steps of the target's 1-token measurement (after 2 un
 
 
 @torch.inference_mode()
-def step_seconds(decoder, width: int, repeats: int = STEP_REPEATS, position: int = 0) -> float:
+def step_seconds(decoder, width: int, repeats: int = STEP_REPEATS, position: int = 0, then=None) -> float:
     """Mean time of one step of this width on a fast-path StaticDecoder (graph replays on CUDA), each row fed at
     column `position` (clamped to the cache): on CUDA the decode attention reads a row's columns up to its
-    position only, so time the step where the run's steps were (`mid_position`). It writes the cache at those
-    columns: call it once a run is over (the next prefill starts the cache anew); the rows' lengths are restored."""
+    position only, so time the step where the run's steps were (`mid_position`). `then` runs in the step as in
+    StaticDecoder.step: fast_path.ar_step_then() times the AR loop's step, its greedy pick included. It writes the
+    cache at those columns: call it once a run is over (the next prefill starts the cache anew); the rows' lengths
+    are restored."""
     saved = decoder.lengths.clone()
     decoder.lengths.fill_(max(0, min(position, decoder.max_len - width)))
     tokens = torch.randint(1, 100, (decoder.batch, width), device=decoder.device)
     for _ in range(2):
-        decoder.step(tokens)
+        decoder.step(tokens, then)
     sync(decoder.device)
     t0 = time.perf_counter()
     for _ in range(repeats):
-        decoder.step(tokens)
+        decoder.step(tokens, then)
     sync(decoder.device)
     seconds = (time.perf_counter() - t0) / repeats
     decoder.lengths.copy_(saved)

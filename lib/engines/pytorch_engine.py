@@ -266,8 +266,9 @@ class PyTorchEngine(Engine):
         batch = len(self.step_prompts)
         decoder = next((d[0] for (size, _), d in self.decoders.items() if size == batch), None)
         if self.fast is not None and decoder is not None:
-            return (step_seconds(decoder, 1, position=self.step_position),
-                    f"at column {self.step_position} (the middle of that batch's positions)")
+            ar_step = fast_path.ar_step_then(self.cfg.temperature)
+            return (step_seconds(decoder, 1, position=self.step_position, then=ar_step),
+                    f"at column {self.step_position} (the middle of that batch's positions), as the AR loop runs it")
         return plain_step_seconds(self.target, self.step_prompts, self.pad_id), "after that batch's prompts"
 
     def extra_results(self) -> dict:
