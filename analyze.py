@@ -10,6 +10,10 @@ E2EL statistics, acceptance (rate, length, per position) and energy per token (n
 """
 from __future__ import annotations
 
+import lib.environment  # noqa: F401  (first: a package this Python lacks is one line, not a traceback)
+
+# isort: split
+
 import argparse
 import csv
 import glob

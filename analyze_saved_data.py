@@ -10,6 +10,10 @@ A capture is named by its .json, its .safetensors or its stem; a legacy .pkl is 
 """
 from __future__ import annotations
 
+import lib.environment  # noqa: F401  (first: a package this Python lacks is one line, not a traceback)
+
+# isort: split
+
 import argparse
 
 from lib.capture import load_capture

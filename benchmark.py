@@ -6,6 +6,10 @@ through ./run_benchmark.sh, which sets up the environment first.
 """
 from __future__ import annotations
 
+import lib.environment  # noqa: F401  (first: a package this Python lacks is one line, not a traceback)
+
+# isort: split
+
 import argparse
 import signal
 import sys

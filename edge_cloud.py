@@ -12,6 +12,10 @@ exits 130 / 143; in interactive mode Ctrl-C cancels the request under way and SI
 """
 from __future__ import annotations
 
+import lib.environment  # noqa: F401  (first: a package this Python lacks is one line, not a traceback)
+
+# isort: split
+
 import argparse
 import asyncio
 import json

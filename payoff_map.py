@@ -14,6 +14,10 @@ The benchmark's other variables come from the environment (as for ./run_benchmar
 """
 from __future__ import annotations
 
+import lib.environment  # noqa: F401  (first: a package this Python lacks is one line, not a traceback)
+
+# isort: split
+
 import argparse
 import math
 import os

@@ -10,6 +10,10 @@ compressed-tensors checkpoint, or demo MoE expert tracking.  See docs/mixed_prec
 """
 from __future__ import annotations
 
+import lib.environment  # noqa: F401  (first: a package this Python lacks is one line, not a traceback)
+
+# isort: split
+
 import argparse
 import math
 import os

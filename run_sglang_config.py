@@ -8,6 +8,10 @@ sglang (requirements/sglang.txt); it cannot run on CPU-only machines.
 
   python run_sglang_config.py --config-name config1 --save-results --verbose
 """
+import lib.environment  # noqa: F401  (first: a package this Python lacks is one line, not a traceback)
+
+# isort: split
+
 from lib.capture_runs import RUNNERS
 from lib.capture_runs.cli import capture_cli
 from lib.errors import exit_on_usage_error

@@ -5,6 +5,10 @@ capture -> <output-dir>/logits_capture_<config>.json + .safetensors (with --save
   python run_single_config.py --config-name config1 --save-results
   python run_single_config.py --spec-num-iter 3 --spec-tree-size 16 --comparison-steps 15 --draft-type model
 """
+import lib.environment  # noqa: F401  (first: a package this Python lacks is one line, not a traceback)
+
+# isort: split
+
 from lib.capture_runs import RUNNERS
 from lib.capture_runs.cli import capture_cli
 from lib.errors import exit_on_usage_error

@@ -8,6 +8,10 @@ On CPU it runs in float32 with enforce_eager (vLLM's CPU backend needs both here
 
   python run_vllm_config.py --config-name config1 --save-results
 """
+import lib.environment  # noqa: F401  (first: a package this Python lacks is one line, not a traceback)
+
+# isort: split
+
 from lib.capture_runs import RUNNERS
 from lib.capture_runs.cli import capture_cli
 from lib.errors import exit_on_usage_error

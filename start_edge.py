@@ -3,6 +3,10 @@
 
   python start_edge.py [--config configs/edge_cloud.yaml] [--host 127.0.0.1] [--port 8080] [--auth-token T]
 """
+import lib.environment  # noqa: F401  (first: a package this Python lacks is one line, not a traceback)
+
+# isort: split
+
 import argparse
 import signal
 import sys

@@ -8,6 +8,10 @@ the PNG plots and workflow.json.
 """
 from __future__ import annotations
 
+import lib.environment  # noqa: F401  (first: a package this Python lacks is one line, not a traceback)
+
+# isort: split
+
 import argparse
 import time
 from dataclasses import replace

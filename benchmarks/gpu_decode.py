@@ -31,6 +31,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import lib.environment  # noqa: E402,F401  (first: a package this Python lacks is one line, not a traceback)
+
+# isort: split
 
 import torch  # noqa: E402
 

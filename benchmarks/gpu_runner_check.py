@@ -18,6 +18,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import lib.environment  # noqa: E402,F401  (first: a package this Python lacks is one line, not a traceback)
+
+# isort: split
 
 import torch  # noqa: E402
 

@@ -17,6 +17,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import lib.environment  # noqa: E402,F401  (first: a package this Python lacks is one line, not a traceback)
+
+# isort: split
 
 from lib.errors import exit_on_usage_error  # noqa: E402
 from lib.files import output_file, write_json  # noqa: E402

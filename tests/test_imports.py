@@ -11,6 +11,7 @@ from lib.files import ROOT
 LIB = ROOT / "lib"
 SCRIPTS = {p.stem for p in ROOT.glob("*.py")}
 BOTTOM = {"lib.types": set(), "lib.errors": set(), "lib.numerics": set(), "lib.log": set(), "lib.interrupts": set(),
+          "lib.environment": set(),
           "lib.files": {"lib.errors"}, "lib.sd_model": set()}
 
 
@@ -87,3 +88,21 @@ def test_no_import_cycle_between_modules_at_import_time():
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_every_lib_module_imports(name):
     importlib.import_module(name)  # optional engines (vLLM, SGLang, llama.cpp) are imported inside functions
+
+
+def test_every_package_the_code_imports_is_declared_in_a_requirement_set():
+    """A package imported only because another one happens to bring it breaks the day that one stops (pydantic
+    came with typer, starlette with fastapi); lib/environment.py names the set to install from the same files."""
+    import sys
+
+    from lib.environment import requirement_set
+    files = [*LIB.rglob("*.py"), *ROOT.glob("*.py"), *ROOT.glob("benchmarks/*.py")]
+    ours = {"lib", "benchmarks", *SCRIPTS}
+    undeclared = set()
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            undeclared.update((top, path.relative_to(ROOT).as_posix()) for top in (n.split(".")[0] for n in names)
+                              if top not in sys.stdlib_module_names and top not in ours and not requirement_set(top))
+    assert not undeclared, sorted(undeclared)
