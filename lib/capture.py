@@ -24,7 +24,7 @@ from pydantic import ConfigDict, Field
 
 from lib.config_models import Accepts, ConfigModel, validate_model
 from lib.errors import UsageError
-from lib.files import output_dir, write_json
+from lib.files import not_a_file, output_dir, write_json
 from lib.types import SpecCounters
 
 SCHEMA = "speclab.capture/1"
@@ -161,7 +161,8 @@ def load_capture(path: str | Path) -> Capture:
     if p.suffix == "" and not json_path.exists() and p.with_suffix(".pkl").exists():
         return _load_legacy_pickle(p.with_suffix(".pkl"))
     if not json_path.is_file():
-        raise UsageError(f"capture {path}: no such file (expected <stem>.json + <stem>.safetensors or a .pkl)")
+        raise UsageError(f"capture {path}: {not_a_file(json_path)} (expected <stem>.json + <stem>.safetensors or a "
+                         ".pkl)")
     try:
         data = json.loads(json_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
@@ -179,7 +180,8 @@ def load_capture(path: str | Path) -> Capture:
 def _read_tensors(path: Path) -> dict:
     from safetensors.numpy import load_file
     if not path.is_file():
-        raise UsageError(f"capture {path}: tensor file missing (a capture is <stem>.json + <stem>.safetensors)")
+        raise UsageError(f"capture {path}: {not_a_file(path)}; the tensor file of a capture (<stem>.json + "
+                         "<stem>.safetensors)")
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error type for truncated/corrupt files
@@ -254,7 +256,7 @@ def restricted_loads(data: bytes):
 def _load_legacy_pickle(path: Path) -> Capture:
     """Legacy pickles: a dict (or a list of dicts, one per prompt) with token ids, logits, accept lengths."""
     if not path.is_file():
-        raise UsageError(f"capture {path}: no such file")
+        raise UsageError(f"capture {path}: {not_a_file(path)}")
     try:
         data = restricted_loads(path.read_bytes())
     except pickle.UnpicklingError as exc:

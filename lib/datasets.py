@@ -180,7 +180,8 @@ def load_file(kind: str, path: str) -> tuple[list[Prompt], LoadStats]:
     parse, expected = FILE_LAYOUTS[kind]
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"DATASET_PATH={path}: no such file (DATASET={kind} reads one JSONL file of {expected})")
+        raise UsageError(f"DATASET_PATH={path}: {files.not_a_file(p)} (DATASET={kind} reads one JSONL file of "
+                         f"{expected})")
     stats, prompts = LoadStats(kind, [p.name]), []
     for entry in json_entries(p, f"DATASET_PATH={path}"):
         stats.entries += 1

@@ -207,13 +207,20 @@ def utf8_path(path: str | Path, label: str) -> Path:
     return Path(path)
 
 
+def not_a_file(path: Path) -> str:
+    """Why `path`, which is not a regular file, cannot be read as one (a device or a pipe could block a read)."""
+    if path.is_dir():
+        return "is a folder"
+    if path.exists():
+        return "is not a regular file (a device, a pipe or a socket)"
+    return "no such file"
+
+
 def read_text(path: str | Path, label: str, accepted: str, max_bytes: int = MAX_CONFIG_BYTES) -> str:
     """The UTF-8 text of a user's file, or one line naming `label` (e.g. '--config x.yaml') and what is accepted."""
     p = utf8_path(path, label)
-    if p.is_dir():
-        raise UsageError(f"{label}: is a folder; expected {accepted}")
     if not p.is_file():
-        raise UsageError(f"{label}: no such file; expected {accepted}")
+        raise UsageError(f"{label}: {not_a_file(p)}; expected {accepted}")
     try:
         size = p.stat().st_size
         if size > max_bytes:

@@ -203,7 +203,7 @@ def check_gguf(path: str | Path, label: str) -> Path:
     """A file that starts with GGUF's magic, or one line naming `label`."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise UsageError(f"{label}: no such GGUF file")
+        raise UsageError(f"{label}: {files.not_a_file(p)}; expected a GGUF file")
     try:
         with open(p, "rb") as fh:
             magic = fh.read(4)

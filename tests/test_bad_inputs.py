@@ -222,6 +222,16 @@ def test_unreadable_prompt_and_sharegpt_files_are_one_line(tmp_path):
                         f"{run_folder / 'benchmark_results.json'}: not a SpecLab result file")
 
 
+def test_devices_and_pipes_given_as_input_files_are_one_line_not_a_hang(tmp_path):
+    """A read of a device or a pipe may never end (/dev/zero, a FIFO nobody writes): refused before it is opened."""
+    fifo = tmp_path / "prompts.fifo"
+    os.mkfifo(fifo)
+    assert_one_line(benchmark(PROMPT_FILE="/dev/zero"), "PROMPT_FILE=/dev/zero: is not a regular file")
+    assert_one_line(benchmark(DATASET="custom", DATASET_PATH=fifo), f"DATASET_PATH={fifo}: is not a regular file")
+    assert_one_line(run([sys.executable, "analyze_saved_data.py", "--data1", str(fifo), "--data2", "/dev/null"]),
+                    f"capture {fifo}: is not a regular file")
+
+
 # ------------------------------------------------------------------------------- output paths under a file
 
 def test_output_paths_under_a_file_are_refused_before_work(tmp_path):
