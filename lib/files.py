@@ -216,6 +216,11 @@ def not_a_file(path: Path) -> str:
     return "no such file"
 
 
+def not_a_folder(path: Path) -> str:
+    """Why `path`, which is not a folder, cannot be read as one."""
+    return "no such folder" if not path.exists() else "is not a folder"
+
+
 def read_text(path: str | Path, label: str, accepted: str, max_bytes: int = MAX_CONFIG_BYTES) -> str:
     """The UTF-8 text of a user's file, or one line naming `label` (e.g. '--config x.yaml') and what is accepted."""
     p = utf8_path(path, label)

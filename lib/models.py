@@ -97,7 +97,7 @@ def check_model_dir(path: str | Path, what: str, tokenizer: bool = False, known_
     p = Path(path).expanduser()
     label = f"{what}={path}"
     if not p.is_dir():
-        raise UsageError(f"{label}: no such folder (expected a local Hugging Face model folder)")
+        raise UsageError(f"{label}: {files.not_a_folder(p)} (expected a local Hugging Face model folder)")
     config = model_config(p, label)
     weights = sorted(p.glob("*.safetensors"))
     if not weights:

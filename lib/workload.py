@@ -52,7 +52,7 @@ def load_sharegpt(folder: str | Path, tokenizer, fixed_output_len: int | None = 
     --sharegpt-output-len). Malformed entries are skipped and counted: entries = malformed + filtered + kept."""
     d = Path(folder)
     if not d.is_dir():
-        raise UsageError(f"SHAREGPT_DIR={folder}: no such folder (expected a folder with "
+        raise UsageError(f"SHAREGPT_DIR={folder}: {files.not_a_folder(d)} (expected a folder with "
                          f"{', '.join(SHAREGPT_FILES)} or *.json arrays)")
     paths = [d / f for f in SHAREGPT_FILES if (d / f).is_file()] or sorted(d.glob("*.json")) + sorted(
         d.glob("*.jsonl"))

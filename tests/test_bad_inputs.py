@@ -230,6 +230,7 @@ def test_devices_and_pipes_given_as_input_files_are_one_line_not_a_hang(tmp_path
     assert_one_line(benchmark(DATASET="custom", DATASET_PATH=fifo), f"DATASET_PATH={fifo}: is not a regular file")
     assert_one_line(run([sys.executable, "analyze_saved_data.py", "--data1", str(fifo), "--data2", "/dev/null"]),
                     f"capture {fifo}: is not a regular file")
+    assert_one_line(benchmark(SHAREGPT_DIR="/dev/null"), "SHAREGPT_DIR=/dev/null: is not a folder")
 
 
 # ------------------------------------------------------------------------------- output paths under a file
