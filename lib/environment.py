@@ -43,7 +43,8 @@ def missing_package_line(module: str, script: str) -> str:
 
 def _hook(kind, exc, tb):
     top = (getattr(exc, "name", None) or "").split(".")[0]
-    if not issubclass(kind, ModuleNotFoundError) or not top or top in ("lib", "benchmarks"):
+    ours = (ROOT / top).is_dir() or (ROOT / f"{top}.py").is_file()  # lib, benchmarks, a script: a broken checkout
+    if not issubclass(kind, ModuleNotFoundError) or not top or ours:
         return _previous(kind, exc, tb)
     print(missing_package_line(top, sys.argv[0] or "this script"), file=sys.stderr)
     # an excepthook cannot choose the exit code but by os._exit, which skips the exit handlers: run them first
