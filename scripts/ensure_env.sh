@@ -12,6 +12,14 @@ log() { echo "[setup] $*" >&2; }
 # llama-cpp-python builds from source: a portable CPU build unless the user asks for another (e.g. -DGGML_CUDA=on)
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}"
 
+# Two first runs at once (two terminals, a sweep beside a benchmark) would create and install into one environment
+# together: the second waits here for the first, then finds its sets installed.
+mkdir -p "$VENV"
+if command -v flock >/dev/null 2>&1; then
+  exec 9>"$VENV/.speclab-setup.lock"
+  flock 9 || { echo "error: cannot lock $VENV/.speclab-setup.lock" >&2; exit 1; }
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating virtual environment $VENV"
   "$PY" -m venv "$VENV" >&2

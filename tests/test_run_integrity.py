@@ -364,3 +364,18 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_two_first_runs_set_up_the_environment_one_after_the_other():
+    """scripts/ensure_env.sh holds a lock on the environment while it installs: a second run started meanwhile
+    waits, then finds the sets installed (here the environment is complete, so only the wait is left to see)."""
+    import fcntl
+    venv = Path(sys.executable).parent.parent
+    with open(venv / ".speclab-setup.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a first run, still installing
+        second = subprocess.Popen(["bash", str(ROOT / "scripts" / "ensure_env.sh")], stdout=subprocess.PIPE,
+                                  text=True, env={**os.environ, "SPECLAB_VENV": str(venv)})
+        with pytest.raises(subprocess.TimeoutExpired):
+            second.wait(timeout=3)
+    out, _ = second.communicate(timeout=60)
+    assert second.returncode == 0 and out.strip() == f"{venv}/bin/python"
