@@ -371,6 +371,7 @@ def test_two_first_runs_set_up_the_environment_one_after_the_other():
     waits, then finds the sets installed (here the environment is complete, so only the wait is left to see)."""
     import fcntl
     venv = Path(sys.executable).parent.parent
+    assert any((venv / ".speclab").glob("core.*")), "run by ./tests/run.sh, in the environment ensure_env.sh made"
     with open(venv / ".speclab-setup.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a first run, still installing
         second = subprocess.Popen(["bash", str(ROOT / "scripts" / "ensure_env.sh")], stdout=subprocess.PIPE,
