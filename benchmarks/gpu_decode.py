@@ -243,7 +243,7 @@ def run_sd(args, shape, weights, draft_weights, draft_name, prompt, ar_row, devi
     at = mid_position(prompts, args.new_tokens)  # where the loop's steps were, on average
 
     def alone(decoder, width):  # a step timed outside the loop; one token wide, AR's own step with its pick
-        return step_seconds(decoder, width, args.step_repeats, at, ar_step_then() if width == 1 else None)
+        return step_seconds(decoder, width, args.step_repeats, at, ar_step_then(width=width))
 
     target_step, loop = alone(target, 1), gen.step_times
     cost = loop.draft_s / loop.draft_steps / target_step

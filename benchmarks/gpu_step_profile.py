@@ -81,18 +81,12 @@ def replay_ms(fn, repeats: int = 200) -> float:
     return statistics.median(times)
 
 
-def ar_then(width: int):
-    """What the AR loop runs inside a one-token step's graph (greedy AR's pick), so that the step timed and
-    profiled here is the AR loop's."""
-    return fast_path.ar_step_then() if width == 1 else None
-
-
 def back_to_back_ms(decoder, tokens, moving: bool, replays: int = 64) -> float:
     """ms per step of `replays` steps queued at once and timed by two events: the captured graph alone, replayed
     with nothing between (moving=False, every replay at the same columns), or as the AR loop queues it (the token
     copy, the replay, the lengths moved one column). Against `replay_ms` (one timed replay at a time) and the whole
     call, it says whether the time between tokens is inside the graph or between graphs."""
-    then = ar_then(tokens.shape[1])
+    then = fast_path.ar_step_then(width=tokens.shape[1])
     graph = decoder.graphs[(tokens.shape[1], then)][0]
     start_lengths, one = decoder.lengths.clone(), torch.ones_like(decoder.lengths)
 
@@ -120,7 +114,7 @@ def decoder_for(weights, batch: int, prompt_len: int, new_tokens: int, vocab: in
     decoder = fast_path.StaticDecoder(weights, batch, fast_path.max_len_for([prompt] * batch, new_tokens, 4))
     decoder.prefill([prompt] * batch)
     tokens = torch.randint(1, vocab, (batch, width), device=decoder.device)
-    decoder.step(tokens, ar_then(width))  # capture
+    decoder.step(tokens, fast_path.ar_step_then(width=width))  # capture
     return decoder, tokens
 
 
@@ -144,7 +138,7 @@ def kernel_profile(decoder, tokens, steps: int = 20) -> list[dict]:
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            decoder.step(tokens, ar_then(tokens.shape[1]))
+            decoder.step(tokens, fast_path.ar_step_then(width=tokens.shape[1]))
         torch.cuda.synchronize()
     per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for event in prof.events():
@@ -269,7 +263,7 @@ def main(argv=None):
             fast_path.set_options(**VARIANTS[variant])
             decoder, tokens = decoder_for(weights, batch, args.prompt_len, args.new_tokens,
                                           model.config.vocab_size, width)
-            ms = replay_ms(functools.partial(decoder.step, tokens, ar_then(width)))
+            ms = replay_ms(functools.partial(decoder.step, tokens, fast_path.ar_step_then(width=width)))
             queued = {"still": back_to_back_ms(decoder, tokens, moving=False),
                       "moving": back_to_back_ms(decoder, tokens, moving=True)}
             kernels = kernel_profile(decoder, tokens)

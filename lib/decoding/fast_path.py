@@ -573,10 +573,11 @@ def greedy_pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return argmax_top2(logits[:, -1], pdl=_Options.pdl)
 
 
-def ar_step_then(temperature: float = 0.0) -> Callable | None:
-    """What AR runs inside its one-token step's graph: greedy AR's pick, or None where it picks outside (sampling,
-    or pick_in_graph off). Timing a step with it times the AR loop's own step (lib/decoding/timing.py)."""
-    return greedy_pick if temperature <= 0 and _Options.pick_in_graph else None
+def ar_step_then(temperature: float = 0.0, width: int = 1) -> Callable | None:
+    """What the AR loop runs inside the graph of a step this wide: greedy AR's pick in its one-token steps; None
+    where it picks outside (sampling, pick_in_graph off) or for other widths (no AR step is wider). Timing or
+    profiling a step with it times the AR loop's own step (lib/decoding/timing.py)."""
+    return greedy_pick if width == 1 and temperature <= 0 and _Options.pick_in_graph else None
 
 
 @torch.inference_mode()
