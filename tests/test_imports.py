@@ -2,6 +2,7 @@
 importing each other, no import cycle, and every lib module importable on its own terms."""
 import ast
 import importlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,11 +91,43 @@ def test_every_lib_module_imports(name):
     importlib.import_module(name)  # optional engines (vLLM, SGLang, llama.cpp) are imported inside functions
 
 
+def third_party_at_import_time(path: Path) -> set[str]:
+    """Top-level packages, not the project's or the standard library's, that importing `path` itself imports."""
+    tree = ast.parse(path.read_text())
+    nodes = [n for stmt in tree.body if not isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+             and not _is_type_checking(stmt) for n in ast.walk(stmt)]
+    names = [a.name for n in nodes if isinstance(n, ast.Import) for a in n.names] + [
+        n.module for n in nodes if isinstance(n, ast.ImportFrom) and n.level == 0 and n.module]
+    return {top for top in (n.split(".")[0] for n in names)
+            if top not in sys.stdlib_module_names and top not in {"lib", "benchmarks", *SCRIPTS}}
+
+
+def modules_loaded_at_import(path: Path) -> set[Path]:
+    """`path` and every project module that importing it loads (lazy imports inside functions excluded)."""
+    seen, todo = set(), [path]
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo.extend(MODULES[d] for d in imports_of(current, top_level_only=True) if d in MODULES)
+    return seen
+
+
+@pytest.mark.parametrize("script", sorted(p.relative_to(ROOT).as_posix() for p in
+                                          [*ROOT.glob("*.py"), *ROOT.glob("benchmarks/*.py")]))
+def test_every_script_starts_with_the_core_set_alone(script):
+    """Each script's optional set (edge, vllm, ...) is imported inside the functions that use it, so that a user
+    with only the core set installed gets --help and, at the import that needs more, lib/environment.py's one line
+    naming that set; a module-level import of an optional package on the way would fail before either."""
+    from lib.environment import requirement_set
+    needed = {(package, module.relative_to(ROOT).as_posix()) for module in modules_loaded_at_import(ROOT / script)
+              for package in third_party_at_import_time(module) if requirement_set(package) != "core"}
+    assert not needed, sorted(needed)
+
+
 def test_every_package_the_code_imports_is_declared_in_a_requirement_set():
     """A package imported only because another one happens to bring it breaks the day that one stops (pydantic
     came with typer, starlette with fastapi); lib/environment.py names the set to install from the same files."""
-    import sys
-
     from lib.environment import requirement_set
     files = [*LIB.rglob("*.py"), *ROOT.glob("*.py"), *ROOT.glob("benchmarks/*.py")]
     ours = {"lib", "benchmarks", *SCRIPTS}
