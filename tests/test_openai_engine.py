@@ -264,7 +264,8 @@ def test_metrics_that_are_not_counts_are_value_errors(body, needle):
 class MisbehavingServer:
     """An OpenAI-style /v1/completions server whose streams go wrong on purpose, one way per prompt (no real
     server misbehaves on demand): prompt [1] streams well, [2] sends a chunk whose text is a number, [3] ignores
-    max_tokens, [4] sends a finish_reason that is an object. /metrics answers +Inf counters."""
+    max_tokens, [4] sends a finish_reason that is an object, [5] ends with "length" before max_tokens (as a server
+    whose context is full does). /metrics answers +Inf counters."""
 
     def __init__(self):
         import threading
@@ -276,7 +277,8 @@ class MisbehavingServer:
         streams = {1: [chunk("a", [5]), chunk("b", [6], "length")],
                    2: [chunk("a", [5]), '{"choices": [{"text": 5}]}'.join(["data: ", ""])],
                    3: [chunk("a", [5]), chunk("b", [6]), chunk("c", [7]), chunk("d", [8], "length")],
-                   4: [chunk("a", [5]), chunk("b", [6], {"type": "length"})]}
+                   4: [chunk("a", [5]), chunk("b", [6], {"type": "length"})],
+                   5: [chunk("a", [5], "length")]}
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
@@ -314,18 +316,21 @@ class MisbehavingServer:
 
 def test_hostile_replies_fail_only_their_own_request(tiny_models, caplog):
     """One malformed chunk is that request's error record, a reply past max_tokens is cut to it (with a warning),
-    and an unreadable /metrics means no counters; the other requests finish and nothing takes the run down."""
+    a reply the server cut short is kept as it is (with a warning), and an unreadable /metrics means no counters;
+    the other requests finish and nothing takes the run down."""
     server = MisbehavingServer()
     try:
         engine = create_engine("openai", make_cfg(TARGET_ENDPOINT=server.url), "target", paths(tiny_models))
-        records = run_engine(engine, [Request(i, "p", [i], 2) for i in (1, 2, 3, 4)])
+        records = run_engine(engine, [Request(i, "p", [i], 2) for i in (1, 2, 3, 4, 5)])
     finally:
         server.close()
     assert records[1].finish_reason == "length" and records[1].output_ids == [5, 6] and records[1].error is None
     assert records[2].finish_reason == "error" and "another shape" in records[2].error
     assert records[3].output_ids == [5, 6] and len(records[3].token_times) == 2 and records[3].error is None
     assert records[4].finish_reason == "error" and "another shape" in records[4].error
-    assert "more tokens than max_tokens in 1 of 4 requests" in caplog.text
+    assert records[5].finish_reason == "length" and records[5].output_ids == [5] and records[5].error is None
+    assert "more tokens than max_tokens in 1 of 5 requests" in caplog.text
+    assert "ended 1 of 5 requests with finish_reason 'length' before max_tokens" in caplog.text
     assert engine.run_spec_counters is None and "not Prometheus text" in engine.spec_counters_source
 
 
