@@ -161,8 +161,9 @@ def load_capture(path: str | Path) -> Capture:
     if p.suffix == "" and not json_path.exists() and p.with_suffix(".pkl").exists():
         return _load_legacy_pickle(p.with_suffix(".pkl"))
     if not json_path.is_file():
-        raise UsageError(f"capture {path}: {not_a_file(json_path)} (expected <stem>.json + <stem>.safetensors or a "
-                         ".pkl)")
+        which = "" if json_path == p else f"{json_path}: "  # a .safetensors or a stem named: its .json is missing
+        raise UsageError(f"capture {path}: {which}{not_a_file(json_path)} (expected <stem>.json + <stem>.safetensors "
+                         "or a .pkl)")
     try:
         data = json.loads(json_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:

@@ -75,6 +75,9 @@ def test_mismatched_files_are_a_clear_error(tmp_path):
         load_capture(path)
     with pytest.raises(UsageError, match="no such file"):
         load_capture(tmp_path / "missing.json")
+    path.unlink()  # the tensor file named, its JSON gone: the line names the file that is missing
+    with pytest.raises(UsageError, match=re.escape(f"{path.with_suffix('.safetensors')}: {path}: no such file")):
+        load_capture(path.with_suffix(".safetensors"))
 
 
 class Payload:
