@@ -22,12 +22,14 @@ def module_name(path: Path) -> str:
 
 
 MODULES = {module_name(p): p for p in sorted(LIB.rglob("*.py"))}
+ENTRY_POINTS = [*ROOT.glob("*.py"), *ROOT.glob("benchmarks/*.py")]
 
 
-def imports_of(path: Path, top_level_only: bool) -> set[str]:
-    """Project modules (and script names) that `path` imports; lazy imports inside functions too unless told."""
+def imported_names(path: Path, top_level_only: bool) -> set[str]:
+    """Every module name `path` imports (`from a import b` gives a and a.b); lazy imports inside functions too
+    unless told."""
     tree = ast.parse(path.read_text())
-    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    nodes = list(ast.walk(tree))
     if top_level_only:  # `if TYPE_CHECKING:` blocks and try/except around imports still count at import time
         nodes = [n for stmt in tree.body for n in ast.walk(stmt) if not isinstance(stmt, (ast.FunctionDef,
                  ast.AsyncFunctionDef, ast.ClassDef)) and not _is_type_checking(stmt)]
@@ -38,7 +40,18 @@ def imports_of(path: Path, top_level_only: bool) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
             found.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return {name for name in found if name.split(".")[0] in SCRIPTS or name in MODULES}
+    return found
+
+
+def imports_of(path: Path, top_level_only: bool) -> set[str]:
+    """Project modules (and script names) that `path` imports."""
+    return {name for name in imported_names(path, top_level_only) if name.split(".")[0] in SCRIPTS or name in MODULES}
+
+
+def third_party_of(path: Path, top_level_only: bool) -> set[str]:
+    """Top-level packages, neither the project's nor the standard library's, that `path` imports."""
+    return {top for top in (name.split(".")[0] for name in imported_names(path, top_level_only))
+            if top not in sys.stdlib_module_names and top not in {"lib", "benchmarks", *SCRIPTS}}
 
 
 def _is_type_checking(stmt) -> bool:
@@ -91,17 +104,6 @@ def test_every_lib_module_imports(name):
     importlib.import_module(name)  # optional engines (vLLM, SGLang, llama.cpp) are imported inside functions
 
 
-def third_party_at_import_time(path: Path) -> set[str]:
-    """Top-level packages, not the project's or the standard library's, that importing `path` itself imports."""
-    tree = ast.parse(path.read_text())
-    nodes = [n for stmt in tree.body if not isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-             and not _is_type_checking(stmt) for n in ast.walk(stmt)]
-    names = [a.name for n in nodes if isinstance(n, ast.Import) for a in n.names] + [
-        n.module for n in nodes if isinstance(n, ast.ImportFrom) and n.level == 0 and n.module]
-    return {top for top in (n.split(".")[0] for n in names)
-            if top not in sys.stdlib_module_names and top not in {"lib", "benchmarks", *SCRIPTS}}
-
-
 def modules_loaded_at_import(path: Path) -> set[Path]:
     """`path` and every project module that importing it loads (lazy imports inside functions excluded)."""
     seen, todo = set(), [path]
@@ -113,15 +115,14 @@ def modules_loaded_at_import(path: Path) -> set[Path]:
     return seen
 
 
-@pytest.mark.parametrize("script", sorted(p.relative_to(ROOT).as_posix() for p in
-                                          [*ROOT.glob("*.py"), *ROOT.glob("benchmarks/*.py")]))
+@pytest.mark.parametrize("script", sorted(p.relative_to(ROOT).as_posix() for p in ENTRY_POINTS))
 def test_every_script_starts_with_the_core_set_alone(script):
     """Each script's optional set (edge, vllm, ...) is imported inside the functions that use it, so that a user
     with only the core set installed gets --help and, at the import that needs more, lib/environment.py's one line
     naming that set; a module-level import of an optional package on the way would fail before either."""
     from lib.environment import requirement_set
     needed = {(package, module.relative_to(ROOT).as_posix()) for module in modules_loaded_at_import(ROOT / script)
-              for package in third_party_at_import_time(module) if requirement_set(package) != "core"}
+              for package in third_party_of(module, top_level_only=True) if requirement_set(package) != "core"}
     assert not needed, sorted(needed)
 
 
@@ -129,13 +130,6 @@ def test_every_package_the_code_imports_is_declared_in_a_requirement_set():
     """A package imported only because another one happens to bring it breaks the day that one stops (pydantic
     came with typer, starlette with fastapi); lib/environment.py names the set to install from the same files."""
     from lib.environment import requirement_set
-    files = [*LIB.rglob("*.py"), *ROOT.glob("*.py"), *ROOT.glob("benchmarks/*.py")]
-    ours = {"lib", "benchmarks", *SCRIPTS}
-    undeclared = set()
-    for path in files:
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
-            undeclared.update((top, path.relative_to(ROOT).as_posix()) for top in (n.split(".")[0] for n in names)
-                              if top not in sys.stdlib_module_names and top not in ours and not requirement_set(top))
+    undeclared = {(package, path.relative_to(ROOT).as_posix()) for path in [*MODULES.values(), *ENTRY_POINTS]
+                  for package in third_party_of(path, top_level_only=False) if not requirement_set(package)}
     assert not undeclared, sorted(undeclared)

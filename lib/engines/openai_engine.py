@@ -234,7 +234,6 @@ class OpenAIEngine(Engine):
         self.output_ids_source = "none yet"
         self.sglang_draft_tokens: int | None = None  # the server's speculative_num_draft_tokens (ENDPOINT_API=sglang)
         self.overlong_replies = 0  # requests of the run whose server sent more tokens than max_tokens
-        self.cut_replies = 0  # requests that the server ended with "length" before max_tokens (its context's end)
 
     @classmethod
     def context_length(cls, cfg, method: str, models) -> tuple[int, str] | None:
@@ -347,7 +346,7 @@ class OpenAIEngine(Engine):
         before = self._scrape()
         records: list[RequestRecord] = []
         self.draft_timings = None
-        self.overlong_replies = self.cut_replies = 0
+        self.overlong_replies = 0
 
         def done(record: RequestRecord):
             records.append(record)
@@ -361,8 +360,10 @@ class OpenAIEngine(Engine):
             logger.warning(f"WARNING: {self.label}: the server sent more tokens than max_tokens in "
                            f"{self.overlong_replies} of {len(requests)} requests; each record keeps the first "
                            "max_tokens (does the server ignore max_tokens?)")
-        if self.cut_replies:
-            logger.warning(f"WARNING: {self.label}: the server ended {self.cut_replies} of {len(requests)} requests "
+        asked = {request.request_id: request.max_new_tokens for request in requests}
+        cut = sum(r.finish_reason == "length" and len(r.output_ids) < asked[r.request_id] for r in records)
+        if cut:  # the server's context ended first
+            logger.warning(f"WARNING: {self.label}: the server ended {cut} of {len(requests)} requests "
                            "with finish_reason 'length' before max_tokens; their records hold fewer tokens than "
                            "GENERATION_LENGTH (is the server's context length below prompt + GENERATION_LENGTH?)")
         self._check_server(records, len(requests))
@@ -452,7 +453,6 @@ class OpenAIEngine(Engine):
         if stream.timings is not None:
             self._count_timings(stream.timings)
         reason = "error" if stream.error else FINISH_REASONS.get(stream.finish_reason, str(stream.finish_reason))
-        self.cut_replies += reason == "length" and len(ids) < request.max_new_tokens
         prompt_tokens = stream.prompt_tokens or len(request.prompt_ids)  # usage counts the chat template too
         spec = None
         if stream.meta is not None and self.sglang_draft_tokens:
